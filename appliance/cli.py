@@ -1,0 +1,225 @@
+"""The ``branchguard`` command. Each sub-command parses its options, loads settings, calls one
+library function and prints the result; errors exit non-zero with their hint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import logs
+from .errors import BranchguardError
+from .settings import Settings, describe, load
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings_options(fn: F) -> F:
+    """--config, --data-dir and --nats-url, shared by every command that reads settings."""
+    fn = click.option("--nats-url", default=None,
+                      help="Use this NATS server instead of embedding one.")(fn)
+    fn = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                      help="Directory for the database and embedded JetStream (default ./var).")(fn)
+    fn = click.option("--config", type=click.Path(path_type=Path, exists=True), default=None,
+                      help="TOML settings file (default ./branchguard.toml if present).")(fn)
+    return fn
+
+
+def settings_from(config: Path | None, data_dir: Path | None, nats_url: str | None
+                  ) -> Settings:
+    settings = load(config, data_dir=data_dir, nats_url=nats_url)
+    logs.configure(settings.log_level)
+    return settings
+
+
+def friendly_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BranchguardError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(package_name="branchguard")
+def cli() -> None:
+    """Branchguard: real-time fraud scoring for a bank branch.
+
+    \b
+    Quick start:
+      branchguard run --demo       embedded node plus a demo transaction stream
+      branchguard bench            throughput and latency of this machine
+    """
+
+
+@cli.command()
+@settings_options
+@click.option("--demo", is_flag=True, help="Also publish a simulated stream of transactions.")
+@click.option("--demo-rate", type=float, default=50.0, show_default=True,
+              help="Transactions per second of the demo stream.")
+@click.option("--quiet", is_flag=True, help="No status line.")
+@friendly_errors
+def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: bool,
+        demo_rate: float, quiet: bool) -> None:
+    """Run the node: nats-server (unless --nats-url), the scorer, and with --demo a feed.
+
+    \b
+    Example:
+      branchguard run --demo --data-dir ./var
+    """
+    from .runner import run_node
+
+    settings = settings_from(config, data_dir, nats_url)
+    sys.exit(asyncio.run(run_node(settings, demo=demo, demo_rate=demo_rate,
+                                  status=not quiet)))
+
+
+@cli.command()
+@settings_options
+@click.option("--count", type=int, default=1000, show_default=True,
+              help="Transactions to publish (0 for endless).")
+@click.option("--rate", type=float, default=50.0, show_default=True,
+              help="Transactions per second (0 for as fast as possible).")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Replay this CSV (reference-system or Fraud Handbook columns) instead.")
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="Write the ground-truth labels to this CSV (they never travel with the "
+                   "transactions).")
+@friendly_errors
+def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None, count: int,
+             rate: float, seed: int, csv_path: Path | None, labels: Path | None) -> None:
+    """Publish simulated (or replayed) transactions to a running node.
+
+    \b
+    Example:
+      branchguard simulate --nats-url nats://127.0.0.1:4222 --count 5000 --rate 500
+    """
+    from .terminal import publish_simulation
+
+    settings = settings_from(config, data_dir, nats_url)
+    confirmed = asyncio.run(publish_simulation(settings, count=count or None, rate=rate or None,
+                                               seed=seed, csv_path=csv_path,
+                                               labels_path=labels))
+    click.echo(f"published {confirmed} transactions")
+
+
+@cli.command()
+@settings_options
+@click.option("--count", type=int, default=200_000, show_default=True,
+              help="Simulated transactions to train on (ignored with --csv).")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Train on this CSV instead of simulated data.")
+@click.option("--version", "version", default=None,
+              help="Model version to write (default: the model_version setting).")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Where to write <version>.onnx and .json (default: models_dir).")
+@friendly_errors
+def train(config: Path | None, data_dir: Path | None, nats_url: str | None, count: int,
+          seed: int, csv_path: Path | None, version: str | None, out_dir: Path | None) -> None:
+    """Train an Isolation Forest on the node's features and write the ONNX model and card.
+
+    \b
+    Example:
+      branchguard train --count 200000 --version if-v2 --out-dir ./var/models
+    """
+    from .simulate import replay_csv
+    from .simulate import simulate as generate
+    from .terminal import population
+    from .train import train as fit
+
+    settings = settings_from(config, data_dir, nats_url)
+    if csv_path is not None:
+        items: Any = replay_csv(csv_path, branch=settings.branch, sort_by_time=True)
+        source = f"csv:{csv_path.name}"
+    else:
+        start = datetime(2026, 1, 5, tzinfo=timezone.utc)
+        accounts, terminals = population(2.0)
+        items = generate(seed, start=start, rate=2.0, count=count, branch=settings.branch,
+                         accounts=accounts, terminals=terminals)
+        source = (f"simulate(seed={seed}, count={count}, rate=2/s, 2000 accounts, "
+                  f"200 terminals, from {start.date()})")
+    result = fit(items, out_dir or settings.models_dir, version or settings.model_version,
+                 source=source, seed=seed)
+    click.echo(json.dumps({"model": str(result.onnx_path), "card": str(result.card_path),
+                           "metrics": result.card.raw["metrics"]}, indent=2))
+
+
+@cli.command()
+@settings_options
+@friendly_errors
+def status(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Counts from the node database: transactions, alerts by severity, dead letters."""
+    from .store import Store
+
+    settings = settings_from(config, data_dir, nats_url)
+    store = Store.open(settings.db_path)
+    try:
+        click.echo(json.dumps(store.counts(), indent=2))
+    finally:
+        store.close()
+
+
+@cli.command("settings")
+@settings_options
+@friendly_errors
+def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Print the effective settings (defaults, file, environment and flags applied)."""
+    settings = settings_from(config, data_dir, nats_url)
+    docs = {name: doc for name, _, doc in describe()}
+    for name in docs:
+        click.echo(f"{name} = {getattr(settings, name)!r}")
+
+
+@cli.command()
+@click.option("--count", type=int, default=200_000, show_default=True,
+              help="Transactions for the full-speed run.")
+@click.option("--rates", default="2000,10000", show_default=True,
+              help="Fixed offered rates (tx/s), comma-separated; each runs --rate-seconds.")
+@click.option("--rate-seconds", type=float, default=10.0, show_default=True)
+@click.option("--restart-rows", type=int, default=0, show_default=True,
+              help="Also measure restart time with this many stored transactions.")
+@click.option("--sync-policy", type=click.Choice(["always", "interval"]), default="always",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_policy: str,
+          as_json: bool) -> None:
+    """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
+    p50/p95/p99 at fixed offered rates, peak memory, and restart time.
+
+    \b
+    Example:
+      branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
+    """
+    from .bench import format_report, run_bench
+
+    logs.configure("WARNING")
+    report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
+                       rate_seconds=rate_seconds, restart_rows=restart_rows,
+                       sync_policy=sync_policy)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command("settings-doc", hidden=True)
+def settings_doc() -> None:
+    """Print the settings table in Markdown (docs/settings.md is generated from this)."""
+    click.echo("| setting | default | environment | meaning |\n|---|---|---|---|")
+    for name, default, doc in describe():
+        click.echo(f"| `{name}` | `{default}` | `BRANCHGUARD_{name.upper()}` | {doc} |")
+
+
+def main() -> None:
+    cli(prog_name="branchguard")

@@ -1,0 +1,44 @@
+"""One error base for everything Branchguard raises on purpose.
+
+Each subclass names what went wrong in terms an operator can act on: the field or setting,
+the offending value, and a hint saying what to do. The CLI prints ``str(error)`` and exits
+non-zero; nothing here is meant to be caught and ignored.
+"""
+
+from __future__ import annotations
+
+
+class BranchguardError(Exception):
+    """Base class: a problem the operator can fix, with a hint saying how."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.value = value
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.field is not None:
+            text = f"{self.field}: {text}"
+        if self.hint:
+            text = f"{text} (hint: {self.hint})"
+        return text
+
+
+class SettingsError(BranchguardError):
+    """A setting is missing, malformed or out of range."""
+
+
+class ModelError(BranchguardError):
+    """The model file or its card is missing, corrupt or does not match the features."""
+
+
+class NodeError(BranchguardError):
+    """A child process (nats-server) or the NATS connection could not be brought up."""
+
+
+class StoreError(BranchguardError):
+    """The SQLite database could not be opened or migrated."""

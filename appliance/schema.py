@@ -1,0 +1,87 @@
+"""The database schema: the only place it lives, as sqlite-utils Migrations.
+
+Add a migration to change it; never edit one that has shipped. ``transactions`` is in rowid
+order of processing, which is the order feature state is rebuilt in.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("branchguard")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE transactions (
+            transaction_id TEXT PRIMARY KEY,
+            stream_seq INTEGER NOT NULL,
+            branch TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            terminal_id TEXT NOT NULL,
+            amount REAL NOT NULL,
+            amount_milli INTEGER NOT NULL,
+            currency TEXT NOT NULL,
+            ts REAL NOT NULL,               -- event time, seconds since the Unix epoch
+            timestamp TEXT NOT NULL,        -- event time as sent (RFC 3339, with its offset)
+            channel TEXT NOT NULL,
+            merchant_category TEXT,
+            location TEXT,
+            features TEXT NOT NULL,         -- JSON object, names as in features.FEATURES
+            model_risk REAL NOT NULL,
+            risk REAL NOT NULL,
+            severity TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            reasons TEXT NOT NULL,          -- JSON list of reason codes
+            details TEXT NOT NULL,          -- JSON list of sentences, one per reason
+            model_version TEXT NOT NULL,
+            rules_version TEXT NOT NULL,
+            stored_at REAL NOT NULL
+        );
+        CREATE INDEX transactions_account_ts ON transactions (account_id, ts);
+        CREATE INDEX transactions_terminal_ts ON transactions (terminal_id, ts);
+        CREATE INDEX transactions_ts ON transactions (ts);
+
+        CREATE TABLE alerts (
+            alert_id INTEGER PRIMARY KEY,
+            transaction_id TEXT NOT NULL UNIQUE REFERENCES transactions (transaction_id),
+            created_at REAL NOT NULL,
+            ts REAL NOT NULL,
+            account_id TEXT NOT NULL,
+            terminal_id TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            risk REAL NOT NULL,
+            reasons TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'NEW',
+            assignee TEXT,
+            updated_at REAL NOT NULL,
+            version INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE INDEX alerts_status_severity ON alerts (status, severity);
+        CREATE INDEX alerts_created ON alerts (created_at);
+
+        CREATE TABLE dead_letters (
+            stream_seq INTEGER PRIMARY KEY,
+            subject TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            received_at REAL NOT NULL
+        );
+
+        -- The last TX stream sequence whose outcome (stored or dead-lettered) is committed,
+        -- per consumer. The consumer restarts from here, so a crash replays in stream order.
+        CREATE TABLE checkpoints (
+            consumer TEXT PRIMARY KEY,
+            stream_seq INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """
+    )
+
+
+def migrate(db: Database) -> None:
+    """Bring ``db`` up to the current schema (idempotent)."""
+    migrations.apply(db)

@@ -1,0 +1,206 @@
+"""One typed, frozen settings object for the whole node.
+
+Values are layered: the defaults below, then a TOML file (``branchguard.toml`` in the working
+directory, or the file named by ``--config`` / ``BRANCHGUARD_CONFIG``), then ``BRANCHGUARD_*``
+environment variables, then command-line flags. The defaults run the embedded single node with
+no configuration at all. Every field is documented in ``docs/settings.md`` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, cast
+
+from .errors import SettingsError
+
+ENV_PREFIX = "BRANCHGUARD_"
+DEFAULT_CONFIG_FILE = "branchguard.toml"
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+SYNC_POLICIES = ("always", "interval")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the node reads from configuration. Passed explicitly; there are no globals."""
+
+    # --- where things live
+    data_dir: Path = Path("var")
+    """Directory for the SQLite database and the embedded nats-server's JetStream store."""
+    nats_url: str | None = None
+    """URL of an existing NATS server; unset runs an embedded nats-server on 127.0.0.1."""
+    nats_port: int = 4222
+    """Port of the embedded nats-server (0 picks a free port)."""
+    branch: str = "BR001"
+    """Branch identifier used by the simulator and in the node's identity."""
+    models_dir: Path = SHIPPED_MODELS_DIR
+    """Directory holding ONNX models and their JSON model cards."""
+    model_version: str = "if-v1"
+    """Version of the model to serve (``<models_dir>/<version>.onnx`` and ``.json``)."""
+
+    # --- streams and consumer
+    tx_subjects: str = "tx.>"
+    """Subjects of the TX stream; the scorer's consumer filters on this too."""
+    consumer: str = "scorer"
+    """Durable consumer name. One scorer per consumer; scale out by partitioning subjects."""
+    batch_size: int = 1000
+    """Most transactions scored, stored and acked together."""
+    max_deliver: int = 5
+    """Deliveries after which a message that keeps failing goes to the dead-letter stream."""
+    ack_wait_seconds: float = 30.0
+    """Seconds JetStream waits for an ack before redelivering."""
+    duplicate_window_seconds: float = 120.0
+    """JetStream duplicate window: re-sends with the same Nats-Msg-Id inside it are dropped."""
+    tx_max_age_days: float = 7.0
+    """How long the TX stream keeps transactions (the replay horizon after a restore)."""
+    sync_policy: str = "always"
+    """Embedded nats-server fsync policy: ``always`` (a publish ack means on disk) or ``interval``."""
+    sync_interval_seconds: float = 1.0
+    """With ``sync_policy = "interval"``: seconds between JetStream fsyncs."""
+
+    # --- rules (the reference system's, thresholds configurable)
+    high_value_amount: float = 5000.0
+    """Amount at or above which the ``high_value`` rule fires (and severity is at least HIGH)."""
+    risky_categories: tuple[str, ...] = ("Gambling",)
+    """Merchant categories that are suspicious outside the account's usual locations."""
+    deviation_multiple: float = 5.0
+    """``high_deviation`` fires when amount >= this multiple of the account's mean..."""
+    deviation_min_history: int = 5
+    """...and the account has more than this many prior transactions."""
+    ml_risk_threshold: float = 0.7
+    """Model risk at or above which the ``ml_anomaly`` reason is given."""
+
+    # --- severity and decision
+    critical_risk: float = 0.9
+    """Risk at or above which severity is CRITICAL (decision: decline)."""
+    high_risk: float = 0.8
+    """Risk at or above which severity is HIGH (decision: review)."""
+    warning_risk: float = 0.6
+    """Risk at or above which severity is WARNING (decision: review); below it is INFO."""
+
+    # --- operations
+    log_level: str = "INFO"
+    """Log level: DEBUG, INFO, WARNING or ERROR. Logs are one JSON object per line on stderr."""
+    summary_interval_seconds: float = 2.0
+    """Seconds between status lines of ``branchguard run``."""
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "branchguard.db"
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.data_dir / "nats"
+
+    def validate(self) -> Settings:
+        """Raise :class:`SettingsError` for any value that cannot work; return self."""
+        checks: list[tuple[bool, str, object, str]] = [
+            (self.batch_size >= 1, "batch_size", self.batch_size, "use 1 or more"),
+            (self.max_deliver >= 2, "max_deliver", self.max_deliver, "use 2 or more"),
+            (self.ack_wait_seconds > 0, "ack_wait_seconds", self.ack_wait_seconds, "use > 0"),
+            (0 <= self.nats_port < 65536, "nats_port", self.nats_port, "use 0..65535"),
+            (self.sync_policy in SYNC_POLICIES, "sync_policy", self.sync_policy,
+             f"use one of {', '.join(SYNC_POLICIES)}"),
+            (0 < self.warning_risk <= self.high_risk <= self.critical_risk <= 1, "warning_risk",
+             (self.warning_risk, self.high_risk, self.critical_risk),
+             "need 0 < warning_risk <= high_risk <= critical_risk <= 1"),
+            (0 < self.ml_risk_threshold <= 1, "ml_risk_threshold", self.ml_risk_threshold,
+             "use a risk in (0, 1]"),
+            (self.high_value_amount > 0, "high_value_amount", self.high_value_amount, "use > 0"),
+            (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+             self.log_level, "use DEBUG, INFO, WARNING or ERROR"),
+        ]
+        for ok, name, value, hint in checks:
+            if not ok:
+                raise SettingsError("invalid value", field=name, value=value, hint=hint)
+        return self
+
+
+def _convert(name: str, kind: Any, raw: object) -> object:
+    """Coerce a TOML or environment value to the field's declared type."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    try:
+        if kind is Path or (args and Path in args):
+            return None if raw in (None, "") and type(None) in args else Path(str(raw))
+        if origin is tuple:
+            items = raw.split(",") if isinstance(raw, str) else list(cast(list[object], raw))
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if args and type(None) in args:  # str | None
+            return None if raw in (None, "") else str(raw)
+        if kind is bool:
+            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+        if kind in (int, float, str):
+            return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"cannot read {raw!r} as {kind}", field=name, value=raw,
+                            hint=str(exc)) from exc
+    raise SettingsError(f"unsupported setting type {kind}", field=name)
+
+
+def load(config_file: Path | None = None, env: Mapping[str, str] | None = None,
+         **overrides: object) -> Settings:
+    """Build validated settings: defaults, then TOML, then environment, then ``overrides``.
+
+    ``overrides`` whose value is None are ignored, so CLI flags that were not given fall
+    through to the layers below.
+    """
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(Settings)
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env
+                           else None)
+    if path is None and Path(DEFAULT_CONFIG_FILE).exists():
+        path = Path(DEFAULT_CONFIG_FILE)
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read config file: {exc}", field="config",
+                                value=str(path)) from exc
+        for key, raw in table.items():
+            if key not in known:
+                raise SettingsError("unknown setting in config file", field=key,
+                                    hint=f"see docs/settings.md; file {path}")
+            values[key] = _convert(key, hints[key], raw)
+
+    for f in fields(Settings):
+        raw_env = env.get(ENV_PREFIX + f.name.upper())
+        if raw_env is not None:
+            values[f.name] = _convert(f.name, hints[f.name], raw_env)
+
+    for key, raw in overrides.items():
+        if raw is None:
+            continue
+        if key not in known:
+            raise SettingsError("unknown setting", field=key)
+        values[key] = _convert(key, hints[key], raw)
+    return dataclasses.replace(Settings(), **values).validate()
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(name, default, documentation) for every setting, in declaration order."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(Settings)
+    tree = ast.parse(source)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    defaults = Settings()
+    return [(f.name, repr(getattr(defaults, f.name)), docs.get(f.name, ""))
+            for f in fields(Settings)]
+
+

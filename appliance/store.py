@@ -1,0 +1,204 @@
+"""The data layer: the node's one writer, and the read queries the CLI, API and console use.
+
+The database is SQLite in WAL mode with ``synchronous=NORMAL``: a commit can be lost on power
+loss, never half-applied. That is safe here because the checkpoint (the last stream sequence
+whose outcome is stored) is committed in the same transaction as the rows, and JetStream keeps
+the transactions: after a lost commit the consumer simply replays from the older checkpoint.
+
+Writes are idempotent by ``transaction_id``: a batch never stores a transaction twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from sqlite_utils import Database
+
+from .errors import StoreError
+from .features import FEATURES, MILLI, FeatureState
+from .schema import migrate
+from .score import Verdict
+from .transaction import Transaction
+
+_json = msgspec.json.Encoder()
+_decode_list = msgspec.json.Decoder(list[str])
+
+_TX_COLUMNS = ("transaction_id", "stream_seq", "branch", "account_id", "terminal_id", "amount",
+               "amount_milli", "currency", "ts", "timestamp", "channel", "merchant_category",
+               "location", "features", "model_risk", "risk", "severity", "decision", "reasons",
+               "details", "model_version", "rules_version", "stored_at")
+_INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
+              f"VALUES ({', '.join('?' * len(_TX_COLUMNS))})")
+_INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
+                 "terminal_id, severity, risk, reasons, status, updated_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'NEW', ?)")
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One transaction with its features and verdict, ready to store."""
+
+    tx: Transaction
+    branch: str
+    stream_seq: int
+    features: tuple[float, ...]
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    stream_seq: int
+    subject: str
+    reason: str
+    size: int
+
+
+def open_db(path: Path) -> Database:
+    """Open (creating if needed) and migrate the node database."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = Database(path)
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.enable_wal()
+        db.execute("PRAGMA synchronous = NORMAL")
+        migrate(db)
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreError(f"cannot open database: {exc}", field="data_dir", value=str(path),
+                         hint="check the path is writable and the file is a SQLite database"
+                         ) from exc
+    return db
+
+
+class Store:
+    """The single writer of the node database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        return cls(open_db(path))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- writes -------------------------------------------------------------------------
+
+    def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
+                   last_seq: int) -> int:
+        """Store a batch in one transaction: rows, their alerts, dead letters and the new
+        checkpoint. Idempotent by transaction id and stream sequence. Returns alerts created."""
+        now = time.time()
+        rows = []
+        alerts = []
+        for s in scored:
+            tx, v = s.tx, s.verdict
+            ts = tx.timestamp.timestamp()
+            reasons = _json.encode(v.reasons).decode()
+            rows.append((
+                tx.transaction_id, s.stream_seq, s.branch, tx.account_id, tx.terminal_id,
+                tx.amount, round(tx.amount * MILLI), tx.currency, ts, tx.timestamp.isoformat(),
+                tx.channel, tx.merchant_category, tx.location,
+                _json.encode(dict(zip(FEATURES, s.features))).decode(), v.model_risk, v.risk,
+                v.severity, v.decision, reasons, _json.encode(v.details).decode(),
+                v.model_version, v.rules_version, now))
+            if v.decision != "approve":
+                alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
+                               v.severity, v.risk, reasons, now))
+        conn = self.db.conn
+        with self.db.atomic():
+            conn.executemany(_INSERT_TX, rows)
+            before = conn.total_changes
+            conn.executemany(_INSERT_ALERT, alerts)
+            created = conn.total_changes - before
+            conn.executemany(
+                "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
+                "received_at) VALUES (?, ?, ?, ?, ?)",
+                [(d.stream_seq, d.subject, d.reason, d.size, now) for d in dead])
+            conn.execute(
+                "INSERT INTO checkpoints (consumer, stream_seq, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (consumer) DO UPDATE SET stream_seq = max(stream_seq, "
+                "excluded.stream_seq), updated_at = excluded.updated_at",
+                (consumer, last_seq, now))
+        return created
+
+    # --- reads used by the pipeline -----------------------------------------------------
+
+    def checkpoint(self, consumer: str) -> int:
+        """Last committed stream sequence for ``consumer`` (0 when it never ran)."""
+        row = self.db.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
+                              [consumer]).fetchone()
+        return int(row[0]) if row else 0
+
+    def verdicts_for(self, ids: Iterable[str]) -> dict[str, Verdict]:
+        """Stored verdicts of those of ``ids`` already stored (to answer re-sends)."""
+        ids = list(ids)
+        found: dict[str, Verdict] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            sql = ("SELECT transaction_id, risk, severity, decision, reasons, details, "
+                   "model_risk, model_version, rules_version FROM transactions "
+                   f"WHERE transaction_id IN ({', '.join('?' * len(chunk))})")
+            for row in self.db.execute(sql, chunk):
+                found[row[0]] = _verdict_from_row(row)
+        return found
+
+    def verdicts_between(self, after_seq: int, upto_seq: int) -> list[tuple[str, str, Verdict]]:
+        """(branch, terminal_id, verdict) of rows stored from stream sequences in
+        (after_seq, upto_seq], in stream order: the verdicts that may not have been published
+        before a crash."""
+        rows = self.db.execute(
+            "SELECT transaction_id, risk, severity, decision, reasons, details, model_risk, "
+            "model_version, rules_version, branch, terminal_id FROM transactions "
+            "WHERE stream_seq > ? AND stream_seq <= ? ORDER BY stream_seq", [after_seq, upto_seq])
+        return [(r[9], r[10], _verdict_from_row(r)) for r in rows]
+
+    def feature_state(self) -> FeatureState:
+        """Feature state rebuilt from every stored transaction (see FeatureState.rebuild)."""
+        cursor = self.db.execute(
+            "SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
+            "FROM transactions ORDER BY ts, rowid")
+        cursor.arraysize = 10000
+        return FeatureState.rebuild(_iter_cursor(cursor))
+
+    # --- reads for people ---------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Totals: transactions, alerts (by severity), dead letters."""
+        out = {
+            "transactions": self._scalar("SELECT count(*) FROM transactions"),
+            "alerts": self._scalar("SELECT count(*) FROM alerts"),
+            "dead_letters": self._scalar("SELECT count(*) FROM dead_letters"),
+        }
+        for severity, n in self.db.execute(
+                "SELECT severity, count(*) FROM alerts GROUP BY severity"):
+            out[f"alerts_{severity.lower()}"] = int(n)
+        return out
+
+    def transaction(self, transaction_id: str) -> dict[str, Any] | None:
+        """One stored transaction with its verdict, or None."""
+        rows = list(self.db["transactions"].rows_where("transaction_id = ?", [transaction_id]))
+        return rows[0] if rows else None
+
+    def _scalar(self, sql: str) -> int:
+        return int(self.db.execute(sql).fetchone()[0])
+
+
+def _iter_cursor(cursor: sqlite3.Cursor) -> Iterator[Any]:
+    while True:
+        rows = cursor.fetchmany()
+        if not rows:
+            return
+        yield from rows
+
+
+def _verdict_from_row(row: Sequence[Any]) -> Verdict:
+    return Verdict(transaction_id=row[0], risk=row[1], severity=row[2], decision=row[3], reasons=_decode_list.decode(row[4]),
+                   details=_decode_list.decode(row[5]), model_risk=row[6],
+                   model_version=row[7], rules_version=row[8])

@@ -1,0 +1,105 @@
+"""Small helpers the tests share: publish like a terminal, read streams back, poll the DB."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from appliance.simulate import Labelled, simulate
+from appliance.terminal import population, publish, publish_raw
+from appliance.transaction import Transaction
+
+START = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+
+def make_transactions(n: int, seed: int = 11, rate: float = 5.0) -> list[Labelled]:
+    accounts, terminals = population(rate)
+    return list(itertools.islice(simulate(seed, start=START, rate=rate, diurnal=False,
+                                          accounts=accounts, terminals=terminals), n))
+
+
+def send(url: str, txs: Iterable[Transaction], branch: str = "BR001") -> int:
+    async def go() -> int:
+        nc = await nats.connect(url)
+        try:
+            return await publish(nc, list(txs), branch=branch)
+        finally:
+            await nc.drain()
+    return asyncio.run(go())
+
+
+def send_raw(url: str, messages: Iterable[tuple[str, bytes, str]]) -> bool:
+    async def go() -> bool:
+        nc = await nats.connect(url)
+        try:
+            return await publish_raw(nc, list(messages))
+        finally:
+            await nc.drain()
+    return asyncio.run(go())
+
+
+def read_stream(url: str, stream: str, expect: int | None = None,
+                timeout: float = 10.0) -> list[Any]:
+    """Every message in ``stream`` (waits up to ``timeout`` for ``expect`` of them)."""
+    async def go() -> list[Any]:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        out: list[Any] = []
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                info = await js.stream_info(stream)
+                if expect is None or info.state.messages >= expect or \
+                        time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            sub = await js.pull_subscribe("", durable=None, stream=stream, config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE))
+            total = (await js.stream_info(stream)).state.messages
+            while len(out) < total:
+                out.extend(await sub.fetch(min(500, total - len(out)), timeout=5))
+            return out
+        finally:
+            await nc.drain()
+    return asyncio.run(go())
+
+
+def decode(data: bytes) -> Any:
+    return msgspec.json.decode(data)
+
+
+def query(db: Path, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql, list(params)).fetchall()
+    finally:
+        conn.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0,
+               message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except sqlite3.OperationalError:
+            pass  # database not created yet
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def stored_count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    return int(query(db, "SELECT count(*) FROM transactions")[0][0])
