@@ -213,6 +213,18 @@ def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_p
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@cli.command("bench-load", hidden=True)
+@click.option("--url", required=True)
+@click.option("--count", type=int, required=True)
+@click.option("--rate", type=float, default=0.0)
+@click.option("--seed", type=int, default=2)
+def bench_load(url: str, count: int, rate: float, seed: int) -> None:
+    """The benchmark's load generator (a separate process): publish, await verdicts, report."""
+    from .bench import generate_load
+
+    click.echo(json.dumps(asyncio.run(generate_load(url, count, rate or None, seed))))
+
+
 @cli.command("settings-doc", hidden=True)
 def settings_doc() -> None:
     """Print the settings table in Markdown (docs/settings.md is generated from this)."""

@@ -27,6 +27,7 @@ from .transaction import Transaction
 
 WINDOWS: tuple[tuple[str, float], ...] = (("1h", 3600.0), ("24h", 86400.0), ("7d", 604800.0))
 HORIZON = WINDOWS[-1][1]
+_W0, _W1, _W2 = (w for _, w in WINDOWS)
 """How far behind an entity's newest event the state keeps events (seconds)."""
 MILLI = 1000
 
@@ -55,6 +56,9 @@ offset (the terminal's local time); ``first_time_*`` are 1.0 for a terminal, loc
 category the account has not used before (0.0 when the field is absent).
 """
 INDEX = {name: i for i, name in enumerate(FEATURES)}
+FEATURES_VERSION = "features-v1"
+"""Stored with every row: names the FEATURES list its feature vector follows. Change it
+whenever FEATURES changes."""
 
 
 def epoch(ts: datetime) -> float:
@@ -80,25 +84,34 @@ class Windows:
             return self._observe_late(t, amount_milli)
         self.append_in_order(t, amount_milli)
         before = len(self.ts) - 1
-        out: list[int] = []
-        for j, s in zip(self.lo, self.sums):
-            out += (before - j, s - amount_milli)
-        return out
+        lo, sums = self.lo, self.sums
+        return [before - lo[0], sums[0] - amount_milli, before - lo[1], sums[1] - amount_milli,
+                before - lo[2], sums[2] - amount_milli]
 
     def append_in_order(self, t: float, amount_milli: int) -> None:
-        """Add an event no older than any held (used when rebuilding; computes nothing)."""
+        """Add an event no older than any held (also used when rebuilding)."""
         ts, amounts, lo, sums = self.ts, self.amounts, self.lo, self.sums
         self.now = t
         n = len(ts)
-        for i, (_, w) in enumerate(WINDOWS):
-            j, s, cutoff = lo[i], sums[i], t - w
-            while j < n and ts[j] <= cutoff:
-                s -= amounts[j]
-                j += 1
-            lo[i], sums[i] = j, s + amount_milli
+        # Unrolled over the three WINDOWS: this is the hottest loop of the node.
+        j, acc, cutoff = lo[0], sums[0], t - _W0
+        while j < n and ts[j] <= cutoff:
+            acc -= amounts[j]
+            j += 1
+        lo[0], sums[0] = j, acc + amount_milli
+        j, acc, cutoff = lo[1], sums[1], t - _W1
+        while j < n and ts[j] <= cutoff:
+            acc -= amounts[j]
+            j += 1
+        lo[1], sums[1] = j, acc + amount_milli
+        j, acc, cutoff = lo[2], sums[2], t - _W2
+        while j < n and ts[j] <= cutoff:
+            acc -= amounts[j]
+            j += 1
+        lo[2], sums[2] = j, acc + amount_milli
         ts.append(t)
         amounts.append(amount_milli)
-        if lo[-1] > 4096 and lo[-1] * 2 > n:
+        if j > 4096 and j * 2 > n:
             self._compact()
 
     def _observe_late(self, t: float, amount_milli: int) -> list[int]:

@@ -199,14 +199,17 @@ class Publisher:
     """Publishes to JetStream with one reply inbox and one callback for all the acks.
 
     ``publish`` only buffers. To know that what was published so far is stored, take a
-    :meth:`mark` and await :meth:`confirmed`: acks from one server arrive in publish order,
-    so counting them is enough.
+    :meth:`mark` and await :meth:`confirmed`: JetStream handles one connection's messages in
+    order, so acks arrive in publish order and counting them is enough. With
+    ``confirm=False`` a message asks for no ack at all; confirming a later message then
+    confirms it too (used for verdicts: one ack per batch instead of one per verdict).
     """
 
     def __init__(self, nc: Client, max_in_flight: int = 10000) -> None:
         self.nc = nc
         self.inbox = nc.new_inbox()
         self.sent = 0
+        """Messages published that asked for an ack."""
         self.acked = 0
         self.failed = 0
         self.max_in_flight = max_in_flight
@@ -229,7 +232,7 @@ class Publisher:
         self._progress.set()
 
     async def publish(self, subject: str, data: bytes, msg_id: str,
-                      headers: dict[str, str] | None = None) -> None:
+                      headers: dict[str, str] | None = None, confirm: bool = True) -> None:
         """Publish with ``Nats-Msg-Id: msg_id``; waits only when too many are unacked."""
         while self.sent - self.acked >= self.max_in_flight:
             self._progress.clear()
@@ -237,8 +240,11 @@ class Publisher:
         hdrs = {"Nats-Msg-Id": msg_id}
         if headers:
             hdrs.update(headers)
-        await self.nc.publish(subject, data, reply=self.inbox, headers=hdrs)
-        self.sent += 1
+        if confirm:
+            await self.nc.publish(subject, data, reply=self.inbox, headers=hdrs)
+            self.sent += 1
+        else:
+            await self.nc.publish(subject, data, headers=hdrs)
 
     def mark(self) -> tuple[int, int]:
         """(published, failed) so far: pass it to :meth:`confirmed`."""

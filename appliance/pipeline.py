@@ -18,18 +18,18 @@ feature state is rebuilt from the committed rows, so it is exactly what it would
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
-import numpy as np
 from nats.aio.client import Client
 
 from . import logs
 from .features import FeatureState
 from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_all, dlq_headers,
-                     ensure_streams, nak_all, reset_consumer)
+                     ensure_streams, reset_consumer)
 from .model import Model, feature_matrix
 from .rules import RULES_VERSION
 from .score import Verdict, judge
@@ -70,6 +70,10 @@ class Scorer:
         self.dlq = Publisher(nc, max_in_flight=1000)
         self._stopping = asyncio.Event()
         self._acking: set[asyncio.Task[None]] = set()
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._committing: asyncio.Future[None] | None = None
+        self._in_flight: dict[str, Verdict | None] = {}
+        """Transactions scored but not yet committed: re-sends of them are duplicates too."""
         self.ready = asyncio.Event()
 
     async def prepare(self) -> None:
@@ -77,6 +81,11 @@ class Scorer:
         await ensure_streams(self.js, self.settings)
         started = time.monotonic()
         self.state = self.store.feature_state()
+        # The state is large and long-lived: take it out of the cyclic collector's sight, and
+        # collect young objects less often (the hot path allocates, but creates no cycles).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         checkpoint = self.store.checkpoint(self.settings.consumer)
         log.info("state.rebuilt", accounts=len(self.state.accounts),
                  terminals=len(self.state.terminals), checkpoint=checkpoint,
@@ -87,46 +96,48 @@ class Scorer:
         if start.ack_floor < checkpoint:
             # Committed but possibly never published (crash between commit and ack).
             again = self.store.verdicts_between(start.ack_floor, checkpoint)
-            for branch, terminal, verdict in again:
-                await self._publish_verdict(branch, terminal, verdict)
+            await self._publish_verdicts(again)
             ok = await self.verdicts.confirmed(self.verdicts.mark(), timeout=10.0)
             log.info("verdicts.republished", txn_id=None, count=len(again), confirmed=ok)
         await self.puller.start()
         self.ready.set()
 
     async def run(self) -> None:
-        """Score until stopped; then finish the batch in hand and wait for its acks."""
+        """Score until stopped; then finish the batches in hand and wait for their acks.
+
+        Crash-only: an unexpected error ends ``run`` with that error and the node exits; at
+        the next start the consumer replays from the checkpoint, in order, exactly as after a
+        power cut. Nothing half-done is ever committed.
+        """
         await self.prepare()
-        while not self._stopping.is_set():
-            batch = await self.puller.take(timeout=0.25)
-            if batch:
-                await self.process(batch)
-        if self._acking:
-            await asyncio.gather(*self._acking)
-        await self.puller.stop()
-        await self.verdicts.stop()
-        await self.dlq.stop()
+        try:
+            while not self._stopping.is_set():
+                batch = await self.puller.take(timeout=0.25)
+                if batch:
+                    await self.process(batch)
+            await self._settle()
+            if self._acking:
+                await asyncio.gather(*self._acking)
+        finally:
+            self.writer.shutdown(wait=True)
+            await self.puller.stop()
+            await self.verdicts.stop()
+            await self.dlq.stop()
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def process(self, batch: list[Delivery]) -> None:
-        """Run one batch through every stage (see the module docstring)."""
-        try:
-            await self._process(batch)
-        except Exception:
-            log.error("batch.failed", exc_info=True, first_seq=batch[0].stream_seq,
-                      size=len(batch))
-            # Nothing of the batch is committed; the in-memory state may be ahead of the
-            # database, so rebuild it, and let JetStream deliver the batch again.
-            self.state = self.store.feature_state()
-            await nak_all(self.nc, batch)
+        """Run one batch through every stage (see the module docstring).
 
-    async def _process(self, batch: list[Delivery]) -> None:
+        Stages 1-5 run here while the previous batch is still being committed by the writer
+        thread (SQLite releases the GIL while it writes); at most one batch is in flight, and
+        commits happen in stream order.
+        """
         settings = self.settings
         accepted: list[tuple[Delivery, Transaction]] = []
         dead: list[DeadLetter] = []
-        dlq_failed, verdicts_failed = self.dlq.failed, self.verdicts.failed
+        dlq_failed = self.dlq.failed
         for d in batch:
             parsed = parse(d.subject, d.data)
             if isinstance(parsed, Malformed):
@@ -138,48 +149,71 @@ class Scorer:
             else:
                 accepted.append((d, parsed))
         if dead and not await self.dlq.confirmed((self.dlq.sent, dlq_failed), timeout=5.0):
-            raise RuntimeError("dead-letter stream did not confirm; batch will be retried")
+            raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
-        stored = self.store.verdicts_for(tx.transaction_id for _, tx in accepted)
+        in_flight = self._in_flight
+        known = self.store.verdicts_for(
+            [tx.transaction_id for _, tx in accepted if tx.transaction_id not in in_flight])
         fresh: list[tuple[Delivery, Transaction]] = []
         resent: list[tuple[Delivery, Transaction]] = []
-        seen: set[str] = set()
         for d, tx in accepted:
             tid = tx.transaction_id
-            if tid in stored or tid in seen:
+            if tid in known or tid in in_flight:
                 resent.append((d, tx))
             else:
-                seen.add(tid)
+                in_flight[tid] = None  # claimed; its verdict follows below
                 fresh.append((d, tx))
 
         observe = self.state.observe
         features = [observe(tx) for _, tx in fresh]
-        risks = self.model.risks(feature_matrix(features)) if features else np.zeros(0)
+        risks = self.model.risks(feature_matrix(features)) if features else ()
         version = self.model.version
-        scored = [
-            Scored(tx, branch_of(d.subject), d.stream_seq, f,
-                   judge(tx, f, float(r), version, RULES_VERSION, settings))
-            for (d, tx), f, r in zip(fresh, features, risks)
-        ]
-        alerts = self.store.save_batch(scored, dead, settings.consumer, batch[-1].stream_seq)
+        scored = []
+        for (d, tx), f, r in zip(fresh, features, risks):
+            verdict = judge(tx, f, float(r), version, RULES_VERSION, settings)
+            in_flight[tx.transaction_id] = verdict
+            scored.append(Scored(tx, branch_of(d.subject), d.stream_seq, f, verdict))
 
-        for s in scored:
-            await self._publish_verdict(s.branch, s.tx.terminal_id, s.verdict)
-            stored[s.tx.transaction_id] = s.verdict
+        await self._settle()  # the previous batch is committed and published
+        commit = asyncio.get_running_loop().run_in_executor(
+            self.writer, self.store.save_batch, scored, dead, settings.consumer,
+            batch[-1].stream_seq)
+        self._committing = asyncio.ensure_future(
+            self._after_commit(commit, batch, scored, resent, known, len(dead)))
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight (if any); re-raise what stopped it."""
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            await committing
+
+    async def _after_commit(self, commit: asyncio.Future[int], batch: list[Delivery],
+                            scored: list[Scored], resent: list[tuple[Delivery, Transaction]],
+                            known: dict[str, Verdict], dead: int) -> None:
+        """Stages 7-8 once the batch is durable: verdicts out, then acks when confirmed."""
+        alerts = await commit
+        in_flight = self._in_flight
+        outgoing = [(s.branch, s.tx.terminal_id, s.verdict) for s in scored]
         for d, tx in resent:  # a re-send gets the verdict of the transaction it repeats
-            await self._publish_verdict(branch_of(d.subject), tx.terminal_id,
-                                        stored[tx.transaction_id])
-            log.info("tx.duplicate", txn_id=tx.transaction_id, stream_seq=d.stream_seq)
+            tid = tx.transaction_id
+            verdict = known.get(tid) or in_flight.get(tid)
+            if verdict is not None:
+                outgoing.append((branch_of(d.subject), tx.terminal_id, verdict))
+            log.info("tx.duplicate", txn_id=tid, stream_seq=d.stream_seq)
+        for s in scored:
+            in_flight.pop(s.tx.transaction_id, None)  # committed: the database knows it now
+        verdicts_failed = self.verdicts.failed
+        await self._publish_verdicts(outgoing)
         mark = (self.verdicts.sent, verdicts_failed)
 
         now_ns = time.time_ns()
         c = self.counters
         c.transactions += len(scored)
         c.alerts += alerts
-        c.dead_letters += len(dead)
+        c.dead_letters += dead
         c.duplicates += len(resent)
         c.batches += 1
-        c.latencies_ms.extend((now_ns - d.stored_ns) / 1e6 for d, _ in fresh)
+        c.latencies_ms.extend((now_ns - d.stored_ns) / 1e6 for d in batch)
         if len(c.latencies_ms) > 200000:
             del c.latencies_ms[:100000]
 
@@ -187,9 +221,14 @@ class Scorer:
         self._acking.add(task)
         task.add_done_callback(self._acking.discard)
 
-    async def _publish_verdict(self, branch: str, terminal_id: str, verdict: Verdict) -> None:
-        await self.verdicts.publish(f"verdict.{branch}.{terminal_id}", _encode(verdict),
-                                    verdict.transaction_id)
+    async def _publish_verdicts(self, outgoing: list[tuple[str, str, Verdict]]) -> None:
+        """Publish (branch, terminal, verdict) triples; only the last asks for an ack, which
+        confirms the ones before it (see Publisher)."""
+        publish = self.verdicts.publish
+        last = len(outgoing) - 1
+        for i, (branch, terminal_id, verdict) in enumerate(outgoing):
+            await publish(f"verdict.{branch}.{terminal_id}", _encode(verdict),
+                          verdict.transaction_id, confirm=i == last)
 
     async def _ack_when_confirmed(self, batch: list[Delivery], mark: tuple[int, int]) -> None:
         if not await self.verdicts.confirmed(mark, timeout=self.settings.ack_wait_seconds / 2):
@@ -200,12 +239,3 @@ class Scorer:
         await ack_all(self.nc, batch)
 
 
-def on_interval(seconds: float, fn: Callable[[], None]) -> asyncio.Task[None]:
-    """Call ``fn`` every ``seconds`` until the task is cancelled."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            fn()
-
-    return asyncio.create_task(loop())

@@ -26,11 +26,12 @@ def m001_initial(db: Database) -> None:
             amount_milli INTEGER NOT NULL,
             currency TEXT NOT NULL,
             ts REAL NOT NULL,               -- event time, seconds since the Unix epoch
-            timestamp TEXT NOT NULL,        -- event time as sent (RFC 3339, with its offset)
+            utc_offset INTEGER NOT NULL,    -- the timestamp's offset as sent, in seconds
             channel TEXT NOT NULL,
             merchant_category TEXT,
             location TEXT,
-            features TEXT NOT NULL,         -- JSON object, names as in features.FEATURES
+            features TEXT NOT NULL,         -- JSON array in the order of FEATURES of...
+            features_version TEXT NOT NULL, -- ...this version (features.FEATURES_VERSION)
             model_risk REAL NOT NULL,
             risk REAL NOT NULL,
             severity TEXT NOT NULL,
@@ -42,7 +43,6 @@ def m001_initial(db: Database) -> None:
             stored_at REAL NOT NULL
         );
         CREATE INDEX transactions_account_ts ON transactions (account_id, ts);
-        CREATE INDEX transactions_terminal_ts ON transactions (terminal_id, ts);
         CREATE INDEX transactions_ts ON transactions (ts);
 
         CREATE TABLE alerts (

@@ -21,7 +21,7 @@ import msgspec
 from sqlite_utils import Database
 
 from .errors import StoreError
-from .features import FEATURES, MILLI, FeatureState
+from .features import FEATURES_VERSION, MILLI, FeatureState
 from .schema import migrate
 from .score import Verdict
 from .transaction import Transaction
@@ -30,9 +30,9 @@ _json = msgspec.json.Encoder()
 _decode_list = msgspec.json.Decoder(list[str])
 
 _TX_COLUMNS = ("transaction_id", "stream_seq", "branch", "account_id", "terminal_id", "amount",
-               "amount_milli", "currency", "ts", "timestamp", "channel", "merchant_category",
-               "location", "features", "model_risk", "risk", "severity", "decision", "reasons",
-               "details", "model_version", "rules_version", "stored_at")
+               "amount_milli", "currency", "ts", "utc_offset", "channel", "merchant_category",
+               "location", "features", "features_version", "model_risk", "risk", "severity",
+               "decision", "reasons", "details", "model_version", "rules_version", "stored_at")
 _INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
               f"VALUES ({', '.join('?' * len(_TX_COLUMNS))})")
 _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
@@ -60,10 +60,14 @@ class DeadLetter:
 
 
 def open_db(path: Path) -> Database:
-    """Open (creating if needed) and migrate the node database."""
+    """Open (creating if needed) and migrate the node database.
+
+    The connection may be handed to another thread (the scorer writes from a worker thread),
+    but is never used by two threads at once.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = Database(path)
+        db = Database(sqlite3.connect(path, check_same_thread=False))
         db.execute("PRAGMA busy_timeout = 5000")
         db.enable_wal()
         db.execute("PRAGMA synchronous = NORMAL")
@@ -76,16 +80,26 @@ def open_db(path: Path) -> Database:
 
 
 class Store:
-    """The single writer of the node database."""
+    """The single writer of the node database, and its reads.
 
-    def __init__(self, db: Database) -> None:
+    Two connections: ``db`` for :meth:`save_batch` (which the scorer runs on its writer
+    thread) and ``reader`` for every read, so reads never wait for, or race with, a write in
+    progress. In WAL mode the reader sees the last committed batch.
+    """
+
+    def __init__(self, db: Database, reader: Database) -> None:
         self.db = db
+        self.reader = reader
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        return cls(open_db(path))
+        db = open_db(path)
+        reader = Database(sqlite3.connect(path, check_same_thread=False))
+        reader.execute("PRAGMA busy_timeout = 5000")
+        return cls(db, reader)
 
     def close(self) -> None:
+        self.reader.close()
         self.db.close()
 
     # --- writes -------------------------------------------------------------------------
@@ -97,17 +111,21 @@ class Store:
         now = time.time()
         rows = []
         alerts = []
+        encode = _json.encode
         for s in scored:
             tx, v = s.tx, s.verdict
-            ts = tx.timestamp.timestamp()
-            reasons = _json.encode(v.reasons).decode()
+            stamp = tx.timestamp
+            ts = stamp.timestamp()
+            offset = stamp.utcoffset()
+            reasons = encode(v.reasons).decode() if v.reasons else "[]"
             rows.append((
                 tx.transaction_id, s.stream_seq, s.branch, tx.account_id, tx.terminal_id,
-                tx.amount, round(tx.amount * MILLI), tx.currency, ts, tx.timestamp.isoformat(),
-                tx.channel, tx.merchant_category, tx.location,
-                _json.encode(dict(zip(FEATURES, s.features))).decode(), v.model_risk, v.risk,
-                v.severity, v.decision, reasons, _json.encode(v.details).decode(),
-                v.model_version, v.rules_version, now))
+                tx.amount, round(tx.amount * MILLI), tx.currency, ts,
+                int(offset.total_seconds()) if offset else 0, tx.channel,
+                tx.merchant_category, tx.location, encode(s.features).decode(),
+                FEATURES_VERSION, v.model_risk, v.risk, v.severity, v.decision, reasons,
+                encode(v.details).decode() if v.details else "[]", v.model_version,
+                v.rules_version, now))
             if v.decision != "approve":
                 alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
                                v.severity, v.risk, reasons, now))
@@ -132,28 +150,23 @@ class Store:
 
     def checkpoint(self, consumer: str) -> int:
         """Last committed stream sequence for ``consumer`` (0 when it never ran)."""
-        row = self.db.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
+        row = self.reader.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
                               [consumer]).fetchone()
         return int(row[0]) if row else 0
 
     def verdicts_for(self, ids: Iterable[str]) -> dict[str, Verdict]:
         """Stored verdicts of those of ``ids`` already stored (to answer re-sends)."""
-        ids = list(ids)
-        found: dict[str, Verdict] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            sql = ("SELECT transaction_id, risk, severity, decision, reasons, details, "
-                   "model_risk, model_version, rules_version FROM transactions "
-                   f"WHERE transaction_id IN ({', '.join('?' * len(chunk))})")
-            for row in self.db.execute(sql, chunk):
-                found[row[0]] = _verdict_from_row(row)
-        return found
+        rows = self.reader.execute(
+            "SELECT transaction_id, risk, severity, decision, reasons, details, model_risk, "
+            "model_version, rules_version FROM transactions WHERE transaction_id IN "
+            "(SELECT value FROM json_each(?))", [_json.encode(list(ids)).decode()])
+        return {row[0]: _verdict_from_row(row) for row in rows}
 
     def verdicts_between(self, after_seq: int, upto_seq: int) -> list[tuple[str, str, Verdict]]:
         """(branch, terminal_id, verdict) of rows stored from stream sequences in
         (after_seq, upto_seq], in stream order: the verdicts that may not have been published
         before a crash."""
-        rows = self.db.execute(
+        rows = self.reader.execute(
             "SELECT transaction_id, risk, severity, decision, reasons, details, model_risk, "
             "model_version, rules_version, branch, terminal_id FROM transactions "
             "WHERE stream_seq > ? AND stream_seq <= ? ORDER BY stream_seq", [after_seq, upto_seq])
@@ -161,7 +174,7 @@ class Store:
 
     def feature_state(self) -> FeatureState:
         """Feature state rebuilt from every stored transaction (see FeatureState.rebuild)."""
-        cursor = self.db.execute(
+        cursor = self.reader.execute(
             "SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
             "FROM transactions ORDER BY ts, rowid")
         cursor.arraysize = 10000
@@ -176,18 +189,18 @@ class Store:
             "alerts": self._scalar("SELECT count(*) FROM alerts"),
             "dead_letters": self._scalar("SELECT count(*) FROM dead_letters"),
         }
-        for severity, n in self.db.execute(
+        for severity, n in self.reader.execute(
                 "SELECT severity, count(*) FROM alerts GROUP BY severity"):
             out[f"alerts_{severity.lower()}"] = int(n)
         return out
 
     def transaction(self, transaction_id: str) -> dict[str, Any] | None:
         """One stored transaction with its verdict, or None."""
-        rows = list(self.db["transactions"].rows_where("transaction_id = ?", [transaction_id]))
+        rows = list(self.reader["transactions"].rows_where("transaction_id = ?", [transaction_id]))
         return rows[0] if rows else None
 
     def _scalar(self, sql: str) -> int:
-        return int(self.db.execute(sql).fetchone()[0])
+        return int(self.reader.execute(sql).fetchone()[0])
 
 
 def _iter_cursor(cursor: sqlite3.Cursor) -> Iterator[Any]:

@@ -22,8 +22,11 @@ MAX_MESSAGE_BYTES = 8192
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Identifiers double as subject tokens, so they may not hold ``.``, ``*``, ``>`` or spaces."""
 _ID_RE = re.compile(ID_PATTERN)
+_id_ok = re.compile(r"[A-Za-z0-9_-]+\Z").match  # lengths are checked by the decoder
 
-Identifier = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+"""Length is checked while decoding; the character set right after (one regex is cheaper
+than msgspec's per-field pattern check, and this runs for every transaction)."""
 
 
 Channel = Literal["ATM", "POS", "ONLINE"]
@@ -37,7 +40,7 @@ class Transaction(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     transaction_id: Identifier
     account_id: Identifier
     amount: Annotated[float, msgspec.Meta(gt=0, lt=1e9)]
-    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+    currency: Annotated[str, msgspec.Meta(min_length=3, max_length=3)]
     timestamp: Annotated[datetime, msgspec.Meta(tz=True)]
     terminal_id: Identifier
     channel: Channel
@@ -85,6 +88,12 @@ def parse(subject: str, data: bytes) -> Transaction | Malformed:
         return Malformed(f"bad json: {exc}", subject, data)
     if tx.version != CONTRACT_VERSION:
         return Malformed(f"unsupported contract version {tx.version}", subject, data)
+    for name in ("transaction_id", "account_id", "terminal_id"):
+        if not _id_ok(getattr(tx, name)):
+            return Malformed(f"invalid: `{name}` must match {ID_PATTERN}", subject, data)
+    if not tx.currency.isascii() or not tx.currency.isupper() or not tx.currency.isalpha():
+        return Malformed("invalid: `currency` must be an ISO 4217 code such as EUR", subject,
+                         data)
     tokens = subject.split(".")
     if len(tokens) != 4 or tokens[0] != "tx" or not _ID_RE.match(tokens[1]):
         return Malformed("bad subject: expected tx.<branch>.<terminal>.<account>", subject, data)

@@ -1,0 +1,270 @@
+"""``branchguard bench``: measure a real node on this machine.
+
+It starts a throwaway embedded nats-server and the scorer as its own process (exactly what
+``branchguard run`` runs), then drives it from a separate load-generator process
+(``branchguard bench-load``) that publishes like terminals do and subscribes to the verdicts:
+
+- full speed: N transactions as fast as JetStream acks them; sustained tx/s is N over the time
+  from the first publish to the last verdict (so every transaction was stored, its verdict
+  published and its message acked along the way);
+- fixed offered rates: publish-to-verdict latency p50/p95/p99 measured on one clock (the load
+  generator's) from just before publish to the verdict's arrival;
+- peak memory of the scorer (VmHWM);
+- restart: with ``restart_rows`` more transactions stored, the time from starting the scorer
+  to the verdict of a new transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import numpy as np
+from nats.aio.msg import Msg
+
+from .features import FeatureState
+from .model import Model, feature_matrix
+from .node import EmbeddedNats
+from .rules import RULES_VERSION
+from .score import judge
+from .settings import Settings, load
+from .simulate import simulate
+from .store import Scored, Store
+from .terminal import population, publish
+from .transaction import Transaction
+
+EVENT_RATE = 50.0
+"""Event-time rate of the generated load: what a busy branch sees; publish rate is separate."""
+
+
+class _VerdictId(msgspec.Struct):
+    transaction_id: str
+
+
+def _transactions(seed: int, count: int, start: datetime) -> list[Transaction]:
+    accounts, terminals = population(EVENT_RATE)
+    return [item.tx for item in itertools.islice(
+        simulate(seed, start=start, rate=EVENT_RATE, diurnal=False, accounts=accounts,
+                 terminals=terminals), count)]
+
+
+async def generate_load(url: str, count: int, rate: float | None, seed: int,
+               timeout: float = 300.0) -> dict[str, Any]:
+    """The load generator: publish ``count`` transactions (at ``rate``/s, or full speed),
+    wait for their verdicts, and report throughput and latency percentiles."""
+    start = datetime(2026, 1, 5, tzinfo=timezone.utc) + timedelta(days=seed % 1000)
+    txs = _transactions(seed, count, start)
+    sent_ns: dict[str, int] = {}
+    latencies: list[float] = []
+    decoder = msgspec.json.Decoder(_VerdictId)
+    done = asyncio.Event()
+    last_ns = 0
+
+    async def on_verdict(msg: Msg) -> None:
+        nonlocal last_ns
+        now = time.time_ns()
+        sent = sent_ns.pop(decoder.decode(msg.data).transaction_id, None)
+        if sent is not None:
+            latencies.append((now - sent) / 1e6)
+            last_ns = now
+            if len(latencies) >= count:
+                done.set()
+
+    def on_publish(tx: Transaction, t_ns: int) -> None:
+        sent_ns[tx.transaction_id] = t_ns
+
+    sub_nc = await nats.connect(url, name="bench-verdicts", pending_size=64 << 20)
+    pub_nc = await nats.connect(url, name="bench-terminals", pending_size=64 << 20)
+    js = sub_nc.jetstream()
+    baseline = (await js.stream_info("VERDICTS")).state.messages
+    if rate:  # latency: every verdict, on this process's clock
+        await sub_nc.subscribe("verdict.>", cb=on_verdict, pending_msgs_limit=-1,
+                               pending_bytes_limit=-1)
+        await sub_nc.flush()
+    first_ns = time.time_ns()
+    confirmed = await publish(pub_nc, txs, branch="BR001", rate=rate,
+                              on_publish=on_publish if rate else None,
+                              confirm_every=1 if rate else 100)
+    published_ns = time.time_ns()
+    verdicts = 0
+    if rate:
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            pass
+        verdicts = len(latencies)
+    else:  # throughput: the load generator only watches the VERDICTS stream fill up
+        deadline = time.monotonic() + timeout
+        while verdicts < count and time.monotonic() < deadline:
+            verdicts = (await js.stream_info("VERDICTS")).state.messages - baseline
+            last_ns = time.time_ns()
+            await asyncio.sleep(0.01)
+    await pub_nc.drain()
+    await sub_nc.drain()
+    lat = np.array(latencies) if latencies else np.array([np.nan])
+    elapsed = max((last_ns or time.time_ns()) - first_ns, 1) / 1e9
+    return {
+        "offered_rate": rate or "full speed",
+        "published": confirmed,
+        "verdicts": verdicts,
+        "seconds": round(elapsed, 3),
+        "publish_seconds": round((published_ns - first_ns) / 1e9, 3),
+        "tx_per_second": round(verdicts / elapsed, 1),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 3),
+                       "p95": round(float(np.percentile(lat, 95)), 3),
+                       "p99": round(float(np.percentile(lat, 99)), 3),
+                       "max": round(float(np.max(lat)), 3)},
+    }
+
+
+def bulk_load(settings: Settings, rows: int, seed: int = 99) -> float:
+    """Store ``rows`` scored historical transactions through the scorer's own stages (no
+    NATS); returns seconds taken. Used to build a large database for the restart figure."""
+    started = time.monotonic()
+    store = Store.open(settings.db_path)
+    model = Model.load(settings.models_dir, settings.model_version)
+    state = store.feature_state()
+    accounts, terminals = population(EVENT_RATE)
+    stream = simulate(seed, start=datetime(2025, 6, 2, tzinfo=timezone.utc), rate=EVENT_RATE,
+                      count=rows, diurnal=False, accounts=accounts, terminals=terminals)
+    try:
+        while True:
+            chunk = [item.tx for item in itertools.islice(stream, 5000)]
+            if not chunk:
+                break
+            feats = [state.observe(tx) for tx in chunk]
+            risks = model.risks(feature_matrix(feats))
+            scored = [Scored(tx, settings.branch, 0, f,
+                             judge(tx, f, float(r), model.version, RULES_VERSION, settings))
+                      for tx, f, r in zip(chunk, feats, risks)]
+            store.save_batch(scored, [], "bulk-load", 0)
+    finally:
+        store.close()
+    return time.monotonic() - started
+
+
+class _Scorer:
+    """The scorer as a child process, as `branchguard run --nats-url` starts it."""
+
+    def __init__(self, data_dir: Path, url: str) -> None:
+        self.log_path = data_dir / "scorer.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir",
+                 str(data_dir), "--nats-url", url], stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING"})
+        self.started = time.monotonic()
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _run_load(url: str, count: int, rate: float | None, seed: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "bench-load", "--url", url, "--count", str(count),
+         "--rate", str(rate or 0), "--seed", str(seed)],
+        check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+async def _wait_consumer(url: str, timeout: float = 60.0) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                await js.consumer_info("TX", "scorer")
+                return
+            except Exception:
+                await asyncio.sleep(0.05)
+        raise TimeoutError("scorer did not create its consumer")
+    finally:
+        await nc.drain()
+
+
+def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
+              sync_policy: str) -> dict[str, Any]:
+    """Run every phase on a throwaway node; return the figures."""
+    root = Path(tempfile.mkdtemp(prefix="branchguard-bench-"))
+    settings = load(None, env={}, data_dir=root / "node", nats_port=0,
+                    sync_policy=sync_policy)
+    server = EmbeddedNats(load(None, env={}, data_dir=root / "nats", nats_port=0,
+                               sync_policy=sync_policy))
+    url = server.start()
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()},
+                              "sync_policy": sync_policy, "phases": []}
+    scorer = _Scorer(settings.data_dir, url)
+    try:
+        asyncio.run(_wait_consumer(url))
+        _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
+        report["phases"].append(_run_load(url, count, None, seed=2))
+        for i, rate in enumerate(rates):
+            report["phases"].append(_run_load(url, int(rate * rate_seconds), rate, seed=3 + i))
+        report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
+        scorer.stop()
+        if restart_rows:
+            loaded = bulk_load(settings, restart_rows)
+            stored = Store.open(settings.db_path)
+            total = stored.counts()["transactions"]
+            stored.close()
+            scorer = _Scorer(settings.data_dir, url)
+            first = _run_load(url, 1, None, seed=50)
+            report["restart"] = {
+                "stored_transactions": total,
+                "bulk_load_seconds": round(loaded, 1),
+                "seconds_to_first_verdict": round(time.monotonic() - scorer.started, 2),
+                "verdicts": first["verdicts"],
+            }
+            report["restart"]["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
+    finally:
+        scorer.stop()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"sync_policy={report['sync_policy']}  cpus={report['machine']['cpus']}",
+             f"{'offered':>12} {'verdicts':>9} {'tx/s':>9} {'p50 ms':>8} {'p95 ms':>8} "
+             f"{'p99 ms':>8} {'max ms':>8}"]
+    for p in report["phases"]:
+        lat = p["latency_ms"]
+        offered = p["offered_rate"]
+        lines.append(f"{offered if isinstance(offered, str) else f'{offered:.0f}/s':>12} "
+                     f"{p['verdicts']:>9} {p['tx_per_second']:>9.0f} {lat['p50']:>8.2f} "
+                     f"{lat['p95']:>8.2f} {lat['p99']:>8.2f} {lat['max']:>8.2f}")
+    lines.append(f"scorer peak memory: {report.get('scorer_peak_rss_mib')} MiB")
+    if "restart" in report:
+        r = report["restart"]
+        lines.append(f"restart with {r['stored_transactions']} stored transactions: first "
+                     f"verdict after {r['seconds_to_first_verdict']} s "
+                     f"(peak memory {r['scorer_peak_rss_mib']} MiB)")
+    return "\n".join(lines)
