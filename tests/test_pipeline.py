@@ -1,0 +1,207 @@
+"""The whole path with every part real: nats-server, the scorer process, SQLite files."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from appliance.features import FEATURES
+from appliance.store import Store
+from appliance.transaction import Transaction, encode, subject_for
+
+from .support import (START, decode, make_transactions, query, read_stream, send, send_raw,
+                      stored_count, wait_until)
+
+Node = type  # the node_factory fixture yields a NodeProcess subclass
+
+
+def tx(tid: str, account: str, amount: float, minutes: float, terminal: str = "T0001",
+       category: str | None = "Grocery", location: str | None = "Espoo",
+       channel: str = "POS") -> Transaction:
+    return Transaction(transaction_id=tid, account_id=account, amount=amount, currency="EUR",
+                       timestamp=START + timedelta(minutes=minutes), terminal_id=terminal,
+                       channel=channel, merchant_category=category,  # type: ignore[arg-type]
+                       location=location)
+
+
+def crafted() -> list[Transaction]:
+    """An account with a calm history, then one transaction per rule."""
+    calm = [tx(f"calm-{i}", "A-CALM", 20.0 + i, minutes=i * 30) for i in range(8)]
+    return calm + [
+        tx("deviation", "A-CALM", 400.0, minutes=300),            # 400 >= 5 x mean(23.5)
+        tx("high-value", "A-RICH", 7500.0, minutes=301, terminal="T0002"),
+        tx("combo", "A-CALM", 30.0, minutes=302, category="Gambling", location="Tallinn"),
+    ]
+
+
+def test_whole_path_stores_scores_alerts_and_publishes_verdicts(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    node = node_factory(tmp_path / "node", nats_url, {}).start()
+    background = [item.tx for item in make_transactions(200, seed=3)]
+    special = crafted()
+    assert send(nats_url, background + special) == len(background) + len(special)
+    db = tmp_path / "node" / "branchguard.db"
+    total = len(background) + len(special)
+    wait_until(lambda: stored_count(db) == total, message="all stored")
+
+    rows = {r[0]: r for r in query(db, "SELECT transaction_id, risk, severity, decision, "
+                                       "reasons, features, model_version FROM transactions")}
+    reasons = {tid: set(msgspec.json.decode(r[4])) for tid, r in rows.items()}
+    assert "high_deviation" in reasons["deviation"]
+    assert "high_value" in reasons["high-value"]
+    assert rows["high-value"][2] in ("HIGH", "CRITICAL")  # amount >= 5000 is at least HIGH
+    assert "suspicious_combo" in reasons["combo"]
+    assert not reasons["calm-3"] & {"high_value", "high_deviation", "suspicious_combo"}
+    for tid, (_, risk, severity, decision, _, features, model_version) in rows.items():
+        assert 0.0 <= risk <= 1.0
+        assert len(msgspec.json.decode(features)) == len(FEATURES)
+        assert model_version == "if-v1"
+        assert decision == {"CRITICAL": "decline", "HIGH": "review", "WARNING": "review",
+                            "INFO": "approve"}[severity]
+
+    alerts = dict(query(db, "SELECT transaction_id, status FROM alerts"))
+    not_approved = {tid for tid, r in rows.items() if r[3] != "approve"}
+    assert set(alerts) == not_approved and set(alerts.values()) == {"NEW"}
+    assert {"deviation", "high-value", "combo"} <= set(alerts)
+
+    verdicts = [decode(m.data) for m in read_stream(nats_url, "VERDICTS", expect=total)]
+    assert len(verdicts) == total
+    by_id = {v["transaction_id"]: v for v in verdicts}
+    assert set(by_id) == set(rows)
+    for tid, v in by_id.items():
+        assert v["risk"] == rows[tid][1] and v["severity"] == rows[tid][2]
+        assert set(v["reasons"]) == reasons[tid]
+    assert node.stop() == 0
+
+
+def test_the_same_transaction_twice_is_stored_and_counted_once(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    node_factory(tmp_path / "node", nats_url, {}).start()
+    db = tmp_path / "node" / "branchguard.db"
+    first = tx("dup-1", "A-DUP", 50.0, minutes=0)
+    # within the duplicate window: JetStream itself drops the re-send
+    assert send(nats_url, [first, first]) == 2
+    # a re-send after the window: a new message id, same transaction id
+    assert send_raw(nats_url, [(subject_for("BR001", first), encode(first), "resend-1")])
+    follow = tx("dup-2", "A-DUP", 60.0, minutes=5)
+    send(nats_url, [follow])
+    wait_until(lambda: stored_count(db) == 2, message="two transactions stored")
+    tx_stream = read_stream(nats_url, "TX", expect=3)
+    assert len(tx_stream) == 3  # the window dropped one, the late re-send got through
+    wait_until(lambda: query(db, "SELECT count(*) FROM transactions")[0][0] == 2)
+    assert query(db, "SELECT count(*) FROM transactions WHERE transaction_id = 'dup-1'")[0][0] == 1
+    features = dict(zip(FEATURES, msgspec.json.decode(query(
+        db, "SELECT features FROM transactions WHERE transaction_id = 'dup-2'")[0][0])))
+    assert features["account_prior_count"] == 1  # the re-send did not count as history
+    assert features["account_sum_1h"] == 50.0
+    verdicts = read_stream(nats_url, "VERDICTS", expect=2)
+    assert sorted(decode(m.data)["transaction_id"] for m in verdicts) == ["dup-1", "dup-2"]
+
+
+BAD_INPUTS = [
+    ("bad json", "tx.BR001.T1.A1", b"{not json", "bad json"),
+    ("missing field", "tx.BR001.T1.A1",
+     b'{"transaction_id":"m1","account_id":"A1","currency":"EUR","terminal_id":"T1",'
+     b'"timestamp":"2026-03-02T09:00:00Z","channel":"POS"}', "missing required field `amount`"),
+    ("wrong type", "tx.BR001.T1.A1",
+     b'{"transaction_id":"w1","account_id":"A1","amount":"ten","currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"2026-03-02T09:00:00Z","channel":"POS"}', "`$.amount`"),
+    ("amount zero", "tx.BR001.T1.A1",
+     b'{"transaction_id":"z1","account_id":"A1","amount":0,"currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"2026-03-02T09:00:00Z","channel":"POS"}', "> 0"),
+    ("negative amount", "tx.BR001.T1.A1",
+     b'{"transaction_id":"n1","account_id":"A1","amount":-5,"currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"2026-03-02T09:00:00Z","channel":"POS"}', "> 0"),
+    ("bad timestamp", "tx.BR001.T1.A1",
+     b'{"transaction_id":"t1","account_id":"A1","amount":5,"currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"yesterday","channel":"POS"}', "`$.timestamp`"),
+    ("no timezone", "tx.BR001.T1.A1",
+     b'{"transaction_id":"t2","account_id":"A1","amount":5,"currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"2026-03-02T09:00:00","channel":"POS"}', "timezone"),
+    ("bad channel", "tx.BR001.T1.A1",
+     b'{"transaction_id":"c1","account_id":"A1","amount":5,"currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"2026-03-02T09:00:00Z","channel":"FAX"}', "`$.channel`"),
+    ("subject mismatch", "tx.BR001.T9.A1",
+     b'{"transaction_id":"s1","account_id":"A1","amount":5,"currency":"EUR",'
+     b'"terminal_id":"T1","timestamp":"2026-03-02T09:00:00Z","channel":"POS"}',
+     "subject does not match"),
+    ("oversize", "tx.BR001.T1.A1", b'{"transaction_id":"o1","pad":"' + b"x" * 9000 + b'"}',
+     "oversize"),
+]
+
+
+def test_bad_input_goes_to_the_dead_letter_stream_and_the_flow_goes_on(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    node = node_factory(tmp_path / "node", nats_url, {}).start()
+    db = tmp_path / "node" / "branchguard.db"
+    good_before, good_after = tx("good-1", "A1", 10.0, 0), tx("good-2", "A1", 12.0, 1)
+    send(nats_url, [good_before])
+    assert send_raw(nats_url, [(subject, data, f"bad-{i}")
+                               for i, (_, subject, data, _) in enumerate(BAD_INPUTS)])
+    send(nats_url, [good_after])
+    wait_until(lambda: stored_count(db) == 2, message="good transactions stored")
+    wait_until(lambda: query(db, "SELECT count(*) FROM dead_letters")[0][0] == len(BAD_INPUTS))
+
+    dlq = read_stream(nats_url, "TX_DLQ", expect=len(BAD_INPUTS))
+    assert len(dlq) == len(BAD_INPUTS)
+    reasons = [m.headers["Branchguard-Reason"] for m in dlq]
+    for (name, subject, data, expected), msg, reason in zip(BAD_INPUTS, dlq, reasons):
+        assert expected in reason, f"{name}: {reason}"
+        assert msg.data == data  # the original message, unchanged
+        assert msg.headers["Branchguard-Subject"] == subject
+    stored_reasons = [r[0] for r in query(db, "SELECT reason FROM dead_letters "
+                                              "ORDER BY stream_seq")]
+    for (name, _, _, expected), reason in zip(BAD_INPUTS, stored_reasons):
+        assert expected in reason, f"{name}: {reason}"
+    # nothing is left pending or waiting for redelivery
+    node.stop()
+    assert query(db, "SELECT count(*) FROM dead_letters")[0][0] == len(BAD_INPUTS)
+    checkpoint = query(db, "SELECT stream_seq FROM checkpoints WHERE consumer = 'scorer'")
+    assert checkpoint[0][0] == len(BAD_INPUTS) + 2
+
+
+def _rows(db: Path) -> list[tuple[object, ...]]:
+    return query(db, "SELECT transaction_id, stream_seq, features, model_risk, risk, severity, "
+                     "decision, reasons FROM transactions ORDER BY stream_seq")
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_mid_batch_loses_nothing_and_double_counts_nothing(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    txs = [item.tx for item in make_transactions(20000, seed=5, rate=50.0)]
+    n = len(txs)
+    # Reference: a scorer that never crashes, on its own consumer and database.
+    ref = node_factory(tmp_path / "ref", nats_url, {"BRANCHGUARD_CONSUMER": "reference"})
+    ref.start()  # (it creates the streams)
+    assert send(nats_url, txs) == len(txs)
+    ref_db = tmp_path / "ref" / "branchguard.db"
+    wait_until(lambda: stored_count(ref_db) == n, timeout=300, message="reference done")
+    ref.stop()
+
+    db = tmp_path / "crash" / "branchguard.db"
+    rng = random.Random(5)
+    for _ in range(3):  # crash three times, each at a different point of the stream
+        before = stored_count(db)
+        node = node_factory(tmp_path / "crash", nats_url, {}).start()
+        target = min(n - 1, before + rng.randint(1500, 5000))
+        wait_until(lambda: stored_count(db) >= target, timeout=300, message="progress")
+        node.kill()
+    node = node_factory(tmp_path / "crash", nats_url, {}).start()
+    wait_until(lambda: stored_count(db) == n, timeout=300, message="crashed scorer done")
+    node.stop()
+
+    assert _rows(db) == _rows(ref_db)  # same rows, same features, same verdicts
+    assert query(db, "SELECT count(*), count(DISTINCT transaction_id) FROM alerts") == \
+        query(ref_db, "SELECT count(*), count(DISTINCT transaction_id) FROM alerts")
+    crashed, reference = Store.open(db), Store.open(ref_db)
+    try:
+        assert crashed.feature_state().snapshot() == reference.feature_state().snapshot()
+    finally:
+        crashed.close()
+        reference.close()
+    verdicts = read_stream(nats_url, "VERDICTS", expect=n)
+    assert {decode(m.data)["transaction_id"] for m in verdicts} == {t.transaction_id for t in txs}
