@@ -191,7 +191,7 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
 @click.option("--rate-seconds", type=float, default=10.0, show_default=True)
 @click.option("--restart-rows", type=int, default=0, show_default=True,
               help="Also measure restart time with this many stored transactions.")
-@click.option("--sync-policy", type=click.Choice(["always", "interval"]), default="always",
+@click.option("--sync-policy", type=click.Choice(["always", "interval"]), default="interval",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors

@@ -68,7 +68,13 @@ class Model:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(onnx_path), options,
                                             providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        width = model_input.shape[1] if len(model_input.shape) == 2 else None
+        if width != len(card.features):
+            raise ModelError("model card and ONNX file disagree on the number of features",
+                             field="features", value=(len(card.features), width),
+                             hint="the card must list exactly the model's input columns")
+        self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name
         self.card = card
         self.version = card.version

@@ -53,7 +53,9 @@ def suspicious_combo(tx: Transaction, f: Sequence[float], model_risk: float,
 def high_deviation(tx: Transaction, f: Sequence[float], model_risk: float,
                    s: Settings) -> Hit | None:
     mean, prior = f[_MEAN], f[_PRIOR]
-    if prior > s.deviation_min_history and tx.amount >= s.deviation_multiple * mean:
+    # mean is 0 only for sub-milli amounts, where a ratio means nothing
+    if (prior > s.deviation_min_history and mean > 0
+            and tx.amount >= s.deviation_multiple * mean):
         return Hit("high_deviation",
                    f"amount {tx.amount:.2f} is {tx.amount / mean:.1f}x the account mean "
                    f"{mean:.2f} (>= {s.deviation_multiple:g}x, {int(prior)} prior)", 0.6)

@@ -71,6 +71,9 @@ def open_db(path: Path) -> Database:
         db.execute("PRAGMA busy_timeout = 5000")
         db.enable_wal()
         db.execute("PRAGMA synchronous = NORMAL")
+        # No checkpoints on commit: they fsync, and would stall the batch that triggers one.
+        # The scorer checkpoints from its own thread instead (Store.checkpoint_wal).
+        db.execute("PRAGMA wal_autocheckpoint = 0")
         migrate(db)
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open database: {exc}", field="data_dir", value=str(path),
@@ -87,20 +90,30 @@ class Store:
     progress. In WAL mode the reader sees the last committed batch.
     """
 
-    def __init__(self, db: Database, reader: Database) -> None:
-        self.db = db
-        self.reader = reader
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = open_db(path)
+        self.reader = Database(sqlite3.connect(path, check_same_thread=False))
+        self.reader.execute("PRAGMA busy_timeout = 5000")
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        db = open_db(path)
-        reader = Database(sqlite3.connect(path, check_same_thread=False))
-        reader.execute("PRAGMA busy_timeout = 5000")
-        return cls(db, reader)
+        return cls(path)
 
     def close(self) -> None:
         self.reader.close()
         self.db.close()
+
+    def checkpoint_wal(self) -> tuple[int, int, int]:
+        """Copy committed WAL pages into the database file without blocking the writer
+        (``PRAGMA wal_checkpoint(PASSIVE)``), on a connection of its own, so any thread
+        may call it. Returns SQLite's (busy, wal pages, pages checkpointed)."""
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(row[0]), int(row[1]), int(row[2])
+        finally:
+            conn.close()
 
     # --- writes -------------------------------------------------------------------------
 

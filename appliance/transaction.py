@@ -21,7 +21,6 @@ MAX_MESSAGE_BYTES = 8192
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Identifiers double as subject tokens, so they may not hold ``.``, ``*``, ``>`` or spaces."""
-_ID_RE = re.compile(ID_PATTERN)
 _id_ok = re.compile(r"[A-Za-z0-9_-]+\Z").match  # lengths are checked by the decoder
 
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -95,7 +94,8 @@ def parse(subject: str, data: bytes) -> Transaction | Malformed:
         return Malformed("invalid: `currency` must be an ISO 4217 code such as EUR", subject,
                          data)
     tokens = subject.split(".")
-    if len(tokens) != 4 or tokens[0] != "tx" or not _ID_RE.match(tokens[1]):
+    if (len(tokens) != 4 or tokens[0] != "tx" or not 0 < len(tokens[1]) <= 64
+            or not _id_ok(tokens[1])):
         return Malformed("bad subject: expected tx.<branch>.<terminal>.<account>", subject, data)
     if tokens[2] != tx.terminal_id or tokens[3] != tx.account_id:
         return Malformed("subject does not match terminal_id/account_id in body", subject, data)
