@@ -63,7 +63,7 @@ class EmbeddedNats:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.dir = settings.nats_dir
+        self.dir = settings.nats_dir.resolve()
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 

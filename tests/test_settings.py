@@ -327,10 +327,16 @@ def test_every_setting_has_a_docstring() -> None:
     assert undocumented == []
 
 
-def test_describe_defaults_are_the_reprs_of_the_defaults() -> None:
-    defaults = Settings()
-    for name, default, _ in describe():
-        assert default == repr(getattr(defaults, name))
+def test_describe_shows_defaults_as_an_operator_would_write_them() -> None:
+    shown = {name: default for name, default, _ in describe()}
+    assert shown["data_dir"] == "var"
+    assert shown["nats_url"] == "(unset)"
+    assert shown["risky_categories"] == "Gambling"
+    assert shown["models_dir"] == "models/ (shipped)"  # not this machine's absolute path
+    assert shown["batch_size"] == str(Settings().batch_size)
+    # what is shown reads back as the default through the environment layer
+    for name in ("batch_size", "high_value_amount", "sync_policy", "risky_categories"):
+        assert load(None, env={f"BRANCHGUARD_{name.upper()}": shown[name]}) == Settings()
 
 
 def test_describe_pairs_each_field_with_its_own_docstring() -> None:

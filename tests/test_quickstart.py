@@ -1,0 +1,73 @@
+"""The README's two commands, from a fresh clone: each sets itself up and works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("fresh") / "branchguard"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True)
+    return target
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BRANCHGUARD_", "VIRTUAL_ENV", "PYTEST"))}
+    env["BRANCHGUARD_NATS_PORT"] = "0"  # a free port: never collide with a real node
+    env["BRANCHGUARD_SUMMARY_INTERVAL_SECONDS"] = "1"
+    return env
+
+
+@pytest.mark.timeout(900)
+def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
+    out = clone / "run.out"
+    with out.open("wb") as sink:
+        make = subprocess.Popen(["make", "run"], cwd=clone, stdout=sink,
+                                stderr=subprocess.STDOUT, env=_clean_env(),
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            text = out.read_text(errors="replace")
+            scored = [line for line in text.splitlines() if " scored | " in line]
+            if scored and int(scored[-1].split("|")[1].split()[0]) > 100:
+                break
+            assert make.poll() is None, text[-3000:]
+            time.sleep(1)
+        else:
+            raise AssertionError(out.read_text(errors="replace")[-3000:])
+        os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        make.wait(60)
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+    text = out.read_text(errors="replace")
+    assert '"node.stopped"' in text and '"nats.stopped"' in text, text[-3000:]
+    survivors = subprocess.run(["pgrep", "-f", f"{clone}/var/nats"], capture_output=True)
+    assert survivors.stdout == b"", "nats-server outlived make run"
+    db = sqlite3.connect(clone / "var" / "branchguard.db")
+    try:
+        assert db.execute("SELECT count(*) FROM transactions").fetchone()[0] > 100
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(900)
+def test_make_test_sets_itself_up_and_runs_tests(clone: Path) -> None:
+    result = subprocess.run(["make", "test", "PYTEST_ARGS=-q -p no:cacheprovider "
+                             "tests/test_transaction.py"], cwd=clone, env=_clean_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+    assert (clone / ".venv" / "bin" / "nats-server").exists()
