@@ -114,6 +114,22 @@ class Windows:
         if j > 4096 and j * 2 > n:
             self._compact()
 
+    def settle(self) -> None:
+        """Given events appended directly in time order, set the pointers and sums (and drop
+        what is beyond the horizon) as :meth:`append_in_order` would have."""
+        ts, amounts = self.ts, self.amounts
+        if not ts:
+            return
+        self.now = now = ts[-1]
+        keep = bisect_right(ts, now - HORIZON)
+        if keep:
+            del ts[:keep]
+            del amounts[:keep]
+        for i, (_, w) in enumerate(WINDOWS):
+            j = bisect_right(ts, now - w)
+            self.lo[i] = j
+            self.sums[i] = sum(amounts[j:])
+
     def _observe_late(self, t: float, amount_milli: int) -> list[int]:
         ts, amounts = self.ts, self.amounts
         floor = bisect_right(ts, self.now - HORIZON)
@@ -266,18 +282,24 @@ class FeatureState:
             account.count += 1
             account.sum_milli += milli
             account.sumsq_milli += milli * milli
-            if t > account.last_ts:
-                account.last_ts = t
             account.terminals.add(terminal_id)
             if location is not None:
                 account.locations.add(location)
             if category is not None:
                 account.categories.add(category)
-            account.windows.append_in_order(t, milli)
+            windows = account.windows  # rows come in time order: append now, index once below
+            windows.ts.append(t)
+            windows.amounts.append(milli)
             terminal = terminals.get(terminal_id)
             if terminal is None:
                 terminal = terminals[terminal_id] = Windows()
-            terminal.append_in_order(t, milli)
+            terminal.ts.append(t)
+            terminal.amounts.append(milli)
+        for account in accounts.values():
+            account.windows.settle()
+            account.last_ts = account.windows.now
+        for windows in terminals.values():
+            windows.settle()
         return state
 
 

@@ -187,11 +187,9 @@ class Store:
 
     def feature_state(self) -> FeatureState:
         """Feature state rebuilt from every stored transaction (see FeatureState.rebuild)."""
-        cursor = self.reader.execute(
+        return FeatureState.rebuild(_iter_cursor(self.reader.execute(
             "SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
-            "FROM transactions ORDER BY ts, rowid")
-        cursor.arraysize = 10000
-        return FeatureState.rebuild(_iter_cursor(cursor))
+            "FROM transactions ORDER BY ts, rowid")))
 
     # --- reads for people ---------------------------------------------------------------
 
@@ -217,6 +215,7 @@ class Store:
 
 
 def _iter_cursor(cursor: sqlite3.Cursor) -> Iterator[Any]:
+    cursor.arraysize = 10000
     while True:
         rows = cursor.fetchmany()
         if not rows:

@@ -333,3 +333,16 @@ def test_feature_state_rebuilt_equals_live_with_late_and_tied_events(store: Stor
 
 def test_feature_state_of_empty_store(store: Store) -> None:
     assert store.feature_state().snapshot() == FeatureState().snapshot()
+
+
+def test_feature_state_is_exact_when_squares_overflow_sqlite_integers(store: Store) -> None:
+    base = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)
+    # 900 million in thousandths squared is ~8e23: SQLite turns that product into a REAL
+    txs = [Transaction(f"big-{i}", "A-CORP", 900_000_000.0 - i * 0.01, "EUR",
+                       base + timedelta(minutes=i), "T0", "POS") for i in range(12)]
+    live = FeatureState()
+    save_in_batches(store, score_all(txs, live), 5)
+    rebuilt = store.feature_state()
+    assert rebuilt.snapshot() == live.snapshot()
+    assert rebuilt.accounts["A-CORP"].sumsq_milli == live.accounts["A-CORP"].sumsq_milli
+    assert isinstance(rebuilt.accounts["A-CORP"].sumsq_milli, int)
