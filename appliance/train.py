@@ -75,7 +75,7 @@ def calibration(scores: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def train(items: Iterable[Labelled], out_dir: Path, version: str, *, source: str,
-          n_estimators: int = 200, max_samples: int = 256, seed: int = 7,
+          n_estimators: int = 100, max_samples: int = 256, seed: int = 7,
           holdout: float = 0.2, parent: str | None = None) -> TrainResult:
     """Train on ``items`` in order (features from history, as served) and write the model.
 
