@@ -1,0 +1,104 @@
+"""Each sub-command, run as a user runs it, against real processes."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .support import query, stored_count, wait_until
+
+Node = type
+
+
+def branchguard(*args: str, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_simulate_publishes_to_a_running_node_and_keeps_labels_apart(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    node_factory(tmp_path / "node", nats_url, {}).start()
+    labels = tmp_path / "labels.csv"
+    result = branchguard("simulate", "--nats-url", nats_url, "--count", "300", "--rate", "0",
+                         "--labels", str(labels))
+    assert result.returncode == 0, result.stderr
+    assert "published 300 transactions" in result.stdout
+    db = tmp_path / "node" / "branchguard.db"
+    wait_until(lambda: stored_count(db) == 300, message="simulated transactions stored")
+    with labels.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 300 and set(rows[0]) == {"transaction_id", "label", "typology"}
+    stored = {r[0] for r in query(db, "SELECT transaction_id FROM transactions")}
+    assert {r["transaction_id"] for r in rows} == stored
+
+    status = branchguard("status", "--data-dir", str(tmp_path / "node"))
+    assert status.returncode == 0
+    counts = json.loads(status.stdout)
+    assert counts["transactions"] == 300 and counts["dead_letters"] == 0
+
+
+def test_simulate_replays_a_reference_system_csv(tmp_path: Path, nats_url: str,
+                                                 node_factory: Node) -> None:
+    node_factory(tmp_path / "node", nats_url, {}).start()
+    source = tmp_path / "reference.csv.gz"
+    with gzip.open(source, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["transaction_id", "account_id", "timestamp", "amount", "merchant_category",
+                    "location", "is_fraud"])
+        for i in range(40):
+            w.writerow([f"R{i}", f"ACC{i % 4}", f"2024-01-01T10:{i:02d}:00", "12.50",
+                        "Gambling" if i == 39 else "Grocery", "Tallinn" if i == 39 else "Riga",
+                        int(i == 39)])
+    result = branchguard("simulate", "--nats-url", nats_url, "--csv", str(source), "--rate", "0",
+                         "--count", "0")
+    assert result.returncode == 0, result.stderr
+    db = tmp_path / "node" / "branchguard.db"
+    wait_until(lambda: stored_count(db) == 40, message="replayed rows stored")
+    reasons = query(db, "SELECT reasons FROM transactions WHERE transaction_id = 'R39'")[0][0]
+    assert "suspicious_combo" in reasons  # Gambling away from the account's usual location
+    columns = [r[1] for r in query(db, "PRAGMA table_info(transactions)")]
+    assert "is_fraud" not in columns and "label" not in columns
+
+
+def test_train_writes_a_model_the_node_can_serve(tmp_path: Path) -> None:
+    out = tmp_path / "models"
+    result = branchguard("train", "--count", "3000", "--version", "test-v1", "--out-dir",
+                         str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 1e-5
+    card = json.loads((out / "test-v1.json").read_text())
+    assert card["version"] == "test-v1" and card["training"]["rows"] == 2400
+    check = branchguard("settings", env={"BRANCHGUARD_MODELS_DIR": str(out),
+                                         "BRANCHGUARD_MODEL_VERSION": "test-v1"})
+    assert f"models_dir = PosixPath('{out}')" in check.stdout
+
+
+def test_bad_settings_exit_2_with_the_field_and_a_hint(tmp_path: Path) -> None:
+    result = branchguard("status", "--data-dir", str(tmp_path),
+                         env={"BRANCHGUARD_BATCH_SIZE": "0"})
+    assert result.returncode == 2
+    assert "batch_size" in result.stderr and "hint:" in result.stderr
+    missing = branchguard("run", "--data-dir", str(tmp_path), "--nats-url", "nats://x:1",
+                          env={"BRANCHGUARD_MODEL_VERSION": "nope"})
+    assert missing.returncode == 2 and "model not found" in missing.stderr
+
+
+def test_bench_runs_every_phase_and_reports_numbers() -> None:
+    result = branchguard("bench", "--count", "2000", "--rates", "500", "--rate-seconds", "2",
+                         "--restart-rows", "2000", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    full, fixed = report["phases"]
+    assert full["verdicts"] == 2000 and full["tx_per_second"] > 0
+    assert fixed["verdicts"] == 1000 and fixed["offered_rate"] == 500.0
+    assert 0 < fixed["latency_ms"]["p50"] <= fixed["latency_ms"]["p99"]
+    assert report["scorer_peak_rss_mib"] > 0
+    assert report["restart"]["verdicts"] == 1
+    assert report["restart"]["stored_transactions"] == 2000 + 2000 + 1000 + 2000
