@@ -246,10 +246,6 @@ class FeatureState:
             float(term_w[4]), term_w[5] / MILLI,
         )
 
-    def usual_locations(self, account_id: str) -> frozenset[str]:
-        account = self.accounts.get(account_id)
-        return frozenset(account.locations) if account else frozenset()
-
     def snapshot(self) -> dict[str, object]:
         """A canonical, comparable picture of the whole state (for tests and diagnostics)."""
         return {

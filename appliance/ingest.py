@@ -278,11 +278,6 @@ async def ack_all(nc: Client, deliveries: Sequence[Delivery]) -> None:
         await publish(d.reply, b"+ACK")
 
 
-async def nak_all(nc: Client, deliveries: Sequence[Delivery]) -> None:
-    for d in deliveries:
-        await nc.publish(d.reply, b"-NAK")
-
-
 def dlq_headers(reason: str, delivery: Delivery) -> dict[str, str]:
     """Headers carried by a dead-lettered message; header values cannot hold newlines."""
     return {

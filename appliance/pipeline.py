@@ -156,15 +156,9 @@ class Scorer:
         for d in batch:
             parsed = parse(d.subject, d.data)
             if isinstance(parsed, Malformed):
-                dead.append(DeadLetter(d.stream_seq, d.subject, parsed.reason, len(d.data)))
-                await self.dlq.publish(DLQ_SUBJECT, d.data, f"dlq-{d.stream_seq}",
-                                       dlq_headers(parsed.reason, d))
-                log.warning("tx.dead_lettered", txn_id=None, stream_seq=d.stream_seq,
-                            subject=d.subject, reason=parsed.reason)
+                await self._reject(d, parsed.reason, dead)
             else:
                 accepted.append((d, parsed))
-        if dead and not await self.dlq.confirmed((self.dlq.sent, dlq_failed), timeout=5.0):
-            raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
         in_flight = self._in_flight
         known = self.store.verdicts_for(
@@ -179,15 +173,14 @@ class Scorer:
                 in_flight[tid] = None  # claimed; its verdict follows below
                 fresh.append((d, tx))
 
-        observe = self.state.observe
-        features = [observe(tx) for _, tx in fresh]
-        risks = self.model.risks(feature_matrix(features)) if features else ()
-        version = self.model.version
-        scored = []
-        for (d, tx), f, r in zip(fresh, features, risks):
-            verdict = judge(tx, f, float(r), version, RULES_VERSION, settings)
-            in_flight[tx.transaction_id] = verdict
-            scored.append(Scored(tx, branch_of(d.subject), d.stream_seq, f, verdict))
+        try:
+            scored = self._score(fresh)
+        except Exception:
+            scored = await self._score_one_by_one(fresh, dead)
+        for s in scored:
+            in_flight[s.tx.transaction_id] = s.verdict
+        if dead and not await self.dlq.confirmed((self.dlq.sent, dlq_failed), timeout=5.0):
+            raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
         await self._settle()  # the previous batch is committed and published
         loop = asyncio.get_running_loop()
@@ -200,6 +193,49 @@ class Scorer:
                                                     batch[-1].stream_seq))
         self._committing = asyncio.ensure_future(
             self._after_commit(commit, batch, scored, resent, known, len(dead)))
+
+    def _score(self, fresh: list[tuple[Delivery, Transaction]]) -> list[Scored]:
+        """Stages 3-5: features in order, model risk for all at once, rules and verdict."""
+        observe = self.state.observe
+        features = [observe(tx) for _, tx in fresh]
+        risks = self.model.risks(feature_matrix(features)) if features else ()
+        version, settings = self.model.version, self.settings
+        return [Scored(tx, branch_of(d.subject), d.stream_seq, f,
+                       judge(tx, f, float(r), version, RULES_VERSION, settings))
+                for (d, tx), f, r in zip(fresh, features, risks)]
+
+    async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],
+                                dead: list[DeadLetter]) -> list[Scored]:
+        """After scoring a batch raised: score each transaction alone and dead-letter the
+        ones that fail, so one poisonous transaction can never stop the node or come back
+        forever. The feature state is rebuilt from the database (plus this batch's good
+        transactions) after every failure, since the failure may have left it half-updated."""
+        log.error("batch.scoring_failed", exc_info=True, txn_id=None,
+                  first_seq=fresh[0][0].stream_seq if fresh else None)
+        await self._settle()  # the database now holds everything before this batch
+        self.state = self.store.feature_state()
+        good: list[Transaction] = []
+        scored: list[Scored] = []
+        for d, tx in fresh:
+            try:
+                scored.extend(self._score([(d, tx)]))
+            except Exception as exc:
+                self.state = self.store.feature_state()
+                for earlier in good:
+                    self.state.observe(earlier)
+                self._in_flight.pop(tx.transaction_id, None)
+                await self._reject(d, f"scoring failed: {type(exc).__name__}: {exc}", dead)
+            else:
+                good.append(tx)
+        return scored
+
+    async def _reject(self, d: Delivery, reason: str, dead: list[DeadLetter]) -> None:
+        """Dead-letter one message: to TX_DLQ now, to the database with the batch."""
+        dead.append(DeadLetter(d.stream_seq, d.subject, reason, len(d.data)))
+        await self.dlq.publish(DLQ_SUBJECT, d.data, f"dlq-{d.stream_seq}",
+                               dlq_headers(reason, d))
+        log.warning("tx.dead_lettered", txn_id=None, stream_seq=d.stream_seq,
+                    subject=d.subject, reason=reason)
 
     async def _settle(self) -> None:
         """Wait for the batch in flight (if any); re-raise what stopped it."""
