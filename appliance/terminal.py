@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,34 +24,59 @@ from .simulate import Labelled, replay_csv, simulate, write_labels
 from .transaction import Transaction, encode, subject_for
 
 
+class Message(NamedTuple):
+    """One transaction as it goes on the wire."""
+
+    subject: str
+    data: bytes
+    msg_id: str
+    event_time: float
+    """The transaction's timestamp, seconds since the epoch (for real-time pacing)."""
+
+
+def to_message(tx: Transaction, branch: str) -> Message:
+    return Message(subject_for(branch, tx), encode(tx), tx.transaction_id,
+                   tx.timestamp.timestamp())
+
+
 async def publish(nc: Client, items: Iterable[Transaction], *, branch: str,
                   rate: float | None = None, realtime: bool = False,
-                  stop: asyncio.Event | None = None, confirm_every: int = 1,
-                  on_publish: Callable[[Transaction, int], None] | None = None) -> int:
-    """Publish ``items`` until exhausted or ``stop`` is set; returns how many JetStream
-    confirmed. Pacing: ``realtime`` publishes each transaction when the wall clock reaches its
-    timestamp (a backlog in the past goes at once); else ``rate`` per second; else as fast as
-    acks allow.
+                  stop: asyncio.Event | None = None) -> int:
+    """Publish transactions as a terminal does; see :func:`publish_messages`."""
+    return await publish_messages(nc, (to_message(tx, branch) for tx in items), rate=rate,
+                                  realtime=realtime, stop=stop)
+
+
+async def publish_messages(nc: Client, messages: Iterable[Message], *,
+                           rate: float | None = None, realtime: bool = False,
+                           stop: asyncio.Event | None = None, confirm_every: int = 1,
+                           on_publish: Callable[[str, int], None] | None = None) -> int:
+    """Publish ``messages`` until exhausted or ``stop`` is set; returns how many JetStream
+    confirmed. Pacing: ``realtime`` publishes each one when the wall clock reaches its event
+    time (a backlog in the past goes at once); else ``rate`` per second; else as fast as acks
+    allow.
 
     ``confirm_every=k`` asks JetStream to ack only every k-th message (and the last): an ack
     confirms the messages published before it on this connection, and the load generator
     spends far less on acks. The count returned then only counts what was confirmed.
 
-    ``on_publish(tx, time_ns)`` is called just before each publish (the benchmark's clock).
+    ``on_publish(msg_id, time_ns)`` is called just before each publish (the benchmark's
+    clock).
     """
     publisher = Publisher(nc, max_in_flight=20000)
     await publisher.start()
     started = time.monotonic()
     sent = 0
     failed_before = publisher.failed
-    items = list(items) if confirm_every > 1 else items
-    last = len(items) - 1 if isinstance(items, list) else -1
+    if confirm_every > 1:
+        messages = list(messages)
+    last = len(messages) - 1 if isinstance(messages, list) else -1
     try:
-        for tx in items:
+        for message in messages:
             if stop is not None and stop.is_set():
                 break
             if realtime:
-                delay = tx.timestamp.timestamp() - time.time()
+                delay = message.event_time - time.time()
                 if delay > 0.001:
                     await asyncio.sleep(delay)
             elif rate:
@@ -58,9 +84,9 @@ async def publish(nc: Client, items: Iterable[Transaction], *, branch: str,
                 if delay > 0.001:
                     await asyncio.sleep(delay)
             if on_publish is not None:
-                on_publish(tx, time.time_ns())
+                on_publish(message.msg_id, time.time_ns())
             confirm = confirm_every == 1 or sent % confirm_every == 0 or sent == last
-            await publisher.publish(subject_for(branch, tx), encode(tx), tx.transaction_id,
+            await publisher.publish(message.subject, message.data, message.msg_id,
                                     confirm=confirm)
             sent += 1
             if sent % 1000 == 0:
@@ -78,20 +104,6 @@ def population(rate: float) -> tuple[int, int]:
     transacts about every 200 s and each terminal every 20 s whatever the rate: the scale
     the shipped model was trained at (``branchguard train``: 2 tx/s, 400 accounts)."""
     return max(1, int(rate * 200)), max(20, int(rate * 20))
-
-
-async def publish_raw(nc: Client, messages: Iterable[tuple[str, bytes, str]]) -> bool:
-    """Publish pre-encoded (subject, data, msg_id) triples; True when all are confirmed.
-    For tests and tools that need to send what no valid terminal would."""
-    publisher = Publisher(nc)
-    await publisher.start()
-    try:
-        failed = publisher.failed
-        for subject, data, msg_id in messages:
-            await publisher.publish(subject, data, msg_id)
-        return await publisher.confirmed((publisher.sent, failed), timeout=30.0)
-    finally:
-        await publisher.stop()
 
 
 async def publish_simulation(settings: Settings, *, count: int | None, rate: float | None,

@@ -16,7 +16,7 @@ import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from appliance.simulate import Labelled, simulate
-from appliance.terminal import population, publish, publish_raw
+from appliance.terminal import Message, population, publish, publish_messages
 from appliance.transaction import Transaction
 
 START = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -42,7 +42,10 @@ def send_raw(url: str, messages: Iterable[tuple[str, bytes, str]]) -> bool:
     async def go() -> bool:
         nc = await nats.connect(url)
         try:
-            return await publish_raw(nc, list(messages))
+            sent = list(messages)
+            return await publish_messages(
+                nc, [Message(subject, data, msg_id, 0.0) for subject, data, msg_id in sent]
+            ) == len(sent)
         finally:
             await nc.drain()
     return asyncio.run(go())
