@@ -83,10 +83,14 @@ class Scorer:
         """Streams, state from the database, consumer from the checkpoint, lost verdicts."""
         await ensure_streams(self.js, self.settings)
         started = time.monotonic()
-        self.state = self.store.feature_state()
-        # The state is large and long-lived: take it out of the cyclic collector's sight, and
-        # collect young objects less often (the hot path allocates, but creates no cycles).
-        gc.collect()
+        # The state is large and long-lived and holds no reference cycles: build it with the
+        # cyclic collector off, then move it out of the collector's sight, and collect young
+        # objects less often (the hot path allocates a lot but creates no cycles).
+        gc.disable()
+        try:
+            self.state = self.store.feature_state()
+        finally:
+            gc.enable()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
 
