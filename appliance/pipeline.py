@@ -173,6 +173,9 @@ class Scorer:
             tid = tx.transaction_id
             if tid in known or tid in in_flight:
                 resent.append((d, tx))
+                verdict = in_flight.get(tid)
+                if verdict is not None:  # scored in an earlier batch, not yet committed
+                    known[tid] = verdict
             else:
                 in_flight[tid] = None  # claimed; its verdict follows below
                 fresh.append((d, tx))
