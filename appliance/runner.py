@@ -86,11 +86,17 @@ def demo_stream(rate: float, branch: str, warmup_seconds: float = 3600.0
 async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DEMO_RATE,
                    status: bool = True) -> int:
     """Run the node until SIGINT/SIGTERM. Returns the process exit code."""
+    model = Model.load(settings.models_dir, settings.model_version)  # fail before starting
+    store = Store.open(settings.db_path)                                # anything
     embedded = EmbeddedNats(settings) if settings.nats_url is None else None
-    url = embedded.start() if embedded is not None else str(settings.nats_url)
-    store = Store.open(settings.db_path)
-    model = Model.load(settings.models_dir, settings.model_version)
-    nc = await connect(url, "branchguard-scorer")
+    try:
+        url = embedded.start() if embedded is not None else str(settings.nats_url)
+        nc = await connect(url, "branchguard-scorer")
+    except BaseException:
+        store.close()
+        if embedded is not None:
+            embedded.stop()
+        raise
     feed_nc: Client | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
