@@ -72,7 +72,7 @@ class StatusLine:
         self.out.flush()
 
 
-def demo_stream(rate: float, branch: str, warmup_seconds: float = 3600.0
+def demo_stream(rate: float, branch: str, warmup_seconds: float = 1800.0
                 ) -> Iterator[Transaction]:
     """The demo feed: the last ``warmup_seconds`` of simulated history (published at once,
     so accounts have a past), then live at ``rate`` tx/s. Fresh ids on every run."""
