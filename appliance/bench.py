@@ -35,7 +35,6 @@ import nats
 import numpy as np
 from nats.aio.msg import Msg
 
-from .features import FeatureState
 from .model import Model, feature_matrix
 from .node import EmbeddedNats
 from .rules import RULES_VERSION

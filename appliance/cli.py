@@ -135,7 +135,7 @@ def train(config: Path | None, data_dir: Path | None, nats_url: str | None, coun
     Example:
       branchguard train --count 200000 --version if-v2 --out-dir ./var/models
     """
-    from .simulate import replay_csv
+    from .replay import replay_csv
     from .simulate import simulate as generate
     from .terminal import population
     from .train import train as fit

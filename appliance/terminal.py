@@ -20,7 +20,8 @@ from nats.aio.client import Client
 
 from .ingest import Publisher
 from .settings import Settings
-from .simulate import Labelled, replay_csv, simulate, write_labels
+from .replay import replay_csv, write_labels
+from .simulate import Labelled, simulate
 from .transaction import Transaction, encode, subject_for
 
 

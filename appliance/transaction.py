@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .errors import SettingsError
+
 CONTRACT_VERSION = 1
 MAX_MESSAGE_BYTES = 8192
 """Messages larger than this are rejected as oversize before any parsing."""
@@ -58,6 +60,13 @@ class Malformed(msgspec.Struct, frozen=True):
 
 _decoder = msgspec.json.Decoder(Transaction)
 _encoder = msgspec.json.Encoder()
+
+
+def require_identifier(value: str, field: str) -> None:
+    """Raise SettingsError unless ``value`` is an identifier (a valid subject token)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _id_ok(value):
+        raise SettingsError("not a valid identifier", field=field, value=value,
+                            hint=f"identifiers must match {ID_PATTERN}")
 
 
 def subject_for(branch: str, tx: Transaction) -> str:

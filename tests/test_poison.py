@@ -4,7 +4,6 @@ as if it had never been sent, and the node keeps running."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import msgspec
 import nats

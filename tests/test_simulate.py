@@ -20,16 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.errors import BranchguardError
-from appliance.simulate import (
-    TYPOLOGIES,
-    TYPOLOGY_SHARES,
-    Labelled,
-    read_labels,
-    replay_csv,
-    sanitise_id,
-    simulate,
-    write_labels,
-)
+from appliance.replay import read_labels, replay_csv, sanitise_id, write_labels
+from appliance.simulate import TYPOLOGIES, TYPOLOGY_SHARES, Labelled, simulate
 from appliance.transaction import ID_PATTERN, Transaction, encode, parse, subject_for
 
 UTC = timezone.utc
