@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import wraps
@@ -16,7 +17,7 @@ import click
 
 from . import logs
 from .errors import BranchguardError
-from .settings import Settings, describe, load
+from .settings import Settings, describe, format_value, load
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,31 +88,41 @@ def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: 
 
 @cli.command()
 @settings_options
-@click.option("--count", type=int, default=1000, show_default=True,
-              help="Transactions to publish (0 for endless).")
+@click.option("--count", type=int, default=None,
+              help="Transactions to publish (default: 1000 simulated, or the whole CSV; "
+                   "0 for endless).")
 @click.option("--rate", type=float, default=50.0, show_default=True,
               help="Transactions per second (0 for as fast as possible).")
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--seed", type=int, default=None,
+              help="Simulator seed; the same seed gives the same transactions and ids "
+                   "(default: a new one each run, so re-runs are not re-sends).")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, exists=True), default=None,
               help="Replay this CSV (reference-system or Fraud Handbook columns) instead.")
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
               help="Write the ground-truth labels to this CSV (they never travel with the "
                    "transactions).")
 @friendly_errors
-def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None, count: int,
-             rate: float, seed: int, csv_path: Path | None, labels: Path | None) -> None:
+def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None,
+             count: int | None, rate: float, seed: int | None, csv_path: Path | None,
+             labels: Path | None) -> None:
     """Publish simulated (or replayed) transactions to a running node.
 
     \b
     Example:
       branchguard simulate --nats-url nats://127.0.0.1:4222 --count 5000 --rate 500
+
+    Without --nats-url it publishes to nats://127.0.0.1:<nats_port>, the embedded server's
+    default address.
     """
     from .terminal import publish_simulation
 
     settings = settings_from(config, data_dir, nats_url)
-    confirmed = asyncio.run(publish_simulation(settings, count=count or None, rate=rate or None,
-                                               seed=seed, csv_path=csv_path,
-                                               labels_path=labels))
+    if count is None:
+        count = 0 if csv_path is not None else 1000
+    confirmed = asyncio.run(publish_simulation(
+        settings, count=count or None, rate=rate or None,
+        seed=int(time.time()) if seed is None else seed, csv_path=csv_path,
+        labels_path=labels))
     click.echo(f"published {confirmed} transactions")
 
 
@@ -123,17 +134,20 @@ def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None, c
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, exists=True), default=None,
               help="Train on this CSV instead of simulated data.")
 @click.option("--version", "version", default=None,
-              help="Model version to write (default: the model_version setting).")
+              help="Model version to write (default: if-<date>-<time>).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
-              help="Where to write <version>.onnx and .json (default: models_dir).")
+              help="Where to write <version>.onnx and .json (default: <data_dir>/models).")
+@click.option("--force", is_flag=True, help="Overwrite an existing model of that version.")
 @friendly_errors
 def train(config: Path | None, data_dir: Path | None, nats_url: str | None, count: int,
-          seed: int, csv_path: Path | None, version: str | None, out_dir: Path | None) -> None:
+          seed: int, csv_path: Path | None, version: str | None, out_dir: Path | None,
+          force: bool) -> None:
     """Train an Isolation Forest on the node's features and write the ONNX model and card.
 
     \b
     Example:
-      branchguard train --count 200000 --version if-v2 --out-dir ./var/models
+      branchguard train --count 200000 --version if-v2
+      BRANCHGUARD_MODELS_DIR=var/models BRANCHGUARD_MODEL_VERSION=if-v2 branchguard run
     """
     from .replay import replay_csv
     from .simulate import simulate as generate
@@ -151,8 +165,12 @@ def train(config: Path | None, data_dir: Path | None, nats_url: str | None, coun
                          accounts=accounts, terminals=terminals)
         source = (f"simulate(seed={seed}, count={count}, rate=2/s, {accounts} accounts, "
                   f"{terminals} terminals, from {start.date()})")
-    result = fit(items, out_dir or settings.models_dir, version or settings.model_version,
-                 source=source, seed=seed)
+    target = out_dir or settings.data_dir / "models"
+    name = version or "if-" + time.strftime("%Y%m%d-%H%M%S")
+    if (target / f"{name}.onnx").exists() and not force:
+        raise BranchguardError("a model of that version exists", field="version", value=name,
+                               hint="choose another --version, or pass --force")
+    result = fit(items, target, name, source=source, seed=seed)
     click.echo(json.dumps({"model": str(result.onnx_path), "card": str(result.card_path),
                            "metrics": result.card.raw["metrics"]}, indent=2))
 
@@ -165,6 +183,10 @@ def status(config: Path | None, data_dir: Path | None, nats_url: str | None) -> 
     from .store import Store
 
     settings = settings_from(config, data_dir, nats_url)
+    if not settings.db_path.exists():
+        raise BranchguardError("no node database here", field="data_dir",
+                               value=str(settings.data_dir),
+                               hint="pass the --data-dir the node runs with")
     store = Store.open(settings.db_path)
     try:
         click.echo(json.dumps(store.counts(), indent=2))
@@ -178,9 +200,8 @@ def status(config: Path | None, data_dir: Path | None, nats_url: str | None) -> 
 def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
     """Print the effective settings (defaults, file, environment and flags applied)."""
     settings = settings_from(config, data_dir, nats_url)
-    docs = {name: doc for name, _, doc in describe()}
-    for name in docs:
-        click.echo(f"{name} = {getattr(settings, name)!r}")
+    for name, _, _ in describe():
+        click.echo(f"{name} = {format_value(getattr(settings, name))}")
 
 
 @cli.command()

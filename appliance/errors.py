@@ -23,6 +23,8 @@ class BranchguardError(Exception):
         text = self.message
         if self.field is not None:
             text = f"{self.field}: {text}"
+            if self.value is not None:
+                text = f"{text} (got {self.value!r})"
         if self.hint:
             text = f"{text} (hint: {self.hint})"
         return text

@@ -28,7 +28,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import nats
 from nats.aio.client import Client
+from nats.errors import NoServersError
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -37,6 +39,7 @@ from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPoli
 from nats.js.errors import NotFoundError
 
 from . import logs
+from .errors import NodeError
 from .settings import Settings
 
 TX_STREAM = "TX"
@@ -46,6 +49,36 @@ DLQ_SUBJECT = "dlq.tx"
 MAX_ACK_PENDING = 20000
 
 log = logs.get("appliance.ingest")
+
+
+async def connect(url: str, name: str, timeout: float = 10.0) -> Client:
+    """A NATS connection that, once up, keeps reconnecting (the node outlives server
+    restarts), logging each disconnect as one line; but that gives up on the first connect
+    after ``timeout`` seconds with a :class:`NodeError`, rather than hanging.
+
+    Client-side subject validation is off: every subject the node publishes is built from
+    identifiers the contract has already validated, and the check costs per message.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats.error", txn_id=None, url=url, error=f"{type(exc).__name__}: {exc}")
+
+    async def on_disconnect() -> None:
+        log.warning("nats.disconnected", txn_id=None, url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats.reconnected", txn_id=None, url=url)
+
+    try:
+        return await asyncio.wait_for(nats.connect(
+            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            connect_timeout=2, pending_size=64 * 1024 * 1024, skip_subject_validation=True,
+            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect),
+            timeout)
+    except (TimeoutError, OSError, NoServersError, ValueError) as exc:
+        raise NodeError(f"cannot connect to NATS at {url}", field="nats_url", value=url,
+                        hint="is the server running and the URL nats://host:port? "
+                             "Without --nats-url, `branchguard run` embeds its own") from exc
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:

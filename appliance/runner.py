@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import TextIO
 
-import nats
 import numpy as np
 from nats.aio.client import Client
 
 from . import logs
+from .ingest import connect
 from .model import Model
 from .node import EmbeddedNats
 from .pipeline import Counters, Scorer
@@ -31,17 +31,6 @@ from .transaction import Transaction
 log = logs.get("appliance.runner")
 
 DEMO_RATE = 50.0
-
-
-async def connect(url: str, name: str) -> Client:
-    """A NATS connection that keeps reconnecting (the node outlives server restarts).
-
-    Client-side subject validation is off: every subject the node publishes is built from
-    identifiers the contract has already validated, and the check costs per message.
-    """
-    return await nats.connect(url, name=name, max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.5, pending_size=64 * 1024 * 1024,
-                              skip_subject_validation=True)
 
 
 class StatusLine:

@@ -205,15 +205,16 @@ def describe() -> list[tuple[str, str, str]]:
     defaults = Settings()
 
     def shown(value: object) -> str:
-        if value == SHIPPED_MODELS_DIR:
-            return "models/ (shipped)"
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, tuple):
-            return ",".join(str(v) for v in value)
-        return "(unset)" if value is None else str(value)
+        return "models/ (shipped)" if value == SHIPPED_MODELS_DIR else format_value(value)
 
     return [(f.name, shown(getattr(defaults, f.name)), " ".join(docs.get(f.name, "").split()))
             for f in fields(Settings)]
+
+
+def format_value(value: object) -> str:
+    """A setting's value as it would be written in a BRANCHGUARD_* variable."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return "(unset)" if value is None else str(value)
 
 

@@ -23,7 +23,7 @@ from sqlite_utils import Database
 from .errors import StoreError
 from .features import FEATURES_VERSION, MILLI, FeatureState
 from .schema import migrate
-from .score import Verdict
+from .score import SEVERITIES, Verdict
 from .transaction import Transaction
 
 _json = msgspec.json.Encoder()
@@ -200,6 +200,8 @@ class Store:
             "alerts": self._scalar("SELECT count(*) FROM alerts"),
             "dead_letters": self._scalar("SELECT count(*) FROM dead_letters"),
         }
+        for severity in SEVERITIES[:3]:  # INFO never raises an alert
+            out[f"alerts_{severity.lower()}"] = 0
         for severity, n in self.reader.execute(
                 "SELECT severity, count(*) FROM alerts GROUP BY severity"):
             out[f"alerts_{severity.lower()}"] = int(n)

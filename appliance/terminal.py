@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from .ingest import Publisher
+from .ingest import Publisher, connect
 from .settings import Settings
 from .replay import replay_csv, write_labels
 from .simulate import Labelled, simulate
@@ -112,8 +112,6 @@ async def publish_simulation(settings: Settings, *, count: int | None, rate: flo
                              labels_path: Path | None = None) -> int:
     """Publish the simulator's stream (or a replayed CSV) to the node's NATS; optionally
     write the ground-truth labels to ``labels_path``. Returns the confirmed count."""
-    import nats
-
     url = settings.nats_url or f"nats://127.0.0.1:{settings.nats_port}"
     if csv_path is not None:
         items: Iterable[Labelled] = replay_csv(csv_path, branch=settings.branch)
@@ -131,7 +129,7 @@ async def publish_simulation(settings: Settings, *, count: int | None, rate: flo
             labelled.append(item)
         return item.tx
 
-    nc = await nats.connect(url, name="branchguard-simulate")
+    nc = await connect(url, "branchguard-simulate")
     try:
         confirmed = await publish(nc, (keep(i) for i in items), branch=settings.branch,
                                   rate=rate)

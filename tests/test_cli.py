@@ -77,7 +77,7 @@ def test_train_writes_a_model_the_node_can_serve(tmp_path: Path) -> None:
     assert card["version"] == "test-v1" and card["training"]["rows"] == 2400
     check = branchguard("settings", env={"BRANCHGUARD_MODELS_DIR": str(out),
                                          "BRANCHGUARD_MODEL_VERSION": "test-v1"})
-    assert f"models_dir = PosixPath('{out}')" in check.stdout
+    assert f"models_dir = {out}" in check.stdout
 
 
 def test_bad_settings_exit_2_with_the_field_and_a_hint(tmp_path: Path) -> None:
@@ -102,3 +102,51 @@ def test_bench_runs_every_phase_and_reports_numbers() -> None:
     assert report["scorer_peak_rss_mib"] > 0
     assert report["restart"]["verdicts"] == 1
     assert report["restart"]["stored_transactions"] == 2000 + 2000 + 1000 + 2000
+
+
+def test_status_of_a_missing_database_is_an_error_not_zeros(tmp_path: Path) -> None:
+    result = branchguard("status", "--data-dir", str(tmp_path / "typo"))
+    assert result.returncode == 2 and "no node database here" in result.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_train_never_overwrites_a_model_without_force(tmp_path: Path) -> None:
+    args = ("train", "--count", "1500", "--version", "same", "--data-dir", str(tmp_path))
+    assert branchguard(*args).returncode == 0
+    assert (tmp_path / "models" / "same.onnx").exists()  # default: <data_dir>/models
+    again = branchguard(*args)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert branchguard(*args, "--force").returncode == 0
+
+
+def test_an_unreachable_nats_is_a_clear_error(tmp_path: Path) -> None:
+    result = branchguard("simulate", "--nats-url", "nats://127.0.0.1:1", "--count", "5",
+                         timeout=60)
+    assert result.returncode == 2
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_embedded_nats_server_dies_with_a_killed_node(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    log = (tmp_path / "run.log").open("wb")
+    node = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir",
+                             str(tmp_path / "node")], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "BRANCHGUARD_NATS_PORT": "0"})
+    try:
+        wait_until(lambda: '"node.ready"' in (tmp_path / "run.log").read_text(), timeout=60,
+                   message="node ready")
+        conf = str((tmp_path / "node" / "nats").resolve())
+        assert subprocess.run(["pgrep", "-f", conf], capture_output=True).stdout
+        node.send_signal(signal.SIGKILL)
+        node.wait()
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pgrep", "-f", conf], capture_output=True).stdout:
+            assert time.monotonic() < deadline, "nats-server outlived the killed node"
+            time.sleep(0.1)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        log.close()

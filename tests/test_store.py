@@ -124,7 +124,8 @@ def test_save_batch_is_atomic(store: Store, simulated: list[Transaction]) -> Non
     broken = DeadLetter(object(), "tx.x", "bad", 1)  # type: ignore[arg-type]
     with pytest.raises(sqlite3.Error):
         store.save_batch(scored, [broken], CONSUMER, 10)
-    assert store.counts() == {"transactions": 0, "alerts": 0, "dead_letters": 0}
+    assert store.counts() == {"transactions": 0, "alerts": 0, "dead_letters": 0,
+                              "alerts_critical": 0, "alerts_high": 0, "alerts_warning": 0}
     assert store.checkpoint(CONSUMER) == 0
     # and the store is still usable afterwards
     store.save_batch(scored, [], CONSUMER, 10)
@@ -279,13 +280,15 @@ def test_transaction_row(store: Store) -> None:
 
 
 def test_counts(store: Store, simulated: list[Transaction]) -> None:
-    assert store.counts() == {"transactions": 0, "alerts": 0, "dead_letters": 0}
+    assert store.counts() == {"transactions": 0, "alerts": 0, "dead_letters": 0,
+                              "alerts_critical": 0, "alerts_high": 0, "alerts_warning": 0}
     scored = score_all(simulated[:100])
     store.save_batch(scored, [DeadLetter(101, "tx.x", "bad json", 2),
                               DeadLetter(102, "tx.y", "oversize", 9000)], CONSUMER, 102)
     counts = store.counts()
     alerts = [s.verdict for s in scored if s.verdict.decision != "approve"]
-    expected = {"transactions": 100, "alerts": len(alerts), "dead_letters": 2}
+    expected = {"transactions": 100, "alerts": len(alerts), "dead_letters": 2,
+                "alerts_critical": 0, "alerts_high": 0, "alerts_warning": 0}
     for severity in {v.severity for v in alerts}:
         expected[f"alerts_{severity.lower()}"] = sum(v.severity == severity for v in alerts)
     assert counts == expected
