@@ -52,7 +52,8 @@ class Settings:
     batch_size: int = 1000
     """Most transactions scored, stored and acked together."""
     max_deliver: int = 5
-    """Deliveries after which a message that keeps failing goes to the dead-letter stream."""
+    """JetStream's redelivery limit for a message left unacked (its verdicts unconfirmed);
+    messages that fail validation or scoring are dead-lettered at once instead."""
     ack_wait_seconds: float = 30.0
     """Seconds JetStream waits for an ack before redelivering."""
     duplicate_window_seconds: float = 120.0
@@ -61,7 +62,7 @@ class Settings:
     """How long the TX stream keeps transactions (the replay horizon after a restore)."""
     sync_policy: str = "interval"
     """Embedded nats-server fsync policy: ``interval`` (fsync every ``sync_interval_seconds``)
-    or ``always`` (fsync before every ack; about 1,500 tx/s here). See docs/operations.md."""
+    or ``always`` (fsync before every ack; about 1,300 tx/s here). See docs/operations.md."""
     sync_interval_seconds: float = 1.0
     """With ``sync_policy = "interval"``: seconds between JetStream fsyncs."""
 
