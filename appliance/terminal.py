@@ -116,7 +116,9 @@ async def publish_simulation(settings: Settings, *, count: int | None, rate: flo
     if csv_path is not None:
         items: Iterable[Labelled] = replay_csv(csv_path, branch=settings.branch)
     else:
-        accounts, terminals = population(rate or 50.0)
+        # a branch's population, whatever the publishing rate: at a high rate more accounts
+        # would only mean every transaction meets a stranger
+        accounts, terminals = population(min(rate or 50.0, 50.0))
         items = simulate(seed, start=datetime.now(timezone.utc), rate=rate or 50.0,
                          count=count, branch=settings.branch, accounts=accounts,
                          terminals=terminals)
