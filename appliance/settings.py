@@ -109,9 +109,11 @@ class Settings:
             (0 <= self.nats_port < 65536, "nats_port", self.nats_port, "use 0..65535"),
             (self.sync_policy in SYNC_POLICIES, "sync_policy", self.sync_policy,
              f"use one of {', '.join(SYNC_POLICIES)}"),
-            (0 < self.warning_risk <= self.high_risk <= self.critical_risk <= 1, "warning_risk",
-             (self.warning_risk, self.high_risk, self.critical_risk),
-             "need 0 < warning_risk <= high_risk <= critical_risk <= 1"),
+            (0 < self.warning_risk <= 1, "warning_risk", self.warning_risk, "use (0, 1]"),
+            (self.warning_risk <= self.high_risk <= 1, "high_risk", self.high_risk,
+             f"use warning_risk ({self.warning_risk}) <= high_risk <= 1"),
+            (self.high_risk <= self.critical_risk <= 1, "critical_risk", self.critical_risk,
+             f"use high_risk ({self.high_risk}) <= critical_risk <= 1"),
             (0 < self.ml_risk_threshold <= 1, "ml_risk_threshold", self.ml_risk_threshold,
              "use a risk in (0, 1]"),
             (self.high_value_amount > 0, "high_value_amount", self.high_value_amount, "use > 0"),
@@ -130,7 +132,11 @@ def _convert(name: str, kind: Any, raw: object) -> object:
     args = typing.get_args(kind)
     try:
         if kind is Path or (args and Path in args):
-            return None if raw in (None, "") and type(None) in args else Path(str(raw))
+            if raw in (None, "") and type(None) in args:
+                return None
+            if raw == "":
+                raise ValueError("an empty path")
+            return Path(str(raw))
         if origin is tuple:
             items = raw.split(",") if isinstance(raw, str) else list(cast(list[object], raw))
             return tuple(str(i).strip() for i in items if str(i).strip())
