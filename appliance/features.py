@@ -160,14 +160,13 @@ class Windows:
 
 
 class AccountState:
-    __slots__ = ("count", "sum_milli", "sumsq_milli", "last_ts", "terminals", "locations",
+    __slots__ = ("count", "sum_milli", "sumsq_milli", "terminals", "locations",
                  "categories", "windows")
 
     def __init__(self) -> None:
         self.count = 0
         self.sum_milli = 0
         self.sumsq_milli = 0
-        self.last_ts = -math.inf
         self.terminals: set[str] = set()
         self.locations: set[str] = set()
         self.categories: set[str] = set()
@@ -228,7 +227,6 @@ class FeatureState:
         account.count = n + 1
         account.sum_milli += milli
         account.sumsq_milli += milli * milli
-        account.last_ts = max(account.last_ts, t)
         account.terminals.add(tx.terminal_id)
         if location is not None:
             account.locations.add(location)
@@ -250,7 +248,7 @@ class FeatureState:
         """A canonical, comparable picture of the whole state (for tests and diagnostics)."""
         return {
             "accounts": {
-                key: (a.count, a.sum_milli, a.sumsq_milli, a.last_ts, sorted(a.terminals),
+                key: (a.count, a.sum_milli, a.sumsq_milli, a.windows.now, sorted(a.terminals),
                       sorted(a.locations), sorted(a.categories), a.windows.snapshot())
                 for key, a in sorted(self.accounts.items())
             },
@@ -293,7 +291,6 @@ class FeatureState:
             terminal.amounts.append(milli)
         for account in accounts.values():
             account.windows.settle()
-            account.last_ts = account.windows.now
         for windows in terminals.values():
             windows.settle()
         return state

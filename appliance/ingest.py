@@ -145,18 +145,19 @@ class Delivery:
     data: bytes
     reply: str
     stream_seq: int
-    delivered: int
     stored_ns: int
     """When JetStream stored the message (ns since the epoch): the start of its latency."""
 
 
-def parse_ack_subject(reply: str) -> tuple[int, int, int]:
-    """(stream_seq, num_delivered, stored_ns) from a ``$JS.ACK...`` reply subject."""
+def parse_ack_subject(reply: str) -> tuple[int, int]:
+    """(stream_seq, stored_ns) from a ``$JS.ACK...`` reply subject. nats-py's
+    ``Msg.metadata`` says the same, but builds dataclasses and a datetime per message; the
+    pipeline needs two integers."""
     tokens = reply.split(".")
     if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return int(tokens[5]), int(tokens[4]), int(tokens[7])
+        return int(tokens[5]), int(tokens[7])
     # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...
-    return int(tokens[7]), int(tokens[6]), int(tokens[9])
+    return int(tokens[7]), int(tokens[9])
 
 
 class Puller:
@@ -222,8 +223,8 @@ class Puller:
         buffer = self.buffer
         for _ in range(min(self.batch, len(buffer))):
             msg = buffer.popleft()
-            seq, delivered, stored_ns = parse_ack_subject(msg.reply)
-            out.append(Delivery(msg.subject, msg.data, msg.reply, seq, delivered, stored_ns))
+            seq, stored_ns = parse_ack_subject(msg.reply)
+            out.append(Delivery(msg.subject, msg.data, msg.reply, seq, stored_ns))
         await self._top_up()
         return out
 
