@@ -11,7 +11,11 @@ It starts a throwaway embedded nats-server and the scorer as its own process (ex
   generator's) from just before publish to the verdict's arrival;
 - peak memory of the scorer (VmHWM);
 - restart: with ``restart_rows`` more transactions stored, the time from starting the scorer
-  to the verdict of a new transaction.
+  to the verdict of a new transaction;
+- baseline (``baseline=True``): the same full-speed load against a pass-through consumer that
+  does only the message path (pull, one verdict per transaction, confirm, ack) with no
+  validation, features, model or database: the ceiling this machine, nats-server and nats-py
+  put on any scorer, measured in the same run.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from nats.aio.msg import Msg
 
 from .model import Model, feature_matrix
+from .ingest import Publisher, Puller, ack_batch, connect, ensure_streams, reset_consumer
 from .node import EmbeddedNats
 from .rules import RULES_VERSION
 from .score import judge
@@ -160,16 +165,42 @@ def bulk_load(settings: Settings, rows: int, seed: int = 99) -> float:
     return time.monotonic() - started
 
 
-class _Scorer:
-    """The scorer as a child process, as `branchguard run --nats-url` starts it."""
+async def passthrough(url: str, settings: Settings) -> None:
+    """The baseline consumer: the scorer's message path (the same :class:`Puller`,
+    :class:`Publisher` and acks) with every stage in between removed. Runs until killed."""
+    nc = await connect(url, "bench-passthrough")
+    js = nc.jetstream()
+    await ensure_streams(js, settings)
+    await reset_consumer(js, settings, 0)
+    puller, verdicts = Puller(nc, settings), Publisher(nc)
+    await verdicts.start()
+    await puller.start()
+    decode = msgspec.json.Decoder(_VerdictId).decode
+    encode = msgspec.json.Encoder().encode
+    while True:
+        batch = await puller.take(timeout=1.0)
+        last = len(batch) - 1
+        for i, d in enumerate(batch):
+            tid = decode(d.data).transaction_id
+            await verdicts.publish(f"verdict.BR001.{d.subject.split('.')[2]}",
+                                   encode({"transaction_id": tid}), tid, confirm=i == last)
+        if batch and await verdicts.confirmed(verdicts.mark(), timeout=10.0):
+            await ack_batch(nc, batch)
 
-    def __init__(self, data_dir: Path, url: str) -> None:
+
+class _Scorer:
+    """The scorer as a child process, as `branchguard run --nats-url` starts it (or, for the
+    baseline, the pass-through consumer)."""
+
+    def __init__(self, data_dir: Path, url: str, baseline: bool = False) -> None:
         self.log_path = data_dir / "scorer.log"
         data_dir.mkdir(parents=True, exist_ok=True)
+        command = (["bench-passthrough", "--url", url] if baseline else
+                   ["run", "--quiet", "--data-dir", str(data_dir), "--nats-url", url])
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir",
-                 str(data_dir), "--nats-url", url], stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "appliance", *command], stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING"})
         self.started = time.monotonic()
 
@@ -214,8 +245,29 @@ async def _wait_consumer(url: str, timeout: float = 60.0) -> None:
         await nc.drain()
 
 
+def _run_baseline(root: Path, count: int, rates: list[float], rate_seconds: float,
+                  sync_policy: str) -> list[dict[str, Any]]:
+    """The same phases through the pass-through consumer, on a nats-server of its own."""
+    server = EmbeddedNats(load(None, env={}, data_dir=root / "baseline-nats", nats_port=0,
+                               sync_policy=sync_policy))
+    url = server.start()
+    consumer = _Scorer(root / "baseline", url, baseline=True)
+    try:
+        asyncio.run(_wait_consumer(url))
+        _run_load(url, 2000, None, seed=1)
+        results = [_run_load(url, count, None, seed=2)]
+        for i, rate in enumerate(rates):
+            results.append(_run_load(url, int(rate * rate_seconds), rate, seed=3 + i))
+    finally:
+        consumer.stop()
+        server.stop()
+    for result in results:
+        result["consumer"] = "baseline"
+    return results
+
+
 def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
-              sync_policy: str) -> dict[str, Any]:
+              sync_policy: str, baseline: bool = False) -> dict[str, Any]:
     """Run every phase on a throwaway node; return the figures."""
     root = Path(tempfile.mkdtemp(prefix="branchguard-bench-"))
     settings = load(None, env={}, data_dir=root / "node", nats_port=0,
@@ -225,6 +277,8 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
     url = server.start()
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()},
                               "sync_policy": sync_policy, "phases": []}
+    if baseline:
+        report["phases"].extend(_run_baseline(root, count, rates, rate_seconds, sync_policy))
     scorer = _Scorer(settings.data_dir, url)
     try:
         asyncio.run(_wait_consumer(url))
@@ -257,12 +311,12 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"sync_policy={report['sync_policy']}  cpus={report['machine']['cpus']}",
-             f"{'offered':>12} {'verdicts':>9} {'tx/s':>9} {'p50 ms':>8} {'p95 ms':>8} "
+             f"{'consumer':>9} {'offered':>12} {'verdicts':>9} {'tx/s':>9} {'p50 ms':>8} {'p95 ms':>8} "
              f"{'p99 ms':>8} {'max ms':>8}"]
     for p in report["phases"]:
         lat = p["latency_ms"]
         offered = p["offered_rate"]
-        lines.append(f"{offered if isinstance(offered, str) else f'{offered:.0f}/s':>12} "
+        lines.append(f"{p.get('consumer', 'scorer'):>9} {offered if isinstance(offered, str) else f'{offered:.0f}/s':>12} "
                      f"{p['verdicts']:>9} {p['tx_per_second']:>9.0f} {lat['p50']:>8.2f} "
                      f"{lat['p95']:>8.2f} {lat['p99']:>8.2f} {lat['max']:>8.2f}")
     lines.append(f"scorer peak memory: {report.get('scorer_peak_rss_mib')} MiB")

@@ -214,10 +214,13 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
               help="Also measure restart time with this many stored transactions.")
 @click.option("--sync-policy", type=click.Choice(["always", "interval"]), default="interval",
               show_default=True)
+@click.option("--baseline", is_flag=True,
+              help="Also run the full-speed load through a pass-through consumer (message "
+                   "path only, no scoring or storage): the ceiling any scorer has here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
 def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_policy: str,
-          as_json: bool) -> None:
+          baseline: bool, as_json: bool) -> None:
     """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
     p50/p95/p99 at fixed offered rates, peak memory, and restart time.
 
@@ -230,7 +233,7 @@ def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_p
     logs.configure("WARNING")
     report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
                        rate_seconds=rate_seconds, restart_rows=restart_rows,
-                       sync_policy=sync_policy)
+                       sync_policy=sync_policy, baseline=baseline)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -244,6 +247,15 @@ def bench_load(url: str, count: int, rate: float, seed: int) -> None:
     from .bench import generate_load
 
     click.echo(json.dumps(asyncio.run(generate_load(url, count, rate or None, seed))))
+
+
+@cli.command("bench-passthrough", hidden=True)
+@click.option("--url", required=True)
+def bench_passthrough(url: str) -> None:
+    """The benchmark's baseline consumer: the message path with no scoring (runs until killed)."""
+    from .bench import passthrough
+
+    asyncio.run(passthrough(url, load(None, env={})))
 
 
 @cli.command("settings-doc", hidden=True)

@@ -8,7 +8,7 @@ Streams (created or updated idempotently at start):
   = transaction id, so a re-published verdict is dropped inside the duplicate window.
 - ``TX_DLQ`` on ``dlq.tx``: each rejected message, body unchanged, reason in headers.
 
-The consumer is durable, pull, explicit ack. It is re-created at every start from the
+The consumer is durable, pull, ack policy ``all`` (one ack per batch). It is re-created at every start from the
 database checkpoint (the last stream sequence whose outcome is committed), so after a crash the
 scorer sees the unfinished messages again *in stream order* rather than after a redelivery
 timeout and behind newer ones: that is what makes feature state after a crash exactly the
@@ -130,7 +130,7 @@ async def reset_consumer(js: JetStreamContext, settings: Settings,
     start = checkpoint + 1
     await js.add_consumer(TX_STREAM, ConsumerConfig(
         durable_name=settings.consumer, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=start, ack_policy=AckPolicy.EXPLICIT, max_deliver=settings.max_deliver,
+        opt_start_seq=start, ack_policy=AckPolicy.ALL, max_deliver=settings.max_deliver,
         ack_wait=settings.ack_wait_seconds, max_ack_pending=MAX_ACK_PENDING,
         filter_subject=settings.tx_subjects, max_waiting=64))
     log.info("consumer.reset", consumer=settings.consumer, start_seq=start, ack_floor=ack_floor)
@@ -305,11 +305,12 @@ class Publisher:
         return self.failed == failed_before
 
 
-async def ack_all(nc: Client, deliveries: Sequence[Delivery]) -> None:
-    """Ack each delivery (explicit ack policy)."""
-    publish = nc.publish
-    for d in deliveries:
-        await publish(d.reply, b"+ACK")
+async def ack_batch(nc: Client, deliveries: Sequence[Delivery]) -> None:
+    """Ack a batch with one message: the consumer's ack policy is ``all``, so acking the last
+    delivery acks every one before it. That is exact here because one scorer owns the
+    consumer and finishes batches in stream order."""
+    if deliveries:
+        await nc.publish(deliveries[-1].reply, b"+ACK")
 
 
 def dlq_headers(reason: str, delivery: Delivery) -> dict[str, str]:

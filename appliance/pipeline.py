@@ -28,7 +28,7 @@ from nats.aio.client import Client
 
 from . import logs
 from .features import FeatureState
-from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_all, dlq_headers,
+from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_batch, dlq_headers,
                      ensure_streams, reset_consumer)
 from .model import Model, feature_matrix
 from .rules import RULES_VERSION
@@ -299,6 +299,6 @@ class Scorer:
             # verdicts are published again.
             log.warning("verdicts.unconfirmed", txn_id=None, first_seq=batch[0].stream_seq)
             return
-        await ack_all(self.nc, batch)
+        await ack_batch(self.nc, batch)
 
 

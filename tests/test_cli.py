@@ -92,10 +92,12 @@ def test_bad_settings_exit_2_with_the_field_and_a_hint(tmp_path: Path) -> None:
 
 def test_bench_runs_every_phase_and_reports_numbers() -> None:
     result = branchguard("bench", "--count", "2000", "--rates", "500", "--rate-seconds", "2",
-                         "--restart-rows", "2000", "--json", timeout=600)
+                         "--restart-rows", "2000", "--baseline", "--json", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    full, fixed = report["phases"]
+    base_full, base_fixed, full, fixed = report["phases"]
+    assert [p.get("consumer") for p in report["phases"]] == ["baseline", "baseline", None, None]
+    assert base_full["verdicts"] == 2000 and base_fixed["verdicts"] == 1000
     assert full["verdicts"] == 2000 and full["tx_per_second"] > 0
     assert fixed["verdicts"] == 1000 and fixed["offered_rate"] == 500.0
     assert 0 < fixed["latency_ms"]["p50"] <= fixed["latency_ms"]["p99"]
