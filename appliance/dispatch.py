@@ -203,3 +203,13 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
         outbox.close()
         log.info("alerts.dispatcher_stopped", txn_id=None)
     return 1 if any(w.error is not None for w in workers) else 0
+
+
+def run_as_child(settings: Settings) -> None:
+    """Entry point of the dispatcher started by ``branchguard run`` (a spawned process):
+    dies with its parent, logs as the node does, exits with the dispatcher's code."""
+    from .node import _die_with_parent
+
+    _die_with_parent()
+    logs.configure(settings.log_level)
+    raise SystemExit(run_dispatcher(settings))
