@@ -217,23 +217,30 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
 @click.option("--baseline", is_flag=True,
               help="Also run the full-speed load through a pass-through consumer (message "
                    "path only, no scoring or storage): the ceiling any scorer has here.")
+@click.option("--alerts-to", default=None,
+              help="Also run the full-speed load with the alert dispatcher delivering every "
+                   "alert to this Apprise URL (compare with the phase before it).")
+@click.option("--dead-smtp", is_flag=True,
+              help="--alerts-to a mailto:// URL on a loopback port nothing listens on.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
 def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_policy: str,
-          baseline: bool, as_json: bool) -> None:
+          baseline: bool, alerts_to: str | None, dead_smtp: bool, as_json: bool) -> None:
     """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
     p50/p95/p99 at fixed offered rates, peak memory, and restart time.
 
     \b
     Example:
       branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
+      branchguard bench --count 200000 --rates '' --dead-smtp   # alerts cost, one run
     """
-    from .bench import format_report, run_bench
+    from .bench import dead_smtp_url, format_report, run_bench
 
     logs.configure("WARNING")
     report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
                        rate_seconds=rate_seconds, restart_rows=restart_rows,
-                       sync_policy=sync_policy, baseline=baseline)
+                       sync_policy=sync_policy, baseline=baseline,
+                       alerts_to=dead_smtp_url() if dead_smtp else alerts_to)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

@@ -24,6 +24,11 @@ import msgspec
 from .alert_messages import AlertView
 from .store import open_db
 
+DISPATCHER = "alerts"
+"""The one dispatcher per database (its cursor's name)."""
+UNROUTED = ("SELECT count(*) FROM alert_outbox WHERE alert_id > "
+            "coalesce((SELECT max(routed_upto) FROM alert_outbox_cursor), 0)")
+"""Outbox rows the dispatcher has not routed yet (a query any connection can run)."""
 ROUTE_BATCH = 2000
 """Most outbox rows routed per transaction, so the write lock is never held for long."""
 
@@ -89,31 +94,45 @@ class Outbox:
                 "ON CONFLICT (destination) DO UPDATE SET label = excluded.label",
                 list(labels.items()))
 
+    def routed_upto(self) -> int:
+        """The last outbox row (alert id) whose deliveries are made."""
+        row = self.conn.execute("SELECT routed_upto FROM alert_outbox_cursor WHERE "
+                                "dispatcher = ?", (DISPATCHER,)).fetchone()
+        return int(row[0]) if row else 0
+
     def route(self, routes: Sequence[Route], digest_interval: float,
               limit: int = ROUTE_BATCH) -> int:
         """Make the deliveries of up to ``limit`` new outbox rows, oldest first, in one
-        transaction. Immediate deliveries are due at once (the dispatcher's throttle decides
-        when a burst goes out); digest ones at the end of the digest interval the alert fell
-        in. A row whose severity has no route is routed to nowhere. Returns rows routed."""
+        transaction (one statement for every route). Immediate deliveries are due at once
+        (the dispatcher's throttle decides when a burst goes out); digest ones at the end of
+        the digest interval the alert fell in. A severity without a route goes nowhere.
+        Returns rows routed."""
         conn = self.conn
         with conn:
+            after = self.routed_upto()
             row = conn.execute(
                 "SELECT max(alert_id), count(*) FROM (SELECT alert_id FROM alert_outbox "
-                "WHERE routed_at IS NULL ORDER BY alert_id LIMIT ?)", (limit,)).fetchone()
+                "WHERE alert_id > ? ORDER BY alert_id LIMIT ?)", (after, limit)).fetchone()
             upto, count = row[0], int(row[1])
             if not count:
                 return 0
-            for r in routes:
-                due = (f"(CAST(a.created_at / {digest_interval!r} AS INTEGER) + 1) * "
-                       f"{digest_interval!r}" if r.digest else "a.created_at")
+            if routes:
+                values = ", ".join("(?, ?, ?)" for _ in routes)
                 conn.execute(
+                    f"WITH r (severity, destination, digest) AS (VALUES {values}) "
                     "INSERT OR IGNORE INTO alert_deliveries (destination, alert_id, digest, "
-                    f"due_at, created_at) SELECT ?, a.alert_id, ?, {due}, a.created_at "
+                    "due_at, created_at) SELECT r.destination, a.alert_id, r.digest, "
+                    "CASE WHEN r.digest THEN (CAST(a.created_at / ? AS INTEGER) + 1) * ? "
+                    "ELSE a.created_at END, a.created_at "
                     "FROM alert_outbox o JOIN alerts a ON a.alert_id = o.alert_id "
-                    "WHERE o.routed_at IS NULL AND o.alert_id <= ? AND a.severity = ?",
-                    (r.destination, int(r.digest), upto, r.severity))
-            conn.execute("UPDATE alert_outbox SET routed_at = ? WHERE routed_at IS NULL "
-                         "AND alert_id <= ?", (time.time(), upto))
+                    "JOIN r ON r.severity = a.severity WHERE o.alert_id > ? AND o.alert_id <= ?",
+                    [x for r in routes for x in (r.severity, r.destination, int(r.digest))]
+                    + [digest_interval, digest_interval, after, upto])
+            conn.execute(
+                "INSERT INTO alert_outbox_cursor (dispatcher, routed_upto, updated_at) "
+                "VALUES (?, ?, ?) ON CONFLICT (dispatcher) DO UPDATE SET "
+                "routed_upto = excluded.routed_upto, updated_at = excluded.updated_at",
+                (DISPATCHER, upto, time.time()))
         return count
 
     # --- what to send -------------------------------------------------------------------
@@ -176,8 +195,9 @@ class Outbox:
 
     def counts(self) -> OutboxCounts:
         conn = self.conn
+        after = self.routed_upto()
         unrouted = conn.execute(
-            "SELECT count(*) FROM alert_outbox WHERE routed_at IS NULL").fetchone()[0]
+            "SELECT count(*) FROM alert_outbox WHERE alert_id > ?", (after,)).fetchone()[0]
         by_state = dict.fromkeys(("pending", "sent", "failed"), 0)
         retried = 0
         for state, n, attempts in conn.execute(
@@ -191,7 +211,7 @@ class Outbox:
             "SELECT min(created_at) FROM (SELECT min(d.created_at) AS created_at "
             "FROM alert_deliveries d WHERE d.state = 'pending' UNION ALL "
             "SELECT min(a.created_at) FROM alert_outbox o JOIN alerts a "
-            "ON a.alert_id = o.alert_id WHERE o.routed_at IS NULL)").fetchone()[0]
+            "ON a.alert_id = o.alert_id WHERE o.alert_id > ?)", (after,)).fetchone()[0]
         return OutboxCounts(int(unrouted), by_state["pending"], by_state["sent"],
                             by_state["failed"], retried, oldest)
 

@@ -90,11 +90,16 @@ def m002_alerts_outbox(db: Database) -> None:
     per-destination delivery state (``branchguard alerts run``; see docs/alerts.md)."""
     db.executescript(
         """
+        -- Append-only. Alert ids only grow and commits are in id order (one writer), so
+        -- the dispatcher keeps one cursor instead of marking each row.
         CREATE TABLE alert_outbox (
-            alert_id INTEGER PRIMARY KEY REFERENCES alerts (alert_id),
-            routed_at REAL                  -- when the dispatcher made its deliveries
+            alert_id INTEGER PRIMARY KEY REFERENCES alerts (alert_id)
         );
-        CREATE INDEX alert_outbox_unrouted ON alert_outbox (alert_id) WHERE routed_at IS NULL;
+        CREATE TABLE alert_outbox_cursor (
+            dispatcher TEXT PRIMARY KEY,
+            routed_upto INTEGER NOT NULL,   -- every outbox row up to here has its deliveries
+            updated_at REAL NOT NULL
+        );
 
         -- One row per alert and destination (a destination is one Apprise service, keyed by
         -- a hash of its URL so that no secret is stored). state: pending, sent or failed.

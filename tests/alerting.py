@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from appliance.outbox import UNROUTED
 from appliance.score import DECISIONS, Verdict
 from appliance.store import Scored, Store
 from appliance.transaction import Transaction
 
 from .conftest import NodeProcess
+from .support import query
 
 NOW = datetime.now(timezone.utc)
 REASONS = {"CRITICAL": (["high_value", "ml_anomaly"],
@@ -66,3 +68,8 @@ class Dispatcher(NodeProcess):
     def start(self, timeout: float = 60.0) -> NodeProcess:
         return self.spawn(["alerts", "run", "--data-dir", str(self.data_dir)],
                           '"alerts.dispatcher_started"', timeout)
+
+
+def unrouted(db: Path) -> int:
+    """Outbox rows the dispatcher has not routed yet."""
+    return int(query(db, UNROUTED)[0][0])

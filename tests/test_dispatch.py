@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from appliance import cli
 from appliance.outbox import Outbox
 
-from .alerting import Dispatcher, Spec, store_alerts
+from .alerting import Dispatcher, Spec, store_alerts, unrouted
 from .receivers import HttpReceiver, SmtpReceiver, free_port, wait_for
 from .support import query
 
@@ -179,7 +179,7 @@ def test_kill_before_sending_delivers_after_restart(tmp_path: Path, http: HttpRe
     wait_for(lambda: len(http.received) == 3, message="all three delivered")
     time.sleep(0.5)
     assert len(http.received) == 3 and states(db) == {"sent": 3}
-    assert query(db, "SELECT count(*) FROM alert_outbox WHERE routed_at IS NULL") == [(0,)]
+    assert unrouted(db) == 0
 
 
 def test_two_hundred_alerts_on_one_terminal_are_one_message(
@@ -231,11 +231,9 @@ def test_no_destinations_routes_nowhere_and_says_so_once(
     db = tmp_path / "branchguard.db"
     store_alerts(db, [Spec("c1", "CRITICAL")])
     d = start(dispatchers, tmp_path)
-    wait_for(lambda: query(db, "SELECT count(*) FROM alert_outbox WHERE routed_at IS NULL")
-             == [(0,)], message="routed")
+    wait_for(lambda: unrouted(db) == 0, message="routed")
     store_alerts(db, [Spec("c2", "CRITICAL")], first_seq=5)
-    wait_for(lambda: query(db, "SELECT count(*) FROM alert_outbox WHERE routed_at IS NULL")
-             == [(0,)], message="routed again")
+    wait_for(lambda: unrouted(db) == 0, message="routed again")
     assert d.stop() == 0
     assert d.log().count('"alerts.no_destinations"') == 1
     assert states(db) == {}

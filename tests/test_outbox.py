@@ -10,7 +10,7 @@ import pytest
 
 from appliance.store import Store
 
-from .alerting import Spec, scored_batch, store_alerts
+from .alerting import Spec, scored_batch, store_alerts, unrouted
 from .support import query
 
 
@@ -30,7 +30,7 @@ def test_one_outbox_row_per_alert_and_none_for_a_resend(tmp_path: Path) -> None:
     store_alerts(db, specs)  # the same batch again (a replay after a crash)
     store_alerts(db, specs[2:] + [Spec("c2", "CRITICAL")], first_seq=3)  # overlapping
     assert len(outbox_matches_alerts(db)) == 4
-    assert query(db, "SELECT count(*) FROM alert_outbox WHERE routed_at IS NULL") == [(4,)]
+    assert unrouted(db) == 4
 
 
 def test_a_failed_batch_leaves_neither_alert_nor_outbox_row(tmp_path: Path) -> None:
