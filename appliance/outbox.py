@@ -172,24 +172,22 @@ class Outbox:
 
     def mark_attempt_failed(self, destination: str, alert_ids: Iterable[int], error: str,
                             max_age: float) -> list[int]:
-        """Record a failed attempt; alerts older than ``max_age`` become failed (no more
-        retries). Returns the ids that did."""
+        """Record a failed attempt at these alerts. Then every alert pending for this
+        destination and older than ``max_age`` becomes failed (no more retries): the
+        destination has just failed, and they are past their time. Returns their ids."""
         now = time.time()
-        ids = list(alert_ids)
         with self.conn:
             self.conn.executemany(
                 "UPDATE alert_deliveries SET attempts = attempts + 1, last_error = ? "
                 "WHERE destination = ? AND alert_id = ? AND state = 'pending'",
-                [(error[:500], destination, i) for i in ids])
+                [(error[:500], destination, i) for i in alert_ids])
             expired = [int(r[0]) for r in self.conn.execute(
-                "SELECT alert_id FROM alert_deliveries WHERE destination = ? "
-                "AND state = 'pending' AND created_at <= ? AND alert_id IN "
-                "(SELECT value FROM json_each(?))",
-                (destination, now - max_age, msgspec.json.encode(ids).decode()))]
-            self.conn.executemany(
-                "UPDATE alert_deliveries SET state = 'failed' WHERE destination = ? "
-                "AND alert_id = ?", [(destination, i) for i in expired])
-        return expired
+                "UPDATE alert_deliveries SET state = 'failed', "
+                "last_error = coalesce(last_error, ?) WHERE destination = ? "
+                "AND state = 'pending' AND created_at <= ? RETURNING alert_id",
+                (f"not attempted before the destination failed: {error[:400]}", destination,
+                 now - max_age))]
+        return sorted(expired)
 
     # --- reads for people and metrics ---------------------------------------------------
 
