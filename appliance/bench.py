@@ -26,6 +26,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,7 +41,9 @@ import nats
 import numpy as np
 from nats.aio.msg import Msg
 
+from .alert_metrics import figures
 from .model import Model, feature_matrix
+from .outbox import UNROUTED, Outbox
 from .ingest import Publisher, Puller, ack_batch, connect, ensure_streams, reset_consumer
 from .node import EmbeddedNats
 from .rules import RULES_VERSION
@@ -205,10 +209,7 @@ class _Scorer:
         self.started = time.monotonic()
 
     def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return float("nan")
+        return _peak_rss_mib(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -218,6 +219,13 @@ class _Scorer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def _run_load(url: str, count: int, rate: float | None, seed: int) -> dict[str, Any]:
@@ -266,9 +274,65 @@ def _run_baseline(root: Path, count: int, rates: list[float], rate_seconds: floa
     return results
 
 
+def dead_smtp_url() -> str:
+    """An Apprise mailto:// URL for a loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return (f"mailto://127.0.0.1:{port}?from=bench@branch.example&to=nobody@branch.example"
+            "&mode=insecure")
+
+
+def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str
+                  ) -> dict[str, Any]:
+    """issue 6: the full-speed load again, with the alert dispatcher (its own process, as
+    ``branchguard run`` starts it) delivering every severity to ``alerts_to``."""
+    env = {**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING"}
+    env.update({f"BRANCHGUARD_ALERTS_{s}": alerts_to for s in ("CRITICAL", "HIGH", "WARNING")})
+    log_path = settings.data_dir / "dispatcher.log"
+    with log_path.open("ab") as log:
+        dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "alerts", "run", "--data-dir",
+             str(settings.data_dir)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while _unrouted(settings) and time.monotonic() < deadline:  # started, backlog routed
+            if dispatcher.poll() is not None:
+                raise RuntimeError(f"dispatcher exited: see {log_path}")
+            time.sleep(0.1)
+        result = _run_load(url, count, None, seed=90)
+        result["consumer"] = "+alerts"
+        result["alerts_to"] = alerts_to.split("://")[0] + "://..."
+        result["dispatcher_peak_rss_mib"] = _peak_rss_mib(dispatcher.pid)
+        outbox = Outbox(settings.db_path)
+        try:
+            result["alert_metrics"] = figures(outbox.counts())
+        finally:
+            outbox.close()
+    finally:
+        dispatcher.send_signal(signal.SIGTERM)
+        try:
+            dispatcher.wait(30)
+        except subprocess.TimeoutExpired:
+            dispatcher.kill()
+            dispatcher.wait()
+    return result
+
+
+def _unrouted(settings: Settings) -> int:
+    conn = sqlite3.connect(settings.db_path)
+    try:
+        return int(conn.execute(UNROUTED).fetchone()[0])
+    finally:
+        conn.close()
+
+
 def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
-              sync_policy: str, baseline: bool = False) -> dict[str, Any]:
-    """Run every phase on a throwaway node; return the figures."""
+              sync_policy: str, baseline: bool = False, alerts_to: str | None = None
+              ) -> dict[str, Any]:
+    """Run every phase on a throwaway node; return the figures. With ``alerts_to`` (an
+    Apprise URL) the full-speed phase is run a second time with the alert dispatcher
+    delivering to it (see :func:`dead_smtp_url`)."""
     root = Path(tempfile.mkdtemp(prefix="branchguard-bench-"))
     settings = load(None, env={}, data_dir=root / "node", nats_port=0,
                     sync_policy=sync_policy)
@@ -284,6 +348,8 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
         asyncio.run(_wait_consumer(url))
         _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
         report["phases"].append(_run_load(url, count, None, seed=2))
+        if alerts_to:
+            report["phases"].append(_alerts_phase(settings, url, count, alerts_to))
         for i, rate in enumerate(rates):
             report["phases"].append(_run_load(url, int(rate * rate_seconds), rate, seed=3 + i))
         report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
@@ -319,6 +385,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{p.get('consumer', 'scorer'):>9} {offered if isinstance(offered, str) else f'{offered:.0f}/s':>12} "
                      f"{p['verdicts']:>9} {p['tx_per_second']:>9.0f} {lat['p50']:>8.2f} "
                      f"{lat['p95']:>8.2f} {lat['p99']:>8.2f} {lat['max']:>8.2f}")
+    for p in report["phases"]:
+        if "alert_metrics" in p:
+            m = p["alert_metrics"]
+            lines.append(f"alerts to {p['alerts_to']}: {m['branchguard_alerts_queue_depth']} "
+                         f"undelivered, {m['branchguard_alerts_retried']} failed attempts, "
+                         f"{m['branchguard_alerts_sent']} sent; dispatcher peak memory "
+                         f"{p['dispatcher_peak_rss_mib']} MiB")
     lines.append(f"scorer peak memory: {report.get('scorer_peak_rss_mib')} MiB")
     if "restart" in report:
         r = report["restart"]

@@ -217,23 +217,30 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
 @click.option("--baseline", is_flag=True,
               help="Also run the full-speed load through a pass-through consumer (message "
                    "path only, no scoring or storage): the ceiling any scorer has here.")
+@click.option("--alerts-to", default=None,
+              help="Also run the full-speed load with the alert dispatcher delivering every "
+                   "alert to this Apprise URL (compare with the phase before it).")
+@click.option("--dead-smtp", is_flag=True,
+              help="--alerts-to a mailto:// URL on a loopback port nothing listens on.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
 def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_policy: str,
-          baseline: bool, as_json: bool) -> None:
+          baseline: bool, alerts_to: str | None, dead_smtp: bool, as_json: bool) -> None:
     """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
     p50/p95/p99 at fixed offered rates, peak memory, and restart time.
 
     \b
     Example:
       branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
+      branchguard bench --count 200000 --rates '' --dead-smtp   # alerts cost, one run
     """
-    from .bench import format_report, run_bench
+    from .bench import dead_smtp_url, format_report, run_bench
 
     logs.configure("WARNING")
     report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
                        rate_seconds=rate_seconds, restart_rows=restart_rows,
-                       sync_policy=sync_policy, baseline=baseline)
+                       sync_policy=sync_policy, baseline=baseline,
+                       alerts_to=dead_smtp_url() if dead_smtp else alerts_to)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -264,6 +271,116 @@ def settings_doc() -> None:
     click.echo("| setting | default | environment | meaning |\n|---|---|---|---|")
     for name, default, doc in describe():
         click.echo(f"| `{name}` | `{default}` | `BRANCHGUARD_{name.upper()}` | {doc} |")
+
+
+# --- issue 6: alerts ---------------------------------------------------------------------------
+
+@cli.group()
+def alerts() -> None:
+    """Alerts to chat and email through Apprise: the dispatcher and its views.
+
+    \b
+    Example:
+      BRANCHGUARD_ALERTS_CRITICAL='json://127.0.0.1:9000/hook' branchguard alerts test
+      branchguard alerts run --data-dir ./var
+      branchguard alerts status
+    """
+
+
+def _existing_db(settings: Settings) -> None:
+    if not settings.db_path.exists():
+        raise BranchguardError("no node database here", field="data_dir",
+                               value=str(settings.data_dir),
+                               hint="pass the --data-dir the node runs with")
+
+
+@alerts.command("run")
+@settings_options
+@friendly_errors
+def alerts_run(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Deliver the alert outbox to the configured destinations until Ctrl-C / SIGTERM.
+
+    \b
+    Example:
+      BRANCHGUARD_ALERTS_HIGH='mailto://smtp.bank.example?to=fraud@bank.example' \\
+        branchguard alerts run --data-dir ./var
+    """
+    from .dispatch import run_dispatcher
+
+    sys.exit(run_dispatcher(settings_from(config, data_dir, nats_url)))
+
+
+@alerts.command("test")
+@settings_options
+@friendly_errors
+def alerts_test(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Send a test message to each configured destination and report each result.
+
+    \b
+    Example:
+      branchguard alerts test --config branchguard.toml
+    """
+    from .dispatch import send_test
+
+    results = send_test(settings_from(config, data_dir, nats_url))
+    if not results:
+        raise BranchguardError("no alert destinations configured", field="alerts_critical",
+                               hint="set alerts_critical, alerts_high or alerts_warning "
+                                    "(see docs/alerts.md)")
+    for r in results:
+        click.echo(f"{'ok    ' if r.error is None else 'FAILED'} {r.label}"
+                   + ("" if r.error is None else f": {r.error}"))
+    if any(r.error is not None for r in results):
+        sys.exit(1)
+
+
+@alerts.command("status")
+@settings_options
+@friendly_errors
+def alerts_status(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Alert metrics (sent, failed, retried, queue depth, oldest age), health, destinations.
+
+    \b
+    Example:
+      branchguard alerts status --data-dir ./var
+    """
+    from .alert_metrics import status as alert_status
+
+    settings = settings_from(config, data_dir, nats_url)
+    _existing_db(settings)
+    click.echo(json.dumps(alert_status(settings), indent=2))
+
+
+@alerts.command("failed")
+@settings_options
+@click.option("--limit", type=int, default=100, show_default=True)
+@friendly_errors
+def alerts_failed(config: Path | None, data_dir: Path | None, nats_url: str | None,
+                  limit: int) -> None:
+    """List alert deliveries given up on (older than alerts_max_age_seconds), newest first.
+
+    \b
+    Example:
+      branchguard alerts failed --data-dir ./var --limit 20
+    """
+    from .alert_messages import case_link
+    from .outbox import Outbox
+
+    settings = settings_from(config, data_dir, nats_url)
+    _existing_db(settings)
+    outbox = Outbox(settings.db_path)
+    try:
+        rows = outbox.failed(limit)
+    finally:
+        outbox.close()
+    for f in rows:
+        click.echo(json.dumps({
+            "alert_id": f.alert_id, "severity": f.severity, "destination": f.label,
+            "raised_at": datetime.fromtimestamp(f.created_at, timezone.utc).isoformat(),
+            "attempts": f.attempts, "last_error": f.last_error,
+            "case": case_link(settings.console_url, f.alert_id)}))
+    if not rows:
+        click.echo("no failed alert deliveries")
 
 
 def main() -> None:

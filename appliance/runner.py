@@ -7,17 +7,19 @@ closes the database and stops nats-server: every process it started, cleanly.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from multiprocessing.process import BaseProcess
 from typing import TextIO
 
 import numpy as np
 from nats.aio.client import Client
 
-from . import logs
+from . import dispatch, logs, routing
 from .ingest import connect
 from .model import Model
 from .node import EmbeddedNats
@@ -93,6 +95,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         loop.add_signal_handler(sig, stop.set)
     scorer = Scorer(nc, store, model, settings)
     tasks: list[asyncio.Task[object]] = []
+    alerts = start_alerts(settings)
     try:
         scoring = asyncio.create_task(scorer.run())
         ready = asyncio.create_task(scorer.ready.wait())
@@ -119,6 +122,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         await scoring
         return 0
     finally:
+        stop_alerts(alerts)
         for task in tasks:
             task.cancel()
         if feed_nc is not None:
@@ -130,6 +134,34 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         if status:
             sys.stdout.write("\n")
         log.info("node.stopped", txn_id=None, scored=scorer.counters.transactions)
+
+
+# --- issue 6: the alert dispatcher, a child process next to the scorer -------------------------
+
+def start_alerts(settings: Settings) -> BaseProcess | None:
+    """Start ``branchguard alerts run`` (as a spawned child with these exact settings) when
+    any alert destination is configured; alerts stay in the outbox otherwise."""
+    if not routing.configured(settings):
+        log.info("alerts.not_dispatched", txn_id=None,
+                 hint="no alert destinations configured (alerts_critical, alerts_high, "
+                      "alerts_warning); alerts stay in the outbox")
+        return None
+    process = multiprocessing.get_context("spawn").Process(
+        target=dispatch.run_as_child, args=(settings,), name="branchguard-alerts")
+    process.start()
+    return process
+
+
+def stop_alerts(process: BaseProcess | None, timeout: float = 30.0) -> None:
+    """SIGTERM, then wait: the dispatcher marks what it sent and exits."""
+    if process is None:
+        return
+    if process.is_alive():
+        process.terminate()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 async def _every(seconds: float, fn: Callable[[], None], stop: asyncio.Event) -> None:

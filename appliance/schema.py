@@ -82,6 +82,52 @@ def m001_initial(db: Database) -> None:
     )
 
 
+# --- issue 6: alerts outbox -----------------------------------------------------------------
+@migrations()
+def m002_alerts_outbox(db: Database) -> None:
+    """The alert outbox: one row per alert, written by the scorer in the same transaction as
+    the alert (so an alert is never lost or sent before it is stored), and the dispatcher's
+    per-destination delivery state (``branchguard alerts run``; see docs/alerts.md)."""
+    db.executescript(
+        """
+        -- Append-only. Alert ids only grow and commits are in id order (one writer), so
+        -- the dispatcher keeps one cursor instead of marking each row.
+        CREATE TABLE alert_outbox (
+            alert_id INTEGER PRIMARY KEY REFERENCES alerts (alert_id)
+        );
+        CREATE TABLE alert_outbox_cursor (
+            dispatcher TEXT PRIMARY KEY,
+            routed_upto INTEGER NOT NULL,   -- every outbox row up to here has its deliveries
+            updated_at REAL NOT NULL
+        );
+
+        -- One row per alert and destination (a destination is one Apprise service, keyed by
+        -- a hash of its URL so that no secret is stored). state: pending, sent or failed.
+        CREATE TABLE alert_deliveries (
+            destination TEXT NOT NULL,
+            alert_id INTEGER NOT NULL REFERENCES alerts (alert_id),
+            digest INTEGER NOT NULL,        -- 1: goes out in the periodic digest (WARNING)
+            due_at REAL NOT NULL,           -- not sent before this time
+            created_at REAL NOT NULL,       -- the alert's; its age decides when it fails
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            sent_at REAL,
+            PRIMARY KEY (destination, alert_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX alert_deliveries_pending ON alert_deliveries (destination, digest, due_at)
+            WHERE state = 'pending';
+        CREATE INDEX alert_deliveries_failed ON alert_deliveries (state) WHERE state = 'failed';
+
+        -- What each destination key stands for, for people: the URL with secrets masked.
+        CREATE TABLE alert_destinations (
+            destination TEXT PRIMARY KEY,
+            label TEXT NOT NULL
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

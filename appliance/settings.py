@@ -92,6 +92,40 @@ class Settings:
     summary_interval_seconds: float = 2.0
     """Seconds between status lines of ``branchguard run``."""
 
+    # --- issue 6: alerts to chat and email (``branchguard alerts``; see docs/alerts.md)
+    alerts_critical: tuple[str, ...] = ()
+    """Where CRITICAL alerts go: Apprise URLs (``slack://...``, ``mailto://...``,
+    ``json://...``), or tags of services in ``alerts_config``. Empty: nowhere."""
+    alerts_high: tuple[str, ...] = ()
+    """Where HIGH alerts go (Apprise URLs or tags), sent like CRITICAL ones."""
+    alerts_warning: tuple[str, ...] = ()
+    """Where WARNING alerts go (Apprise URLs or tags), as one digest every
+    ``alerts_digest_interval_seconds``. INFO never raises an alert, so it goes nowhere."""
+    alerts_config: Path | None = None
+    """An Apprise configuration file (YAML or text) defining tagged services; the
+    ``alerts_*`` severity settings name its tags. Unset: the URLs in those settings only."""
+    console_url: str = "http://127.0.0.1:8080"
+    """Base URL of the console; alert messages link to ``<console_url>/console/alerts/<id>``."""
+    alerts_group_wait_seconds: float = 5.0
+    """How long the first alert of a burst waits for others on the same account or terminal,
+    to go out as one grouped message."""
+    alerts_group_interval_seconds: float = 60.0
+    """After a message about an account or terminal, further alerts about it wait this long
+    and go out together as one message with their count."""
+    alerts_rate_per_minute: float = 20.0
+    """Most messages per minute to one destination; beyond it they wait (and group up)."""
+    alerts_digest_interval_seconds: float = 900.0
+    """Seconds between WARNING digests (aligned to the clock: every 15 minutes by default)."""
+    alerts_retry_initial_seconds: float = 2.0
+    """First wait after a destination fails; it doubles with each further failure..."""
+    alerts_retry_max_seconds: float = 300.0
+    """...up to this, with random jitter of up to half the wait."""
+    alerts_max_age_seconds: float = 3600.0
+    """An alert still not accepted by a destination this long after it was raised is marked
+    failed there (``branchguard alerts failed``) and counted as a health warning."""
+    alerts_poll_seconds: float = 0.5
+    """Seconds between the dispatcher's looks at the outbox."""
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "branchguard.db"
@@ -119,6 +153,26 @@ class Settings:
             (self.high_value_amount > 0, "high_value_amount", self.high_value_amount, "use > 0"),
             (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              self.log_level, "use DEBUG, INFO, WARNING or ERROR"),
+            # issue 6: alerts
+            (self.alerts_group_wait_seconds >= 0, "alerts_group_wait_seconds",
+             self.alerts_group_wait_seconds, "use >= 0"),
+            (self.alerts_group_interval_seconds >= 0, "alerts_group_interval_seconds",
+             self.alerts_group_interval_seconds, "use >= 0"),
+            (self.alerts_rate_per_minute > 0, "alerts_rate_per_minute",
+             self.alerts_rate_per_minute, "use > 0"),
+            (self.alerts_digest_interval_seconds > 0, "alerts_digest_interval_seconds",
+             self.alerts_digest_interval_seconds, "use > 0"),
+            (self.alerts_retry_initial_seconds > 0, "alerts_retry_initial_seconds",
+             self.alerts_retry_initial_seconds, "use > 0"),
+            (self.alerts_retry_max_seconds >= self.alerts_retry_initial_seconds,
+             "alerts_retry_max_seconds", self.alerts_retry_max_seconds,
+             f"use >= alerts_retry_initial_seconds ({self.alerts_retry_initial_seconds})"),
+            (self.alerts_max_age_seconds > 0, "alerts_max_age_seconds",
+             self.alerts_max_age_seconds, "use > 0"),
+            (self.alerts_poll_seconds > 0, "alerts_poll_seconds", self.alerts_poll_seconds,
+             "use > 0"),
+            (self.console_url.startswith(("http://", "https://")), "console_url",
+             self.console_url, "use an http:// or https:// URL"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

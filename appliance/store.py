@@ -38,6 +38,9 @@ _INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
 _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
                  "terminal_id, severity, risk, reasons, status, updated_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'NEW', ?)")
+_INSERT_OUTBOX = ("INSERT INTO alert_outbox (alert_id) SELECT alert_id FROM alerts "
+                  "WHERE alert_id > ?")
+"""The alerts just inserted are exactly those above the largest id before the insert."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs 5x, and this is per message
@@ -119,8 +122,9 @@ class Store:
 
     def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
                    last_seq: int) -> int:
-        """Store a batch in one transaction: rows, their alerts, dead letters and the new
-        checkpoint. Idempotent by transaction id and stream sequence. Returns alerts created."""
+        """Store a batch in one transaction: rows, their alerts (each with its outbox row, for
+        the alert dispatcher), dead letters and the new checkpoint. Idempotent by transaction
+        id and stream sequence. Returns alerts created."""
         now = time.time()
         rows = []
         alerts = []
@@ -146,8 +150,12 @@ class Store:
         with self.db.atomic():
             conn.executemany(_INSERT_TX, rows)
             before = conn.total_changes
+            last_alert = (conn.execute("SELECT max(alert_id) FROM alerts").fetchone()[0]
+                          if alerts else None)
             conn.executemany(_INSERT_ALERT, alerts)
             created = conn.total_changes - before
+            if created:  # issue 6: each new alert's outbox row, in the same transaction
+                conn.execute(_INSERT_OUTBOX, (last_alert or 0,))
             conn.executemany(
                 "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
                 "received_at) VALUES (?, ?, ?, ?, ?)",

@@ -46,17 +46,20 @@ class NodeProcess:
     log_path: Path | None = None
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
+        return self.spawn(["run", "--quiet", "--data-dir", str(self.data_dir), "--nats-url",
+                           self.nats_url], '"node.ready"', timeout)
+
+    def spawn(self, args: list[str], ready: str, timeout: float) -> NodeProcess:
+        """Run ``branchguard <args>``; wait until its log shows ``ready``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir / f"node-{time.monotonic_ns()}.log"
+        self.log_path = self.data_dir / f"{args[0]}-{time.monotonic_ns()}.log"
         env = {**os.environ, **self.extra_env}
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir",
-                 str(self.data_dir), "--nats-url", self.nats_url],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen([sys.executable, "-m", "appliance", *args],
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if '"node.ready"' in self.log():
+            if ready in self.log():
                 return self
             if self.process.poll() is not None:
                 raise AssertionError(f"node exited early:\n{self.log()}")

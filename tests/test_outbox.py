@@ -1,0 +1,46 @@
+"""The outbox is written with the alerts, in the same transaction: one row per alert, never
+one without the other, never twice."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.store import Store
+
+from .alerting import Spec, scored_batch, store_alerts, unrouted
+from .support import query
+
+
+def outbox_matches_alerts(db: Path) -> list[int]:
+    alerts = [r[0] for r in query(db, "SELECT alert_id FROM alerts ORDER BY alert_id")]
+    outbox = [r[0] for r in query(db, "SELECT alert_id FROM alert_outbox ORDER BY alert_id")]
+    assert outbox == alerts
+    return alerts
+
+
+def test_one_outbox_row_per_alert_and_none_for_a_resend(tmp_path: Path) -> None:
+    db = tmp_path / "branchguard.db"
+    specs = [Spec("c1", "CRITICAL"), Spec("i1", "INFO"), Spec("h1", "HIGH"),
+             Spec("w1", "WARNING")]
+    store_alerts(db, specs)
+    assert len(outbox_matches_alerts(db)) == 3  # INFO is approved: no alert
+    store_alerts(db, specs)  # the same batch again (a replay after a crash)
+    store_alerts(db, specs[2:] + [Spec("c2", "CRITICAL")], first_seq=3)  # overlapping
+    assert len(outbox_matches_alerts(db)) == 4
+    assert unrouted(db) == 4
+
+
+def test_a_failed_batch_leaves_neither_alert_nor_outbox_row(tmp_path: Path) -> None:
+    db = tmp_path / "branchguard.db"
+    store_alerts(db, [Spec("c1", "CRITICAL")])
+    store = Store.open(db)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):  # the checkpoint, written last, fails
+            store.save_batch(scored_batch([Spec("c2", "CRITICAL")], 5), [], "scorer",
+                             None)  # type: ignore[arg-type]
+    finally:
+        store.close()
+    assert len(outbox_matches_alerts(db)) == 1
