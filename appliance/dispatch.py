@@ -193,7 +193,12 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
         w.start()
     try:
         while not stop.is_set():
-            routed = outbox.route(table, settings.alerts_digest_interval_seconds)
+            now = time.time()
+            # Only while some destination can take messages: with every one backing off
+            # (a dead mail server), the dispatcher writes nothing, so it never holds the
+            # write lock the scorer needs for work that cannot be sent anyway.
+            routed = (outbox.route(table, settings.alerts_digest_interval_seconds)
+                      if not workers or any(w.backoff.next_at <= now for w in workers) else 0)
             if routed < ROUTE_BATCH:  # else a backlog: route the next part at once
                 stop.wait(settings.alerts_poll_seconds)
     finally:
