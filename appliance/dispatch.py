@@ -17,6 +17,7 @@ was marked sends that message once more after the restart; nothing is lost at an
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -186,7 +187,8 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
                     hint="set alerts_critical / alerts_high / alerts_warning; alerts are "
                          "marked routed to nowhere")
     workers = [Worker(d, settings, stop) for d in dests]
-    log.info("alerts.dispatcher_started", txn_id=None, db=str(settings.db_path),
+    log.info("alerts.dispatcher_started", txn_id=None, pid=os.getpid(),
+             db=str(settings.db_path),
              destinations=[{"label": d.label, "severities": sorted(d.severities)}
                            for d in dests])
     for w in workers:
