@@ -123,7 +123,8 @@ class Worker(threading.Thread):
             if burst is not None:
                 self.throttle.sent(burst, now)
             log.info("alert.sent", txn_id=None, destination=self.dest.label,
-                     alerts=len(message.alert_ids), severity=message.severity)
+                     alerts=len(message.alert_ids), first_alert_id=message.alert_ids[0],
+                     severity=message.severity)
             return 0.0
         expired = outbox.mark_attempt_failed(self.dest.key, message.alert_ids, error,
                                              self.settings.alerts_max_age_seconds)
@@ -157,16 +158,16 @@ class Worker(threading.Thread):
 
 
 @dataclass(frozen=True)
-class TestResult:
+class ProbeResult:
     label: str
     error: str | None
 
 
-def send_test(settings: Settings) -> list[TestResult]:
+def send_test(settings: Settings) -> list[ProbeResult]:
     """``branchguard alerts test``: one test message to each configured destination."""
     _route_apprise_logs()
     message = probe_message(settings.branch, settings.console_url)
-    return [TestResult(d.label, send(d, message)) for d in destinations(settings)]
+    return [ProbeResult(d.label, send(d, message)) for d in destinations(settings)]
 
 
 def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> int:

@@ -281,6 +281,22 @@ def test_tags_from_an_apprise_yaml_config(tmp_path: Path, http: HttpReceiver,
     assert sorted(r.title.split("]")[0] for r in http.at("/team")) == ["[CRITICAL", "[HIGH"]
 
 
+def test_with_an_apprise_config_severities_default_to_their_own_tags(
+        tmp_path: Path, http: HttpReceiver, dispatchers: list[Dispatcher]) -> None:
+    config = tmp_path / "apprise.yml"
+    config.write_text("version: 1\nurls:\n"
+                      f"  - json://{http.base}/pager:\n      - tag: critical\n"
+                      f"  - json://{http.base}/desk:\n      - tag: high, warning\n")
+    store_alerts(tmp_path / "branchguard.db", [Spec("c1", "CRITICAL", "A-1", "T1"),
+                                               Spec("h1", "HIGH", "A-2", "T2"),
+                                               Spec("w1", "WARNING", "A-3", "T3")])
+    start(dispatchers, tmp_path, alerts_config=str(config), alerts_group_wait_seconds="0",
+          alerts_digest_interval_seconds="1")
+    wait_for(lambda: len(http.received) == 3, message="three messages")
+    assert [r.title[:10] for r in http.at("/pager")] == ["[CRITICAL]"]
+    assert sorted(r.title.split("]")[0] for r in http.at("/desk")) == ["[HIGH", "[WARNING"]
+
+
 def test_outbox_counts_read_while_nothing_is_configured(tmp_path: Path) -> None:
     db = tmp_path / "branchguard.db"
     store_alerts(db, [Spec("c1", "CRITICAL"), Spec("w1", "WARNING", "A-2", "T2")])
