@@ -257,6 +257,8 @@ def test_alerts_test_reports_each_destination(tmp_path: Path, http: HttpReceiver
 
 def test_a_bad_url_is_refused_naming_the_setting(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    result = CliRunner().invoke(cli.cli, ["alerts", "test", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no alert destinations configured" in result.output
     monkeypatch.setenv("BRANCHGUARD_ALERTS_HIGH", "nosuchservice://x")
     result = CliRunner().invoke(cli.cli, ["alerts", "test", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
