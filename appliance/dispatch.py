@@ -140,21 +140,30 @@ class Worker(threading.Thread):
 
     def _pick(self, outbox: Outbox, now: float) -> tuple[Message, Burst | None] | None:
         """The next message: a due digest first, else the first burst its throttle lets
-        out. With nothing sendable, no second look before the earliest time one could be."""
+        out; when more bursts are ready than the rate limit has messages left this minute,
+        all of them as one (so a busy minute never builds a backlog that cannot drain).
+        With nothing sendable, no second look before the earliest time one could be."""
         console = self.settings.console_url
         due = outbox.pending(self.dest.key, digest=True, due_by=now, limit=BATCH)
         if due:
             return digest(due, console), None
         pending = outbox.pending(self.dest.key, digest=False, due_by=None, limit=BATCH)
-        earliest = float("inf")
+        ready, earliest = [], float("inf")
         for burst in bursts(pending):
             at = self.throttle.sendable_at(burst)
             if at <= now:
-                return grouped(burst.alerts, console), burst
+                ready.append(burst)
             earliest = min(earliest, at)
-        # a burst not read yet starts now at the earliest, so cannot go out before this:
-        self._next_look = min(earliest, now + self.settings.alerts_group_wait_seconds)
-        return None
+        if not ready:
+            # a burst not read yet starts now at the earliest, so cannot go out before this:
+            self._next_look = min(earliest, now + self.settings.alerts_group_wait_seconds)
+            return None
+        if len(ready) > self.rate.remaining(now):
+            merged = Burst(sorted((a for b in ready for a in b.alerts),
+                                  key=lambda a: a.alert_id),
+                           set().union(*(b.keys for b in ready)))
+            return grouped(merged.alerts, console), merged
+        return grouped(ready[0].alerts, console), ready[0]
 
 
 @dataclass(frozen=True)

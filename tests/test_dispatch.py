@@ -215,15 +215,28 @@ def test_more_alerts_on_a_terminal_within_the_interval_wait_and_go_together(
 
 def test_rate_limit_per_destination(tmp_path: Path, http: HttpReceiver,
                                     dispatchers: list[Dispatcher]) -> None:
+    db = tmp_path / "branchguard.db"
+    start(dispatchers, tmp_path, alerts_critical=f"json://{http.base}/a",
+          alerts_group_wait_seconds="0", alerts_rate_per_minute="2")
+    for i in range(2):
+        store_alerts(db, [Spec(f"r{i}", "CRITICAL", f"A-{i}", f"T{i}")], first_seq=i + 1)
+        wait_for(lambda: len(http.received) == i + 1, message=f"message {i + 1}")
+    store_alerts(db, [Spec(f"s{i}", "CRITICAL", f"B-{i}", f"U{i}") for i in range(3)],
+                 first_seq=10)
+    time.sleep(1.5)
+    assert len(http.received) == 2  # the minute's two messages are used up
+    assert states(db) == {"sent": 2, "pending": 3}
+
+
+def test_more_ready_bursts_than_the_rate_allows_go_as_one_message(
+        tmp_path: Path, http: HttpReceiver, dispatchers: list[Dispatcher]) -> None:
     store_alerts(tmp_path / "branchguard.db",
                  [Spec(f"r{i}", "CRITICAL", f"A-{i}", f"T{i}") for i in range(5)])
     start(dispatchers, tmp_path, alerts_critical=f"json://{http.base}/a",
-          alerts_high=f"json://{http.base}/b", alerts_group_wait_seconds="0",
-          alerts_rate_per_minute="2")
-    wait_for(lambda: len(http.received) == 2, message="two messages")
-    time.sleep(1.5)
-    assert len(http.at("/a")) == 2
-    assert states(tmp_path / "branchguard.db") == {"sent": 2, "pending": 3}
+          alerts_group_wait_seconds="0", alerts_rate_per_minute="3")
+    wait_for(lambda: states(tmp_path / "branchguard.db") == {"sent": 5}, message="sent")
+    (message,) = http.received
+    assert message.title.startswith("[CRITICAL] 5 alerts on 5 terminals, 5 accounts")
 
 
 def test_no_destinations_routes_nowhere_and_says_so_once(
