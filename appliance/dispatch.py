@@ -35,6 +35,8 @@ from .settings import Settings
 log = logs.get("appliance.dispatch")
 BATCH = 2000
 """Most alerts read for one message; a larger burst goes out in several."""
+DIGEST_BATCH = 20_000
+"""Most alerts in one digest (it lists only the first few, but counts them all)."""
 
 _apprise_said = threading.local()
 
@@ -144,7 +146,7 @@ class Worker(threading.Thread):
         all of them as one (so a busy minute never builds a backlog that cannot drain).
         With nothing sendable, no second look before the earliest time one could be."""
         console = self.settings.console_url
-        due = outbox.pending(self.dest.key, digest=True, due_by=now, limit=BATCH)
+        due = outbox.pending(self.dest.key, digest=True, due_by=now, limit=DIGEST_BATCH)
         if due:
             return digest(due, console), None
         pending = outbox.pending(self.dest.key, digest=False, due_by=None, limit=BATCH)
