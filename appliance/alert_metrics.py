@@ -83,6 +83,13 @@ def register(path: Path) -> OutboxCollector:
     return _registered[key]
 
 
+def unregister(path: Path) -> None:
+    """Remove the collector of the database at ``path`` (when that database goes away)."""
+    collector = _registered.pop(path.resolve(), None)
+    if collector is not None:
+        REGISTRY.unregister(collector)
+
+
 def health(counts: OutboxCounts, max_age: float, now: float | None = None) -> list[str]:
     """Node-health warnings about alert delivery (empty when all is well)."""
     now = time.time() if now is None else now

@@ -304,6 +304,9 @@ def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str
         result["consumer"] = "+alerts"
         result["alerts_to"] = alerts_to.split("://")[0] + "://..."
         result["dispatcher_peak_rss_mib"] = _peak_rss_mib(dispatcher.pid)
+        fields = Path(f"/proc/{dispatcher.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        result["dispatcher_cpu_seconds"] = round(
+            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
         outbox = Outbox(settings.db_path)
         try:
             result["alert_metrics"] = figures(outbox.counts())
@@ -348,8 +351,9 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
         asyncio.run(_wait_consumer(url))
         _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
         report["phases"].append(_run_load(url, count, None, seed=2))
-        if alerts_to:
+        if alerts_to:  # with the dispatcher, then without again: the noise on either side
             report["phases"].append(_alerts_phase(settings, url, count, alerts_to))
+            report["phases"].append(_run_load(url, count, None, seed=91))
         for i, rate in enumerate(rates):
             report["phases"].append(_run_load(url, int(rate * rate_seconds), rate, seed=3 + i))
         report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
@@ -390,7 +394,8 @@ def format_report(report: dict[str, Any]) -> str:
             m = p["alert_metrics"]
             lines.append(f"alerts to {p['alerts_to']}: {m['branchguard_alerts_queue_depth']} "
                          f"undelivered, {m['branchguard_alerts_retried']} failed attempts, "
-                         f"{m['branchguard_alerts_sent']} sent; dispatcher peak memory "
+                         f"{m['branchguard_alerts_sent']} sent; dispatcher CPU "
+                         f"{p['dispatcher_cpu_seconds']} s, peak memory "
                          f"{p['dispatcher_peak_rss_mib']} MiB")
     lines.append(f"scorer peak memory: {report.get('scorer_peak_rss_mib')} MiB")
     if "restart" in report:

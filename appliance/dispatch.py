@@ -17,6 +17,7 @@ was marked sends that message once more after the restart; nothing is lost at an
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -34,6 +35,8 @@ from .settings import Settings
 log = logs.get("appliance.dispatch")
 BATCH = 2000
 """Most alerts read for one message; a larger burst goes out in several."""
+DIGEST_BATCH = 20_000
+"""Most alerts in one digest (it lists only the first few, but counts them all)."""
 
 _apprise_said = threading.local()
 
@@ -122,7 +125,8 @@ class Worker(threading.Thread):
             if burst is not None:
                 self.throttle.sent(burst, now)
             log.info("alert.sent", txn_id=None, destination=self.dest.label,
-                     alerts=len(message.alert_ids), severity=message.severity)
+                     alerts=len(message.alert_ids), first_alert_id=message.alert_ids[0],
+                     severity=message.severity)
             return 0.0
         expired = outbox.mark_attempt_failed(self.dest.key, message.alert_ids, error,
                                              self.settings.alerts_max_age_seconds)
@@ -138,34 +142,43 @@ class Worker(threading.Thread):
 
     def _pick(self, outbox: Outbox, now: float) -> tuple[Message, Burst | None] | None:
         """The next message: a due digest first, else the first burst its throttle lets
-        out. With nothing sendable, no second look before the earliest time one could be."""
+        out; when more bursts are ready than the rate limit has messages left this minute,
+        all of them as one (so a busy minute never builds a backlog that cannot drain).
+        With nothing sendable, no second look before the earliest time one could be."""
         console = self.settings.console_url
-        due = outbox.pending(self.dest.key, digest=True, due_by=now, limit=BATCH)
+        due = outbox.pending(self.dest.key, digest=True, due_by=now, limit=DIGEST_BATCH)
         if due:
             return digest(due, console), None
         pending = outbox.pending(self.dest.key, digest=False, due_by=None, limit=BATCH)
-        earliest = float("inf")
+        ready, earliest = [], float("inf")
         for burst in bursts(pending):
             at = self.throttle.sendable_at(burst)
             if at <= now:
-                return grouped(burst.alerts, console), burst
+                ready.append(burst)
             earliest = min(earliest, at)
-        # a burst not read yet starts now at the earliest, so cannot go out before this:
-        self._next_look = min(earliest, now + self.settings.alerts_group_wait_seconds)
-        return None
+        if not ready:
+            # a burst not read yet starts now at the earliest, so cannot go out before this:
+            self._next_look = min(earliest, now + self.settings.alerts_group_wait_seconds)
+            return None
+        if len(ready) > self.rate.remaining(now):
+            merged = Burst(sorted((a for b in ready for a in b.alerts),
+                                  key=lambda a: a.alert_id),
+                           set().union(*(b.keys for b in ready)))
+            return grouped(merged.alerts, console), merged
+        return grouped(ready[0].alerts, console), ready[0]
 
 
 @dataclass(frozen=True)
-class TestResult:
+class ProbeResult:
     label: str
     error: str | None
 
 
-def send_test(settings: Settings) -> list[TestResult]:
+def send_test(settings: Settings) -> list[ProbeResult]:
     """``branchguard alerts test``: one test message to each configured destination."""
     _route_apprise_logs()
     message = probe_message(settings.branch, settings.console_url)
-    return [TestResult(d.label, send(d, message)) for d in destinations(settings)]
+    return [ProbeResult(d.label, send(d, message)) for d in destinations(settings)]
 
 
 def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> int:
@@ -186,14 +199,20 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
                     hint="set alerts_critical / alerts_high / alerts_warning; alerts are "
                          "marked routed to nowhere")
     workers = [Worker(d, settings, stop) for d in dests]
-    log.info("alerts.dispatcher_started", txn_id=None, db=str(settings.db_path),
+    log.info("alerts.dispatcher_started", txn_id=None, pid=os.getpid(),
+             db=str(settings.db_path),
              destinations=[{"label": d.label, "severities": sorted(d.severities)}
                            for d in dests])
     for w in workers:
         w.start()
     try:
         while not stop.is_set():
-            routed = outbox.route(table, settings.alerts_digest_interval_seconds)
+            now = time.time()
+            # Only while some destination can take messages: with every one backing off
+            # (a dead mail server), the dispatcher writes nothing, so it never holds the
+            # write lock the scorer needs for work that cannot be sent anyway.
+            routed = (outbox.route(table, settings.alerts_digest_interval_seconds)
+                      if not workers or any(w.backoff.next_at <= now for w in workers) else 0)
             if routed < ROUTE_BATCH:  # else a backlog: route the next part at once
                 stop.wait(settings.alerts_poll_seconds)
     finally:

@@ -52,5 +52,10 @@ class RateLimit:
             return now
         return self._sent[0] + 60.0
 
+    def remaining(self, now: float) -> int:
+        """Sends still allowed in the current 60 seconds."""
+        self._trim(now)
+        return max(0, int(self.per_minute) - len(self._sent))
+
     def record(self, now: float) -> None:
         self._sent.append(now)

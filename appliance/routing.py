@@ -57,35 +57,43 @@ def _config_services(settings: Settings) -> apprise.Apprise | None:
 def destinations(settings: Settings) -> list[Destination]:
     """Every destination the settings route a severity to; empty when none is configured.
 
+    With ``alerts_config`` set, a severity whose setting is empty goes to the services
+    tagged with its name in lower case (``critical``, ``high``, ``warning``), if any.
     Raises SettingsError naming the severity setting for a URL Apprise cannot use or a tag
     no service in ``alerts_config`` carries.
     """
     config = _config_services(settings)
     services: dict[str, tuple[Any, set[str]]] = {}
-    found: list[Any]
     for severity in ROUTED_SEVERITIES:
         name = severity_setting(severity)
-        for entry in getattr(settings, name):
-            if "://" in entry:
-                service = apprise.Apprise.instantiate(entry)
-                if service is None:
-                    raise SettingsError("not an Apprise URL Apprise can use", field=name,
-                                        value=entry.split("://", 1)[0] + "://...",
-                                        hint="see https://appriseit.com for URL forms")
-                found = [service]
-            else:
-                found = list(config.find(entry, match_always=False)) if config else []
-                if not found:
-                    raise SettingsError("no service in alerts_config has this tag",
-                                        field=name, value=entry,
-                                        hint="tag a service in the Apprise configuration "
-                                             "file, or give an Apprise URL")
-            for service in found:
-                url = service.url()
-                services.setdefault(url, (service, set()))[1].add(severity)
+        entries: tuple[str, ...] = getattr(settings, name)
+        chosen: list[Any] = []
+        if not entries and config is not None:
+            chosen += config.find(severity.lower(), match_always=False)
+        for entry in entries:
+            chosen += _services_for(entry, name, config)
+        for service in chosen:
+            services.setdefault(service.url(), (service, set()))[1].add(severity)
     return [Destination(hashlib.sha256(url.encode()).hexdigest()[:16],
                         str(service.url(privacy=True)), service, frozenset(sevs))
             for url, (service, sevs) in services.items()]
+
+
+def _services_for(entry: str, name: str, config: apprise.Apprise | None) -> list[Any]:
+    """The services an entry of setting ``name`` stands for: a URL's, or a tag's."""
+    if "://" in entry:
+        service = apprise.Apprise.instantiate(entry)
+        if service is None:
+            raise SettingsError("not an Apprise URL Apprise can use", field=name,
+                                value=entry.split("://", 1)[0] + "://...",
+                                hint="see https://appriseit.com for URL forms")
+        return [service]
+    found = list(config.find(entry, match_always=False)) if config is not None else []
+    if not found:
+        raise SettingsError("no service in alerts_config has this tag", field=name,
+                            value=entry, hint="tag a service in the Apprise configuration "
+                                              "file, or give an Apprise URL")
+    return found
 
 
 def routes(dests: list[Destination]) -> list[Route]:

@@ -95,8 +95,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         loop.add_signal_handler(sig, stop.set)
     scorer = Scorer(nc, store, model, settings)
     tasks: list[asyncio.Task[object]] = []
-    alerts = start_alerts(settings)
+    alerts = AlertsChild(settings)
     try:
+        if alerts.start():
+            tasks.append(asyncio.create_task(alerts.watch(stop)))
         scoring = asyncio.create_task(scorer.run())
         ready = asyncio.create_task(scorer.ready.wait())
         await asyncio.wait([scoring, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -122,7 +124,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         await scoring
         return 0
     finally:
-        stop_alerts(alerts)
+        alerts.stop()
         for task in tasks:
             task.cancel()
         if feed_nc is not None:
@@ -138,30 +140,51 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
 
 # --- issue 6: the alert dispatcher, a child process next to the scorer -------------------------
 
-def start_alerts(settings: Settings) -> BaseProcess | None:
-    """Start ``branchguard alerts run`` (as a spawned child with these exact settings) when
-    any alert destination is configured; alerts stay in the outbox otherwise."""
-    if not routing.configured(settings):
-        log.info("alerts.not_dispatched", txn_id=None,
-                 hint="no alert destinations configured (alerts_critical, alerts_high, "
-                      "alerts_warning); alerts stay in the outbox")
-        return None
-    process = multiprocessing.get_context("spawn").Process(
-        target=dispatch.run_as_child, args=(settings,), name="branchguard-alerts")
-    process.start()
-    return process
+class AlertsChild:
+    """``branchguard alerts run`` as a spawned child with these exact settings, started when
+    any alert destination is configured (otherwise alerts wait in the outbox), restarted if
+    it dies: alerts must not stop for good because of one bad moment, and scoring never
+    waits for them."""
 
+    RESTART_CHECK_SECONDS = 2.0
 
-def stop_alerts(process: BaseProcess | None, timeout: float = 30.0) -> None:
-    """SIGTERM, then wait: the dispatcher marks what it sent and exits."""
-    if process is None:
-        return
-    if process.is_alive():
-        process.terminate()
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: BaseProcess | None = None
+
+    def start(self) -> bool:
+        if not routing.configured(self.settings):
+            log.info("alerts.not_dispatched", txn_id=None,
+                     hint="no alert destinations configured (alerts_critical, alerts_high, "
+                          "alerts_warning); alerts stay in the outbox")
+            return False
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=dispatch.run_as_child, args=(self.settings,), name="branchguard-alerts")
+        self.process.start()
+        return True
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: restart the dispatcher whenever it has exited."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.RESTART_CHECK_SECONDS)
+            except TimeoutError:
+                if self.process is not None and not self.process.is_alive():
+                    log.error("alerts.dispatcher_died", txn_id=None,
+                              exitcode=self.process.exitcode)
+                    self.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then wait: the dispatcher marks what it sent and exits."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.is_alive():
+            process.terminate()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 async def _every(seconds: float, fn: Callable[[], None], stop: asyncio.Event) -> None:

@@ -103,7 +103,8 @@ class Settings:
     ``alerts_digest_interval_seconds``. INFO never raises an alert, so it goes nowhere."""
     alerts_config: Path | None = None
     """An Apprise configuration file (YAML or text) defining tagged services; the
-    ``alerts_*`` severity settings name its tags. Unset: the URLs in those settings only."""
+    ``alerts_*`` severity settings name its tags, and an empty one means the tag named after
+    the severity (``critical``, ``high``, ``warning``). Unset: those settings' URLs only."""
     console_url: str = "http://127.0.0.1:8080"
     """Base URL of the console; alert messages link to ``<console_url>/console/alerts/<id>``."""
     alerts_group_wait_seconds: float = 5.0

@@ -78,5 +78,5 @@ def test_rate_limit_is_a_sliding_minute() -> None:
     assert r.next_at(0.0) == 0.0
     r.record(0.0)
     r.record(10.0)
-    assert r.next_at(20.0) == 60.0
-    assert r.next_at(60.5) == 60.5
+    assert r.next_at(20.0) == 60.0 and r.remaining(20.0) == 0
+    assert r.next_at(60.5) == 60.5 and r.remaining(60.5) == 1

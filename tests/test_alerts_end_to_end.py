@@ -3,11 +3,17 @@ receiver, sent by the dispatcher that ``branchguard run`` starts next to the sco
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from appliance.transaction import Transaction
 
 from .alerting import unrouted
 from .receivers import HttpReceiver, wait_for
@@ -53,8 +59,24 @@ def test_alerts_from_the_scorer_arrive_routed_by_severity(
     high_value = next(r for r in http.received if by_tid["high-value"] in linked_ids(r.body))
     assert "7,500.00 EUR" in high_value.title and "A-RICH" in high_value.title
     assert "High amount: amount 7500.00 >= 5000.00" in high_value.body
+
+    # The dispatcher dies (SIGKILL): the node restarts it, and later alerts still arrive.
+    (started,) = [json.loads(line) for line in node.log().splitlines()
+                  if '"alerts.dispatcher_started"' in line]
+    os.kill(started["pid"], signal.SIGKILL)
+    wait_for(lambda: node.log().count('"alerts.dispatcher_started"') == 2, timeout=30,
+             message="dispatcher restarted")
+    assert '"alerts.dispatcher_died"' in node.log()
+    late = [Transaction(transaction_id="late", account_id="A-LATE", amount=8000.0,
+                        currency="EUR", timestamp=txs[-1].timestamp + timedelta(minutes=5),
+                        terminal_id="T0009", channel="ATM")]
+    assert send(nats_url, late) == 1
+    wait_until(lambda: query(db, "SELECT count(*) FROM alerts WHERE transaction_id = 'late'")
+               == [(1,)], message="late alert stored")
+    wait_for(lambda: any("A-LATE" in r.title for r in http.received), timeout=30,
+             message="the late alert sent by the restarted dispatcher")
+
     assert node.stop() == 0
-    assert '"alerts.dispatcher_started"' in node.log()
     assert '"alerts.dispatcher_stopped"' in node.log()
     assert query(db, "SELECT count(*) FROM alert_deliveries WHERE state != 'sent'") == [(0,)]
 

@@ -215,15 +215,28 @@ def test_more_alerts_on_a_terminal_within_the_interval_wait_and_go_together(
 
 def test_rate_limit_per_destination(tmp_path: Path, http: HttpReceiver,
                                     dispatchers: list[Dispatcher]) -> None:
+    db = tmp_path / "branchguard.db"
+    start(dispatchers, tmp_path, alerts_critical=f"json://{http.base}/a",
+          alerts_group_wait_seconds="0", alerts_rate_per_minute="2")
+    for i in range(2):
+        store_alerts(db, [Spec(f"r{i}", "CRITICAL", f"A-{i}", f"T{i}")], first_seq=i + 1)
+        wait_for(lambda: len(http.received) == i + 1, message=f"message {i + 1}")
+    store_alerts(db, [Spec(f"s{i}", "CRITICAL", f"B-{i}", f"U{i}") for i in range(3)],
+                 first_seq=10)
+    time.sleep(1.5)
+    assert len(http.received) == 2  # the minute's two messages are used up
+    assert states(db) == {"sent": 2, "pending": 3}
+
+
+def test_more_ready_bursts_than_the_rate_allows_go_as_one_message(
+        tmp_path: Path, http: HttpReceiver, dispatchers: list[Dispatcher]) -> None:
     store_alerts(tmp_path / "branchguard.db",
                  [Spec(f"r{i}", "CRITICAL", f"A-{i}", f"T{i}") for i in range(5)])
     start(dispatchers, tmp_path, alerts_critical=f"json://{http.base}/a",
-          alerts_high=f"json://{http.base}/b", alerts_group_wait_seconds="0",
-          alerts_rate_per_minute="2")
-    wait_for(lambda: len(http.received) == 2, message="two messages")
-    time.sleep(1.5)
-    assert len(http.at("/a")) == 2
-    assert states(tmp_path / "branchguard.db") == {"sent": 2, "pending": 3}
+          alerts_group_wait_seconds="0", alerts_rate_per_minute="3")
+    wait_for(lambda: states(tmp_path / "branchguard.db") == {"sent": 5}, message="sent")
+    (message,) = http.received
+    assert message.title.startswith("[CRITICAL] 5 alerts on 5 terminals, 5 accounts")
 
 
 def test_no_destinations_routes_nowhere_and_says_so_once(
@@ -257,6 +270,8 @@ def test_alerts_test_reports_each_destination(tmp_path: Path, http: HttpReceiver
 
 def test_a_bad_url_is_refused_naming_the_setting(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    result = CliRunner().invoke(cli.cli, ["alerts", "test", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no alert destinations configured" in result.output
     monkeypatch.setenv("BRANCHGUARD_ALERTS_HIGH", "nosuchservice://x")
     result = CliRunner().invoke(cli.cli, ["alerts", "test", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
@@ -279,6 +294,22 @@ def test_tags_from_an_apprise_yaml_config(tmp_path: Path, http: HttpReceiver,
     wait_for(lambda: len(http.received) == 3, message="three messages")
     assert [r.title[:10] for r in http.at("/oncall")] == ["[CRITICAL]"]
     assert sorted(r.title.split("]")[0] for r in http.at("/team")) == ["[CRITICAL", "[HIGH"]
+
+
+def test_with_an_apprise_config_severities_default_to_their_own_tags(
+        tmp_path: Path, http: HttpReceiver, dispatchers: list[Dispatcher]) -> None:
+    config = tmp_path / "apprise.yml"
+    config.write_text("version: 1\nurls:\n"
+                      f"  - json://{http.base}/pager:\n      - tag: critical\n"
+                      f"  - json://{http.base}/desk:\n      - tag: high, warning\n")
+    store_alerts(tmp_path / "branchguard.db", [Spec("c1", "CRITICAL", "A-1", "T1"),
+                                               Spec("h1", "HIGH", "A-2", "T2"),
+                                               Spec("w1", "WARNING", "A-3", "T3")])
+    start(dispatchers, tmp_path, alerts_config=str(config), alerts_group_wait_seconds="0",
+          alerts_digest_interval_seconds="1")
+    wait_for(lambda: len(http.received) == 3, message="three messages")
+    assert [r.title[:10] for r in http.at("/pager")] == ["[CRITICAL]"]
+    assert sorted(r.title.split("]")[0] for r in http.at("/desk")) == ["[HIGH", "[WARNING"]
 
 
 def test_outbox_counts_read_while_nothing_is_configured(tmp_path: Path) -> None:

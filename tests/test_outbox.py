@@ -44,3 +44,22 @@ def test_a_failed_batch_leaves_neither_alert_nor_outbox_row(tmp_path: Path) -> N
     finally:
         store.close()
     assert len(outbox_matches_alerts(db)) == 1
+
+
+def test_the_prometheus_registry_reads_the_figures_from_the_database(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from appliance import alert_metrics
+
+    db = tmp_path / "branchguard.db"
+    store_alerts(db, [Spec("c1", "CRITICAL"), Spec("h1", "HIGH", "A-2", "T2")])
+    assert alert_metrics.register(db) is alert_metrics.register(db)  # once per database
+    try:
+        text = generate_latest(alert_metrics.REGISTRY).decode()
+    finally:
+        alert_metrics.unregister(db)
+    assert "branchguard_alerts_sent" not in generate_latest(alert_metrics.REGISTRY).decode()
+    assert "branchguard_alerts_sent_total 0.0" in text
+    assert "branchguard_alerts_queue_depth 2.0" in text
+    assert "# TYPE branchguard_alerts_failed_total counter" in text
+    assert "branchguard_alerts_oldest_undelivered_seconds" in text
