@@ -48,7 +48,7 @@ class NodeProcess:
     def start(self, timeout: float = 60.0) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / f"node-{time.monotonic_ns()}.log"
-        env = {**os.environ, **self.extra_env}
+        env = {**os.environ, "BRANCHGUARD_RUN_API": "false", **self.extra_env}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir",
