@@ -61,9 +61,8 @@ def api_settings(tmp_path: Path, **overrides: object) -> Settings:
                 **overrides)
 
 
-@pytest.fixture
-def node_db(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
-    settings = api_settings(tmp_path)
+def _node_db(root: Path) -> Iterator[tuple[Settings, Store]]:
+    settings = api_settings(root)
     store = Store.open(settings.db_path)
     fill(store, 300)
     try:
@@ -72,18 +71,49 @@ def node_db(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
         store.close()
 
 
-@pytest.fixture
-def role_keys(node_db: tuple[Settings, Store]) -> Keys:
-    writer = connect_writer(node_db[0].db_path)
+def _keys(settings: Settings) -> Keys:
+    writer = connect_writer(settings.db_path)
     made = {role: keys.create(writer, f"test-{role}", role, "test")[1] for role in keys.ROLES}
     writer.close()
     return Keys(**made)
 
 
+def _client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture
+def node_db(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
+    """A node database of its own for one test."""
+    yield from _node_db(tmp_path)
+
+
+@pytest.fixture
+def role_keys(node_db: tuple[Settings, Store]) -> Keys:
+    """One key per role (argon2 makes each cost a fraction of a second)."""
+    return _keys(node_db[0])
+
+
 @pytest.fixture
 def client(node_db: tuple[Settings, Store]) -> Iterator[TestClient]:
-    with TestClient(create_app(node_db[0])) as c:
-        yield c
+    yield from _client(node_db[0])
+
+
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, Store]]:
+    """One database for a module of tests that only read (or add notes)."""
+    yield from _node_db(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture(scope="module")
+def shared_keys(shared_db: tuple[Settings, Store]) -> Keys:
+    return _keys(shared_db[0])
+
+
+@pytest.fixture(scope="module")
+def shared_client(shared_db: tuple[Settings, Store]) -> Iterator[TestClient]:
+    yield from _client(shared_db[0])
 
 
 _LISTENING = re.compile(r'"event":"api.listening".*?"port":(\d+)')

@@ -7,6 +7,7 @@ reads and writes only through change.py, so the scorer stays its main writer.
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -127,6 +128,10 @@ def serve(settings: Settings) -> None:
              url=f"http://{host}:{port}", db=str(settings.db_path))
     config = uvicorn.Config(create_app(settings), log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
+    # handler that was there before; make that one a no-op, so a clean stop exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
