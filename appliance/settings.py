@@ -102,8 +102,8 @@ class Settings:
     api_rate_per_second: float = 100.0
     """Requests per second allowed per API key (per client address without a key)..."""
     api_rate_burst: int = 200
-    """...averaged over a moving window of ``api_rate_burst / api_rate_per_second`` seconds,
-    so up to this many requests may come at once."""
+    """...counted over a moving window of ``round(api_rate_burst / api_rate_per_second)``
+    seconds (at least 1): up to this many requests may come at once."""
     api_key_cache_seconds: float = 30.0
     """How long a verified key skips argon2 (revocation is still checked on every request)."""
     api_cache_dir: Path | None = None
