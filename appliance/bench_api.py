@@ -4,7 +4,10 @@ It builds (or reuses) a database of ``transactions`` scored transactions through
 scorer's own stages (bench.bulk_load), keeps ``alerts`` of their alerts (a real branch's
 alert rate is well below the simulator's), starts the real server (``branchguard serve``) as
 a child process, and drives it from a separate load-generator process
-(``branchguard bench-api-load``, httpx with ``concurrency`` requests in flight):
+(``branchguard bench-api-load``, aiohttp with ``concurrency`` requests in flight):
+
+Each phase runs at each ``concurrency`` (requests in flight): 1 shows the latency of one
+request on an idle server; more show queueing once the two cores are busy.
 
 - cached: one alert-list query asked again and again (every answer after the first is a
   cache hit while nothing changes);
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 from . import keys
@@ -95,30 +98,29 @@ class _Server:
 
 async def generate_api_load(url: str, key: str, mode: str, requests: int,
                             concurrency: int) -> dict[str, Any]:
-    """The load generator: ``requests`` GETs of the alert list, ``concurrency`` at a time;
-    latency percentiles in ms and the status codes seen."""
+    """The load generator: ``requests`` GETs of the alert list, ``concurrency`` at a time
+    over keep-alive connections (aiohttp); latency percentiles in ms and the statuses seen."""
     rng = random.Random(7)
     paths = (["/api/v1/alerts?status=NEW&limit=50"] * requests if mode == "cached" else
              [f"/api/v1/alerts?min_risk={rng.uniform(0.0, 0.95):.9f}&limit=50"
               f"&sort={rng.choice(['-created_at', '-risk'])}" for _ in range(requests)])
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for p in paths:
-        queue.put_nowait(p)
+    pending = iter(paths)
     headers = {"Authorization": f"Bearer {key}"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                 timeout=30.0) as client:
-        await client.get(paths[0])  # warm-up (and, cached, fill the cache)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=url, headers=headers, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with session.get(paths[0]) as first:  # warm-up (cached: fills the cache)
+            await first.read()
 
         async def worker() -> None:
-            while not queue.empty():
-                path = queue.get_nowait()
+            for path in pending:
                 started = time.perf_counter()
-                response = await client.get(path)
+                async with session.get(path) as response:
+                    await response.read()
                 latencies.append((time.perf_counter() - started) * 1000)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                statuses[response.status] = statuses.get(response.status, 0) + 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -131,7 +133,7 @@ async def generate_api_load(url: str, key: str, mode: str, requests: int,
                            for q, n in (("p50", 50), ("p95", 95), ("p99", 99))}}
 
 
-def run_api_bench(transactions: int, alerts: int, requests: int, concurrency: int,
+def run_api_bench(transactions: int, alerts: int, requests: int, concurrency: list[int],
                   data_dir: Path | None = None) -> dict[str, Any]:
     """Build or reuse the database, start the server, run both load phases; the figures."""
     root = data_dir or Path(tempfile.mkdtemp(prefix="branchguard-bench-api-"))
@@ -143,13 +145,14 @@ def run_api_bench(transactions: int, alerts: int, requests: int, concurrency: in
     server = _Server(root)
     phases = []
     try:
-        for mode in ("cached", "uncached"):
-            out = subprocess.run(
-                [sys.executable, "-m", "appliance", "bench-api-load", "--url", server.url,
-                 "--key", key, "--mode", mode, "--requests", str(requests),
-                 "--concurrency", str(concurrency)],
-                check=True, capture_output=True, text=True, env={**os.environ})
-            phases.append(json.loads(out.stdout))
+        for in_flight in concurrency:
+            for mode in ("cached", "uncached"):
+                out = subprocess.run(
+                    [sys.executable, "-m", "appliance", "bench-api-load", "--url", server.url,
+                     "--key", key, "--mode", mode, "--requests", str(requests),
+                     "--concurrency", str(in_flight)],
+                    check=True, capture_output=True, text=True, env={**os.environ})
+                phases.append(json.loads(out.stdout))
     finally:
         server.stop()
     return {"database": {**counts, "dir": str(root), "build_seconds": build_seconds},

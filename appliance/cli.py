@@ -424,12 +424,13 @@ def audit_verify(config: Path | None, data_dir: Path | None, nats_url: str | Non
 @click.option("--alerts", type=int, default=20_000, show_default=True)
 @click.option("--requests", type=int, default=5000, show_default=True,
               help="Requests per phase (cached, uncached).")
-@click.option("--concurrency", type=int, default=16, show_default=True)
+@click.option("--concurrency", default="1,8", show_default=True,
+              help="Requests in flight, comma-separated: each phase runs at each.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Build the database here, or reuse the one here (default: a temp dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
-def bench_api(transactions: int, alerts: int, requests: int, concurrency: int,
+def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
               data_dir: Path | None, as_json: bool) -> None:
     """Measure the analyst API: p50/p95/p99 of cached and uncached alert lists.
 
@@ -440,7 +441,12 @@ def bench_api(transactions: int, alerts: int, requests: int, concurrency: int,
     from .bench_api import format_api_report, run_api_bench
 
     logs.configure("WARNING")
-    report = run_api_bench(transactions, alerts, requests, concurrency, data_dir)
+    try:
+        in_flight = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise BranchguardError("not a list of whole numbers", field="concurrency",
+                               value=concurrency) from None
+    report = run_api_bench(transactions, alerts, requests, in_flight, data_dir)
     click.echo(json.dumps(report, indent=2) if as_json else format_api_report(report))
 
 

@@ -97,13 +97,14 @@ def test_serve_refuses_bad_settings_with_the_field(tmp_path: Path) -> None:
 def test_bench_api_smoke(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "appliance", "bench", "api", "--transactions", "2000",
-         "--alerts", "150", "--requests", "60", "--concurrency", "4", "--data-dir",
+         "--alerts", "150", "--requests", "60", "--concurrency", "1,4", "--data-dir",
          str(tmp_path / "bench"), "--json"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["database"]["transactions"] == 2000
     assert report["database"]["alerts"] == 150
-    assert [p["mode"] for p in report["phases"]] == ["cached", "uncached"]
+    assert [(p["mode"], p["concurrency"]) for p in report["phases"]] == [
+        ("cached", 1), ("uncached", 1), ("cached", 4), ("uncached", 4)]
     for phase in report["phases"]:
         assert phase["statuses"] == {"200": 60}
         lat = phase["latency_ms"]
