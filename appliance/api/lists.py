@@ -9,7 +9,6 @@ from typing import Any
 from .. import lists
 from . import bodies
 from .endpoint import Call, Routes
-from .errors import ApiError
 from .params import parse_time
 
 routes = Routes()
@@ -84,6 +83,4 @@ def remove(call: Call) -> dict[str, Any]:
       409: {description: already removed}
     """
     entry_id = call.path_id("entry_id")
-    if entry_id <= 0:
-        raise ApiError(404, "no such list entry", "entry_id")
     return call.change(lambda conn: lists.remove_entry(conn, entry_id, call.actor))
