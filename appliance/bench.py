@@ -205,7 +205,8 @@ class _Scorer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", *command], stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING"})
+                env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING",
+                     "BRANCHGUARD_RUN_API": "false"})
         self.started = time.monotonic()
 
     def peak_rss_mib(self) -> float:

@@ -204,7 +204,7 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
         click.echo(f"{name} = {format_value(getattr(settings, name))}")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--count", type=int, default=200_000, show_default=True,
               help="Transactions for the full-speed run.")
 @click.option("--rates", default="2000,10000", show_default=True,
@@ -223,9 +223,11 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
 @click.option("--dead-smtp", is_flag=True,
               help="--alerts-to a mailto:// URL on a loopback port nothing listens on.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
 @friendly_errors
-def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_policy: str,
-          baseline: bool, alerts_to: str | None, dead_smtp: bool, as_json: bool) -> None:
+def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, restart_rows: int,
+          sync_policy: str, baseline: bool, alerts_to: str | None, dead_smtp: bool,
+          as_json: bool) -> None:
     """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
     p50/p95/p99 at fixed offered rates, peak memory, and restart time.
 
@@ -233,7 +235,12 @@ def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_p
     Example:
       branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
       branchguard bench --count 200000 --rates '' --dead-smtp   # alerts cost, one run
+      branchguard bench api --transactions 1000000 --alerts 20000
+
+    `branchguard bench api` measures the analyst API instead (see its --help).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from .bench import dead_smtp_url, format_report, run_bench
 
     logs.configure("WARNING")
@@ -381,6 +388,196 @@ def alerts_failed(config: Path | None, data_dir: Path | None, nats_url: str | No
             "case": case_link(settings.console_url, f.alert_id)}))
     if not rows:
         click.echo("no failed alert deliveries")
+# --- analyst API (issue 4): serve, keys, audit, bench api -----------------------------------
+
+def _actor() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@cli.command()
+@settings_options
+@click.option("--host", default=None, help="Address to listen on (default: api_host).")
+@click.option("--port", type=int, default=None, help="Port (default: api_port; 0 = any free).")
+@friendly_errors
+def serve(config: Path | None, data_dir: Path | None, nats_url: str | None,
+          host: str | None, port: int | None) -> None:
+    """Serve the analyst API (uvicorn) on the node's database until Ctrl-C.
+
+    \b
+    Example:
+      branchguard keys create --name alice --role analyst
+      branchguard serve --data-dir ./var --port 8080
+    """
+    from .api.app import serve as run_server
+
+    settings = load(config, data_dir=data_dir, nats_url=nats_url, api_host=host,
+                    api_port=port)
+    logs.configure(settings.log_level)
+    run_server(settings)
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """API keys: create (shown once), list, revoke.
+
+    \b
+    Example:
+      branchguard keys create --name alice --role analyst
+      branchguard keys list
+      branchguard keys revoke 3f9a0c1d2b4e
+    """
+
+
+def _writer(settings: Settings) -> Any:
+    from .change import connect_writer
+    from .store import open_db
+
+    open_db(settings.db_path).close()
+    return connect_writer(settings.db_path)
+
+
+@keys_group.command("create")
+@settings_options
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--role", required=True,
+              type=click.Choice(["viewer", "analyst", "supervisor", "admin"]))
+@friendly_errors
+def keys_create(config: Path | None, data_dir: Path | None, nats_url: str | None, name: str,
+                role: str) -> None:
+    """Create a key and print it once (only its argon2 hash is stored).
+
+    \b
+    Example:
+      branchguard keys create --name alice --role analyst
+    """
+    from .keys import create
+
+    settings = settings_from(config, data_dir, nats_url)
+    key_id, key = create(_writer(settings), name, role, _actor())
+    click.echo(json.dumps({"key_id": key_id, "name": name, "role": role, "key": key}))
+    click.echo("store the key now: it is not shown again", err=True)
+
+
+@keys_group.command("list")
+@settings_options
+@friendly_errors
+def keys_list(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """List keys: id, name, role, created, revoked (never the keys or hashes).
+
+    \b
+    Example:
+      branchguard keys list --data-dir ./var
+    """
+    from .keys import listing
+
+    settings = settings_from(config, data_dir, nats_url)
+    click.echo(json.dumps(listing(_writer(settings).conn), indent=2))
+
+
+@keys_group.command("revoke")
+@settings_options
+@click.argument("key_id")
+@friendly_errors
+def keys_revoke(config: Path | None, data_dir: Path | None, nats_url: str | None,
+                key_id: str) -> None:
+    """Revoke a key: the API refuses it from the next request on.
+
+    \b
+    Example:
+      branchguard keys revoke 3f9a0c1d2b4e
+    """
+    from .keys import revoke
+
+    settings = settings_from(config, data_dir, nats_url)
+    revoke(_writer(settings), key_id, _actor())
+    click.echo(json.dumps({"key_id": key_id, "revoked": True}))
+
+
+@cli.group("audit")
+def audit_group() -> None:
+    """The audit trail of case, list and key changes.
+
+    \b
+    Example:
+      branchguard audit verify --data-dir ./var
+    """
+
+
+@audit_group.command("verify")
+@settings_options
+@friendly_errors
+def audit_verify(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Check the audit trail's hash chain; exit 1 naming the first broken entry.
+
+    \b
+    Example:
+      branchguard audit verify --data-dir ./var
+    """
+    import sqlite3
+
+    from .audit import verify
+
+    settings = settings_from(config, data_dir, nats_url)
+    if not settings.db_path.exists():
+        raise BranchguardError("no node database here", field="data_dir",
+                               value=str(settings.data_dir))
+    conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+    try:
+        result = verify(conn)
+    finally:
+        conn.close()
+    if result.broken_seq is not None:
+        click.echo(f"audit chain broken at entry {result.broken_seq}: {result.problem} "
+                   f"({result.entries} entries read)", err=True)
+        sys.exit(1)
+    click.echo(f"audit chain ok: {result.entries} entries")
+
+
+@bench.command("api")
+@click.option("--transactions", type=int, default=1_000_000, show_default=True)
+@click.option("--alerts", type=int, default=20_000, show_default=True)
+@click.option("--requests", type=int, default=5000, show_default=True,
+              help="Requests per phase (cached, uncached).")
+@click.option("--concurrency", default="1,8", show_default=True,
+              help="Requests in flight, comma-separated: each phase runs at each.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Build the database here, or reuse the one here (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
+              data_dir: Path | None, as_json: bool) -> None:
+    """Measure the analyst API: p50/p95/p99 of cached and uncached alert lists.
+
+    \b
+    Example:
+      branchguard bench api --transactions 1000000 --alerts 20000 --data-dir /tmp/bench-api
+    """
+    from .bench_api import format_api_report, run_api_bench
+
+    logs.configure("WARNING")
+    try:
+        in_flight = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise BranchguardError("not a list of whole numbers", field="concurrency",
+                               value=concurrency) from None
+    report = run_api_bench(transactions, alerts, requests, in_flight, data_dir)
+    click.echo(json.dumps(report, indent=2) if as_json else format_api_report(report))
+
+
+@cli.command("bench-api-load", hidden=True)
+@click.option("--url", required=True)
+@click.option("--key", required=True)
+@click.option("--mode", type=click.Choice(["cached", "uncached"]), required=True)
+@click.option("--requests", type=int, required=True)
+@click.option("--concurrency", type=int, required=True)
+def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: int) -> None:
+    """The API benchmark's load generator (a separate process)."""
+    from .bench_api import generate_api_load
+
+    click.echo(json.dumps(asyncio.run(generate_api_load(url, key, mode, requests,
+                                                        concurrency))))
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from nats.aio.client import Client
 
 from . import logs
 from .features import FeatureState
+from .lists import ListFilter
 from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_batch, dlq_headers,
                      ensure_streams, reset_consumer)
 from .model import Model, feature_matrix
@@ -78,6 +79,8 @@ class Scorer:
         self._in_flight: dict[str, Verdict | None] = {}
         """Transactions scored but not yet committed: re-sends of them are duplicates too."""
         self.ready = asyncio.Event()
+        self.lists = ListFilter(store.reader.conn, settings.lists_refresh_seconds)
+        """Allow/deny lists in memory (issue 4), re-read every lists_refresh_seconds."""
 
     async def prepare(self) -> None:
         """Streams, state from the database, consumer from the checkpoint, lost verdicts."""
@@ -207,8 +210,10 @@ class Scorer:
         features = [observe(tx) for _, tx in fresh]
         risks = self.model.risks(feature_matrix(features)) if features else ()
         version, settings = self.model.version, self.settings
+        self.lists.refresh_if_due()
+        listed, now = self.lists.apply, time.time()
         return [Scored(tx, branch_of(d.subject), d.stream_seq, f,
-                       judge(tx, f, float(r), version, RULES_VERSION, settings))
+                       listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings), now))
                 for (d, tx), f, r in zip(fresh, features, risks)]
 
     async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],

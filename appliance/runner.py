@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import dataclasses
+import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +23,7 @@ import numpy as np
 from nats.aio.client import Client
 
 from . import dispatch, logs, routing
+from .child import terminate
 from .ingest import connect
 from .model import Model
 from .node import EmbeddedNats
@@ -96,6 +100,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     scorer = Scorer(nc, store, model, settings)
     tasks: list[asyncio.Task[object]] = []
     alerts = AlertsChild(settings)
+    api: subprocess.Popen[bytes] | None = None
     try:
         if alerts.start():
             tasks.append(asyncio.create_task(alerts.watch(stop)))
@@ -106,6 +111,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             scoring.result()  # raises what stopped it
         log.info("node.ready", txn_id=None, nats_url=url, db=str(settings.db_path),
                  model_version=model.version, demo=demo)
+        api = start_api(dataclasses.replace(settings, nats_url=url))
         if demo:
             feed_nc = await connect(url, "branchguard-demo-feed")
             tasks.append(asyncio.create_task(
@@ -125,6 +131,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         return 0
     finally:
         alerts.stop()
+        stop_api(api)
         for task in tasks:
             task.cancel()
         if feed_nc is not None:
@@ -193,3 +200,24 @@ async def _every(seconds: float, fn: Callable[[], None], stop: asyncio.Event) ->
             await asyncio.wait_for(stop.wait(), seconds)
         except TimeoutError:
             fn()
+
+
+# --- the analyst API as a child process (issue 4) -------------------------------------------
+
+def start_api(settings: Settings) -> subprocess.Popen[bytes] | None:
+    """``branchguard serve`` as a child process with exactly these settings (passed as
+    ``BRANCHGUARD_*`` variables), so its requests never compete with the scorer's event loop
+    and the API stays up if the scorer restarts. None when ``run_api`` is off."""
+    if not settings.run_api:
+        return None
+    env = dict(os.environ)
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        env[f"BRANCHGUARD_{field.name.upper()}"] = (
+            "" if value is None else ",".join(value) if isinstance(value, tuple) else str(value))
+    env.pop("BRANCHGUARD_CONFIG", None)  # every value is in the environment already
+    return subprocess.Popen([sys.executable, "-m", "appliance", "serve"], env=env)
+
+
+def stop_api(process: subprocess.Popen[bytes] | None) -> None:
+    terminate(process)

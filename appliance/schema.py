@@ -128,6 +128,84 @@ def m002_alerts_outbox(db: Database) -> None:
     )
 
 
+# --- issue 4: analyst API (cases, notes, API keys, audit trail, allow/deny lists) ----------
+
+@migrations()
+def m002_cases(db: Database) -> None:
+    """The analyst API's tables. The alert's case state (status, assignee, version) is in
+    ``alerts`` since m001; this adds who changed it last and the disposition (status +
+    time + who), so labels can be read from closed alerts without the audit trail."""
+    db.executescript(
+        """
+        ALTER TABLE alerts ADD COLUMN updated_by TEXT;
+        ALTER TABLE alerts ADD COLUMN disposed_at REAL;  -- set on CONFIRMED_FRAUD /
+        ALTER TABLE alerts ADD COLUMN disposed_by TEXT;  -- FALSE_POSITIVE, cleared on reopen
+        CREATE INDEX alerts_account ON alerts (account_id, status);
+        CREATE INDEX alerts_terminal ON alerts (terminal_id, status);
+        CREATE INDEX alerts_risk ON alerts (risk);
+        CREATE INDEX alerts_disposed ON alerts (disposed_at) WHERE disposed_at IS NOT NULL;
+
+        CREATE TABLE alert_notes (
+            note_id INTEGER PRIMARY KEY,
+            alert_id INTEGER NOT NULL REFERENCES alerts (alert_id),
+            at REAL NOT NULL,
+            author TEXT NOT NULL,
+            text TEXT NOT NULL
+        );
+        CREATE INDEX alert_notes_alert ON alert_notes (alert_id);
+
+        -- Bumped in the same transaction as every API write: part of the response cache key.
+        CREATE TABLE api_generation (id INTEGER PRIMARY KEY CHECK (id = 1),
+                                     value INTEGER NOT NULL);
+        INSERT INTO api_generation (id, value) VALUES (1, 0);
+
+        -- Only an argon2 hash of each key; key_id is the key's non-secret prefix.
+        CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('viewer', 'analyst', 'supervisor', 'admin')),
+            hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL,
+            revoked_at REAL,
+            revoked_by TEXT
+        );
+
+        -- Append-only and hash-chained: hash = sha256(canonical JSON of the entry with
+        -- prev_hash). The triggers stop accidents; the chain detects deliberate edits.
+        CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            before TEXT,               -- JSON, null when the subject is new
+            after TEXT,                -- JSON, null when the subject is gone
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+        CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+
+        CREATE TABLE list_entries (
+            entry_id INTEGER PRIMARY KEY,
+            list TEXT NOT NULL CHECK (list IN ('allow', 'deny')),
+            kind TEXT NOT NULL CHECK (kind IN ('account', 'terminal')),
+            value TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            removed_at REAL,
+            removed_by TEXT
+        );
+        CREATE INDEX list_entries_active ON list_entries (kind, value) WHERE removed_at IS NULL;
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

@@ -126,6 +126,26 @@ class Settings:
     failed there (``branchguard alerts failed``) and counted as a health warning."""
     alerts_poll_seconds: float = 0.5
     """Seconds between the dispatcher's looks at the outbox."""
+    # --- analyst API (issue 4)
+    api_host: str = "127.0.0.1"
+    """Address ``branchguard serve`` listens on (keep it on loopback behind a TLS proxy)."""
+    api_port: int = 8080
+    """Port of the analyst API (0 picks a free port; the log line ``api.listening`` says which)."""
+    run_api: bool = True
+    """Whether ``branchguard run`` also starts the API server as a child process."""
+    api_rate_per_second: float = 100.0
+    """Requests per second allowed per API key (per client address without a key)..."""
+    api_rate_burst: int = 200
+    """...counted over a moving window of ``round(api_rate_burst / api_rate_per_second)``
+    seconds (at least 1): up to this many requests may come at once."""
+    api_key_cache_seconds: float = 30.0
+    """How long a verified key skips argon2 (revocation is still checked on every request)."""
+    api_cache_dir: Path | None = None
+    """Directory of the API's response cache (diskcache); unset uses ``<data_dir>/api-cache``."""
+    api_cache_seconds: float = 300.0
+    """Longest a cached response is kept (entries are also invalidated by every change)."""
+    lists_refresh_seconds: float = 5.0
+    """Seconds between the scorer's re-reads of the allow and deny lists."""
 
     @property
     def db_path(self) -> Path:
@@ -134,6 +154,15 @@ class Settings:
     @property
     def nats_dir(self) -> Path:
         return self.data_dir / "nats"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.api_cache_dir or self.data_dir / "api-cache"
+
+    @property
+    def nats_address(self) -> str:
+        """The NATS URL the node uses: ``nats_url`` or the embedded server's."""
+        return self.nats_url or f"nats://127.0.0.1:{self.nats_port}"
 
     def validate(self) -> Settings:
         """Raise :class:`SettingsError` for any value that cannot work; return self."""
@@ -174,6 +203,17 @@ class Settings:
              "use > 0"),
             (self.console_url.startswith(("http://", "https://")), "console_url",
              self.console_url, "use an http:// or https:// URL"),
+            # analyst API (issue 4)
+            (0 <= self.api_port < 65536, "api_port", self.api_port, "use 0..65535"),
+            (self.api_rate_per_second > 0, "api_rate_per_second", self.api_rate_per_second,
+             "use > 0"),
+            (self.api_rate_burst >= 1, "api_rate_burst", self.api_rate_burst, "use 1 or more"),
+            (self.api_key_cache_seconds >= 0, "api_key_cache_seconds",
+             self.api_key_cache_seconds, "use 0 or more"),
+            (self.api_cache_seconds > 0, "api_cache_seconds", self.api_cache_seconds,
+             "use > 0"),
+            (self.lists_refresh_seconds > 0, "lists_refresh_seconds",
+             self.lists_refresh_seconds, "use > 0"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

@@ -53,7 +53,7 @@ class NodeProcess:
         """Run ``branchguard <args>``; wait until its log shows ``ready``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / f"{args[0]}-{time.monotonic_ns()}.log"
-        env = {**os.environ, **self.extra_env}
+        env = {**os.environ, "BRANCHGUARD_RUN_API": "false", **self.extra_env}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "appliance", *args],
                                             stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("BRANCHGUARD_", "VIRTUAL_ENV", "PYTEST"))}
     env["BRANCHGUARD_NATS_PORT"] = "0"  # a free port: never collide with a real node
+    env["BRANCHGUARD_API_PORT"] = "0"   # the same for the analyst API it starts
     env["BRANCHGUARD_SUMMARY_INTERVAL_SECONDS"] = "1"
     return env
 
@@ -47,6 +51,10 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
             time.sleep(1)
         else:
             raise AssertionError(out.read_text(errors="replace")[-3000:])
+        port = re.search(r'"api.listening".*?"port":(\d+)', out.read_text(errors="replace"))
+        assert port, "make run did not start the analyst API"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/healthz") as answer:
+            assert json.loads(answer.read()) == {"status": "ok"}
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         make.wait(60)
     finally:

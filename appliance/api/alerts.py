@@ -1,0 +1,314 @@
+"""Alert routes: the list (filters, sort, cursor pagination, total), one alert with its
+transaction, features and reasons, its related open alerts, the account's history, and the
+case workflow (status, assignee, notes, bulk changes on related alerts)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from ..cases import (STATUSES, CaseError, Change, add_note, bulk_change, change_case,
+                     is_reopen)
+from ..features import FEATURES, FEATURES_VERSION
+from ..keys import role_at_least
+from ..score import SEVERITIES
+from . import bodies
+from .endpoint import Call, Routes
+from .errors import ApiError
+from .params import encode_cursor
+
+routes = Routes()
+_list = msgspec.json.Decoder(list[Any])
+
+ALERT_COLUMNS = ("alert_id", "transaction_id", "created_at", "ts", "account_id",
+                 "terminal_id", "severity", "risk", "reasons", "status", "assignee",
+                 "version", "updated_at", "updated_by", "disposed_at", "disposed_by")
+_SELECT = f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a"
+SORTS = {"created_at": "a.alert_id", "risk": "a.risk", "ts": "a.ts"}
+SORT_CHOICES = tuple(f"{sign}{name}" for name in SORTS for sign in ("", "-"))
+LIST_PARAMS = ("status", "severity", "min_risk", "max_risk", "reason", "account_id",
+               "terminal_id", "assignee", "since", "until", "sort", "limit", "cursor")
+TX_COLUMNS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
+              "ts", "utc_offset", "channel", "merchant_category", "location", "features",
+              "features_version", "model_risk", "risk", "severity", "decision", "reasons",
+              "details", "model_version", "rules_version", "stored_at")
+
+
+def alert_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    out = dict(zip(ALERT_COLUMNS, row))
+    out["reasons"] = _list.decode(out["reasons"])
+    return out
+
+
+def _filters(call: Call) -> tuple[list[str], list[Any]]:
+    p = call.params()
+    where: list[str] = []
+    args: list[Any] = []
+    for name, column, allowed in (("status", "a.status", STATUSES),
+                                  ("severity", "a.severity", SEVERITIES)):
+        values = p.choices(name, allowed)
+        if values:
+            where.append(f"{column} IN ({', '.join('?' * len(values))})")
+            args.extend(values)
+    low, high = p.number("min_risk", 0.0, 1.0), p.number("max_risk", 0.0, 1.0)
+    if low is not None and high is not None and low > high:
+        raise ApiError(400, "must not be above max_risk", "min_risk")
+    if low is not None:
+        where.append("a.risk >= ?")
+        args.append(low)
+    if high is not None:
+        where.append("a.risk <= ?")
+        args.append(high)
+    reason = p.text("reason")
+    if reason is not None:
+        where.append("EXISTS (SELECT 1 FROM json_each(a.reasons) WHERE value = ?)")
+        args.append(reason)
+    for name in ("account_id", "terminal_id", "assignee"):
+        value = p.text(name)
+        if value is not None:
+            where.append(f"a.{name} = ?")
+            args.append(value)
+    more_where, more_args = p.time_range("a.ts")
+    return where + more_where, args + more_args
+
+
+@routes.route("GET", "/api/v1/alerts", "viewer", LIST_PARAMS, cached=True)
+def list_alerts(call: Call) -> dict[str, Any]:
+    """
+    summary: List alerts, newest first by default, with a total count.
+    description: Filters combine with AND. Pass next_cursor back as cursor for the next page.
+    parameters:
+      - {$ref: '#/components/parameters/status'}
+      - {$ref: '#/components/parameters/severity'}
+      - {name: min_risk, in: query, schema: {type: number, minimum: 0, maximum: 1}}
+      - {name: max_risk, in: query, schema: {type: number, minimum: 0, maximum: 1}}
+      - {name: reason, in: query, schema: {type: string}}
+      - {name: account_id, in: query, schema: {type: string}}
+      - {name: terminal_id, in: query, schema: {type: string}}
+      - {name: assignee, in: query, schema: {type: string}}
+      - {$ref: '#/components/parameters/since'}
+      - {$ref: '#/components/parameters/until'}
+      - {name: sort, in: query, schema: {type: string, enum: [created_at, -created_at, risk, -risk, ts, -ts]}}
+      - {$ref: '#/components/parameters/limit'}
+      - {name: cursor, in: query, schema: {type: string}}
+    responses:
+      200: {description: '{"total", "count", "next_cursor", "alerts": [...]}'}
+      400: {$ref: '#/components/responses/BadRequest'}
+    """
+    p = call.params()
+    sort = p.choice("sort", SORT_CHOICES, "-created_at") or "-created_at"
+    descending = sort.startswith("-")
+    column = SORTS[sort.lstrip("-")]
+    limit = p.integer("limit", 1, 500, 50)
+    cursor = p.cursor()
+    where, args = _filters(call)
+    total = call.conn.execute(
+        "SELECT count(*) FROM alerts a" + (" WHERE " + " AND ".join(where) if where else ""),
+        args).fetchone()[0]
+    page_where, page_args = list(where), list(args)
+    if cursor is not None:
+        if cursor[0] != sort:
+            raise ApiError(400, "the cursor belongs to another sort order", "cursor")
+        page_where.append(f"({column}, a.alert_id) {'<' if descending else '>'} (?, ?)")
+        page_args.extend(cursor[1:])
+    order = "DESC" if descending else "ASC"
+    sql = (_SELECT + (" WHERE " + " AND ".join(page_where) if page_where else "")
+           + f" ORDER BY {column} {order}, a.alert_id {order} LIMIT ?")
+    rows = [alert_row(r) for r in call.conn.execute(sql, [*page_args, limit + 1])]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    key = sort.lstrip("-")
+    next_cursor = (encode_cursor([sort, rows[-1]["alert_id" if key == "created_at" else key],
+                                  rows[-1]["alert_id"]]) if more else None)
+    return {"total": total, "count": len(rows), "next_cursor": next_cursor, "alerts": rows}
+
+
+def _alert(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any]:
+    row = conn.execute(_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, "no such alert", "alert_id")
+    return alert_row(row)
+
+
+@routes.route("GET", "/api/v1/alerts/{alert_id:int}", "viewer")
+def get_alert(call: Call) -> dict[str, Any]:
+    """
+    summary: One alert with its case state, transaction, features, reasons and notes.
+    parameters: [{$ref: '#/components/parameters/alert_id'}]
+    responses:
+      200: {description: '{"alert", "transaction", "features", "reasons", "notes"}'}
+      404: {$ref: '#/components/responses/NotFound'}
+    """
+    alert = _alert(call.conn, call.path_id("alert_id"))
+    row = call.conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM transactions "
+                            "WHERE transaction_id = ?", (alert["transaction_id"],)).fetchone()
+    tx = dict(zip(TX_COLUMNS, row)) if row else {}
+    features: dict[str, Any] = {}
+    reasons: list[dict[str, str]] = []
+    if tx:
+        values = _list.decode(tx.pop("features"))
+        if tx["features_version"] == FEATURES_VERSION:
+            features = dict(zip(FEATURES, values))
+        else:
+            features = {"values": values}
+        codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
+        reasons = [{"code": c, "detail": d} for c, d in zip(codes, details)]
+    notes = [{"note_id": n, "at": at, "author": author, "text": text}
+             for n, at, author, text in call.conn.execute(
+                 "SELECT note_id, at, author, text FROM alert_notes WHERE alert_id = ? "
+                 "ORDER BY note_id", (alert["alert_id"],))]
+    return {"alert": alert, "transaction": tx, "features": features, "reasons": reasons,
+            "notes": notes}
+
+
+@routes.route("GET", "/api/v1/alerts/{alert_id:int}/related", "viewer")
+def related(call: Call) -> dict[str, Any]:
+    """
+    summary: The other open alerts (NEW or INVESTIGATING) on the same account and terminal.
+    parameters: [{$ref: '#/components/parameters/alert_id'}]
+    responses:
+      200: {description: '{"account": [...], "terminal": [...]}'}
+      404: {$ref: '#/components/responses/NotFound'}
+    """
+    alert = _alert(call.conn, call.path_id("alert_id"))
+    out: dict[str, Any] = {}
+    for scope in ("account", "terminal"):
+        out[scope] = [alert_row(r) for r in call.conn.execute(
+            _SELECT + f" WHERE a.{scope}_id = ? AND a.status IN ('NEW', 'INVESTIGATING') "
+            "AND a.alert_id != ? ORDER BY a.alert_id DESC LIMIT 200",
+            (alert[f"{scope}_id"], alert["alert_id"]))]
+    return out
+
+
+@routes.route("GET", "/api/v1/accounts/{account_id}/transactions", "viewer", ("limit",),
+              cached=True)
+def account_history(call: Call) -> dict[str, Any]:
+    """
+    summary: The account's most recent transactions with their verdicts, newest first.
+    parameters:
+      - {name: account_id, in: path, required: true, schema: {type: string}}
+      - {$ref: '#/components/parameters/limit'}
+    responses:
+      200: {description: '{"account_id", "transactions": [...]}'}
+      400: {$ref: '#/components/responses/BadRequest'}
+    """
+    limit = call.params().integer("limit", 1, 500, 50)
+    account = call.request.path_params["account_id"]
+    columns = [c for c in TX_COLUMNS if c != "features"]
+    rows = []
+    for row in call.conn.execute(
+            f"SELECT {', '.join(columns)} FROM transactions WHERE account_id = ? "
+            "ORDER BY ts DESC LIMIT ?", (account, limit)):
+        item = dict(zip(columns, row))
+        item["reasons"] = _list.decode(item["reasons"])
+        item["details"] = _list.decode(item["details"])
+        rows.append(item)
+    return {"account_id": account, "transactions": rows}
+
+
+@routes.route("PATCH", "/api/v1/alerts/{alert_id:int}", "analyst")
+def change(call: Call) -> dict[str, Any]:
+    """
+    summary: Change an alert's status and/or assignee, at the version you last read.
+    description: >
+      NEW -> INVESTIGATING -> CONFIRMED_FRAUD | FALSE_POSITIVE; reopening a closed alert
+      (back to INVESTIGATING) needs a supervisor. A stale version gets 409 with the current
+      case state; a transition that is not allowed gets 422.
+    parameters: [{$ref: '#/components/parameters/alert_id'}]
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [version]
+            additionalProperties: false
+            properties:
+              version: {type: integer, minimum: 1}
+              status: {$ref: '#/components/schemas/Status'}
+              assignee: {type: string, nullable: true, minLength: 1, maxLength: 100}
+    responses:
+      200: {description: the new case state}
+      400: {$ref: '#/components/responses/BadRequest'}
+      404: {$ref: '#/components/responses/NotFound'}
+      409: {description: stale version (the body has the current state)}
+      422: {description: transition not allowed}
+    """
+    alert_id = call.path_id("alert_id")
+    body = call.decode(bodies.CaseChange)
+    unassign = body.assignee is None
+    assignee = None if body.assignee is None or body.assignee is msgspec.UNSET \
+        else str(body.assignee)
+    principal = call.principal
+
+    def apply(conn: sqlite3.Connection) -> dict[str, Any]:
+        row = conn.execute("SELECT status FROM alerts WHERE alert_id = ?",
+                           (alert_id,)).fetchone()
+        if row and body.status and is_reopen(row[0], body.status) and principal and \
+                not role_at_least(principal.role, "supervisor"):
+            raise CaseError(403, "reopening a closed alert needs the supervisor role",
+                            "status")
+        return change_case(conn, alert_id, Change(body.version, body.status, assignee,
+                                                  unassign), call.actor)
+
+    return {"alert_id": alert_id, **call.change(apply)}
+
+
+@routes.route("POST", "/api/v1/alerts/{alert_id:int}/notes", "analyst")
+def note(call: Call) -> tuple[int, dict[str, Any]]:
+    """
+    summary: Add a note to an alert (notes are never edited or deleted).
+    parameters: [{$ref: '#/components/parameters/alert_id'}]
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [text]
+            additionalProperties: false
+            properties: {text: {type: string, minLength: 1, maxLength: 4000}}
+    responses:
+      201: {description: the note}
+      400: {$ref: '#/components/responses/BadRequest'}
+      404: {$ref: '#/components/responses/NotFound'}
+    """
+    alert_id = call.path_id("alert_id")
+    body = call.decode(bodies.Note)
+    return 201, call.change(lambda conn: add_note(conn, alert_id, body.text, call.actor))
+
+
+@routes.route("POST", "/api/v1/alerts/{alert_id:int}/bulk", "analyst")
+def bulk(call: Call) -> dict[str, Any]:
+    """
+    summary: Apply one change to this alert and every other open alert on its account or terminal.
+    description: One transaction, one audit entry per alert changed; alerts the transition
+      does not apply to are listed as skipped. version is this alert's.
+    parameters: [{$ref: '#/components/parameters/alert_id'}]
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [version, scope]
+            additionalProperties: false
+            properties:
+              version: {type: integer, minimum: 1}
+              scope: {type: string, enum: [account, terminal]}
+              status: {$ref: '#/components/schemas/Status'}
+              assignee: {type: string, minLength: 1, maxLength: 100}
+    responses:
+      200: {description: '{"changed": [...], "skipped": [...]}'}
+      400: {$ref: '#/components/responses/BadRequest'}
+      404: {$ref: '#/components/responses/NotFound'}
+      409: {description: stale version}
+    """
+    alert_id = call.path_id("alert_id")
+    body = call.decode(bodies.Bulk)
+    if body.status is None and body.assignee is None:
+        raise ApiError(400, "give a status, an assignee or both", "status")
+    return call.change(lambda conn: bulk_change(conn, alert_id, body.version, body.scope,
+                                                body.status, body.assignee, call.actor))

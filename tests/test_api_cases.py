@@ -1,0 +1,181 @@
+"""The case workflow: allowed and refused transitions, optimistic concurrency (one success
+and one 409, over real HTTP), assignment, notes, bulk changes with one audit entry each."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from appliance.cases import TRANSITIONS
+from appliance.settings import Settings
+from appliance.store import Store
+from tests.api_support import Keys, ServeProcess, client, node_db, role_keys  # noqa: F401
+from tests.support import query
+
+
+def patch(client: TestClient, keys: Keys, alert_id: int, role: str = "analyst",
+          **body: Any) -> httpx.Response:
+    return client.patch(f"/api/v1/alerts/{alert_id}", json=body, headers=keys.header(role))
+
+
+def test_the_workflow_and_its_disposition(client: TestClient, role_keys: Keys,
+                                          node_db: tuple[Settings, Store]) -> None:
+    r = patch(client, role_keys, 1, version=1, status="INVESTIGATING", assignee="ana")
+    assert r.status_code == 200 and r.json()["version"] == 2
+    assert r.json()["assignee"] == "ana" and r.json()["disposed_at"] is None
+    r = patch(client, role_keys, 1, version=2, status="CONFIRMED_FRAUD")
+    assert r.status_code == 200
+    [(status, disposed_at, disposed_by, updated_by)] = query(
+        node_db[0].db_path, "SELECT status, disposed_at, disposed_by, updated_by FROM alerts "
+                            "WHERE alert_id = 1")
+    assert status == "CONFIRMED_FRAUD" and disposed_at is not None
+    assert disposed_by == updated_by and disposed_by.startswith("key:")
+    r = patch(client, role_keys, 1, version=3, assignee=None)
+    assert r.status_code == 200 and r.json()["assignee"] is None
+    assert r.json()["status"] == "CONFIRMED_FRAUD"
+
+
+def test_every_transition_not_in_the_table_is_refused(client: TestClient,
+                                                      role_keys: Keys) -> None:
+    # NEW may only become INVESTIGATING
+    for target in ("CONFIRMED_FRAUD", "FALSE_POSITIVE"):
+        r = patch(client, role_keys, 5, version=1, status=target)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "status"
+    assert patch(client, role_keys, 5, version=1, status="INVESTIGATING").status_code == 200
+    r = patch(client, role_keys, 5, version=2, status="NEW")
+    assert r.status_code == 422
+    assert patch(client, role_keys, 5, version=2, status="FALSE_POSITIVE").status_code == 200
+    r = patch(client, role_keys, 5, role="supervisor", version=3, status="CONFIRMED_FRAUD")
+    assert r.status_code == 422  # a closed case is reopened first, never flipped
+    assert set(TRANSITIONS["FALSE_POSITIVE"]) == {"INVESTIGATING"}
+    [(version,)] = [(v,) for v in [client.get("/api/v1/alerts/5", headers=role_keys.header(
+        "viewer")).json()["alert"]["version"]]]
+    assert version == 3  # refused changes changed nothing
+
+
+def test_a_stale_version_is_409_with_the_current_state(client: TestClient,
+                                                       role_keys: Keys) -> None:
+    assert patch(client, role_keys, 7, version=1, assignee="ana").status_code == 200
+    r = patch(client, role_keys, 7, version=1, assignee="bob")
+    assert r.status_code == 409 and r.json()["error"]["field"] == "version"
+    assert r.json()["error"]["current"]["assignee"] == "ana"
+    assert r.json()["error"]["current"]["version"] == 2
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "version"), ({"version": "1"}, "version"), ({"version": 0}, "version"),
+    ({"version": 1, "status": "DONE"}, "status"), ({"version": 1, "assignee": ""}, "assignee"),
+    ({"version": 1, "colour": "red"}, "colour"),
+])
+def test_bad_bodies_are_400_naming_the_field_and_change_nothing(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store],
+        body: dict[str, Any], field: str) -> None:
+    r = patch(client, role_keys, 2, **body)
+    assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text
+    assert query(node_db[0].db_path, "SELECT version FROM alerts WHERE alert_id = 2") == [(1,)]
+    raw = client.patch("/api/v1/alerts/2", content=b"{not json",
+                       headers=role_keys.header("analyst"))
+    assert raw.status_code == 400 and raw.json()["error"]["field"] == "body"
+
+
+def test_bulk_changes_related_open_alerts_with_one_audit_entry_each(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store]) -> None:
+    db = node_db[0].db_path
+    [(anchor, terminal)] = query(db, "SELECT min(alert_id), terminal_id FROM alerts GROUP BY "
+                                     "terminal_id HAVING count(*) >= 3 LIMIT 1")
+    others = [r[0] for r in query(db, "SELECT alert_id FROM alerts WHERE terminal_id = ? "
+                                      "AND alert_id != ?", [terminal, anchor])]
+    # one of them already closed: it is not "open", so bulk leaves it alone
+    closed = others[0]
+    patch(client, role_keys, closed, version=1, status="INVESTIGATING")
+    patch(client, role_keys, closed, version=2, status="FALSE_POSITIVE")
+    before = query(db, "SELECT count(*) FROM audit_log")[0][0]
+    r = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
+                    json={"version": 1, "scope": "terminal", "status": "INVESTIGATING",
+                          "assignee": "ana"})
+    assert r.status_code == 200, r.text
+    changed = {c["alert_id"] for c in r.json()["changed"]}
+    assert changed == {anchor, *others} - {closed}
+    assert query(db, "SELECT count(*) FROM audit_log")[0][0] - before == len(changed)
+    subjects = {s for (s,) in query(db, "SELECT subject FROM audit_log WHERE seq > ?",
+                                    [before])}
+    assert subjects == {f"alert:{a}" for a in changed}
+    statuses = set(query(db, "SELECT status, assignee FROM alerts WHERE alert_id IN "
+                             f"({', '.join(map(str, changed))})"))
+    assert statuses == {("INVESTIGATING", "ana")}
+    # a second bulk to close them: all INVESTIGATING now, so none skipped
+    r = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
+                    json={"version": 2, "scope": "terminal", "status": "FALSE_POSITIVE"})
+    assert r.status_code == 200 and not r.json()["skipped"]
+    stale = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
+                        json={"version": 2, "scope": "terminal", "assignee": "bob"})
+    assert stale.status_code == 409
+
+
+def test_notes_are_appended_and_audited(client: TestClient, role_keys: Keys,
+                                        node_db: tuple[Settings, Store]) -> None:
+    for text in ("first", "second"):
+        r = client.post("/api/v1/alerts/4/notes", json={"text": text},
+                        headers=role_keys.header("analyst"))
+        assert r.status_code == 201
+    notes = client.get("/api/v1/alerts/4", headers=role_keys.header("viewer")).json()["notes"]
+    assert [n["text"] for n in notes] == ["first", "second"]
+    assert query(node_db[0].db_path, "SELECT count(*) FROM audit_log WHERE action = "
+                                     "'case.note' AND subject = 'alert:4'") == [(2,)]
+    r = client.post("/api/v1/alerts/999999/notes", json={"text": "x"},
+                    headers=role_keys.header("analyst"))
+    assert r.status_code == 404
+
+
+def test_concurrent_updates_give_one_success_and_one_409(
+        node_db: tuple[Settings, Store], role_keys: Keys) -> None:
+    server = ServeProcess.start(node_db[0])
+    try:
+        headers = role_keys.header("analyst")
+        for alert_id in range(10, 20):
+            barrier = threading.Barrier(2)
+            codes: list[int] = []
+
+            def update(name: str) -> None:
+                with httpx.Client(base_url=server.url, headers=headers) as http:
+                    http.get("/healthz")  # connected before the race starts
+                    barrier.wait()
+                    codes.append(http.patch(f"/api/v1/alerts/{alert_id}", json={
+                        "version": 1, "status": "INVESTIGATING", "assignee": name}).status_code)
+
+            threads = [threading.Thread(target=update, args=(n,)) for n in ("ana", "bob")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert sorted(codes) == [200, 409], (alert_id, codes)
+        versions = query(node_db[0].db_path, "SELECT version FROM alerts WHERE alert_id "
+                                             "BETWEEN 10 AND 19")
+        assert versions == [(2,)] * 10
+    finally:
+        assert server.stop() == 0, server.log_path.read_text()
+
+
+def test_a_busy_database_waits_instead_of_failing(node_db: tuple[Settings, Store],
+                                                  role_keys: Keys, tmp_path: Path) -> None:
+    """An API write while the scorer holds the write lock waits for it (busy_timeout)."""
+    settings, store = node_db
+    from tests.api_support import fill
+    with TestClient(__import__("appliance.api.app", fromlist=["create_app"]).create_app(
+            settings)) as c:
+        done: list[int] = []
+        store.db.conn.execute("BEGIN IMMEDIATE")
+        t = threading.Thread(target=lambda: done.append(patch(
+            c, role_keys, 30, version=1, assignee="ana").status_code))
+        t.start()
+        t.join(0.5)
+        assert not done  # waiting for the lock
+        store.db.conn.execute("COMMIT")
+        t.join(10)
+        assert done == [200]
+        fill(store, 10, seed=5, first_seq=1000)  # and the scorer's next batch still commits

@@ -1,0 +1,126 @@
+"""The API as users run it: `branchguard serve` and `branchguard run` (which starts it as a
+child), health and readiness with real NATS, /metrics, and the API benchmark's smoke run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from appliance import keys
+from appliance.change import connect_writer
+from appliance.store import Store
+from tests.api_support import ServeProcess, api_settings, fill
+from tests.support import make_transactions, send, stored_count, wait_until
+
+Node = type
+
+
+def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
+                                         node_factory: Node) -> None:
+    data = tmp_path / "node"
+    node = node_factory(data, nats_url, {"BRANCHGUARD_RUN_API": "true",
+                                         "BRANCHGUARD_API_PORT": "0"}).start()
+    wait_until(lambda: '"api.listening"' in node.log(), message="api listening")
+    url = "http://127.0.0.1:" + re.search(r'"api.listening".*?"port":(\d+)',
+                                          node.log()).group(1)
+    assert send(nats_url, [i.tx for i in make_transactions(120, seed=4)]) == 120
+    wait_until(lambda: stored_count(data / "branchguard.db") == 120, message="stored")
+    writer = connect_writer(data / "branchguard.db")
+    _, key = keys.create(writer, "ops", "viewer", "test")
+    with httpx.Client(base_url=url, timeout=10) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        ready = http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"] == {"database": "ok", "nats": "ok", "model": "ok"}
+        assert ready.json()["consumer_lag"] == 0
+        h = {"Authorization": f"Bearer {key}"}
+        for _ in range(3):
+            assert http.get("/api/v1/alerts", headers=h).status_code == 200
+        assert http.get("/api/v1/alerts", headers={"Authorization": "Bearer x"}
+                        ).status_code == 401
+        metrics = http.get("/metrics").text
+    assert "branchguard_transactions_stored 120.0" in metrics
+    assert re.search(r'branchguard_alerts\{severity="\w+",status="NEW"\} \d', metrics)
+    assert "branchguard_dead_letters 0.0" in metrics
+    assert 'branchguard_model_info{configured="if-v1",last_model="if-v1"' in metrics
+    assert 'branchguard_checkpoint_stream_seq{consumer="scorer"} 120.0' in metrics
+    assert "branchguard_consumer_lag 0.0" in metrics
+    assert 'branchguard_api_cache_hits_total{route="/api/v1/alerts"} 2.0' in metrics
+    assert 'branchguard_api_cache_misses_total{route="/api/v1/alerts"} 1.0' in metrics
+    assert ('branchguard_api_requests_total{method="GET",route="/api/v1/alerts",'
+            'status="200"} 3.0') in metrics
+    assert 'status="401"} 1.0' in metrics
+    buckets = re.findall(r'branchguard_api_request_seconds_bucket\{(?=[^}]*route="/api/v1/'
+                         r'alerts")[^}]*le="([^"]+)"', metrics)
+    assert {"0.0001", "0.0005", "2.5", "10.0", "+Inf"} <= set(buckets), buckets
+    assert node.stop() == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/healthz", timeout=1)
+        except httpx.TransportError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the API outlived branchguard run")
+
+
+def test_readyz_says_what_failed_and_nothing_more(tmp_path: Path) -> None:
+    settings = api_settings(tmp_path)  # NATS at 127.0.0.1:1: nothing listens there
+    Store.open(settings.db_path).close()
+    server = ServeProcess.start(settings, {"BRANCHGUARD_MODEL_VERSION": "no-such-model"})
+    try:
+        r = httpx.get(server.url + "/readyz", timeout=10)
+        assert r.status_code == 503
+        assert r.json() == {"ready": False, "consumer_lag": None,
+                            "checks": {"database": "ok", "nats": "failed", "model": "failed"}}
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        missing = httpx.get(server.url + "/api/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["status"] == 404
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_refuses_bad_settings_with_the_field(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "appliance", "serve", "--data-dir",
+                             str(tmp_path), "--port", "70000"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "api_port" in result.stderr
+
+
+def test_bench_api_smoke(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "bench", "api", "--transactions", "2000",
+         "--alerts", "150", "--requests", "60", "--concurrency", "1,4", "--data-dir",
+         str(tmp_path / "bench"), "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["database"]["transactions"] == 2000
+    assert report["database"]["alerts"] == 150
+    assert [(p["mode"], p["concurrency"]) for p in report["phases"]] == [
+        ("cached", 1), ("uncached", 1), ("cached", 4), ("uncached", 4)]
+    for phase in report["phases"]:
+        assert phase["statuses"] == {"200": 60}
+        lat = phase["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    # reusing the directory keeps the database
+    store = Store.open(tmp_path / "bench" / "branchguard.db")
+    try:
+        assert store.counts()["transactions"] == 2000
+    finally:
+        store.close()
+
+
+def test_fill_helper_makes_alerts_for_the_api_tests(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "x.db")
+    try:
+        fill(store, 50)
+        assert 0 < store.counts()["alerts"] < 50
+    finally:
+        store.close()
