@@ -412,5 +412,21 @@ def retention_erase(config: Path | None, data_dir: Path | None, nats_url: str | 
     click.echo(json.dumps(erase(settings_from(config, data_dir, nats_url), account), indent=2))
 
 
+@cli.command("nats-server")
+@settings_options
+@friendly_errors
+def nats_server(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Run nats-server in the foreground with the configuration the embedded node writes
+    (JetStream under <data_dir>/nats, auth and TLS from the settings): the systemd unit.
+
+    \b
+    Example:
+      BRANCHGUARD_DATA_DIR=/var/lib/branchguard branchguard nats-server
+    """
+    from .node import exec_nats_server
+
+    exec_nats_server(settings_from(config, data_dir, nats_url))
+
+
 def main() -> None:
     cli(prog_name="branchguard")

@@ -143,3 +143,17 @@ class EmbeddedNats:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def exec_nats_server(settings: Settings) -> None:
+    """Replace this process with nats-server on the configuration the embedded node would
+    write: the systemd unit runs it this way (``branchguard nats-server``), so one set of
+    settings describes both."""
+    nats_dir = settings.nats_dir.resolve()
+    nats_dir.mkdir(parents=True, exist_ok=True)
+    conf = nats_dir / "nats-server.conf"
+    conf.write_text(server_config(settings, (nats_dir / "jetstream").resolve()))
+    conf.chmod(0o600)  # it may hold credentials
+    exe = str(nats_server_binary())
+    log.info("nats.exec", txn_id=None, config=str(conf))
+    os.execv(exe, [exe, "-c", str(conf)])  # noqa: S606
