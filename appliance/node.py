@@ -28,6 +28,7 @@ from types import TracebackType
 
 from . import logs
 from .errors import NodeError
+from .nats_auth import server_blocks
 from .settings import Settings
 
 log = logs.get("appliance.node")
@@ -79,14 +80,14 @@ def server_config(settings: Settings, store_dir: Path) -> str:
             else f"{settings.sync_interval_seconds:g}s")
     return (
         "# Written by branchguard at every start; edit branchguard settings instead.\n"
-        f"host: 127.0.0.1\n"
+        f"host: {json.dumps(settings.nats_host)}\n"
         f"port: {settings.nats_port if settings.nats_port else -1}\n"
         "max_payload: 1MB\n"
         "jetstream {\n"
         f"  store_dir: {json.dumps(str(store_dir))}\n"
         f"  sync_interval: {sync}\n"
         "}\n"
-    )
+    ) + server_blocks(settings)  # issue 7: authorization and TLS, when configured
 
 
 class EmbeddedNats:
@@ -102,6 +103,7 @@ class EmbeddedNats:
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
         conf.write_text(server_config(self.settings, (self.dir / "jetstream").resolve()))
+        conf.chmod(0o600)  # it may hold credentials
         ports_dir = self.dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()

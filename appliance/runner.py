@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from . import logs
 from .ingest import connect
 from .model import Model
+from .nats_auth import client_options
 from .node import EmbeddedNats
 from .pipeline import Counters, Scorer
 from .replication import Litestream
@@ -84,7 +85,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         if replicator is not None:
             replicator.start()
         url = embedded.start() if embedded is not None else str(settings.nats_url)
-        nc = await connect(url, "branchguard-scorer")
+        nc = await connect(url, "branchguard-scorer", **client_options(settings))
     except BaseException:
         store.close()
         if embedded is not None:
@@ -108,7 +109,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         log.info("node.ready", txn_id=None, nats_url=url, db=str(settings.db_path),
                  model_version=model.version, demo=demo)
         if demo:
-            feed_nc = await connect(url, "branchguard-demo-feed")
+            feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
             tasks.append(asyncio.create_task(
                 publish(feed_nc, demo_stream(demo_rate, settings.branch),
                         branch=settings.branch, realtime=True, stop=stop)))

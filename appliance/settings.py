@@ -112,6 +112,19 @@ class Settings:
     account in them is on legal hold."""
     archive_dir: Path | None = None
     """Where the warm and cold tiers live; unset is ``<data_dir>/archive``."""
+    nats_host: str = "127.0.0.1"
+    """Address the node's nats-server listens on. Anything but loopback (terminals on the
+    branch network) requires ``nats_auth_file``; use TLS there too."""
+    nats_auth_file: Path | None = None
+    """TOML file of NATS users: the node's own, and one per terminal group, each allowed to
+    publish only to its terminals' ``tx.<branch>.<terminal>.>`` (a secret: keep it out of
+    the repository; format in docs/deploy.md). Unset: no authentication (loopback only)."""
+    nats_tls_cert: Path | None = None
+    """PEM certificate of the nats-server; with ``nats_tls_key`` every client must use TLS."""
+    nats_tls_key: Path | None = None
+    """PEM private key of ``nats_tls_cert`` (a secret)."""
+    nats_tls_ca: Path | None = None
+    """PEM CA bundle the node verifies its nats-server against (unset: the system's)."""
 
     @property
     def db_path(self) -> Path:
@@ -159,6 +172,11 @@ class Settings:
              f"use hot_days ({self.hot_days}) <= warm_days"),
             (self.warm_days <= self.cold_days, "cold_days", self.cold_days,
              f"use warm_days ({self.warm_days}) <= cold_days"),
+            (self.nats_host in ("127.0.0.1", "::1", "localhost")
+             or self.nats_auth_file is not None, "nats_host", self.nats_host,
+             "listening beyond loopback needs nats_auth_file (and TLS)"),
+            ((self.nats_tls_cert is None) == (self.nats_tls_key is None), "nats_tls_key",
+             self.nats_tls_key, "set both nats_tls_cert and nats_tls_key, or neither"),
         ]
         for ok, name, value, hint in checks:
             if not ok:
