@@ -44,3 +44,14 @@ class NodeError(BranchguardError):
 
 class StoreError(BranchguardError):
     """The SQLite database could not be opened or migrated."""
+
+
+# --- issue 7: retention ---------------------------------------------------------------
+
+
+class ArchiveError(BranchguardError):
+    """An archive file is missing, corrupt, or does not match what it was copied from."""
+
+
+class RetentionError(BranchguardError):
+    """A move could not be verified, or a request breaks a rule (erasing a held account)."""

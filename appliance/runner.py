@@ -26,8 +26,10 @@ from . import dispatch, logs, routing
 from .child import terminate
 from .ingest import connect
 from .model import Model
+from .nats_auth import client_options
 from .node import EmbeddedNats
 from .pipeline import Counters, Scorer
+from .replication import Litestream
 from .settings import Settings
 from .simulate import simulate
 from .store import Store
@@ -84,13 +86,18 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     model = Model.load(settings.models_dir, settings.model_version)  # fail before starting
     store = Store.open(settings.db_path)                                # anything
     embedded = EmbeddedNats(settings) if settings.nats_url is None else None
+    replicator = Litestream(settings) if settings.replicate else None  # issue 7
     try:
+        if replicator is not None:
+            replicator.start()
         url = embedded.start() if embedded is not None else str(settings.nats_url)
-        nc = await connect(url, "branchguard-scorer")
+        nc = await connect(url, "branchguard-scorer", **client_options(settings))
     except BaseException:
         store.close()
         if embedded is not None:
             embedded.stop()
+        if replicator is not None:
+            replicator.stop()
         raise
     feed_nc: Client | None = None
     stop = asyncio.Event()
@@ -113,7 +120,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
                  model_version=model.version, demo=demo)
         api = start_api(dataclasses.replace(settings, nats_url=url))
         if demo:
-            feed_nc = await connect(url, "branchguard-demo-feed")
+            feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
             tasks.append(asyncio.create_task(
                 publish(feed_nc, demo_stream(demo_rate, settings.branch),
                         branch=settings.branch, realtime=True, stop=stop)))
@@ -140,6 +147,8 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         store.close()
         if embedded is not None:
             embedded.stop()
+        if replicator is not None:
+            replicator.stop()  # after the last commit, which it then replicates
         if status:
             sys.stdout.write("\n")
         log.info("node.stopped", txn_id=None, scored=scorer.counters.transactions)

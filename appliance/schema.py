@@ -206,6 +206,32 @@ def m002_cases(db: Database) -> None:
     )
 
 
+# --- issue 7: retention ---------------------------------------------------------------
+
+
+@migrations()
+def m002_retention(db: Database) -> None:
+    db.executescript(
+        """
+        -- Accounts whose data no tier may purge or erase (a court order, an investigation).
+        CREATE TABLE legal_holds (
+            account_id TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            placed_at REAL NOT NULL
+        );
+        -- One row per right-to-erasure request carried out. The account is kept only as a
+        -- SHA-256 digest: proof that it was erased, without keeping who it was.
+        CREATE TABLE erasures (
+            erasure_id INTEGER PRIMARY KEY,
+            account_sha256 TEXT NOT NULL,
+            erased_at REAL NOT NULL,
+            transactions INTEGER NOT NULL,
+            alerts INTEGER NOT NULL
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

@@ -146,10 +146,54 @@ class Settings:
     """Longest a cached response is kept (entries are also invalidated by every change)."""
     lists_refresh_seconds: float = 5.0
     """Seconds between the scorer's re-reads of the allow and deny lists."""
+    # --- replication and retention (issue 7: operating a fleet)
+    replicate: bool = True
+    """Start litestream as a child of ``branchguard run``, replicating the database to
+    ``replica_url``. Set false where litestream runs as its own service (systemd, compose)."""
+    replica_url: str | None = None
+    """Litestream replica URL (``file:///path``, ``s3://bucket/path``, ``sftp://...``,
+    ``nats://...``); unset is ``<data_dir>/replica``, which guards against a corrupt database
+    but not a lost disk: point it at another machine in production."""
+    replica_sync_interval_seconds: float = 1.0
+    """Seconds between litestream's WAL checks and replica uploads: the most a committed
+    transaction waits to reach the replica (see docs/operations.md for the lag measured)."""
+    hot_days: int = 90
+    """Days a transaction stays in the node database (the scorer's and the API's hot tier)."""
+    warm_days: int = 365
+    """Days a transaction is kept in a monthly archive database under ``archive_dir/warm``."""
+    cold_days: int = 2557
+    """Days a transaction is kept at all (7 years): older cold files are purged unless an
+    account in them is on legal hold."""
+    archive_dir: Path | None = None
+    """Where the warm and cold tiers live; unset is ``<data_dir>/archive``."""
+    nats_host: str = "127.0.0.1"
+    """Address the node's nats-server listens on. Anything but loopback (terminals on the
+    branch network) requires ``nats_auth_file``; use TLS there too."""
+    nats_auth_file: Path | None = None
+    """TOML file of NATS users: the node's own, and one per terminal group, each allowed to
+    publish only to its terminals' ``tx.<branch>.<terminal>.>`` (a secret: keep it out of
+    the repository; format in docs/deploy.md). Unset: no authentication (loopback only)."""
+    nats_tls_cert: Path | None = None
+    """PEM certificate of the nats-server; with ``nats_tls_key`` every client must use TLS."""
+    nats_tls_key: Path | None = None
+    """PEM private key of ``nats_tls_cert`` (a secret)."""
+    nats_tls_ca: Path | None = None
+    """PEM CA bundle the node verifies its nats-server against (unset: the system's)."""
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "branchguard.db"
+
+    @property
+    def replica(self) -> str:
+        """The replica URL litestream writes to and restores from."""
+        if self.replica_url:
+            return self.replica_url
+        return (self.data_dir / "replica").resolve().as_uri()
+
+    @property
+    def archive_path(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else self.data_dir / "archive"
 
     @property
     def nats_dir(self) -> Path:
@@ -214,6 +258,19 @@ class Settings:
              "use > 0"),
             (self.lists_refresh_seconds > 0, "lists_refresh_seconds",
              self.lists_refresh_seconds, "use > 0"),
+            # issue 7
+            (self.replica_sync_interval_seconds > 0, "replica_sync_interval_seconds",
+             self.replica_sync_interval_seconds, "use > 0"),
+            (self.hot_days >= 1, "hot_days", self.hot_days, "use 1 or more"),
+            (self.hot_days <= self.warm_days, "warm_days", self.warm_days,
+             f"use hot_days ({self.hot_days}) <= warm_days"),
+            (self.warm_days <= self.cold_days, "cold_days", self.cold_days,
+             f"use warm_days ({self.warm_days}) <= cold_days"),
+            (self.nats_host in ("127.0.0.1", "::1", "localhost")
+             or self.nats_auth_file is not None, "nats_host", self.nats_host,
+             "listening beyond loopback needs nats_auth_file (and TLS)"),
+            ((self.nats_tls_cert is None) == (self.nats_tls_key is None), "nats_tls_key",
+             self.nats_tls_key, "set both nats_tls_cert and nats_tls_key, or neither"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

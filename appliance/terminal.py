@@ -19,6 +19,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from .ingest import Publisher, connect
+from .nats_auth import client_options
 from .settings import Settings
 from .replay import replay_csv, write_labels
 from .simulate import Labelled, simulate
@@ -131,7 +132,7 @@ async def publish_simulation(settings: Settings, *, count: int | None, rate: flo
             labelled.append(item)
         return item.tx
 
-    nc = await connect(url, "branchguard-simulate")
+    nc = await connect(url, "branchguard-simulate", **client_options(settings))
     try:
         confirmed = await publish(nc, (keep(i) for i in items), branch=settings.branch,
                                   rate=rate)
