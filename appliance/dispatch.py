@@ -227,8 +227,8 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
 def run_as_child(settings: Settings) -> None:
     """Entry point of the dispatcher started by ``branchguard run`` (a spawned process):
     dies with its parent, logs as the node does, exits with the dispatcher's code."""
-    from .node import _die_with_parent
+    from .node import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     logs.configure(settings.log_level)
     raise SystemExit(run_dispatcher(settings))
