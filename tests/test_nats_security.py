@@ -9,6 +9,7 @@ import os
 import ssl
 import ipaddress
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,42 @@ def test_auth_file_errors_name_the_key(tmp_path: Path) -> None:
         load_auth(bad)
     with pytest.raises(SettingsError, match="^nats_host: invalid value"):
         load(None, env={}, nats_host="0.0.0.0")
+
+
+def test_nats_server_command_serves_the_node_configuration(secure: Settings) -> None:
+    """``branchguard nats-server`` (the systemd unit) runs nats-server with the same auth and
+    TLS as the embedded node: a terminal may publish its own subject, no one gets in bare."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BRANCHGUARD_NATS_PORT": str(port),
+           "BRANCHGUARD_NATS_AUTH_FILE": str(secure.nats_auth_file),
+           "BRANCHGUARD_NATS_TLS_CERT": str(secure.nats_tls_cert),
+           "BRANCHGUARD_NATS_TLS_KEY": str(secure.nats_tls_key)}
+    process = subprocess.Popen([sys.executable, "-m", "appliance", "nats-server",
+                                "--data-dir", str(secure.data_dir)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        async def go() -> None:
+            for _ in range(100):
+                try:
+                    node = await nats.connect(url, max_reconnect_attempts=0,
+                                              allow_reconnect=False, **client_options(secure))
+                    break
+                except Exception:  # noqa: BLE001 - not listening yet
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("nats-server did not come up")
+            await ensure_streams(node.jetstream(), secure)
+            await node.close()
+            ok, _ = await _publish(url, secure, "atm-south", "south-secret", "tx.BR001.T0003.A2")
+            assert ok
+            ok, _ = await _publish(url, secure, "atm-south", "south-secret", "tx.BR001.T0001.A2")
+            assert not ok
+
+        asyncio.run(go())
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert oct((secure.data_dir / "nats" / "nats-server.conf").stat().st_mode & 0o777) == "0o600"

@@ -14,6 +14,7 @@ import pytest
 
 from appliance.replication import litestream_binary, litestream_config, restore
 from appliance.settings import load
+from appliance.store import Store
 
 from .support import decode, make_transactions, query, read_stream, send, stored_count, wait_until
 
@@ -106,3 +107,40 @@ def test_lose_the_data_directory_restore_and_resume_without_loss_or_realerting(
     again = restore(load(None, env={}, replica_url=replica), tmp_path / "again.db")
     assert again["transactions"] == len(txs)
     assert _ids(tmp_path / "again.db") == _ids(db)
+
+
+def test_replicate_command_runs_litestream_on_the_node_settings(tmp_path: Path) -> None:
+    """``branchguard replicate`` (the systemd unit and the compose service) replicates the
+    node database it finds through the same settings; a restore then has every row."""
+    data = tmp_path / "node"
+    replica = (tmp_path / "replica").as_uri()
+    store_settings = load(None, env={}, data_dir=data, replica_url=replica)
+    store = Store.open(store_settings.db_path)
+    env = {**os.environ, "BRANCHGUARD_REPLICA_URL": replica,
+           "BRANCHGUARD_REPLICA_SYNC_INTERVAL_SECONDS": "0.1"}
+    process = subprocess.Popen([sys.executable, "-m", "appliance", "replicate", "--data-dir",
+                                str(data)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        with store.db.atomic():
+            store.db.conn.executemany(
+                "INSERT INTO dead_letters (stream_seq, subject, reason, size, received_at) "
+                "VALUES (?, 'tx.x', 'probe', 1, 0)", [(i,) for i in range(50)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            probe = tmp_path / "probe.db"
+            try:
+                restore(store_settings, probe, force=True)
+            except Exception:  # noqa: BLE001 - not replicated yet
+                time.sleep(0.2)
+                continue
+            if query(probe, "SELECT count(*) FROM dead_letters")[0][0] == 50:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the replica never had the 50 rows")
+    finally:
+        process.terminate()
+        process.wait(10)
+        store.close()
+    assert process.returncode == 0  # litestream itself stopped cleanly on SIGTERM
