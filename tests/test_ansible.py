@@ -77,7 +77,7 @@ def test_the_role_converges_a_throwaway_root_and_is_idempotent(tmp_path: Path,
         "branchguard_nats_node_password": "vault-node-secret",
         "branchguard_terminal_groups": [{"name": "atm-lobby", "password": "vault-atm",
                                          "terminals": ["ATM01", "ATM02"]}],
-        "branchguard_apprise_urls": ["json://127.0.0.1:9/hook"],
+        "branchguard_alerts_critical": ["json://127.0.0.1:9/hook"],
         "branchguard_replica_url": "s3://replicas/br042",
     }
     first = _recap(_converge(tmp_path, root, extra))
@@ -95,7 +95,11 @@ def test_the_role_converges_a_throwaway_root_and_is_idempotent(tmp_path: Path,
     assert auth.groups[0].terminals == ("ATM01", "ATM02")
     for secret in ("nats-auth.toml", "branchguard.env"):
         assert (etc / secret).stat().st_mode & 0o077 == 0o040, secret  # 0640
-    assert "json://127.0.0.1:9/hook" in (etc / "branchguard.env").read_text()
+    env = dict(line.split("=", 1) for line in (etc / "branchguard.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    with_env = load(etc / "branchguard.toml", env=env)  # what the units' EnvironmentFile adds
+    assert with_env.alerts_critical == ("json://127.0.0.1:9/hook",)
+    assert with_env.alerts_high == () and with_env.alerts_warning == ()
     units = sorted(p.name for p in (root / "etc" / "systemd" / "system").iterdir())
     assert units == sorted(p.name for p in (ROOT / "systemd").iterdir())
     assert (root / "opt" / "branchguard" / "venv" / "bin" / "branchguard").exists()
