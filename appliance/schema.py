@@ -160,6 +160,29 @@ def m002_cases(db: Database) -> None:
     )
 
 
+# --- issue 5: analyst console (local users with argon2-hashed passwords) -------------------
+
+@migrations()
+def m003_users(db: Database) -> None:
+    """Console users: the API's roles, an argon2 hash of the password, soft disable.
+    ``password_changed_at`` is copied into each session, so a new password ends the
+    sessions opened with the old one."""
+    db.executescript(
+        """
+        CREATE TABLE console_users (
+            username TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('viewer', 'analyst', 'supervisor', 'admin')),
+            hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL,
+            password_changed_at REAL NOT NULL,
+            disabled_at REAL,
+            disabled_by TEXT
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

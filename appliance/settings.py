@@ -113,6 +113,17 @@ class Settings:
     lists_refresh_seconds: float = 5.0
     """Seconds between the scorer's re-reads of the allow and deny lists."""
 
+    # --- analyst console (issue 5)
+    console_enabled: bool = True
+    """Whether ``branchguard serve`` also serves the analyst console under ``/console``."""
+    console_secret: str | None = dataclasses.field(default=None, repr=False)
+    """Key that signs the console's session cookie; unset generates one into
+    ``<data_dir>/console-secret`` (mode 0600) at first start and reuses it after."""
+    console_idle_minutes: float = 30.0
+    """Minutes without a page load or action after which a console session ends."""
+    console_poll_seconds: float = 0.5
+    """How often an open queue page checks for new or changed alerts (one cheap query)."""
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "branchguard.db"
@@ -160,6 +171,13 @@ class Settings:
              "use > 0"),
             (self.lists_refresh_seconds > 0, "lists_refresh_seconds",
              self.lists_refresh_seconds, "use > 0"),
+            # analyst console (issue 5)
+            (self.console_idle_minutes > 0, "console_idle_minutes", self.console_idle_minutes,
+             "use > 0"),
+            (0 < self.console_poll_seconds <= 10, "console_poll_seconds",
+             self.console_poll_seconds, "use (0, 10]"),
+            (self.console_secret is None or len(self.console_secret) >= 32, "console_secret",
+             "(hidden)", "use at least 32 characters, or unset it to generate one"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

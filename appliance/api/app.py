@@ -125,7 +125,12 @@ def serve(settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
     log.info("api.listening", txn_id=None, host=host, port=port,
              url=f"http://{host}:{port}", db=str(settings.db_path))
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False,
+    app = create_app(settings)
+    if settings.console_enabled:  # issue 5: the analyst console under /console
+        from ui.mount import mount
+
+        mount(app, settings)
+    config = uvicorn.Config(app, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
