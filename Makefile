@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ lint: $(VENV)/.installed-test
 ## bench: throughput and latency on this machine (see README)
 bench: $(VENV)/.installed
 	$(VENV)/bin/branchguard bench --restart-rows 1000000
+
+## browser: Debian's chromium and chromium-driver for the console's browser tests (issue 5);
+## does nothing when both are installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+	  { $(SUDO) apt-get update && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium chromium-driver; }
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -21,7 +21,7 @@ from appliance.audit import verify
 from appliance.settings import Settings, load
 from tests.api_support import ServeProcess
 from tests.conftest import NodeProcess
-from tests.console_support import (add_user, browser, click, field, find,  # noqa: F401
+from tests.console_support import (ARTIFACTS, add_user, browser, click, field, find,  # noqa: F401
                                    log_in, queue_rows, screenshot, text_of, wait_for)
 from tests.support import make_transactions, query, send, stored_count, wait_until
 
@@ -75,12 +75,20 @@ def test_live_queue_case_and_confirm(console: Console, browser: WebDriver,  # no
     template = make_transactions(1, seed=77)[0].tx
     fraud = msgspec.structs.replace(template, transaction_id="LIVE-FRAUD-1", amount=9500.0,
                                 account_id="A-LIVE-1")
+    sent_at = time.time()
     send(nats_url, [fraud])
     wait_for(browser, lambda d: any("A-LIVE-1" in r.text for r in queue_rows(d)),
              message="the new alert in the queue")
+    seen_at = time.time()
     assert browser.execute_script("return window.__same_page") == "yes", "the page reloaded"
     alert_id = _alert_of(settings, "LIVE-FRAUD-1")
     assert alert_id is not None
+    stored_at = query(settings.db_path, "SELECT created_at FROM alerts WHERE alert_id = ?",
+                      [alert_id])[0][0]
+    ARTIFACTS.mkdir(exist_ok=True)  # a record, not an assertion: speed is not tested here
+    (ARTIFACTS / "console-live-seconds.txt").write_text(
+        f"publish to visible {seen_at - sent_at:.3f} s; stored to visible "
+        f"{seen_at - stored_at:.3f} s (poll {settings.console_poll_seconds} s)\n")
 
     # keyboard triage: the selection starts on the newest row (ours); j moves down, a assigns
     second = int(wait_for(browser, lambda d: queue_rows(d)[1].get_attribute("data-alert-id"),

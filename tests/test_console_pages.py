@@ -1,0 +1,151 @@
+"""Page logic with NiceGUI's simulated user (nicegui.testing.user_simulation, no browser):
+the gate, login, queue filters and pages, allowed transitions, and role checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nicegui import ui
+from nicegui.testing import User
+from nicegui.testing.user_simulation import user_simulation
+
+from appliance.settings import Settings
+from appliance.store import Store
+from tests.api_support import node_db  # noqa: F401
+from tests.console_support import add_user
+from tests.support import query
+
+MAIN = Path(__file__).with_name("console_main.py")
+
+
+def simulate(settings: Settings, scenario: Callable[[User], Awaitable[None]]) -> None:
+    os.environ["BRANCHGUARD_DATA_DIR"] = str(settings.data_dir)
+    try:
+        async def run() -> None:
+            async with user_simulation(main_file=MAIN) as user:
+                await scenario(user)
+        asyncio.run(run())
+    finally:
+        os.environ.pop("BRANCHGUARD_DATA_DIR", None)
+
+
+async def sign_in(user: User, name: str, password: str) -> None:
+    await user.open("/login")
+    user.find("Username").type(name)
+    user.find("Password").type(password)
+    user.find("Sign in").click()
+    await user.should_see(f"{name} (")
+
+
+def queue_table(user: User) -> ui.table:
+    return next(t for t in user.find(ui.table).elements if t.props.get("data-testid") == "queue")
+
+
+def status_of(settings: Settings, alert_id: int) -> str:
+    return str(query(settings.db_path, "SELECT status FROM alerts WHERE alert_id = ?",
+                     [alert_id])[0][0])
+
+
+def test_anonymous_is_sent_to_login(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    async def scenario(user: User) -> None:
+        for path in ("/", "/overview", "/lists", "/case/1"):
+            await user.open(path)
+            await user.should_see("Branchguard console")
+            await user.should_not_see("Log out")
+
+    simulate(node_db[0], scenario)
+
+
+def test_wrong_password_is_refused(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    add_user(node_db[0], "alice", "analyst")
+
+    async def scenario(user: User) -> None:
+        await user.open("/login")
+        user.find("Username").type("alice")
+        user.find("Password").type("not-the-password")
+        user.find("Sign in").click()
+        await user.should_see("wrong username or password")
+        await user.open("/")
+        await user.should_see("Branchguard console")
+
+    simulate(node_db[0], scenario)
+
+
+def test_queue_filters_search_and_pages(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+    total = query(settings.db_path, "SELECT count(*) FROM alerts")[0][0]
+    high = query(settings.db_path, "SELECT count(*) FROM alerts WHERE severity = 'HIGH'")[0][0]
+    account = query(settings.db_path, "SELECT account_id FROM alerts LIMIT 1")[0][0]
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.should_see(f"page 1 of {-(-total // 25)} · {total} alerts")
+        user.find("next").click()
+        await user.should_see(f"page 2 of {-(-total // 25)}")
+        rows = queue_table(user).rows
+        assert len(rows) == 25 and rows[0]["alert_id"] == total - 25
+        severity = next(s for s in user.find(ui.select).elements
+                        if s.props.get("label") == "severity")
+        severity.set_value(["HIGH"])
+        await user.should_see(f"{high} alerts")
+        assert {r["severity"] for r in queue_table(user).rows} == {"HIGH"}
+        severity.set_value([])
+        user.find("search transaction, account or terminal id").type(account)
+        await user.should_see("page 1 of 1")
+        assert {r["account_id"] for r in queue_table(user).rows} == {account}
+
+    simulate(settings, scenario)
+
+
+def test_case_offers_only_allowed_transitions(node_db: tuple[Settings, Store]  # noqa: F811
+                                              ) -> None:
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.open("/case/4")
+        await user.should_see("Start investigating")
+        await user.should_not_see("Reopen")
+        user.find("Start investigating").click()
+        await user.should_see("INVESTIGATING")
+        await user.should_not_see("Start investigating")
+        assert status_of(settings, 4) == "INVESTIGATING"
+        user.find("Dismiss (false positive)").click()
+        await user.should_see("FALSE_POSITIVE")
+        assert status_of(settings, 4) == "FALSE_POSITIVE"
+        await user.should_not_see("Confirm fraud")
+        reopen = user.find("Reopen").elements.pop()
+        assert not reopen.enabled  # an analyst cannot reopen
+        reopen.enabled = True       # even when the button is forced, the action refuses
+        user.find("Reopen").click()
+        await user.should_see("reopening a closed alert needs the supervisor role")
+        assert status_of(settings, 4) == "FALSE_POSITIVE"
+
+    simulate(settings, scenario)
+
+
+def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "vera", "viewer")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "vera", password)
+        await user.open("/case/6")
+        await user.should_see("Why it was flagged")
+        button = user.find("Confirm fraud").elements.pop()
+        assert not button.enabled
+        button.enabled = True
+        user.find("Confirm fraud").click()
+        await user.should_see("needs the analyst role or above; you are viewer")
+        assert status_of(settings, 6) == "NEW"
+        await user.open("/lists")
+        await user.should_see("changing the lists needs the supervisor role")
+        await user.should_not_see("Add")
+
+    simulate(settings, scenario)
