@@ -45,6 +45,15 @@ def queue_table(user: User) -> ui.table:
     return next(t for t in user.find(ui.table).elements if t.props.get("data-testid") == "queue")
 
 
+def force_click(user: User, label: str) -> None:
+    """Click a button the page disabled, as a tampered client could: the action itself
+    must still refuse."""
+    button = user.find(label).elements.pop()
+    assert not button.enabled, f"{label} should be disabled"
+    button.enabled = True
+    user.find(label).click()
+
+
 def status_of(settings: Settings, alert_id: int) -> str:
     return str(query(settings.db_path, "SELECT status FROM alerts WHERE alert_id = ?",
                      [alert_id])[0][0])
@@ -120,10 +129,7 @@ def test_case_offers_only_allowed_transitions(node_db: tuple[Settings, Store]  #
         await user.should_see("FALSE_POSITIVE")
         assert status_of(settings, 4) == "FALSE_POSITIVE"
         await user.should_not_see("Confirm fraud")
-        reopen = user.find("Reopen").elements.pop()
-        assert not reopen.enabled  # an analyst cannot reopen
-        reopen.enabled = True       # even when the button is forced, the action refuses
-        user.find("Reopen").click()
+        force_click(user, "Reopen")  # an analyst cannot reopen
         await user.should_see("reopening a closed alert needs the supervisor role")
         assert status_of(settings, 4) == "FALSE_POSITIVE"
 
@@ -138,10 +144,7 @@ def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  #
         await sign_in(user, "vera", password)
         await user.open("/case/6")
         await user.should_see("Why it was flagged")
-        button = user.find("Confirm fraud").elements.pop()
-        assert not button.enabled
-        button.enabled = True
-        user.find("Confirm fraud").click()
+        force_click(user, "Confirm fraud")
         await user.should_see("needs the analyst role or above; you are viewer")
         assert status_of(settings, 6) == "NEW"
         await user.open("/lists")
