@@ -90,11 +90,14 @@ def test_live_queue_case_and_confirm(console: Console, browser: WebDriver,  # no
         f"publish to visible {seen_at - sent_at:.3f} s; stored to visible "
         f"{seen_at - stored_at:.3f} s (poll {settings.console_poll_seconds} s)\n")
 
-    # keyboard triage: the selection starts on the newest row (ours); j moves down, a assigns
+    # keyboard triage: k up to the newest row (ours), j down one, a assigns that one
     second = int(wait_for(browser, lambda d: queue_rows(d)[1].get_attribute("data-alert-id"),
                           message="second row"))
     body = browser.find_element(By.TAG_NAME, "body")
-    body.send_keys("j")
+    for key in "kkkj":
+        body.send_keys(key)
+    wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "tr.bg-blue-100")
+             .get_attribute("data-alert-id") == str(second), message="second row selected")
     body.send_keys("a")
     wait_until(lambda: _case(settings, second)[1] == "alice", timeout=10,
                message="assigned by keyboard")

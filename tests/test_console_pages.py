@@ -152,3 +152,37 @@ def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  #
         await user.should_not_see("Add")
 
     simulate(settings, scenario)
+
+
+def test_supervisor_adds_and_removes_a_list_entry(node_db: tuple[Settings, Store]  # noqa: F811
+                                                  ) -> None:
+    settings = node_db[0]
+    password = add_user(settings, "sam", "supervisor")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "sam", password)
+        await user.open("/lists")
+        user.find("account or terminal id").type("A-DENIED-1")
+        user.find("reason").type("card reported stolen <b>today</b>")
+        user.find("Add").click()
+        await user.should_see("entry to remove")
+        table = next(t for t in user.find(ui.table).elements
+                     if t.props.get("data-testid") == "list-entries")
+        rows = query(settings.db_path, "SELECT entry_id, list, kind, owner, expires_at - "
+                     "created_at FROM list_entries WHERE value = 'A-DENIED-1'")
+        assert len(rows) == 1
+        entry_id, list_name, kind, owner, lifetime = rows[0]
+        assert (list_name, kind, owner) == ("deny", "account", "user:sam")
+        assert abs(lifetime - 7 * 86400) < 5
+        shown = next(r for r in table.rows if r["entry_id"] == entry_id)
+        assert shown["reason"] == "card reported stolen <b>today</b>"
+        user.find("entry to remove").elements.pop().set_value(entry_id)
+        user.find("Remove").click()
+        await user.should_not_see("entry to remove")  # no active entries left
+        assert query(settings.db_path, "SELECT removed_by FROM list_entries WHERE entry_id = ?",
+                     [entry_id])[0][0] == "user:sam"
+        actions = [r[0] for r in query(settings.db_path, "SELECT action FROM audit_log WHERE "
+                                       "subject = ?", [f"list_entry:{entry_id}"])]
+        assert actions == ["list.add", "list.remove"]
+
+    simulate(settings, scenario)

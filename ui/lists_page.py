@@ -32,19 +32,19 @@ def lists_page(console: Console) -> None:
         columns = [{"name": k, "label": k, "field": k, "align": "left"} for k in
                    ("entry_id", "list", "kind", "value", "reason", "owner", "created",
                     "expires")]
-        t = ui.table(columns=columns, rows=rows, row_key="entry_id").props(
+        ui.table(columns=columns, rows=rows, row_key="entry_id").props(
             "dense flat data-testid=list-entries")
-        if may_change:
-            t.add_slot("body-cell-entry_id", r"""
-                <q-td :props="props">{{ props.value }}
-                  <q-btn flat dense size="sm" icon="delete" :data-entry="props.value"
-                         @click="$parent.$emit('remove', props.row.entry_id)" />
-                </q-td>""")
-            t.on("remove", lambda e: remove(int(e.args)))
+        if may_change and rows:
+            with ui.row().classes("items-end gap-2"):
+                choice = ui.select({e["entry_id"]: f"#{e['entry_id']} {e['list']} {e['kind']} "
+                                    f"{e['value']}" for e in rows}, label="entry to remove"
+                                   ).classes("w-72").props("data-testid=list-remove-choice")
+                ui.button("Remove", on_click=lambda: remove(choice.value)).props(
+                    "outline data-testid=list-remove")
 
-    def remove(entry_id: int) -> None:
+    def remove(entry_id: int | None) -> None:
         actor = console.act("supervisor")
-        if actor is None:
+        if actor is None or entry_id is None:
             return
         try:
             console.change(lambda conn: remove_entry(conn, entry_id, actor.actor))

@@ -80,6 +80,8 @@ class QueueView:
                       ).classes("w-40").props("data-testid=filter-reason")
             ui.number("min risk", min=0, max=1, step=0.05,
                       on_change=lambda e: self.set(min_risk=e.value)).classes("w-24")
+            ui.number("max risk", min=0, max=1, step=0.05,
+                      on_change=lambda e: self.set(max_risk=e.value)).classes("w-24")
             ui.select(list(TIME_RANGES), value=self.time_range, label="event time",
                       on_change=lambda e: self.set_time(e.value)).classes("w-40")
             ui.input("assignee", placeholder=UNASSIGNED,
@@ -142,8 +144,12 @@ class QueueView:
         page = alert_page(conn, self.effective_query())
         self.total = page.total
         self.pages = page.pages(self.query.page_size)
+        kept = self.rows[self.selected]["alert_id"] if self.rows else None
         self.rows = [table_row(a) for a in page.alerts]
-        self.selected = min(self.selected, max(0, len(self.rows) - 1))
+        ids = [r["alert_id"] for r in self.rows]
+        # the selection follows its alert when new ones arrive above it
+        self.selected = ids.index(kept) if kept in ids else \
+            min(self.selected, max(0, len(self.rows) - 1))
         self.show()
 
     def show(self) -> None:
