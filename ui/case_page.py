@@ -19,7 +19,7 @@ from appliance.users import User
 
 from .layout import signed_in, when
 from .queue_page import COLUMNS, table_row
-from .session import Console
+from .session import MOUNT, Console
 from .triage import act
 
 TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
@@ -222,5 +222,5 @@ def case_page(console: Console, alert_id: int) -> None:
     if user is None:
         return
     with ui.row():
-        ui.link("← back to the queue", "/console/")
+        ui.link("← back to the queue", f"{MOUNT}/")
     CaseView(console, user, alert_id).body()
