@@ -3,7 +3,9 @@
 Times are event times (``ts``, indexed), bucketed by ``bucket_seconds``. Latency is the
 time from the event to its row being stored (``stored_at - ts``), so it includes the
 network and queueing as well as scoring. "Waiting" counts HIGH and CRITICAL alerts still
-NEW, whenever they came: the number the banner shows.
+NEW, whenever they came: the number the banner shows. ``last_stored_at`` (when the scorer
+last stored a transaction) is the node's pulse: it stops moving when the scorer or the
+terminals do.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def overview(conn: sqlite3.Connection, now: float, window_seconds: float = 3600.
     series = [{"at": b * bucket_seconds, **v} for b, v in sorted(buckets.items())]
     transactions = sum(int(v["transactions"]) for v in buckets.values())
     alerts = sum(int(v["alerts"]) for v in buckets.values())
-    latest = conn.execute("SELECT model_version, rules_version FROM transactions "
+    latest = conn.execute("SELECT model_version, rules_version, stored_at FROM transactions "
                           "ORDER BY rowid DESC LIMIT 1").fetchone()
     return {
         "since": since,
@@ -53,6 +55,7 @@ def overview(conn: sqlite3.Connection, now: float, window_seconds: float = 3600.
         "dead_letters": int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]),
         "model_version": latest[0] if latest else None,
         "rules_version": latest[1] if latest else RULES_VERSION,
+        "last_stored_at": latest[2] if latest else None,
     }
 
 

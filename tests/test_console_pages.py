@@ -147,6 +147,10 @@ def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  #
         force_click(user, "Confirm fraud")
         await user.should_see("needs the analyst role or above; you are viewer")
         assert status_of(settings, 6) == "NEW"
+        await user.open("/overview")
+        await user.should_see("dead letters: 0")
+        await user.should_see("node: last transaction stored")
+        await user.should_see("model m-test · rules rules-v1")
         await user.open("/lists")
         await user.should_see("changing the lists needs the supervisor role")
         await user.should_not_see("Add")
@@ -186,3 +190,29 @@ def test_supervisor_adds_and_removes_a_list_entry(node_db: tuple[Settings, Store
         assert actions == ["list.add", "list.remove"]
 
     simulate(settings, scenario)
+
+
+def test_bulk_dismiss_on_a_terminal(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+    terminal, count = query(settings.db_path, "SELECT terminal_id, count(*) FROM alerts "
+                            "GROUP BY 1 ORDER BY 2 DESC LIMIT 1")[0]
+    ids = [r[0] for r in query(settings.db_path, "SELECT alert_id FROM alerts WHERE "
+                               "terminal_id = ? ORDER BY alert_id", [terminal])]
+    assert count >= 3
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.open(f"/case/{ids[0]}")
+        await user.should_see(f"Other open alerts on this terminal ({count - 1})")
+        user.find(f"Dismiss all (this and {count - 1} more)").click()
+        await user.should_see(f"{count} alert(s) now FALSE_POSITIVE, 0 skipped")
+        await user.should_see("Other open alerts on this terminal (0)")
+
+    simulate(settings, scenario)
+    statuses = query(settings.db_path, "SELECT status, disposed_by FROM alerts WHERE "
+                     "terminal_id = ?", [terminal])
+    assert statuses == [("FALSE_POSITIVE", "user:alice")] * count
+    trail = query(settings.db_path, "SELECT count(*) FROM audit_log WHERE actor = 'user:alice'"
+                  " AND action = 'case.change'")[0][0]
+    assert trail == 2 * count  # each through INVESTIGATING, then dismissed

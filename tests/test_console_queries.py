@@ -175,6 +175,8 @@ def test_overview_counts_the_window(node_db: tuple[Settings, Store]) -> None:  #
     assert sum(o["by_severity"].values()) == o["alerts"]
     assert o["top_reasons"][0]["reason"] == "ml_anomaly"
     assert o["model_version"] == "m-test" and o["dead_letters"] == 0
+    assert o["last_stored_at"] == conn.execute("SELECT max(stored_at) FROM transactions"
+                                               ).fetchone()[0]
     assert o["waiting_urgent"] == waiting_urgent(conn) == conn.execute(
         "SELECT count(*) FROM alerts WHERE severity IN ('HIGH', 'CRITICAL')").fetchone()[0]
     empty = overview(conn, time.time() + 10 * 86400, window_seconds=60)

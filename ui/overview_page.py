@@ -1,6 +1,7 @@
 """The overview: throughput, alert rate, latency and severity mix over the last hour
 (charts redrawn every few seconds from overview.overview), top terminals and reasons,
-model and rules versions, dead letters."""
+model and rules versions, dead letters, and how long ago the node last stored a
+transaction (red after a minute of silence)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from .layout import signed_in
 from .session import Console
 
 REFRESH_SECONDS = 3.0
+STALE_SECONDS = 60.0
+"""Shown in red when nothing was stored for this long (the scorer or the feed stopped)."""
 
 
 def _line(name: str, unit: str) -> dict[str, Any]:
@@ -33,6 +36,7 @@ def overview_page(console: Console) -> None:
         totals = ui.label().classes("text-lg").props("data-testid=overview-totals")
         versions = ui.label().props("data-testid=overview-versions")
         dead = ui.label().props("data-testid=overview-dead-letters")
+        pulse = ui.label().props("data-testid=overview-pulse")
     with ui.grid(columns=2).classes("w-full"):
         throughput = ui.echart(_line("transactions per minute", "tx")).classes("h-56")
         rate = ui.echart(_line("alert rate per minute", "%")).classes("h-56")
@@ -69,6 +73,12 @@ def overview_page(console: Console) -> None:
                         f"({100 * o['alert_rate']:.2f}%)")
         versions.set_text(f"model {o['model_version'] or '—'} · rules {o['rules_version']}")
         dead.set_text(f"dead letters: {o['dead_letters']}")
+        last = o["last_stored_at"]
+        quiet = None if last is None else time.time() - last
+        pulse.set_text("node: nothing scored yet" if quiet is None else
+                       f"node: last transaction stored {quiet:.0f} s ago")
+        pulse.classes(replace="text-red-700 font-bold" if quiet is None or
+                      quiet > STALE_SECONDS else "")
         terminals.rows = o["top_terminals"]
         reasons.rows = o["top_reasons"]
         terminals.update()
