@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/branchguard run --demo
 
 ## test: the whole suite (real nats-server, real SQLite, loopback only)
-test: $(VENV)/.installed-test
+test: tools $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## lint: mypy --strict on the package
@@ -31,6 +31,11 @@ lint: $(VENV)/.installed-test
 ## bench: throughput and latency on this machine (see README)
 bench: $(VENV)/.installed
 	$(VENV)/bin/branchguard bench --restart-rows 1000000
+
+## tools: the Debian packages the tests need (systemd-analyze, promtool, chromium and
+## chromium-driver); installs only what is missing
+tools:
+	@.ci/install-tools
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

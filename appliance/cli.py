@@ -709,5 +709,82 @@ def nats_server(config: Path | None, data_dir: Path | None, nats_url: str | None
     exec_nats_server(settings_from(config, data_dir, nats_url))
 
 
+# --- analyst console (issue 5): users ----------------------------------------------------
+
+@cli.group("users")
+def users_group() -> None:
+    """Console users: create (password shown once), list, disable.
+
+    \b
+    Example:
+      branchguard users create --username alice --role analyst
+      branchguard users list
+      branchguard users disable alice
+    """
+
+
+@users_group.command("create")
+@settings_options
+@click.option("--username", required=True, help="Login name: a-z, 0-9, '.', '_', '-'.")
+@click.option("--role", required=True,
+              type=click.Choice(["viewer", "analyst", "supervisor", "admin"]))
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from stdin instead of generating one.")
+@friendly_errors
+def users_create(config: Path | None, data_dir: Path | None, nats_url: str | None,
+                 username: str, role: str, password_stdin: bool) -> None:
+    """Create a console user; prints a generated password once (only its hash is kept).
+
+    \b
+    Example:
+      branchguard users create --username alice --role analyst
+      printf '%s' "$PASSWORD" | branchguard users create --username bob --role viewer --password-stdin
+    """
+    from .users import create
+
+    settings = settings_from(config, data_dir, nats_url)
+    given = sys.stdin.read().rstrip("\n") if password_stdin else None
+    password = create(_writer(settings), username, role, _actor(), given)
+    click.echo(json.dumps({"username": username, "role": role,
+                           **({} if given else {"password": password})}))
+    if not given:
+        click.echo("store the password now: it is not shown again", err=True)
+
+
+@users_group.command("list")
+@settings_options
+@friendly_errors
+def users_list(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """List console users: name, role, created, disabled (never passwords or hashes).
+
+    \b
+    Example:
+      branchguard users list --data-dir ./var
+    """
+    from .users import listing
+
+    settings = settings_from(config, data_dir, nats_url)
+    click.echo(json.dumps(listing(_writer(settings).conn), indent=2))
+
+
+@users_group.command("disable")
+@settings_options
+@click.argument("username")
+@friendly_errors
+def users_disable(config: Path | None, data_dir: Path | None, nats_url: str | None,
+                  username: str) -> None:
+    """Disable a console user: their sessions end at their next page load or action.
+
+    \b
+    Example:
+      branchguard users disable alice
+    """
+    from .users import disable
+
+    settings = settings_from(config, data_dir, nats_url)
+    disable(_writer(settings), username, _actor())
+    click.echo(json.dumps({"username": username, "disabled": True}))
+
+
 def main() -> None:
     cli(prog_name="branchguard")

@@ -120,6 +120,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
                  model_version=model.version, demo=demo)
         api = start_api(dataclasses.replace(settings, nats_url=url))
         if demo:
+            announce_demo_user(settings)
             feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
             tasks.append(asyncio.create_task(
                 publish(feed_nc, demo_stream(demo_rate, settings.branch),
@@ -230,3 +231,32 @@ def start_api(settings: Settings) -> subprocess.Popen[bytes] | None:
 
 def stop_api(process: subprocess.Popen[bytes] | None) -> None:
     terminate(process)
+
+
+# --- the analyst console's demo user (issue 5) ----------------------------------------------
+
+DEMO_USER = "demo"
+
+
+def announce_demo_user(settings: Settings, out: TextIO = sys.stdout) -> str | None:
+    """Give the ``demo`` user (a supervisor) a fresh password and print it once with the
+    console's address; a password from an earlier run stops working. None (and nothing
+    printed) when the console is not served."""
+    if not (settings.run_api and settings.console_enabled):
+        return None
+    from . import users
+    from .change import connect_writer
+
+    db = connect_writer(settings.db_path)
+    try:
+        if users.exists(db.conn, DEMO_USER):
+            password = users.set_password(db, DEMO_USER, "runner:demo")
+        else:
+            password = users.create(db, DEMO_USER, "supervisor", "runner:demo")
+    finally:
+        db.close()
+    port = settings.api_port or "<api port>"
+    out.write(f"console: http://{settings.api_host}:{port}/console/  user: {DEMO_USER}  "
+              f"password: {password}  (shown once; new on every --demo start)\n")
+    out.flush()
+    return password

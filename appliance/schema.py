@@ -131,7 +131,7 @@ def m002_alerts_outbox(db: Database) -> None:
 # --- issue 4: analyst API (cases, notes, API keys, audit trail, allow/deny lists) ----------
 
 @migrations()
-def m002_cases(db: Database) -> None:
+def m003_cases(db: Database) -> None:
     """The analyst API's tables. The alert's case state (status, assignee, version) is in
     ``alerts`` since m001; this adds who changed it last and the disposition (status +
     time + who), so labels can be read from closed alerts without the audit trail."""
@@ -210,7 +210,7 @@ def m002_cases(db: Database) -> None:
 
 
 @migrations()
-def m002_retention(db: Database) -> None:
+def m004_retention(db: Database) -> None:
     db.executescript(
         """
         -- Accounts whose data no tier may purge or erase (a court order, an investigation).
@@ -227,6 +227,29 @@ def m002_retention(db: Database) -> None:
             erased_at REAL NOT NULL,
             transactions INTEGER NOT NULL,
             alerts INTEGER NOT NULL
+        );
+        """
+    )
+
+
+# --- issue 5: analyst console (local users with argon2-hashed passwords) -------------------
+
+@migrations()
+def m005_users(db: Database) -> None:
+    """Console users: the API's roles, an argon2 hash of the password, soft disable.
+    ``password_changed_at`` is copied into each session, so a new password ends the
+    sessions opened with the old one."""
+    db.executescript(
+        """
+        CREATE TABLE console_users (
+            username TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('viewer', 'analyst', 'supervisor', 'admin')),
+            hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL,
+            password_changed_at REAL NOT NULL,
+            disabled_at REAL,
+            disabled_by TEXT
         );
         """
     )

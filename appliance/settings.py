@@ -180,6 +180,17 @@ class Settings:
     nats_tls_ca: Path | None = None
     """PEM CA bundle the node verifies its nats-server against (unset: the system's)."""
 
+    # --- analyst console (issue 5)
+    console_enabled: bool = True
+    """Whether ``branchguard serve`` also serves the analyst console under ``/console``."""
+    console_secret: str | None = dataclasses.field(default=None, repr=False)
+    """Key that signs the console's session cookie; unset generates one into
+    ``<data_dir>/console-secret`` (mode 0600) at first start and reuses it after."""
+    console_idle_minutes: float = 30.0
+    """Minutes without a page load or action after which a console session ends."""
+    console_poll_seconds: float = 0.5
+    """How often an open queue page checks for new or changed alerts (one cheap query)."""
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "branchguard.db"
@@ -271,6 +282,13 @@ class Settings:
              "listening beyond loopback needs nats_auth_file (and TLS)"),
             ((self.nats_tls_cert is None) == (self.nats_tls_key is None), "nats_tls_key",
              self.nats_tls_key, "set both nats_tls_cert and nats_tls_key, or neither"),
+            # analyst console (issue 5)
+            (self.console_idle_minutes > 0, "console_idle_minutes", self.console_idle_minutes,
+             "use > 0"),
+            (0 < self.console_poll_seconds <= 10, "console_poll_seconds",
+             self.console_poll_seconds, "use (0, 10]"),
+            (self.console_secret is None or len(self.console_secret) >= 32, "console_secret",
+             "(hidden)", "use at least 32 characters, or unset it to generate one"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

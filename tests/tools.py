@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-INSTALL = "run .ci/install-tools (Debian packages systemd and prometheus; pip extra ops)"
+INSTALL = "run `make tools` (Debian packages systemd and prometheus, via .ci/install-tools)"
 
 
 def tool(name: str) -> str:

@@ -130,9 +130,14 @@ def serve(settings: Settings) -> None:
     open_db(settings.db_path).close()  # create and migrate before opening read-only
     sock = bind(settings)
     host, port = sock.getsockname()[:2]
+    app = create_app(settings)
+    if settings.console_enabled:  # issue 5: the analyst console under /console
+        from ui.mount import mount
+
+        mount(app, settings)
     log.info("api.listening", txn_id=None, host=host, port=port,
              url=f"http://{host}:{port}", db=str(settings.db_path))
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False,
+    config = uvicorn.Config(app, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
     # handler that was there before; make that one a no-op, so a clean stop exits 0.

@@ -1,0 +1,114 @@
+"""Everything an analyst reads to decide one case, in one call: the alert, its transaction,
+the reasons (each a sentence with the values and thresholds that fired it), the features
+against the account's own baseline, the account's timeline and terminals, the related open
+alerts, the notes and the case's audit history.
+
+The baseline of a feature is its mean over the account's previous ``BASELINE_ROWS``
+transactions (event time before this one), read from the feature vectors stored with them,
+so it is what the account looked like, not what the whole branch looks like.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from .api.alerts import ALERT_COLUMNS, TX_COLUMNS, alert_row
+from .audit import entry_dict
+from .features import FEATURES, FEATURES_VERSION
+
+BASELINE_ROWS = 100
+TIMELINE_ROWS = 50
+_list = msgspec.json.Decoder(list[Any])
+_ALERT_SELECT = f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a"
+
+
+def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
+    """The case of ``alert_id`` (see module doc), or None when there is no such alert."""
+    row = conn.execute(_ALERT_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
+    if row is None:
+        return None
+    alert = alert_row(row)
+    tx_row = conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM transactions "
+                          "WHERE transaction_id = ?", (alert["transaction_id"],)).fetchone()
+    tx: dict[str, Any] = dict(zip(TX_COLUMNS, tx_row)) if tx_row else {}
+    reasons: list[dict[str, str]] = []
+    features: list[dict[str, Any]] = []
+    if tx:
+        codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
+        reasons = [{"code": c, "detail": d} for c, d in zip(codes, details)]
+        values = _list.decode(tx.pop("features"))
+        if tx["features_version"] == FEATURES_VERSION:
+            features = _against_baseline(conn, tx, values)
+    return {
+        "alert": alert,
+        "transaction": tx,
+        "reasons": reasons,
+        "features": features,
+        "timeline": timeline(conn, alert["account_id"]),
+        "terminals": terminals_used(conn, alert["account_id"]),
+        "related": {scope: related_alerts(conn, alert, scope)
+                    for scope in ("account", "terminal")},
+        "notes": notes(conn, alert_id),
+        "history": history(conn, alert_id),
+    }
+
+
+def _against_baseline(conn: sqlite3.Connection, tx: dict[str, Any], values: list[float]
+                      ) -> list[dict[str, Any]]:
+    previous = [_list.decode(f) for (f,) in conn.execute(
+        "SELECT features FROM transactions WHERE account_id = ? AND ts < ? "
+        "AND features_version = ? ORDER BY ts DESC LIMIT ?",
+        (tx["account_id"], tx["ts"], FEATURES_VERSION, BASELINE_ROWS))]
+    out = []
+    for i, name in enumerate(FEATURES):
+        mean = sum(p[i] for p in previous) / len(previous) if previous else None
+        out.append({"name": name, "value": values[i], "baseline": mean,
+                    "baseline_rows": len(previous)})
+    return out
+
+
+def timeline(conn: sqlite3.Connection, account_id: str, limit: int = TIMELINE_ROWS
+             ) -> list[dict[str, Any]]:
+    """The account's most recent transactions, oldest first (to plot left to right)."""
+    columns = ("transaction_id", "ts", "amount", "currency", "terminal_id", "location",
+               "merchant_category", "risk", "severity", "decision")
+    rows = [dict(zip(columns, r)) for r in conn.execute(
+        f"SELECT {', '.join(columns)} FROM transactions WHERE account_id = ? "
+        "ORDER BY ts DESC LIMIT ?", (account_id, limit))]
+    return rows[::-1]
+
+
+def terminals_used(conn: sqlite3.Connection, account_id: str) -> list[dict[str, Any]]:
+    """Each terminal the account used: where it is, how often, when last."""
+    return [{"terminal_id": t, "location": loc, "transactions": n, "last_ts": last}
+            for t, loc, n, last in conn.execute(
+                "SELECT terminal_id, max(location), count(*), max(ts) FROM transactions "
+                "WHERE account_id = ? GROUP BY terminal_id ORDER BY count(*) DESC",
+                (account_id,))]
+
+
+def related_alerts(conn: sqlite3.Connection, alert: dict[str, Any], scope: str
+                   ) -> list[dict[str, Any]]:
+    """The other open alerts on the same account or terminal, newest first."""
+    column = {"account": "account_id", "terminal": "terminal_id"}[scope]
+    return [alert_row(r) for r in conn.execute(
+        _ALERT_SELECT + f" WHERE a.{column} = ? AND a.status IN ('NEW', 'INVESTIGATING') "
+        "AND a.alert_id != ? ORDER BY a.alert_id DESC LIMIT 200",
+        (alert[column], alert["alert_id"]))]
+
+
+def notes(conn: sqlite3.Connection, alert_id: int) -> list[dict[str, Any]]:
+    return [{"note_id": n, "at": at, "author": author, "text": text}
+            for n, at, author, text in conn.execute(
+                "SELECT note_id, at, author, text FROM alert_notes WHERE alert_id = ? "
+                "ORDER BY note_id", (alert_id,))]
+
+
+def history(conn: sqlite3.Connection, alert_id: int) -> list[dict[str, Any]]:
+    """The case's audit entries (status, assignee and note changes), oldest first."""
+    return [entry_dict(r) for r in conn.execute(
+        "SELECT seq, at, actor, action, subject, before, after, prev_hash, hash "
+        "FROM audit_log WHERE subject = ? ORDER BY seq", (f"alert:{alert_id}",))]

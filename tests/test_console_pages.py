@@ -1,0 +1,218 @@
+"""Page logic with NiceGUI's simulated user (nicegui.testing.user_simulation, no browser):
+the gate, login, queue filters and pages, allowed transitions, and role checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from nicegui import ui
+from nicegui.testing import User
+from nicegui.testing.user_simulation import user_simulation
+
+from appliance.settings import Settings
+from appliance.store import Store
+from tests.api_support import node_db  # noqa: F401
+from tests.console_support import add_user
+from tests.support import query
+
+MAIN = Path(__file__).with_name("console_main.py")
+
+
+def simulate(settings: Settings, scenario: Callable[[User], Awaitable[None]]) -> None:
+    os.environ["BRANCHGUARD_DATA_DIR"] = str(settings.data_dir)
+    try:
+        async def run() -> None:
+            async with user_simulation(main_file=MAIN) as user:
+                await scenario(user)
+        asyncio.run(run())
+    finally:
+        os.environ.pop("BRANCHGUARD_DATA_DIR", None)
+
+
+async def sign_in(user: User, name: str, password: str) -> None:
+    await user.open("/login")
+    user.find("Username").type(name)
+    user.find("Password").type(password)
+    user.find("Sign in").click()
+    await user.should_see(f"{name} (")
+
+
+def queue_table(user: User) -> ui.table:
+    return next(t for t in user.find(ui.table).elements if t.props.get("data-testid") == "queue")
+
+
+def force_click(user: User, label: str) -> None:
+    """Click a button the page disabled, as a tampered client could: the action itself
+    must still refuse."""
+    button = user.find(label).elements.pop()
+    assert not button.enabled, f"{label} should be disabled"
+    button.enabled = True
+    user.find(label).click()
+
+
+def status_of(settings: Settings, alert_id: int) -> str:
+    return str(query(settings.db_path, "SELECT status FROM alerts WHERE alert_id = ?",
+                     [alert_id])[0][0])
+
+
+def test_anonymous_is_sent_to_login(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    async def scenario(user: User) -> None:
+        for path in ("/", "/overview", "/lists", "/case/1"):
+            await user.open(path)
+            await user.should_see("Branchguard console")
+            await user.should_not_see("Log out")
+
+    simulate(node_db[0], scenario)
+
+
+def test_wrong_password_is_refused(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    add_user(node_db[0], "alice", "analyst")
+
+    async def scenario(user: User) -> None:
+        await user.open("/login")
+        user.find("Username").type("alice")
+        user.find("Password").type("not-the-password")
+        user.find("Sign in").click()
+        await user.should_see("wrong username or password")
+        await user.open("/")
+        await user.should_see("Branchguard console")
+
+    simulate(node_db[0], scenario)
+
+
+def test_queue_filters_search_and_pages(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+    total = query(settings.db_path, "SELECT count(*) FROM alerts")[0][0]
+    high = query(settings.db_path, "SELECT count(*) FROM alerts WHERE severity = 'HIGH'")[0][0]
+    account = query(settings.db_path, "SELECT account_id FROM alerts LIMIT 1")[0][0]
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.should_see(f"page 1 of {-(-total // 25)} · {total} alerts")
+        user.find("next").click()
+        await user.should_see(f"page 2 of {-(-total // 25)}")
+        rows = queue_table(user).rows
+        assert len(rows) == 25 and rows[0]["alert_id"] == total - 25
+        severity = next(s for s in user.find(ui.select).elements
+                        if s.props.get("label") == "severity")
+        severity.set_value(["HIGH"])
+        await user.should_see(f"{high} alerts")
+        assert {r["severity"] for r in queue_table(user).rows} == {"HIGH"}
+        severity.set_value([])
+        user.find("search transaction, account or terminal id").type(account)
+        await user.should_see("page 1 of 1")
+        assert {r["account_id"] for r in queue_table(user).rows} == {account}
+
+    simulate(settings, scenario)
+
+
+def test_case_offers_only_allowed_transitions(node_db: tuple[Settings, Store]  # noqa: F811
+                                              ) -> None:
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.open("/case/4")
+        await user.should_see("Start investigating")
+        await user.should_not_see("Reopen")
+        user.find("Start investigating").click()
+        await user.should_see("INVESTIGATING")
+        await user.should_not_see("Start investigating")
+        assert status_of(settings, 4) == "INVESTIGATING"
+        user.find("Dismiss (false positive)").click()
+        await user.should_see("FALSE_POSITIVE")
+        assert status_of(settings, 4) == "FALSE_POSITIVE"
+        await user.should_not_see("Confirm fraud")
+        force_click(user, "Reopen")  # an analyst cannot reopen
+        await user.should_see("reopening a closed alert needs the supervisor role")
+        assert status_of(settings, 4) == "FALSE_POSITIVE"
+
+    simulate(settings, scenario)
+
+
+def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "vera", "viewer")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "vera", password)
+        await user.open("/case/6")
+        await user.should_see("Why it was flagged")
+        force_click(user, "Confirm fraud")
+        await user.should_see("needs the analyst role or above; you are viewer")
+        assert status_of(settings, 6) == "NEW"
+        await user.open("/overview")
+        await user.should_see("dead letters: 0")
+        await user.should_see("node: last transaction stored")
+        await user.should_see("model m-test · rules rules-v1")
+        await user.open("/lists")
+        await user.should_see("changing the lists needs the supervisor role")
+        await user.should_not_see("Add")
+
+    simulate(settings, scenario)
+
+
+def test_supervisor_adds_and_removes_a_list_entry(node_db: tuple[Settings, Store]  # noqa: F811
+                                                  ) -> None:
+    settings = node_db[0]
+    password = add_user(settings, "sam", "supervisor")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "sam", password)
+        await user.open("/lists")
+        user.find("account or terminal id").type("A-DENIED-1")
+        user.find("reason").type("card reported stolen <b>today</b>")
+        user.find("Add").click()
+        await user.should_see("entry to remove")
+        table = next(t for t in user.find(ui.table).elements
+                     if t.props.get("data-testid") == "list-entries")
+        rows = query(settings.db_path, "SELECT entry_id, list, kind, owner, expires_at - "
+                     "created_at FROM list_entries WHERE value = 'A-DENIED-1'")
+        assert len(rows) == 1
+        entry_id, list_name, kind, owner, lifetime = rows[0]
+        assert (list_name, kind, owner) == ("deny", "account", "user:sam")
+        assert abs(lifetime - 7 * 86400) < 5
+        shown = next(r for r in table.rows if r["entry_id"] == entry_id)
+        assert shown["reason"] == "card reported stolen <b>today</b>"
+        user.find("entry to remove").elements.pop().set_value(entry_id)
+        user.find("Remove").click()
+        await user.should_not_see("entry to remove")  # no active entries left
+        assert query(settings.db_path, "SELECT removed_by FROM list_entries WHERE entry_id = ?",
+                     [entry_id])[0][0] == "user:sam"
+        actions = [r[0] for r in query(settings.db_path, "SELECT action FROM audit_log WHERE "
+                                       "subject = ?", [f"list_entry:{entry_id}"])]
+        assert actions == ["list.add", "list.remove"]
+
+    simulate(settings, scenario)
+
+
+def test_bulk_dismiss_on_a_terminal(node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+    terminal, count = query(settings.db_path, "SELECT terminal_id, count(*) FROM alerts "
+                            "GROUP BY 1 ORDER BY 2 DESC LIMIT 1")[0]
+    ids = [r[0] for r in query(settings.db_path, "SELECT alert_id FROM alerts WHERE "
+                               "terminal_id = ? ORDER BY alert_id", [terminal])]
+    assert count >= 3
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.open(f"/case/{ids[0]}")
+        await user.should_see(f"Other open alerts on this terminal ({count - 1})")
+        user.find(f"Dismiss all (this and {count - 1} more)").click()
+        await user.should_see(f"{count} alert(s) now FALSE_POSITIVE, 0 skipped")
+        await user.should_see("Other open alerts on this terminal (0)")
+
+    simulate(settings, scenario)
+    statuses = query(settings.db_path, "SELECT status, disposed_by FROM alerts WHERE "
+                     "terminal_id = ?", [terminal])
+    assert statuses == [("FALSE_POSITIVE", "user:alice")] * count
+    trail = query(settings.db_path, "SELECT count(*) FROM audit_log WHERE actor = 'user:alice'"
+                  " AND action = 'case.change'")[0][0]
+    assert trail == 2 * count  # each through INVESTIGATING, then dismissed

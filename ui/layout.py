@@ -1,0 +1,67 @@
+"""The frame around every signed-in page: navigation, who is signed in, logout, the banner
+for urgent alerts nobody has started on, and the idle check."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from nicegui import app, ui
+
+from appliance.overview import waiting_urgent
+from appliance.users import User
+
+from .session import MOUNT, Console, sign_out
+
+IDLE_CHECK_SECONDS = 15.0
+PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"))
+
+
+def when(ts: float | None) -> str:
+    """Epoch seconds as UTC text (the console shows UTC everywhere)."""
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def frame(console: Console, user: User, title: str) -> None:
+    """Draw the header for ``user`` on the current page."""
+    ui.page_title(f"{title} · Branchguard")
+    with ui.header().classes("items-center gap-4 bg-slate-800"):
+        ui.label("Branchguard").classes("text-lg font-bold")
+        for name, path in PAGES:
+            ui.link(name, MOUNT + path).classes("text-white")
+        ui.space()
+        ui.label(f"{user.username} ({user.role})").props("data-testid=whoami")
+
+        def logout() -> None:
+            sign_out(app.storage.user)
+            ui.navigate.to("/login")
+
+        ui.button("Log out", on_click=logout).props("flat color=white data-testid=logout")
+    banner = ui.label().classes("w-full bg-red-700 text-white p-2 font-bold")
+    banner.props("data-testid=urgent-banner")
+
+    def refresh_banner() -> None:
+        waiting = waiting_urgent(console.reader())
+        banner.set_text(f"{waiting} HIGH or CRITICAL alert(s) waiting unreviewed"
+                        if waiting else "")
+        banner.set_visibility(waiting > 0)
+
+    def check_idle() -> None:
+        if console.session_user(app.storage.user, touch=False) is None:
+            ui.navigate.to("/login")
+
+    refresh_banner()
+    ui.timer(2.0, refresh_banner)
+    ui.timer(IDLE_CHECK_SECONDS, check_idle)
+
+
+def signed_in(console: Console, title: str) -> User | None:
+    """This page's user with the frame drawn, or None (and off to the login page) when
+    the session ended between the gate and here."""
+    user = console.user()
+    if user is None:
+        ui.navigate.to("/login")
+        return None
+    frame(console, user, title)
+    return user

@@ -1,0 +1,187 @@
+"""The live alert queue: filters, search, sort, pages, and keyboard triage.
+
+Live without reloading: a timer polls queue.marker (newest alert id, change generation)
+every ``console_poll_seconds`` and re-reads the page only when it moved, so a freshly
+scored alert shows within one poll interval. Keys (ignored while typing in a field):
+``j``/``k`` or arrows move the selection, Enter opens the case, ``a`` assigns it to you,
+``i`` starts investigating, ``c`` confirms fraud, ``d`` dismisses it as a false positive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from nicegui import ui
+from nicegui.events import KeyEventArguments
+
+from appliance.cases import STATUSES
+from appliance.queue import REASONS, SORTS, UNASSIGNED, QueueQuery, alert_page, marker
+from appliance.score import SEVERITIES
+from appliance.users import User
+
+from .layout import signed_in, when
+from .session import Console
+from .triage import act
+
+TIME_RANGES = {"any time": None, "last 15 minutes": 900, "last hour": 3600,
+               "last 24 hours": 86400}
+COLUMNS = [
+    {"name": "alert_id", "label": "#", "field": "alert_id", "align": "left"},
+    {"name": "when", "label": "event time (UTC)", "field": "when", "align": "left"},
+    {"name": "severity", "label": "severity", "field": "severity", "align": "left"},
+    {"name": "risk", "label": "risk", "field": "risk_text", "align": "right"},
+    {"name": "reasons", "label": "reasons", "field": "reasons_text", "align": "left"},
+    {"name": "account_id", "label": "account", "field": "account_id", "align": "left"},
+    {"name": "terminal_id", "label": "terminal", "field": "terminal_id", "align": "left"},
+    {"name": "status", "label": "status", "field": "status", "align": "left"},
+    {"name": "assignee", "label": "assignee", "field": "assignee", "align": "left"},
+]
+KEYS = {"a": "assign_me", "i": "investigate", "c": "confirm", "d": "dismiss"}
+
+
+def table_row(alert: dict[str, Any]) -> dict[str, Any]:
+    return {**alert, "when": when(alert["ts"]), "risk_text": f"{alert['risk']:.2f}",
+            "reasons_text": ", ".join(alert["reasons"]), "assignee": alert["assignee"] or ""}
+
+
+class QueueView:
+    """One browser tab's queue: its query, the rows shown and the selected row."""
+
+    def __init__(self, console: Console, user: User) -> None:
+        self.console = console
+        self.user = user
+        self.query = QueueQuery()
+        self.time_range: str = "any time"
+        self.mine = False
+        self.rows: list[dict[str, Any]] = []
+        self.selected = 0
+        self.seen = (-1, -1)
+        self.total = 0
+        self.pages = 1
+
+    def effective_query(self) -> QueueQuery:
+        seconds = TIME_RANGES.get(self.time_range)
+        return dataclasses.replace(
+            self.query, since=None if seconds is None else time.time() - seconds,
+            assignee=self.user.username if self.mine else self.query.assignee)
+
+    def build(self) -> None:
+        with ui.row().classes("w-full items-end gap-2"):
+            ui.select(list(STATUSES), multiple=True, value=list(self.query.statuses),
+                      label="status", on_change=lambda e: self.set(statuses=tuple(e.value))
+                      ).classes("w-64").props("use-chips data-testid=filter-status")
+            ui.select(list(SEVERITIES), multiple=True, value=[], label="severity",
+                      on_change=lambda e: self.set(severities=tuple(e.value))
+                      ).classes("w-56").props("use-chips data-testid=filter-severity")
+            ui.select({"": "any reason", **{r: r for r in REASONS}}, value="", label="reason",
+                      on_change=lambda e: self.set(reason=e.value or None)
+                      ).classes("w-40").props("data-testid=filter-reason")
+            ui.number("min risk", min=0, max=1, step=0.05,
+                      on_change=lambda e: self.set(min_risk=e.value)).classes("w-24")
+            ui.number("max risk", min=0, max=1, step=0.05,
+                      on_change=lambda e: self.set(max_risk=e.value)).classes("w-24")
+            ui.select(list(TIME_RANGES), value=self.time_range, label="event time",
+                      on_change=lambda e: self.set_time(e.value)).classes("w-40")
+            ui.input("assignee", placeholder=UNASSIGNED,
+                     on_change=lambda e: self.set(assignee=e.value.strip() or None)
+                     ).classes("w-32")
+            ui.checkbox("mine", on_change=lambda e: self.set_mine(e.value)
+                        ).props("data-testid=filter-mine")
+            ui.input("search transaction, account or terminal id",
+                     on_change=lambda e: self.set(search=e.value.strip() or None)
+                     ).classes("w-72").props("clearable data-testid=search")
+            ui.select(list(SORTS), value=self.query.sort, label="sort",
+                      on_change=lambda e: self.set(sort=e.value)).classes("w-32")
+        self.table = ui.table(columns=COLUMNS, rows=[], row_key="alert_id").classes("w-full")
+        self.table.props("dense flat data-testid=queue")
+        self.table.add_slot("body", r"""
+            <q-tr :props="props" @click="$parent.$emit('open', props.row)"
+                  :class="props.row.selected ? 'bg-blue-100' : ''" class="cursor-pointer"
+                  :data-alert-id="props.row.alert_id">
+              <q-td v-for="col in props.cols" :key="col.name" :props="props">
+                {{ col.value }}
+              </q-td>
+            </q-tr>""")
+        self.table.on("open", lambda e: self.open(int(e.args["alert_id"])))
+        with ui.row().classes("items-center gap-2"):
+            ui.button("previous", on_click=lambda: self.turn(-1)).props(
+                "flat data-testid=page-previous")
+            self.pager = ui.label().props("data-testid=pager")
+            ui.button("next", on_click=lambda: self.turn(1)).props("flat data-testid=page-next")
+            ui.label("keys: j/k move · Enter open · a assign to me · i investigate · "
+                     "c confirm fraud · d dismiss").classes("text-gray-500 text-sm")
+        ui.keyboard(on_key=self.key)
+        self.refresh()
+        ui.timer(self.console.settings.console_poll_seconds, self.poll)
+
+    def set(self, **changes: Any) -> None:
+        self.query = dataclasses.replace(self.query, page=0, **changes)
+        self.refresh()
+
+    def set_time(self, value: str) -> None:
+        self.time_range = value
+        self.set()
+
+    def set_mine(self, value: bool) -> None:
+        self.mine = value
+        self.set()
+
+    def turn(self, step: int) -> None:
+        page = min(max(0, self.query.page + step), self.pages - 1)
+        if page != self.query.page:
+            self.query = dataclasses.replace(self.query, page=page)
+            self.refresh()
+
+    def poll(self) -> None:
+        if marker(self.console.reader()) != self.seen:
+            self.refresh()
+
+    def refresh(self) -> None:
+        conn = self.console.reader()
+        self.seen = marker(conn)
+        page = alert_page(conn, self.effective_query())
+        self.total = page.total
+        self.pages = page.pages(self.query.page_size)
+        kept = self.rows[self.selected]["alert_id"] if self.rows else None
+        self.rows = [table_row(a) for a in page.alerts]
+        ids = [r["alert_id"] for r in self.rows]
+        # the selection follows its alert when new ones arrive above it
+        self.selected = ids.index(kept) if kept in ids else \
+            min(self.selected, max(0, len(self.rows) - 1))
+        self.show()
+
+    def show(self) -> None:
+        for i, row in enumerate(self.rows):
+            row["selected"] = i == self.selected
+        self.table.rows = self.rows
+        self.table.update()
+        self.pager.set_text(f"page {self.query.page + 1} of "
+                            f"{self.pages} · "
+                            f"{self.total} alerts")
+
+    def open(self, alert_id: int) -> None:
+        ui.navigate.to(f"/case/{alert_id}")
+
+    def key(self, e: KeyEventArguments) -> None:
+        if not e.action.keydown or not self.rows:
+            return
+        name = e.key.name
+        if name in ("j", "ArrowDown", "k", "ArrowUp"):
+            step = 1 if name in ("j", "ArrowDown") else -1
+            self.selected = min(max(0, self.selected + step), len(self.rows) - 1)
+            self.show()
+        elif name == "Enter":
+            self.open(self.rows[self.selected]["alert_id"])
+        elif name in KEYS:
+            row = self.rows[self.selected]
+            if act(self.console, row["alert_id"], row["version"], KEYS[name]) is not None:
+                self.refresh()
+
+
+def queue_page(console: Console) -> None:
+    user = signed_in(console, "Queue")
+    if user is None:
+        return
+    QueueView(console, user).build()
