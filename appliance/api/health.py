@@ -87,5 +87,13 @@ def metrics(call: Call) -> Response:
     responses:
       200: {description: metrics}
     """
+    settings = call.api.settings
+    try:
+        row = call.conn.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
+                                (settings.consumer,)).fetchone()
+        last = asyncio.run(asyncio.wait_for(_stream_last_seq(settings.nats_address), 1.0))
+        call.api.metrics.consumer_lag.set(max(0, last - (int(row[0]) if row else 0)))
+    except Exception as exc:  # the scrape still answers; the gauge keeps its last value
+        log.warning("metrics.lag_failed", txn_id=None, error=type(exc).__name__)
     return Response(generate_latest(call.api.metrics.registry),
                     media_type=CONTENT_TYPE_LATEST)

@@ -5,20 +5,26 @@ Request counts by route, method and status, and a latency histogram whose bucket
 404s count too). The scorer's figures are read from the database at scrape time (so they are
 right whichever process wrote them, and nothing needs a multi-process directory): stored
 transactions, alerts by severity, status and reason, dead letters, checkpoints, model
-version. The consumer lag is the one figure that needs NATS; it is updated by ``/readyz``.
+version, the alert outbox, disk space and replication lag. The consumer lag is the one figure
+that needs NATS; each ``/metrics`` and ``/readyz`` refreshes it. These names are the contract
+the Prometheus rules in ``monitoring/`` rely on (docs/operations.md; a test checks it).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..alert_metrics import OutboxCollector
 from ..settings import Settings
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -34,15 +40,25 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         conn = self.reader()
-        stored = conn.execute("SELECT max(rowid) FROM transactions").fetchone()[0] or 0
-        yield GaugeMetricFamily("branchguard_transactions_stored",
-                                "Transactions stored (rows are never deleted).", value=stored)
-        alerts = GaugeMetricFamily("branchguard_alerts", "Alerts by severity and case status.",
-                                   labels=["severity", "status"])
+        stored = conn.execute("SELECT count(*) FROM transactions").fetchone()[0]
+        yield CounterMetricFamily("branchguard_transactions",
+                                  "Transactions scored and stored in the node database.",
+                                  value=stored)
+        raised = CounterMetricFamily("branchguard_alerts",
+                                     "Alerts raised (decision review or decline).",
+                                     labels=["severity"])
+        cases = GaugeMetricFamily("branchguard_alert_cases",
+                                  "Alerts by severity and case status.",
+                                  labels=["severity", "status"])
+        by_severity: dict[str, int] = {}
         for severity, status, n in conn.execute(
                 "SELECT severity, status, count(*) FROM alerts GROUP BY severity, status"):
-            alerts.add_metric([severity, status], n)
-        yield alerts
+            cases.add_metric([severity, status], n)
+            by_severity[severity] = by_severity.get(severity, 0) + n
+        for severity, n in sorted(by_severity.items()):
+            raised.add_metric([severity], n)
+        yield raised
+        yield cases
         reasons = GaugeMetricFamily("branchguard_alert_reasons",
                                     "Alerts giving each reason.", labels=["reason"])
         for reason, n in conn.execute("SELECT j.value, count(*) FROM alerts, "
@@ -50,8 +66,8 @@ class StoreCollector(Collector):
             reasons.add_metric([str(reason)], n)
         yield reasons
         dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
-        yield GaugeMetricFamily("branchguard_dead_letters", "Dead-lettered messages.",
-                                value=dead)
+        yield CounterMetricFamily("branchguard_dead_letters",
+                                  "Messages dead-lettered to TX_DLQ.", value=dead)
         checkpoints = GaugeMetricFamily("branchguard_checkpoint_stream_seq",
                                         "Last TX stream sequence committed, per consumer.",
                                         labels=["consumer"])
@@ -67,6 +83,38 @@ class StoreCollector(Collector):
         info.add_metric([self.settings.model_version, row[0] if row else "",
                          row[1] if row else ""], 1)
         yield info
+        yield from disk_metrics(self.settings.data_dir)
+        lag = replication_lag_seconds(self.settings)
+        if lag is not None:
+            yield GaugeMetricFamily("branchguard_replication_lag_seconds",
+                                    "How far the local Litestream replica is behind the "
+                                    "database's last write (0 when in step).", value=lag)
+
+
+def disk_metrics(path: Path) -> Iterator[Metric]:
+    """Free and total bytes of the filesystem holding the data directory."""
+    st = os.statvfs(path)
+    yield GaugeMetricFamily("branchguard_data_dir_free_bytes",
+                            "Free bytes on the data directory's filesystem.",
+                            value=st.f_bavail * st.f_frsize)
+    yield GaugeMetricFamily("branchguard_data_dir_size_bytes",
+                            "Size of the data directory's filesystem.",
+                            value=st.f_blocks * st.f_frsize)
+
+
+def replication_lag_seconds(settings: Settings) -> float | None:
+    """Seconds between the database's last write (its WAL or file mtime) and the newest file
+    Litestream wrote to a ``file://`` replica; 0 when the replica is newer. None when the
+    node does not replicate or the replica is remote (Litestream's own metrics cover those)."""
+    if not settings.replicate or not settings.replica.startswith("file://"):
+        return None
+    replica = Path(unquote(urlparse(settings.replica).path))
+    newest = max((f.stat().st_mtime for f in replica.rglob("*") if f.is_file()), default=0.0)
+    written = max((f.stat().st_mtime for f in (settings.db_path,
+                                               settings.db_path.with_name(
+                                                   settings.db_path.name + "-wal"))
+                   if f.exists()), default=0.0)
+    return max(0.0, written - newest)
 
 
 class ApiMetrics:
@@ -84,10 +132,11 @@ class ApiMetrics:
                                   "Responses served from the cache.", ["route"], registry=r)
         self.cache_misses = Counter("branchguard_api_cache_misses",
                                     "Cacheable responses computed.", ["route"], registry=r)
-        self.consumer_lag = Gauge("branchguard_consumer_lag",
+        self.consumer_lag = Gauge("branchguard_consumer_pending_messages",
                                   "TX messages not yet committed (last_seq - checkpoint), "
-                                  "as of the last /readyz.", registry=r)
+                                  "refreshed by each /metrics and /readyz.", registry=r)
         r.register(StoreCollector(reader, settings))
+        r.register(OutboxCollector(settings.db_path))
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
         async def measured(scope: Scope, receive: Receive, send: Send) -> None:
