@@ -266,5 +266,111 @@ def settings_doc() -> None:
         click.echo(f"| `{name}` | `{default}` | `BRANCHGUARD_{name.upper()}` | {doc} |")
 
 
+# --- issue 3: model lifecycle (registry, labels, evaluation, retraining, drift) -------------
+
+
+@cli.group()
+def models() -> None:
+    """The model registry: list, show, promote, roll back, set stages.
+
+    \b
+    Example:
+      branchguard models list
+    """
+
+
+def dir_options(fn: F) -> F:
+    """--config and --data-dir, for commands that read the node's data directory only."""
+    fn = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                      help="The node's data directory (default ./var).")(fn)
+    return click.option("--config", type=click.Path(path_type=Path, exists=True),
+                        default=None, help="TOML settings file.")(fn)
+
+
+def _registry(config: Path | None, data_dir: Path | None) -> Any:
+    from .registry import Registry
+
+    return Registry.of(settings_from(config, data_dir, None))
+
+
+@models.command("list")
+@dir_options
+@friendly_errors
+def models_list(config: Path | None, data_dir: Path | None) -> None:
+    """Every registered model with its stage.
+
+    \b
+    Example:
+      branchguard models list --data-dir ./var
+    """
+    rows = _registry(config, data_dir).listing()
+    click.echo(f"{'version':<28} {'stage':<11} {'created':<26} {'AP':>6} {'F1':>6}  parent")
+    for r in rows:
+        ap = "" if r["average_precision"] is None else f"{r['average_precision']:.3f}"
+        f1 = "" if r["f1"] is None else f"{r['f1']:.3f}"
+        click.echo(f"{r['version']:<28} {r['stage']:<11} {str(r['created']):<26} {ap:>6} "
+                   f"{f1:>6}  {r['parent'] or ''}")
+
+
+@models.command("show")
+@click.argument("version")
+@dir_options
+@friendly_errors
+def models_show(version: str, config: Path | None, data_dir: Path | None) -> None:
+    """Print a model's card (with its current stage) as JSON.
+
+    \b
+    Example:
+      branchguard models show if-v1
+    """
+    click.echo(json.dumps(_registry(config, data_dir).card(version), indent=2))
+
+
+@models.command("promote")
+@click.argument("version")
+@click.option("--reason", default="manual", show_default=True)
+@dir_options
+@friendly_errors
+def models_promote(version: str, reason: str, config: Path | None, data_dir: Path | None
+                   ) -> None:
+    """Make VERSION the production model (a running scorer switches within seconds).
+
+    \b
+    Example:
+      branchguard models promote if-20261201-101500 --reason "weekly retrain"
+    """
+    state = _registry(config, data_dir).promote(version, reason=reason)
+    click.echo(json.dumps(state.to_json(), indent=2))
+
+
+@models.command("rollback")
+@dir_options
+@friendly_errors
+def models_rollback(config: Path | None, data_dir: Path | None) -> None:
+    """Put the previous production model back.
+
+    \b
+    Example:
+      branchguard models rollback --data-dir ./var
+    """
+    click.echo(json.dumps(_registry(config, data_dir).rollback().to_json(), indent=2))
+
+
+@models.command("stage")
+@click.argument("version")
+@click.argument("stage", type=click.Choice(["candidate", "shadow", "retired"]))
+@dir_options
+@friendly_errors
+def models_stage(version: str, stage: str, config: Path | None, data_dir: Path | None) -> None:
+    """Set a non-production model's stage (one shadow at a time).
+
+    \b
+    Example:
+      branchguard models stage sup-20261201 shadow
+    """
+    click.echo(json.dumps(_registry(config, data_dir).set_stage(version, stage).to_json(),
+                          indent=2))
+
+
 def main() -> None:
     cli(prog_name="branchguard")
