@@ -372,5 +372,39 @@ def models_stage(version: str, stage: str, config: Path | None, data_dir: Path |
                           indent=2))
 
 
+@cli.group()
+def labels() -> None:
+    """Fraud labels, kept apart from transactions (see docs/models.md).
+
+    \b
+    Example:
+      branchguard labels import chargebacks.csv
+    """
+
+
+@labels.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True))
+@click.option("--source", default=None, help="Source recorded with each label (default: "
+              "the file's source column, else file:<name>).")
+@dir_options
+@friendly_errors
+def labels_import(file: Path, source: str | None, config: Path | None, data_dir: Path | None
+                  ) -> None:
+    """Import a labels CSV (transaction_id,label,known_at[,source]); all rows or none.
+
+    label is 1 (fraud) or 0; known_at is when it became known, RFC 3339. A transaction keeps
+    its first label, so importing a file twice changes nothing.
+
+    \b
+    Example:
+      branchguard labels import chargebacks.csv --data-dir ./var
+    """
+    from .labels import import_labels
+
+    settings = settings_from(config, data_dir, None)
+    result = import_labels(settings.db_path, file, source)
+    click.echo(json.dumps(result.__dict__, indent=2))
+
+
 def main() -> None:
     cli(prog_name="branchguard")

@@ -21,16 +21,20 @@ import asyncio
 import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client
 
 from . import logs
+from .errors import BranchguardError
 from .features import FeatureState
+from .labels import LabelFeed
 from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_batch, dlq_headers,
                      ensure_streams, reset_consumer)
 from .model import Model, feature_matrix
+from .registry import Registry
 from .rules import RULES_VERSION
 from .score import Verdict, judge
 from .settings import Settings
@@ -60,7 +64,8 @@ class Counters:
 class Scorer:
     """Consumes TX, scores, stores and publishes verdicts until :meth:`stop` is called."""
 
-    def __init__(self, nc: Client, store: Store, model: Model, settings: Settings) -> None:
+    def __init__(self, nc: Client, store: Store, model: Model, settings: Settings,
+                 registry: Registry | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.store = store
@@ -78,6 +83,11 @@ class Scorer:
         self._in_flight: dict[str, Verdict | None] = {}
         """Transactions scored but not yet committed: re-sends of them are duplicates too."""
         self.ready = asyncio.Event()
+        self.registry = registry
+        """When given, the production pointer is watched and a new model swapped in."""
+        self.labels = LabelFeed(store.reader.conn)
+        self.last_seq = 0
+        """Stream sequence of the last batch handed to the store (the hot-swap point)."""
 
     async def prepare(self) -> None:
         """Streams, state from the database, consumer from the checkpoint, lost verdicts."""
@@ -95,8 +105,12 @@ class Scorer:
         gc.set_threshold(50_000, 50, 100)
 
         checkpoint = self.store.checkpoint(self.settings.consumer)
+        self.last_seq = checkpoint
+        while self.labels.refresh():
+            pass
         log.info("state.rebuilt", accounts=len(self.state.accounts),
                  terminals=len(self.state.terminals), checkpoint=checkpoint,
+                 labels=self.labels.state.count,
                  seconds=round(time.monotonic() - started, 3))
         start = await reset_consumer(self.js, self.settings, checkpoint)
         await self.verdicts.start()
@@ -119,6 +133,11 @@ class Scorer:
         """
         await self.prepare()
         checkpoints = asyncio.create_task(self._checkpoint_wal())
+        watchers = [asyncio.create_task(self._every(self.settings.label_refresh_seconds,
+                                                    self._refresh_labels))]
+        if self.registry is not None:
+            watchers.append(asyncio.create_task(self._every(self.settings.model_check_seconds,
+                                                            self._check_model)))
         try:
             while not self._stopping.is_set():
                 batch = await self.puller.take(timeout=0.25)
@@ -129,6 +148,8 @@ class Scorer:
                 await asyncio.gather(*self._acking)
         finally:
             checkpoints.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             self.writer.shutdown(wait=True)
             self.store.checkpoint_wal()
             await self.puller.stop()
@@ -137,6 +158,37 @@ class Scorer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _every(self, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await fn()
+
+    async def _refresh_labels(self) -> None:
+        """New labels into the label state (one query; at most 20,000 labels a call, so a
+        large import is taken in over a few calls rather than in one long stall)."""
+        added = self.labels.refresh(limit=20_000)
+        if added:
+            log.info("labels.loaded", txn_id=None, added=added, total=self.labels.state.count)
+
+    async def _check_model(self) -> None:
+        """Hot swap: when the production pointer names another model, load it off the event
+        loop and switch between two batches. ``_score`` is synchronous, so every batch is
+        scored by exactly one model, and every verdict names it."""
+        assert self.registry is not None
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(None, self.registry.production)
+            if version == self.model.version:
+                return
+            model = await loop.run_in_executor(None, self.registry.load, version)
+        except BranchguardError as exc:
+            log.error("model.swap_failed", txn_id=None, error=str(exc),
+                      serving=self.model.version)
+            return
+        previous, self.model = self.model.version, model
+        log.info("model.swapped", txn_id=None, previous=previous, version=version,
+                 after_stream_seq=self.last_seq)
 
     async def _checkpoint_wal(self, every: float = 1.0) -> None:
         """Keep the WAL short from a thread of its own, off the scoring path."""
@@ -190,6 +242,7 @@ class Scorer:
             raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
         await self._settle()  # the previous batch is committed and published
+        self.last_seq = batch[-1].stream_seq
         loop = asyncio.get_running_loop()
         if len(batch) >= WRITER_THREAD_MIN_BATCH:
             commit = loop.run_in_executor(self.writer, self.store.save_batch, scored, dead,
@@ -205,8 +258,14 @@ class Scorer:
         """Stages 3-5: features in order, model risk for all at once, rules and verdict."""
         observe = self.state.observe
         features = [observe(tx) for _, tx in fresh]
-        risks = self.model.risks(feature_matrix(features)) if features else ()
-        version, settings = self.model.version, self.settings
+        model = self.model
+        rows = features
+        if model.uses_labels:
+            known = self.labels.state.features
+            rows = [f + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
+                    for f, (_, tx) in zip(features, fresh)]
+        risks = model.risks(feature_matrix(rows)) if features else ()
+        version, settings = model.version, self.settings
         return [Scored(tx, branch_of(d.subject), d.stream_seq, f,
                        judge(tx, f, float(r), version, RULES_VERSION, settings))
                 for (d, tx), f, r in zip(fresh, features, risks)]

@@ -82,6 +82,23 @@ def m001_initial(db: Database) -> None:
     )
 
 
+# --- issue 3: labels, kept apart from transactions (see labels.py) --------------------------
+@migrations()
+def m002_labels(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE labels (
+            transaction_id TEXT PRIMARY KEY,  -- a transaction keeps its first label
+            label INTEGER NOT NULL CHECK (label IN (0, 1)),  -- 1 = fraud
+            known_at TEXT NOT NULL,           -- when it became known, UTC RFC 3339
+            source TEXT NOT NULL,             -- file name, analyst, chargeback feed...
+            imported_at TEXT NOT NULL         -- UTC RFC 3339
+        );
+        CREATE INDEX labels_known_at ON labels (known_at);
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

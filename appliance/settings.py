@@ -92,6 +92,20 @@ class Settings:
     summary_interval_seconds: float = 2.0
     """Seconds between status lines of ``branchguard run``."""
 
+    # --- issue 3: model lifecycle
+    model_check_seconds: float = 2.0
+    """Seconds between the scorer's checks of the registry's production pointer (hot swap)."""
+    label_refresh_seconds: float = 5.0
+    """Seconds between the scorer's reads of newly imported labels (label features)."""
+    alert_budget_per_day: float = 100.0
+    """Alerts per day the fraud team can work: recall at this budget is reported, and a
+    candidate raising more alerts per day than this is not promoted."""
+    promotion_min_f1_gain: float = 0.02
+    """Relative F1 gain (at the operating threshold) a candidate needs over production to be
+    promoted (0.02 = 2 % higher)."""
+    retrain_window_days: float = 90.0
+    """Days of stored transactions ``branchguard retrain`` trains on."""
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "branchguard.db"
@@ -117,6 +131,16 @@ class Settings:
             (0 < self.ml_risk_threshold <= 1, "ml_risk_threshold", self.ml_risk_threshold,
              "use a risk in (0, 1]"),
             (self.high_value_amount > 0, "high_value_amount", self.high_value_amount, "use > 0"),
+            (self.model_check_seconds > 0, "model_check_seconds", self.model_check_seconds,
+             "use > 0"),
+            (self.label_refresh_seconds > 0, "label_refresh_seconds",
+             self.label_refresh_seconds, "use > 0"),
+            (self.alert_budget_per_day > 0, "alert_budget_per_day", self.alert_budget_per_day,
+             "use > 0"),
+            (self.promotion_min_f1_gain >= 0, "promotion_min_f1_gain",
+             self.promotion_min_f1_gain, "use >= 0"),
+            (self.retrain_window_days > 0, "retrain_window_days", self.retrain_window_days,
+             "use > 0"),
             (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              self.log_level, "use DEBUG, INFO, WARNING or ERROR"),
         ]

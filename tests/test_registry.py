@@ -172,7 +172,7 @@ def test_models_cli_list_show_promote_rollback(tmp_path: Path) -> None:
     assert listed.exit_code == 0, listed.output
     assert "if-v1" in listed.output and "production" in listed.output and "m-a" in listed.output
     shown = runner.invoke(cli.cli, ["models", "show", "m-a"])
-    assert json.loads(shown.output)["parent_version"] == "if-v1"
+    assert json.loads(shown.stdout)["parent_version"] == "if-v1"
     assert runner.invoke(cli.cli, ["models", "promote", "m-a"]).exit_code == 0
     assert Registry(tmp_path / "node" / "models", SHIPPED_MODELS_DIR, "if-v1").production() == "m-a"
     assert runner.invoke(cli.cli, ["models", "rollback"]).exit_code == 0
