@@ -406,5 +406,123 @@ def labels_import(file: Path, source: str | None, config: Path | None, data_dir:
     click.echo(json.dumps(result.__dict__, indent=2))
 
 
+def _epoch(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from .labels import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise BranchguardError("not an RFC 3339 date or time", field="since/until",
+                               value=text, hint="e.g. 2026-12-01 or 2026-12-01T10:00:00Z"
+                               ) from None
+
+
+@cli.command()
+@dir_options
+@click.option("--model", "versions", multiple=True,
+              help="Also backtest this registered model on the same transactions (repeat).")
+@click.option("--compare", is_flag=True,
+              help="Backtest the production and the shadow model side by side.")
+@click.option("--since", default=None, help="First event time to evaluate (RFC 3339).")
+@click.option("--until", default=None, help="End of the period (exclusive, RFC 3339).")
+@click.option("--k", type=int, default=100, show_default=True, help="Card precision@k.")
+@click.option("--resamples", type=int, default=200, show_default=True,
+              help="Bootstrap resamples for the confidence intervals (0: none).")
+@click.option("--handbook", "handbook_csv", type=click.Path(path_type=Path, exists=True),
+              default=None, help="Run the Fraud Detection Handbook protocol on this CSV in "
+              "--data-dir (default: a new temporary directory) instead.")
+@click.option("--label-days", default="46-52", show_default=True,
+              help="With --handbook: days whose labels are imported.")
+@click.option("--training-label-delay", type=float, default=1.0, show_default=True,
+              help="With --handbook: days after which training rows' labels count as known "
+                   "(training only; scoring uses the real delay of 7 days).")
+@friendly_errors
+def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ...],
+             compare: bool, since: str | None, until: str | None, k: int, resamples: int,
+             handbook_csv: Path | None, label_days: str, training_label_delay: float) -> None:
+    """Score stored transactions against their labels: ROC AUC, AP, card precision@k,
+    recall at the alert budget, precision/recall/F1 at the threshold, with 95 % intervals.
+
+    \b
+    Example:
+      branchguard evaluate --data-dir ./var --model if-v1 --since 2026-11-01
+      branchguard evaluate --compare
+      branchguard evaluate --handbook ../shared/data/handbook_days046-066.csv.gz
+    """
+    from .evaluation import format_table
+
+    settings = settings_from(config, data_dir, None)
+    budget = int(settings.alert_budget_per_day)
+    if handbook_csv is not None:
+        import tempfile
+
+        from .handbook import run_handbook
+
+        first, _, last = label_days.partition("-")
+        if data_dir is None:
+            settings = load(config, data_dir=Path(tempfile.mkdtemp(prefix="handbook-")))
+        report = run_handbook(settings, handbook_csv, label_days=(int(first), int(last or first)),
+                              training_label_delay_days=training_label_delay, k=k,
+                              resamples=resamples)
+        for r in report.retrains:
+            click.echo(f"retrain {r.version}: {'promoted' if r.decision.promote else 'kept as candidate'}"
+                       f" ({r.decision.reason})")
+        click.echo(f"data directory: {settings.data_dir}; {report.seconds:.0f} s\n")
+        click.echo(report.table)
+        return
+    from .backtest import evaluate_stored
+    from .registry import Registry
+
+    chosen = list(versions)
+    if compare:
+        registry = Registry.of(settings)
+        shadow = registry.shadow()
+        if shadow is None:
+            raise BranchguardError("no shadow model to compare", field="stage",
+                                   hint="branchguard models stage VERSION shadow")
+        chosen = [registry.production(), shadow, *chosen]
+    rows = evaluate_stored(settings, chosen, since=_epoch(since), until=_epoch(until), k=k,
+                           resamples=resamples)
+    click.echo(format_table(rows, k=k, budget=budget))
+
+
+@cli.command()
+@dir_options
+@click.option("--supervised", is_flag=True,
+              help="Train the supervised challenger (random forest on features, label "
+                   "features and the Isolation Forest score) instead of an Isolation Forest.")
+@click.option("--holdout-days", type=float, default=2.0, show_default=True,
+              help="The last days of labelled transactions, held back to compare models.")
+@click.option("--features", default=None,
+              help="Comma-separated features for the Isolation Forest (default: production's).")
+@click.option("--training-label-delay", type=float, default=None,
+              help="Days after which training rows' labels count as known (training only; "
+                   "default: their real known_at).")
+@click.option("--version", "version", default=None, help="Version of the candidate.")
+@click.option("--no-promote", is_flag=True, help="Compare and register, never promote.")
+@friendly_errors
+def retrain(config: Path | None, data_dir: Path | None, supervised: bool, holdout_days: float,
+            features: str | None, training_label_delay: float | None, version: str | None,
+            no_promote: bool) -> None:
+    """Train a candidate on the stored window, compare it with production on the same
+    held-back labelled period, promote it only if its F1 is 2 % higher within the alert budget.
+
+    \b
+    Example:
+      branchguard retrain --data-dir ./var
+      branchguard retrain --supervised --training-label-delay 1
+    """
+    from .retrain import retrain as run_retrain, summary
+
+    settings = settings_from(config, data_dir, None)
+    result = run_retrain(settings, supervised=supervised, holdout_days=holdout_days,
+                         if_features=features.split(",") if features else None,
+                         version=version, training_label_delay_days=training_label_delay,
+                         allow_promotion=not no_promote)
+    click.echo(summary(result))
+
+
 def main() -> None:
     cli(prog_name="branchguard")
