@@ -84,6 +84,7 @@ class Model:
         self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name
         self.card = card
+        self.onnx_path = onnx_path
         self.version = card.version
         self.columns = np.array([INDEX[f] for f in card.features], dtype=np.intp)
         self.uses_labels = bool(self.columns.size) and int(self.columns.max()) >= len(FEATURES)

@@ -29,7 +29,8 @@ from nats.aio.client import Client
 
 from . import logs
 from .errors import BranchguardError
-from .features import FeatureState
+from .explain import ForestPaths, explain
+from .features import FEATURES, FeatureState
 from .labels import LabelFeed
 from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_batch, dlq_headers,
                      ensure_streams, reset_consumer)
@@ -87,6 +88,7 @@ class Scorer:
         """When given, the production pointer is watched and a new model swapped in."""
         self.labels = LabelFeed(store.reader.conn)
         self.last_seq = 0
+        self._paths: dict[str, ForestPaths | None] = {}
         """Stream sequence of the last batch handed to the store (the hot-swap point)."""
 
     async def prepare(self) -> None:
@@ -106,6 +108,7 @@ class Scorer:
 
         checkpoint = self.store.checkpoint(self.settings.consumer)
         self.last_seq = checkpoint
+        self._paths[self.model.version] = ForestPaths.of(self.model)
         while self.labels.refresh():
             pass
         log.info("state.rebuilt", accounts=len(self.state.accounts),
@@ -182,6 +185,7 @@ class Scorer:
             if version == self.model.version:
                 return
             model = await loop.run_in_executor(None, self.registry.load, version)
+            self._paths[version] = await loop.run_in_executor(None, ForestPaths.of, model)
         except BranchguardError as exc:
             log.error("model.swap_failed", txn_id=None, error=str(exc),
                       serving=self.model.version)
@@ -266,9 +270,31 @@ class Scorer:
                     for f, (_, tx) in zip(features, fresh)]
         risks = model.risks(feature_matrix(rows)) if features else ()
         version, settings = model.version, self.settings
-        return [Scored(tx, branch_of(d.subject), d.stream_seq, f,
-                       judge(tx, f, float(r), version, RULES_VERSION, settings))
-                for (d, tx), f, r in zip(fresh, features, risks)]
+        scored = [Scored(tx, branch_of(d.subject), d.stream_seq, f,
+                         judge(tx, f, float(r), version, RULES_VERSION, settings))
+                  for (d, tx), f, r in zip(fresh, features, risks)]
+        alerted = [i for i, s in enumerate(scored) if s.verdict.decision != "approve"]
+        if alerted:
+            self._explain(model, scored, alerted, rows)
+        return scored
+
+    def _explain(self, model: Model, scored: list[Scored], alerted: list[int],
+                 rows: list[tuple[float, ...]]) -> None:
+        """Explanations for the alerts of a batch only (see explain.py)."""
+        if model.version not in self._paths:  # read once per model, from its ONNX graph
+            self._paths[model.version] = ForestPaths.of(model)
+        paths = self._paths[model.version]
+        known = self.labels.state.features
+        picked = []
+        for i in alerted:
+            row, tx = rows[i], scored[i].tx
+            if len(row) == len(FEATURES):
+                row = row + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
+            picked.append(row)
+        explained = explain(model, paths, [scored[i].tx for i in alerted],
+                            feature_matrix(picked), [scored[i].verdict for i in alerted])
+        for i, e in zip(alerted, explained):
+            scored[i].explanation = _encode(e).decode()
 
     async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],
                                 dead: list[DeadLetter]) -> list[Scored]:

@@ -5,11 +5,13 @@ on the same held-back labelled period, promoted only when it is clearly better.
    features the scorer stored for them. Labels: every label in the ``labels`` table.
 2. The held-back period: the last ``holdout_days`` of labelled transactions. Nothing in it is
    used for fitting or calibration.
-3. The candidate, fitted on the window before that period:
+3. The candidate, fitted on the window outside that period:
    - unsupervised (default): an Isolation Forest on ``if_features`` (default: the production
-     model's features if it is a forest, else train.MODEL_FEATURES); labels are not used;
+     model's features if it is a forest, else train.MODEL_FEATURES) over every stored row of
+     the window outside the held-back period; labels are not used;
    - ``supervised``: the challenger of challenger.py (random forest on FEATURES,
-     LABEL_FEATURES and a fresh Isolation Forest's score) on the labelled transactions.
+     LABEL_FEATURES and a fresh Isolation Forest's score) on the labelled transactions
+     before the held-back period.
      Training rows' label features are computed as of each row's time; because the labels of
      the first days of a window only become known after it, ``training_label_delay_days`` can
      re-time them (known that many days after their transaction) *for the training rows only*;
@@ -157,8 +159,10 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
     behaviour = np.array(rows.features, dtype=np.float64)
     if_cols = [FEATURES.index(f) for f in if_features]
     x_if = behaviour[:, if_cols].astype(np.float32)
-    forest = IsolationForest(n_estimators=200, max_samples=min(2048, int(fit_rows.sum())),
-                             random_state=seed).fit(x_if[fit_rows])
+    # The forest never sees labels: it may learn from every row outside the held-back period.
+    unheld = ~held
+    forest = IsolationForest(n_estimators=200, max_samples=min(2048, int(unheld.sum())),
+                             random_state=seed).fit(x_if[unheld])
     labels_now = label_state(db)
     name = version or _version(registry, "rf" if supervised else "if")
     training: dict[str, Any] = {
@@ -200,11 +204,11 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
         check_rows = x_all
     else:
         proto = forest_to_onnx(forest, len(if_cols))
-        fit_scores = anomaly_scores(forest, x_if[fit_rows])
+        fit_scores = anomaly_scores(forest, x_if[unheld])
         features = list(if_features)
         reference = anomaly_scores(forest, x_if)
-        fingerprint_of = x_if[fit_rows]
-        training.update(rows=int(fit_rows.sum()), labels_used_for_fitting=False)
+        fingerprint_of = x_if[unheld]
+        training.update(rows=int(unheld.sum()), labels_used_for_fitting=False)
         algorithm = ("sklearn.ensemble.IsolationForest exported as one ONNX "
                      "TreeEnsembleRegressor")
         output = {"name": FOREST_OUTPUT, "range": "(0, 1]",

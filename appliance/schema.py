@@ -99,6 +99,20 @@ def m002_labels(db: Database) -> None:
     )
 
 
+# --- issue 3: explanations of alerts (see explain.py) ---------------------------------------
+@migrations()
+def m003_alert_explanations(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE alert_explanations (
+            transaction_id TEXT PRIMARY KEY REFERENCES alerts (transaction_id),
+            explanation TEXT NOT NULL,  -- JSON: rules, unusual (sentences), contributions
+            created_at REAL NOT NULL
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

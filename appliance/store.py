@@ -49,6 +49,8 @@ class Scored:
     stream_seq: int
     features: tuple[float, ...]
     verdict: Verdict
+    explanation: str | None = None
+    """JSON explanation of an alert (explain.py), stored with it; None when approved."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs 5x, and this is per message
@@ -148,6 +150,11 @@ class Store:
             before = conn.total_changes
             conn.executemany(_INSERT_ALERT, alerts)
             created = conn.total_changes - before
+            conn.executemany(  # issue 3: explanations, with their alerts
+                "INSERT OR IGNORE INTO alert_explanations (transaction_id, explanation, "
+                "created_at) VALUES (?, ?, ?)",
+                [(s.tx.transaction_id, s.explanation, now) for s in scored
+                 if s.explanation is not None])
             conn.executemany(
                 "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
                 "received_at) VALUES (?, ?, ?, ?, ?)",

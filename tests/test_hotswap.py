@@ -63,6 +63,19 @@ def test_promotion_swaps_the_model_of_a_running_scorer(tmp_path: Path, nats_url:
     assert swapped["after_stream_seq"] == max(old)
     assert swap_seconds < 10
 
+    # every alert carries its explanation, made by the model that raised it
+    alerts = dict(query(db, "SELECT a.transaction_id, e.explanation FROM alerts a LEFT JOIN "
+                            "alert_explanations e USING (transaction_id)"))
+    assert alerts and all(text is not None for text in alerts.values())
+    versions = {r[0]: r[2] for r in rows}
+    for tid, text in alerts.items():
+        e = json.loads(text)
+        assert e["model_version"] == versions[tid]
+        assert e["contributions"] and e["method"]
+        stored = json.loads(query(db, "SELECT reasons FROM transactions WHERE "
+                                      "transaction_id = ?", [tid])[0][0])
+        assert [r["reason"] for r in e["rules"]] == stored
+
     verdicts = [decode(m.data) for m in read_stream(nats_url, "VERDICTS", expect=len(txs))]
     assert len(verdicts) == len(txs) == len({v["transaction_id"] for v in verdicts})
     by_model = {v["transaction_id"]: v["model_version"] for v in verdicts}
