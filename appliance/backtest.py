@@ -167,3 +167,42 @@ def evaluate_stored(settings: Settings, versions: Sequence[str] = (), *,
                     evaluate(Scored.of(ts, accounts, risk, alert, y), k=k, budget=budget,
                              resamples=resamples)))
     return out
+
+
+def compare_shadow(settings: Settings, *, since: float | None = None,
+                   until: float | None = None, k: int = 100, resamples: int = 200
+                   ) -> list[tuple[str, dict[str, Metric]]]:
+    """Live verdicts and stored shadow scores side by side, per shadow model, on exactly the
+    transactions that model shadowed (against the labels table; unlabelled = genuine)."""
+    db = open_db(settings.db_path)
+    try:
+        rows = db.execute(
+            "SELECT s.model_version, t.transaction_id, t.ts, t.account_id, t.risk, t.decision, "
+            "t.model_version, s.risk, s.decision FROM shadow_scores s JOIN transactions t "
+            "USING (transaction_id) WHERE t.ts >= ? AND t.ts < ? ORDER BY s.model_version, "
+            "t.ts", [since if since is not None else -1e18,
+                     until if until is not None else 1e18]).fetchall()
+    finally:
+        db.close()
+    if not rows:
+        raise BranchguardError("no shadow scores stored in that period", field="stage",
+                               hint="set a shadow model (branchguard models stage VERSION "
+                                    "shadow) on a running node, then evaluate again")
+    known = truth(settings.db_path)
+    budget = int(settings.alert_budget_per_day)
+    out: list[tuple[str, dict[str, Metric]]] = []
+    for version in sorted({r[0] for r in rows}):
+        mine = [r for r in rows if r[0] == version]
+        ts = [r[2] for r in mine]
+        accounts = [r[3] for r in mine]
+        y = [known.get(r[1], False) for r in mine]
+        live = ", ".join(sorted({r[6] for r in mine}))
+        out.append((f"live ({live}) on the {len(mine)} shadowed by {version}",
+                    evaluate(Scored.of(ts, accounts, [r[4] for r in mine],
+                                       [r[5] != "approve" for r in mine], y),
+                             k=k, budget=budget, resamples=resamples)))
+        out.append((f"shadow {version} (stored scores)",
+                    evaluate(Scored.of(ts, accounts, [r[7] for r in mine],
+                                       [r[8] != "approve" for r in mine], y),
+                             k=k, budget=budget, resamples=resamples)))
+    return out

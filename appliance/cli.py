@@ -424,7 +424,8 @@ def _epoch(text: str | None) -> float | None:
 @click.option("--model", "versions", multiple=True,
               help="Also backtest this registered model on the same transactions (repeat).")
 @click.option("--compare", is_flag=True,
-              help="Backtest the production and the shadow model side by side.")
+              help="Live verdicts and the stored shadow scores side by side, on the "
+                   "transactions the shadow model scored.")
 @click.option("--since", default=None, help="First event time to evaluate (RFC 3339).")
 @click.option("--until", default=None, help="End of the period (exclusive, RFC 3339).")
 @click.option("--k", type=int, default=100, show_default=True, help="Card precision@k.")
@@ -472,19 +473,14 @@ def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ..
         click.echo(f"data directory: {settings.data_dir}; {report.seconds:.0f} s\n")
         click.echo(report.table)
         return
-    from .backtest import evaluate_stored
-    from .registry import Registry
+    from .backtest import compare_shadow, evaluate_stored
 
-    chosen = list(versions)
     if compare:
-        registry = Registry.of(settings)
-        shadow = registry.shadow()
-        if shadow is None:
-            raise BranchguardError("no shadow model to compare", field="stage",
-                                   hint="branchguard models stage VERSION shadow")
-        chosen = [registry.production(), shadow, *chosen]
-    rows = evaluate_stored(settings, chosen, since=_epoch(since), until=_epoch(until), k=k,
-                           resamples=resamples)
+        rows = compare_shadow(settings, since=_epoch(since), until=_epoch(until), k=k,
+                              resamples=resamples)
+    else:
+        rows = evaluate_stored(settings, list(versions), since=_epoch(since),
+                               until=_epoch(until), k=k, resamples=resamples)
     click.echo(format_table(rows, k=k, budget=budget))
 
 

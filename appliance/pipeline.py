@@ -89,6 +89,8 @@ class Scorer:
         self.labels = LabelFeed(store.reader.conn)
         self.last_seq = 0
         self._paths: dict[str, ForestPaths | None] = {}
+        self.shadow: Model | None = None
+        """The registry's shadow model: scores the same batches, stored, never acted on."""
         """Stream sequence of the last batch handed to the store (the hot-swap point)."""
 
     async def prepare(self) -> None:
@@ -181,6 +183,12 @@ class Scorer:
         assert self.registry is not None
         loop = asyncio.get_running_loop()
         try:
+            shadow = await loop.run_in_executor(None, self.registry.shadow)
+            if shadow is None:
+                self.shadow = None
+            elif self.shadow is None or self.shadow.version != shadow:
+                self.shadow = await loop.run_in_executor(None, self.registry.load, shadow)
+                log.info("model.shadowing", txn_id=None, version=shadow)
             version = await loop.run_in_executor(None, self.registry.production)
             if version == self.model.version:
                 return
@@ -276,7 +284,23 @@ class Scorer:
         alerted = [i for i, s in enumerate(scored) if s.verdict.decision != "approve"]
         if alerted:
             self._explain(model, scored, alerted, rows)
+        if self.shadow is not None and scored:
+            self._shadow(self.shadow, scored, rows)
         return scored
+
+    def _shadow(self, shadow: Model, scored: list[Scored], rows: list[tuple[float, ...]]
+                ) -> None:
+        """The shadow model's verdicts for the same batch (one more ONNX call): kept with the
+        rows for ``evaluate --compare``, never published, never alerted."""
+        if shadow.uses_labels and len(rows[0]) == len(FEATURES):
+            known = self.labels.state.features
+            rows = [f + known(s.tx.account_id, s.tx.terminal_id, s.tx.timestamp.timestamp())
+                    for f, s in zip(rows, scored)]
+        risks = shadow.risks(feature_matrix(rows))
+        version, settings = shadow.version, self.settings
+        for s, r in zip(scored, risks):
+            v = judge(s.tx, s.features, float(r), version, RULES_VERSION, settings)
+            s.shadow = (version, v.model_risk, v.risk, v.decision)
 
     def _explain(self, model: Model, scored: list[Scored], alerted: list[int],
                  rows: list[tuple[float, ...]]) -> None:

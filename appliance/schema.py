@@ -113,6 +113,23 @@ def m003_alert_explanations(db: Database) -> None:
     )
 
 
+# --- issue 3: shadow model scores, stored beside the live verdicts, never acted on ----------
+@migrations()
+def m004_shadow_scores(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE shadow_scores (
+            transaction_id TEXT NOT NULL REFERENCES transactions (transaction_id),
+            model_version TEXT NOT NULL,
+            model_risk REAL NOT NULL,
+            risk REAL NOT NULL,        -- what the verdict's risk would have been
+            decision TEXT NOT NULL,    -- ...and its decision; never published or alerted
+            PRIMARY KEY (transaction_id, model_version)
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)
