@@ -520,5 +520,37 @@ def retrain(config: Path | None, data_dir: Path | None, supervised: bool, holdou
     click.echo(summary(result))
 
 
+
+@cli.group()
+def drift() -> None:
+    """Drift of recent traffic against the production model's training reference.
+
+    \b
+    Example:
+      branchguard drift run --days 1
+    """
+
+
+@drift.command("run")
+@dir_options
+@click.option("--days", type=float, default=1.0, show_default=True,
+              help="The recent window: the last DAYS of stored transactions.")
+@friendly_errors
+def drift_run(config: Path | None, data_dir: Path | None, days: float) -> None:
+    """PSI per feature and for the risk score; stored; WARNING above drift_psi_threshold.
+
+    \b
+    Example:
+      branchguard drift run --data-dir ./var --days 1
+    """
+    from .drift import run_drift
+
+    report = run_drift(settings_from(config, data_dir, None), days=days)
+    click.echo(json.dumps({"model_version": report.model_version,
+                           "reference": report.reference, "rows": report.rows,
+                           "psi": {k: round(v, 4) for k, v in report.psi.items()},
+                           "drifted": report.drifted}, indent=2))
+
+
 def main() -> None:
     cli(prog_name="branchguard")

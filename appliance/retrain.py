@@ -46,6 +46,7 @@ from .backtest import StoredRows, backtest, label_state, load_rows, model_rows, 
 from .challenger import OUTPUT_NAME as CHALLENGER_OUTPUT, challenger_to_onnx, fit_classifier
 from .challenger import stacked_input
 from .errors import ModelError
+from .drift import reference_of
 from .evaluation import DAY, Scored, point_metrics
 from .features import FEATURES
 from .forest import OUTPUT_NAME as FOREST_OUTPUT, anomaly_scores, forest_to_onnx
@@ -261,6 +262,11 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
                            "production_on_same_period": {"version": production_version,
                                                          **result["production"]},
                            "training_seconds": round(time.monotonic() - started, 2)}
+        fit_risk = candidate.calibrate(fit_scores)
+        basis = behaviour[np.flatnonzero(labelled & fit_rows)] if supervised else \
+            behaviour[unheld]
+        card["reference"] = reference_of([f for f in features if f in FEATURES], basis,
+                                         fit_risk)
         card["promotion"] = {"promoted": decision.promote, "reason": decision.reason,
                              "rule": f"F1 >= production F1 x {1 + settings.promotion_min_f1_gain:g}"
                                      f" and alerts/day <= {settings.alert_budget_per_day:g}"}

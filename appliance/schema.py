@@ -130,6 +130,26 @@ def m004_shadow_scores(db: Database) -> None:
     )
 
 
+# --- issue 3: drift runs, one row per feature (and the risk score) per run ------------------
+@migrations()
+def m005_drift_reports(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE drift_reports (
+            run_at REAL NOT NULL,
+            model_version TEXT NOT NULL,
+            window_from REAL NOT NULL,  -- event time, seconds since the epoch
+            window_to REAL NOT NULL,
+            rows INTEGER NOT NULL,
+            name TEXT NOT NULL,         -- a feature, or 'risk'
+            psi REAL NOT NULL,
+            reference TEXT NOT NULL     -- what the window was compared with
+        );
+        CREATE INDEX drift_reports_run ON drift_reports (run_at);
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

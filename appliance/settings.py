@@ -105,6 +105,8 @@ class Settings:
     promoted (0.02 = 2 % higher)."""
     retrain_window_days: float = 90.0
     """Days of stored transactions ``branchguard retrain`` trains on."""
+    drift_psi_threshold: float = 0.2
+    """Population stability index above which ``branchguard drift run`` logs a WARNING."""
 
     @property
     def db_path(self) -> Path:
@@ -139,6 +141,8 @@ class Settings:
              "use > 0"),
             (self.promotion_min_f1_gain >= 0, "promotion_min_f1_gain",
              self.promotion_min_f1_gain, "use >= 0"),
+            (self.drift_psi_threshold > 0, "drift_psi_threshold", self.drift_psi_threshold,
+             "use > 0"),
             (self.retrain_window_days > 0, "retrain_window_days", self.retrain_window_days,
              "use > 0"),
             (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",

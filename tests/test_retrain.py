@@ -94,6 +94,7 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     assert card["metrics"]["onnx_vs_sklearn_max_abs_diff"] <= 1e-5
     assert card["training"]["labels_used_for_fitting"] is True
     assert card["features"][-1] == "account_known_fraud_share_30d"
+    assert "risk" in card["reference"] and "amount" in card["reference"]["features"]
     # the card's metrics are what a backtest of the held-back period gives
     rows = load_rows(settings.db_path)
     model = registry.load(result.version)
