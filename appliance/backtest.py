@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from .errors import BranchguardError
 from .evaluation import Metric, Scored, evaluate
-from .labels import LabelState, parse_time
+from .labels import LabelState, parse_time, rfc3339
 from .model import Model, feature_matrix
 from .rules import RULES_VERSION
 from .score import judge
@@ -81,26 +81,34 @@ def load_rows(db_path: Path, since: float | None = None, until: float | None = N
                       np.array(alerts, dtype=bool), versions)
 
 
-def label_state(db_path: Path) -> LabelState:
-    """Every stored label, keyed by its transaction's account and terminal."""
+def _known_by(as_of: float | None) -> str:
+    return rfc3339(as_of) if as_of is not None else "9999"
+
+
+def label_state(db_path: Path, as_of: float | None = None) -> LabelState:
+    """Every stored label known by ``as_of`` (all without it), keyed by its transaction's
+    account and terminal."""
     db = open_db(db_path)
     try:
         state = LabelState()
         for account, terminal, known_at, label in db.execute(
                 "SELECT t.account_id, t.terminal_id, l.known_at, l.label FROM labels l "
-                "JOIN transactions t USING (transaction_id)"):
+                "JOIN transactions t USING (transaction_id) WHERE l.known_at <= ?",
+                [_known_by(as_of)]):
             state.add(account, terminal, parse_time(known_at), int(label))
         return state
     finally:
         db.close()
 
 
-def truth(db_path: Path) -> dict[str, bool]:
-    """transaction_id -> fraud, from every stored label (the ground truth as known now)."""
+def truth(db_path: Path, as_of: float | None = None) -> dict[str, bool]:
+    """transaction_id -> fraud, from the stored labels known by ``as_of`` (every label
+    without it: the ground truth as known now)."""
     db = open_db(db_path)
     try:
         return {tid: bool(label) for tid, label in
-                db.execute("SELECT transaction_id, label FROM labels")}
+                db.execute("SELECT transaction_id, label FROM labels WHERE known_at <= ?",
+                           [_known_by(as_of)])}
     finally:
         db.close()
 

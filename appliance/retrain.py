@@ -2,7 +2,9 @@
 on the same held-back labelled period, promoted only when it is clearly better.
 
 1. The window: stored transactions of the last ``retrain_window_days`` (by event time), with the
-   features the scorer stored for them. Labels: every label in the ``labels`` table.
+   features the scorer stored for them. Labels: those of the ``labels`` table already known
+   (``known_at``) at the newest stored transaction's time, so a replay of the past never
+   trains on labels that arrived after it.
 2. The held-back period: the last ``holdout_days`` of labelled transactions. Nothing in it is
    used for fitting or calibration.
 3. The candidate, fitted on the window outside that period:
@@ -133,7 +135,8 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
     since = float(all_ts.max()) - settings.retrain_window_days * DAY
     rows = load_rows(db, since=since)
     ts = rows.ts
-    known = truth(db)
+    as_of = float(all_ts.max())  # what was known when the newest stored transaction happened
+    known = truth(db, as_of)
     labelled = np.array([tx.transaction_id in known for tx in rows.txs], dtype=bool)
     if labelled.sum() < MIN_LABELLED:
         raise ModelError("not enough labelled transactions in the window to compare models",
@@ -164,7 +167,7 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
     unheld = ~held
     forest = IsolationForest(n_estimators=200, max_samples=min(2048, int(unheld.sum())),
                              random_state=seed).fit(x_if[unheld])
-    labels_now = label_state(db)
+    labels_now = label_state(db, as_of)
     name = version or _version(registry, "rf" if supervised else "if")
     training: dict[str, Any] = {
         "source": f"node database {db.name}: stored window of {settings.retrain_window_days:g} "
