@@ -93,7 +93,9 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     assert card["metrics"]["f1"] >= 1.02 * card["metrics"]["production_on_same_period"]["f1"]
     assert card["metrics"]["onnx_vs_sklearn_max_abs_diff"] <= 1e-5
     assert card["training"]["labels_used_for_fitting"] is True
-    assert card["features"][-1] == "account_known_fraud_share_30d"
+    assert card["features"][-2:] == ["account_known_fraud_count_30d",
+                                     "account_known_fraud_share_30d"]
+    assert "terminal_known_fraud_count_1d" not in card["features"]
     assert "risk" in card["reference"] and "amount" in card["reference"]["features"]
     # the card's metrics are what a backtest of the held-back period gives
     rows = load_rows(settings.db_path)
