@@ -110,7 +110,7 @@ class Registry:
         for directory in (self.root, self.shipped):
             if (directory / f"{version}.onnx").exists() and (directory / f"{version}.json").exists():
                 return directory
-        raise ModelError("model not in the registry", field="version", value=version,
+        raise ModelError("model not found", field="version", value=version,
                          hint=f"see 'branchguard models list'; looked in {self.root} and "
                               f"{self.shipped}")
 
