@@ -147,3 +147,29 @@ def test_retrain_without_labels_says_what_is_missing(tmp_path: Path,
     with pytest.raises(ModelError) as info:
         retrain(dataclasses.replace(settings), holdout_days=0.005)
     assert info.value.field == "labels"
+
+
+def test_the_live_scorer_serves_a_label_model_exactly_as_the_backtest_scores_it(
+        tmp_path: Path, nats_url: str, node_factory: type) -> None:
+    from .support import send, stored_count, wait_until
+    import sqlite3
+
+    stream = make_transactions(9000, seed=5, rate=5.0)
+    settings = stored_node(tmp_path, stream[:8000])
+    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    assert result.decision.promote and Registry.of(settings).load(result.version).uses_labels
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("DELETE FROM checkpoints")  # a fresh stream: the stored rows came from elsewhere
+    conn.commit()
+    conn.close()
+    node = node_factory(settings.data_dir, nats_url, {}).start()
+    assert '"labels":8000' in node.log()  # every label loaded at start
+    live = [i.tx for i in stream[8000:]]
+    assert send(nats_url, live) == len(live)
+    wait_until(lambda: stored_count(settings.db_path) == len(stream), message="all stored")
+    assert node.stop() == 0
+    rows = load_rows(settings.db_path, since=live[0].timestamp.timestamp())
+    assert len(rows) == len(live) and set(rows.model_version) == {result.version}
+    risk, _ = backtest(rows, Registry.of(settings).load(result.version),
+                       label_state(settings.db_path), settings)
+    assert np.allclose(risk, rows.risk, atol=1e-6)
