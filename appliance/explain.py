@@ -48,8 +48,9 @@ class ForestPaths:
     feature: npt.NDArray[np.int64]
     """The card-feature index each split reads (already mapped through any Gather)."""
     threshold: npt.NDArray[np.float32]
-    true_child: npt.NDArray[np.int64]
-    false_child: npt.NDArray[np.int64]
+    children: npt.NDArray[np.int64]
+    """[node, 0] the child when the split is false, [node, 1] when true; a leaf is its own
+    child, so rows that reached a leaf stay there."""
     is_leaf: npt.NDArray[np.bool_]
     roots: npt.NDArray[np.int64]
 
@@ -72,34 +73,41 @@ class ForestPaths:
         if not np.array_equal(ids, np.arange(len(ids)) - offset):
             return None  # not the node layout forest.py writes
         modes = [m.decode() if isinstance(m, bytes) else m for m in attrs["nodes_modes"]]
+        is_leaf = np.array([m == "LEAF" for m in modes])
+        here = np.arange(len(ids), dtype=np.int64)
+        true_child = np.where(is_leaf, here,
+                              np.asarray(attrs["nodes_truenodeids"], dtype=np.int64) + offset)
+        false_child = np.where(is_leaf, here,
+                               np.asarray(attrs["nodes_falsenodeids"], dtype=np.int64) + offset)
         return cls(feature=columns[np.asarray(attrs["nodes_featureids"], dtype=np.int64)],
                    threshold=np.asarray(attrs["nodes_values"], dtype=np.float32),
-                   true_child=np.asarray(attrs["nodes_truenodeids"], dtype=np.int64) + offset,
-                   false_child=np.asarray(attrs["nodes_falsenodeids"], dtype=np.int64) + offset,
-                   is_leaf=np.array([m == "LEAF" for m in modes]), roots=starts)
+                   children=np.stack([false_child, true_child], axis=1), is_leaf=is_leaf,
+                   roots=starts)
 
     def attributions(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """Per row of ``x`` ([n, card features]), each feature's share of isolation."""
         n, width = x.shape
-        node = np.broadcast_to(self.roots, (n, len(self.roots))).copy()
-        rows = np.arange(n)[:, None]
-        visited: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]] = []
-        depth = np.zeros(node.shape, dtype=np.float64)
+        trees = len(self.roots)
+        node = np.broadcast_to(self.roots, (n, trees)).copy()
+        row_base = (np.arange(n) * width)[:, None]
+        xs = x.ravel()
+        flat_children = self.children.ravel()
+        steps: list[npt.NDArray[np.int64]] = []   # flat (row, feature) cell of each split
+        masks: list[npt.NDArray[np.bool_]] = []
+        depth = np.zeros((n, trees), dtype=np.float64)
         while True:
             inner = ~self.is_leaf[node]
             if not inner.any():
                 break
-            feature = self.feature[node]
-            visited.append((feature, inner))
+            cell = row_base + self.feature[node]
+            steps.append(cell)
+            masks.append(inner)
             depth += inner
-            go_true = x[rows, feature] <= self.threshold[node]
-            node = np.where(inner, np.where(go_true, self.true_child[node],
-                                            self.false_child[node]), node)
-        out = np.zeros((n, width), dtype=np.float64)
-        weight = 1.0 / np.maximum(depth, 1.0)
-        for feature, inner in visited:
-            r, t = np.nonzero(inner)
-            np.add.at(out, (r, feature[r, t]), weight[r, t])
+            node = flat_children[2 * node + (xs[cell] <= self.threshold[node])]
+        weight = np.broadcast_to(1.0 / np.maximum(depth, 1.0), (len(steps), n, trees))
+        mask = np.array(masks)
+        out = np.bincount(np.array(steps)[mask], weights=weight[mask],
+                          minlength=n * width).reshape(n, width)
         total = out.sum(axis=1, keepdims=True)
         shares: npt.NDArray[np.float64] = np.divide(out, total, out=np.zeros_like(out),
                                                     where=total > 0)
@@ -153,20 +161,21 @@ def explain(model: Model, paths: ForestPaths | None, txs: Sequence[Transaction],
     (FEATURES, plus LABEL_FEATURES when the model uses them)."""
     shares = (paths.attributions(np.ascontiguousarray(rows[:, model.columns], dtype=np.float32))
               if paths is not None and len(rows) else None)
+    names, columns = model.card.features, model.columns.tolist()
+    share_rows = shares.tolist() if shares is not None else None
     out = []
-    for i, (tx, v) in enumerate(zip(txs, verdicts)):
+    for i, (tx, v, row) in enumerate(zip(txs, verdicts, rows.tolist())):
         contributions: list[dict[str, Any]] = []
-        if shares is not None:
-            order = np.argsort(-shares[i], kind="stable")[:top]
-            contributions = [{"feature": model.card.features[j],
-                              "value": float(rows[i, model.columns[j]]),
-                              "share": round(float(shares[i, j]), 4)}
-                             for j in order if shares[i, j] > 0]
+        if share_rows is not None:
+            mine = share_rows[i]
+            order = sorted(range(len(mine)), key=mine.__getitem__, reverse=True)[:top]
+            contributions = [{"feature": names[j], "value": row[columns[j]],
+                              "share": round(mine[j], 4)} for j in order if mine[j] > 0]
         out.append({
             "model_version": v.model_version, "rules_version": v.rules_version,
             "risk": v.risk, "model_risk": v.model_risk, "severity": v.severity,
             "rules": [{"reason": r, "detail": d} for r, d in zip(v.reasons, v.details)],
-            "unusual": unusual(tx, rows[i]),
+            "unusual": unusual(tx, row),
             "contributions": contributions,
             "method": METHOD if shares is not None else None,
         })
