@@ -2,8 +2,8 @@
 
 A model is two files in the models directory: ``<version>.onnx`` and ``<version>.json`` (the
 card). The card names the features the model reads, in order (a subset of
-``features.FEATURES``), the sha256 of the ONNX file (checked at load: a model that does not match
-its card is refused), and the calibration that maps the model's raw anomaly score (higher = more
+:data:`INPUT_FEATURES`: ``features.FEATURES`` then ``labels.LABEL_FEATURES``), the sha256 of
+the ONNX file (checked at load: a model that does not match its card is refused), and the calibration that maps the model's raw anomaly score (higher = more
 anomalous) to a risk in [0, 1] by piecewise-linear interpolation.
 
 Scoring is batched: one ``InferenceSession.run`` per fetched batch.
@@ -22,7 +22,14 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from .errors import ModelError
-from .features import FEATURES, INDEX
+from .features import FEATURES
+from .labels import LABEL_FEATURES
+
+INPUT_FEATURES: tuple[str, ...] = (*FEATURES, *LABEL_FEATURES)
+"""Every column a model may read: the behavioural features, then the label features. A row
+given to :meth:`Model.risks` holds FEATURES, followed by LABEL_FEATURES when
+:attr:`Model.uses_labels`."""
+INDEX = {name: i for i, name in enumerate(INPUT_FEATURES)}
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,11 @@ class Model:
         self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name
         self.card = card
+        self.onnx_path = onnx_path
         self.version = card.version
         self.columns = np.array([INDEX[f] for f in card.features], dtype=np.intp)
+        self.uses_labels = bool(self.columns.size) and int(self.columns.max()) >= len(FEATURES)
+        """Whether rows must carry the label features after FEATURES."""
         self._xp = np.array(card.calibration_scores, dtype=np.float64)
         self._fp = np.array(card.calibration_risks, dtype=np.float64)
 
@@ -98,8 +108,8 @@ class Model:
         return cls(onnx_path, card)
 
     def anomaly_scores(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-        """Raw scores for rows of all FEATURES (shape [n, len(FEATURES)]); higher = more
-        anomalous."""
+        """Raw scores for rows of FEATURES (+ LABEL_FEATURES when :attr:`uses_labels`), shape
+        [n, width]; higher = riskier."""
         x = np.ascontiguousarray(rows[:, self.columns], dtype=np.float32)
         out = self.session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32).reshape(-1)
@@ -113,7 +123,8 @@ class Model:
 
 
 def feature_matrix(rows: list[tuple[float, ...]]) -> npt.NDArray[np.float64]:
-    """Stack feature tuples (FEATURES order) into a [n, len(FEATURES)] array."""
+    """Stack feature tuples (FEATURES order, label features optionally appended) into an
+    [n, width] array."""
     if not rows:
         return np.zeros((0, len(FEATURES)))
     return np.array(rows, dtype=np.float64)

@@ -21,17 +21,22 @@ import asyncio
 import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client
 
 from . import logs
-from .features import FeatureState
+from .errors import BranchguardError
+from .explain import ForestPaths, explain
+from .features import FEATURES, FeatureState
+from .labels import LabelFeed
 from .lists import ListFilter
 from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_batch, dlq_headers,
                      ensure_streams, reset_consumer)
 from .model import Model, feature_matrix
+from .registry import Registry
 from .rules import RULES_VERSION
 from .score import Verdict, judge
 from .settings import Settings
@@ -61,7 +66,8 @@ class Counters:
 class Scorer:
     """Consumes TX, scores, stores and publishes verdicts until :meth:`stop` is called."""
 
-    def __init__(self, nc: Client, store: Store, model: Model, settings: Settings) -> None:
+    def __init__(self, nc: Client, store: Store, model: Model, settings: Settings,
+                 registry: Registry | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.store = store
@@ -81,6 +87,14 @@ class Scorer:
         self.ready = asyncio.Event()
         self.lists = ListFilter(store.reader.conn, settings.lists_refresh_seconds)
         """Allow/deny lists in memory (issue 4), re-read every lists_refresh_seconds."""
+        self.registry = registry
+        """When given, the production pointer is watched and a new model swapped in."""
+        self.labels = LabelFeed(store.reader.conn)
+        self.last_seq = 0
+        """Stream sequence of the last batch handed to the store (the hot-swap point)."""
+        self._paths: dict[str, ForestPaths | None] = {}
+        self.shadow: Model | None = None
+        """The registry's shadow model: scores the same batches, stored, never acted on."""
 
     async def prepare(self) -> None:
         """Streams, state from the database, consumer from the checkpoint, lost verdicts."""
@@ -98,8 +112,13 @@ class Scorer:
         gc.set_threshold(50_000, 50, 100)
 
         checkpoint = self.store.checkpoint(self.settings.consumer)
+        self.last_seq = checkpoint
+        self._paths[self.model.version] = ForestPaths.of(self.model)
+        while self.labels.refresh():
+            pass
         log.info("state.rebuilt", accounts=len(self.state.accounts),
                  terminals=len(self.state.terminals), checkpoint=checkpoint,
+                 labels=self.labels.state.count,
                  seconds=round(time.monotonic() - started, 3))
         start = await reset_consumer(self.js, self.settings, checkpoint)
         await self.verdicts.start()
@@ -122,6 +141,11 @@ class Scorer:
         """
         await self.prepare()
         checkpoints = asyncio.create_task(self._checkpoint_wal())
+        watchers = [asyncio.create_task(self._every(self.settings.label_refresh_seconds,
+                                                    self._refresh_labels))]
+        if self.registry is not None:
+            watchers.append(asyncio.create_task(self._every(self.settings.model_check_seconds,
+                                                            self._check_model)))
         try:
             while not self._stopping.is_set():
                 batch = await self.puller.take(timeout=0.25)
@@ -132,6 +156,8 @@ class Scorer:
                 await asyncio.gather(*self._acking)
         finally:
             checkpoints.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             self.writer.shutdown(wait=True)
             self.store.checkpoint_wal()
             await self.puller.stop()
@@ -140,6 +166,44 @@ class Scorer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _every(self, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await fn()
+
+    async def _refresh_labels(self) -> None:
+        """New labels into the label state (one query; at most 20,000 labels a call, so a
+        large import is taken in over a few calls rather than in one long stall)."""
+        added = self.labels.refresh(limit=20_000)
+        if added:
+            log.info("labels.loaded", txn_id=None, added=added, total=self.labels.state.count)
+
+    async def _check_model(self) -> None:
+        """Hot swap: when the production pointer names another model, load it off the event
+        loop and switch between two batches. ``_score`` is synchronous, so every batch is
+        scored by exactly one model, and every verdict names it."""
+        assert self.registry is not None
+        loop = asyncio.get_running_loop()
+        try:
+            shadow = await loop.run_in_executor(None, self.registry.shadow)
+            if shadow is None:
+                self.shadow = None
+            elif self.shadow is None or self.shadow.version != shadow:
+                self.shadow = await loop.run_in_executor(None, self.registry.load, shadow)
+                log.info("model.shadowing", txn_id=None, version=shadow)
+            version = await loop.run_in_executor(None, self.registry.production)
+            if version == self.model.version:
+                return
+            model = await loop.run_in_executor(None, self.registry.load, version)
+            self._paths[version] = await loop.run_in_executor(None, ForestPaths.of, model)
+        except BranchguardError as exc:
+            log.error("model.swap_failed", txn_id=None, error=str(exc),
+                      serving=self.model.version)
+            return
+        previous, self.model = self.model.version, model
+        log.info("model.swapped", txn_id=None, previous=previous, version=version,
+                 after_stream_seq=self.last_seq)
 
     async def _checkpoint_wal(self, every: float = 1.0) -> None:
         """Keep the WAL short from a thread of its own, off the scoring path."""
@@ -193,6 +257,7 @@ class Scorer:
             raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
         await self._settle()  # the previous batch is committed and published
+        self.last_seq = batch[-1].stream_seq
         loop = asyncio.get_running_loop()
         if len(batch) >= WRITER_THREAD_MIN_BATCH:
             commit = loop.run_in_executor(self.writer, self.store.save_batch, scored, dead,
@@ -208,13 +273,58 @@ class Scorer:
         """Stages 3-5: features in order, model risk for all at once, rules and verdict."""
         observe = self.state.observe
         features = [observe(tx) for _, tx in fresh]
-        risks = self.model.risks(feature_matrix(features)) if features else ()
-        version, settings = self.model.version, self.settings
+        model = self.model
+        rows = features
+        if model.uses_labels:
+            known = self.labels.state.features
+            rows = [f + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
+                    for f, (_, tx) in zip(features, fresh)]
+        risks = model.risks(feature_matrix(rows)) if features else ()
+        version, settings = model.version, self.settings
         self.lists.refresh_if_due()
         listed, now = self.lists.apply, time.time()
-        return [Scored(tx, branch_of(d.subject), d.stream_seq, f,
-                       listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings), now))
-                for (d, tx), f, r in zip(fresh, features, risks)]
+        scored = [Scored(tx, branch_of(d.subject), d.stream_seq, f,
+                         listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings),
+                                now))
+                  for (d, tx), f, r in zip(fresh, features, risks)]
+        alerted = [i for i, s in enumerate(scored) if s.verdict.decision != "approve"]
+        if alerted:
+            self._explain(model, scored, alerted, rows)
+        if self.shadow is not None and scored:
+            self._shadow(self.shadow, scored, rows)
+        return scored
+
+    def _shadow(self, shadow: Model, scored: list[Scored], rows: list[tuple[float, ...]]
+                ) -> None:
+        """The shadow model's verdicts for the same batch (one more ONNX call): kept with the
+        rows for ``evaluate --compare``, never published, never alerted."""
+        if shadow.uses_labels and len(rows[0]) == len(FEATURES):
+            known = self.labels.state.features
+            rows = [f + known(s.tx.account_id, s.tx.terminal_id, s.tx.timestamp.timestamp())
+                    for f, s in zip(rows, scored)]
+        risks = shadow.risks(feature_matrix(rows))
+        version, settings = shadow.version, self.settings
+        for s, r in zip(scored, risks):
+            v = judge(s.tx, s.features, float(r), version, RULES_VERSION, settings)
+            s.shadow = (version, v.model_risk, v.risk, v.decision)
+
+    def _explain(self, model: Model, scored: list[Scored], alerted: list[int],
+                 rows: list[tuple[float, ...]]) -> None:
+        """Explanations for the alerts of a batch only (see explain.py)."""
+        if model.version not in self._paths:  # read once per model, from its ONNX graph
+            self._paths[model.version] = ForestPaths.of(model)
+        paths = self._paths[model.version]
+        known = self.labels.state.features
+        picked = []
+        for i in alerted:
+            row, tx = rows[i], scored[i].tx
+            if len(row) == len(FEATURES):
+                row = row + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
+            picked.append(row)
+        explained = explain(model, paths, [scored[i].tx for i in alerted],
+                            feature_matrix(picked), [scored[i].verdict for i in alerted])
+        for i, e in zip(alerted, explained):
+            scored[i].explanation = _encode(e).decode()
 
     async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],
                                 dead: list[DeadLetter]) -> list[Scored]:

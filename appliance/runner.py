@@ -25,8 +25,8 @@ from nats.aio.client import Client
 from . import dispatch, logs, routing
 from .child import terminate
 from .ingest import connect
-from .model import Model
 from .nats_auth import client_options
+from .registry import Registry
 from .node import EmbeddedNats
 from .pipeline import Counters, Scorer
 from .replication import Litestream
@@ -83,7 +83,8 @@ def demo_stream(rate: float, branch: str, warmup_seconds: float = 1800.0
 async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DEMO_RATE,
                    status: bool = True) -> int:
     """Run the node until SIGINT/SIGTERM. Returns the process exit code."""
-    model = Model.load(settings.models_dir, settings.model_version)  # fail before starting
+    registry = Registry.of(settings)
+    model = registry.load(registry.production())  # fail before starting
     store = Store.open(settings.db_path)                                # anything
     embedded = EmbeddedNats(settings) if settings.nats_url is None else None
     replicator = Litestream(settings) if settings.replicate else None  # issue 7
@@ -104,7 +105,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    scorer = Scorer(nc, store, model, settings)
+    scorer = Scorer(nc, store, model, settings, registry)
     tasks: list[asyncio.Task[object]] = []
     alerts = AlertsChild(settings)
     api: subprocess.Popen[bytes] | None = None

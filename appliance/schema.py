@@ -255,6 +255,74 @@ def m005_users(db: Database) -> None:
     )
 
 
+# --- issue 3: labels, kept apart from transactions (see labels.py) --------------------------
+@migrations()
+def m006_labels(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE labels (
+            transaction_id TEXT PRIMARY KEY,  -- a transaction keeps its first label
+            label INTEGER NOT NULL CHECK (label IN (0, 1)),  -- 1 = fraud
+            known_at TEXT NOT NULL,           -- when it became known, UTC RFC 3339
+            source TEXT NOT NULL,             -- file name, analyst, chargeback feed...
+            imported_at TEXT NOT NULL         -- UTC RFC 3339
+        );
+        CREATE INDEX labels_known_at ON labels (known_at);
+        """
+    )
+
+
+# --- issue 3: explanations of alerts (see explain.py) ---------------------------------------
+@migrations()
+def m007_alert_explanations(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE alert_explanations (
+            transaction_id TEXT PRIMARY KEY REFERENCES alerts (transaction_id),
+            explanation TEXT NOT NULL,  -- JSON: rules, unusual (sentences), contributions
+            created_at REAL NOT NULL
+        );
+        """
+    )
+
+
+# --- issue 3: shadow model scores, stored beside the live verdicts, never acted on ----------
+@migrations()
+def m008_shadow_scores(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE shadow_scores (
+            transaction_id TEXT NOT NULL REFERENCES transactions (transaction_id),
+            model_version TEXT NOT NULL,
+            model_risk REAL NOT NULL,
+            risk REAL NOT NULL,        -- what the verdict's risk would have been
+            decision TEXT NOT NULL,    -- ...and its decision; never published or alerted
+            PRIMARY KEY (transaction_id, model_version)
+        );
+        """
+    )
+
+
+# --- issue 3: drift runs, one row per feature (and the risk score) per run ------------------
+@migrations()
+def m009_drift_reports(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE drift_reports (
+            run_at REAL NOT NULL,
+            model_version TEXT NOT NULL,
+            window_from REAL NOT NULL,  -- event time, seconds since the epoch
+            window_to REAL NOT NULL,
+            rows INTEGER NOT NULL,
+            name TEXT NOT NULL,         -- a feature, or 'risk'
+            psi REAL NOT NULL,
+            reference TEXT NOT NULL     -- what the window was compared with
+        );
+        CREATE INDEX drift_reports_run ON drift_reports (run_at);
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

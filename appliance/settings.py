@@ -190,6 +190,21 @@ class Settings:
     """Minutes without a page load or action after which a console session ends."""
     console_poll_seconds: float = 0.5
     """How often an open queue page checks for new or changed alerts (one cheap query)."""
+    # --- issue 3: model lifecycle
+    model_check_seconds: float = 2.0
+    """Seconds between the scorer's checks of the registry's production pointer (hot swap)."""
+    label_refresh_seconds: float = 5.0
+    """Seconds between the scorer's reads of newly imported labels (label features)."""
+    alert_budget_per_day: float = 100.0
+    """Alerts per day the fraud team can work: recall at this budget is reported, and a
+    candidate raising more alerts per day than this is not promoted."""
+    promotion_min_f1_gain: float = 0.02
+    """Relative F1 gain (at the operating threshold) a candidate needs over production to be
+    promoted (0.02 = 2 % higher)."""
+    retrain_window_days: float = 90.0
+    """Days of stored transactions ``branchguard retrain`` trains on."""
+    drift_psi_threshold: float = 0.2
+    """Population stability index above which ``branchguard drift run`` logs a WARNING."""
 
     @property
     def db_path(self) -> Path:
@@ -236,6 +251,18 @@ class Settings:
             (0 < self.ml_risk_threshold <= 1, "ml_risk_threshold", self.ml_risk_threshold,
              "use a risk in (0, 1]"),
             (self.high_value_amount > 0, "high_value_amount", self.high_value_amount, "use > 0"),
+            (self.model_check_seconds > 0, "model_check_seconds", self.model_check_seconds,
+             "use > 0"),
+            (self.label_refresh_seconds > 0, "label_refresh_seconds",
+             self.label_refresh_seconds, "use > 0"),
+            (self.alert_budget_per_day > 0, "alert_budget_per_day", self.alert_budget_per_day,
+             "use > 0"),
+            (self.promotion_min_f1_gain >= 0, "promotion_min_f1_gain",
+             self.promotion_min_f1_gain, "use >= 0"),
+            (self.drift_psi_threshold > 0, "drift_psi_threshold", self.drift_psi_threshold,
+             "use > 0"),
+            (self.retrain_window_days > 0, "retrain_window_days", self.retrain_window_days,
+             "use > 0"),
             (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              self.log_level, "use DEBUG, INFO, WARNING or ERROR"),
             # issue 6: alerts

@@ -52,6 +52,10 @@ class Scored:
     stream_seq: int
     features: tuple[float, ...]
     verdict: Verdict
+    explanation: str | None = None
+    """JSON explanation of an alert (explain.py), stored with it; None when approved."""
+    shadow: tuple[str, float, float, str] | None = None
+    """The shadow model's (version, model_risk, risk, decision): stored, never acted on."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs 5x, and this is per message
@@ -156,6 +160,15 @@ class Store:
             created = conn.total_changes - before
             if created:  # issue 6: each new alert's outbox row, in the same transaction
                 conn.execute(_INSERT_OUTBOX, (last_alert or 0,))
+            conn.executemany(  # issue 3: explanations, with their alerts
+                "INSERT OR IGNORE INTO alert_explanations (transaction_id, explanation, "
+                "created_at) VALUES (?, ?, ?)",
+                [(s.tx.transaction_id, s.explanation, now) for s in scored
+                 if s.explanation is not None])
+            conn.executemany(
+                "INSERT OR IGNORE INTO shadow_scores (transaction_id, model_version, "
+                "model_risk, risk, decision) VALUES (?, ?, ?, ?, ?)",
+                [(s.tx.transaction_id, *s.shadow) for s in scored if s.shadow is not None])
             conn.executemany(
                 "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
                 "received_at) VALUES (?, ?, ?, ?, ?)",

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 INSTALLED_BIN = "/opt/branchguard/venv/bin/branchguard"
 GOOD_RATINGS = ("PERFECT", "SAFE", "OK")
-PENDING = {("serve",), ("alerts", "run"), ("drift", "run"), ("retrain",)}
-"""Sub-commands the units run that other issues add (web server, alert dispatcher, drift,
-retraining); every other ExecStart must name a command the CLI has now."""
+PENDING: set[tuple[str, ...]] = set()
+"""Sub-commands the units may run before the CLI has them (none now): every ExecStart must
+name a command the CLI has."""
 
 
 def _services() -> list[Path]:

@@ -1,0 +1,175 @@
+"""Retraining: the supervised challenger's ONNX graph equals scikit-learn; a candidate is
+promoted when, and only when, the promotion rule is met."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sklearn.ensemble import IsolationForest
+
+from appliance.backtest import backtest, label_state, load_rows
+from appliance.challenger import challenger_to_onnx, fit_classifier, stacked_input
+from appliance.errors import ModelError
+from appliance.features import FeatureState
+from appliance.labels import import_labels, write_label_file
+from appliance.registry import Registry
+from appliance.retrain import decide, retrain
+from appliance.rules import RULES_VERSION
+from appliance.score import judge
+from appliance.settings import Settings, load
+from appliance.simulate import Labelled
+from appliance.store import Scored, Store
+
+from .support import make_transactions
+from .test_registry import copy_shipped
+
+
+def test_challenger_graph_matches_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 7)).astype(np.float32)
+    x[:, 3] = rng.integers(0, 5, 4000)  # a count-like column: values sit on split thresholds
+    y = x[:, 0] + 0.3 * rng.normal(size=4000) > 1.8
+    forest = IsolationForest(n_estimators=50, random_state=1).fit(x[:, [0, 3]])
+    clf = fit_classifier(stacked_input(x, forest, [0, 3]), y, n_estimators=40)
+    session = ort.InferenceSession(challenger_to_onnx(clf, forest, 7, [0, 3])
+                                   .SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"features": x})[0]
+    want = clf.predict_proba(stacked_input(x, forest, [0, 3]))[:, 1]
+    assert got.shape == (4000,)
+    assert np.max(np.abs(got - want)) <= 1e-5
+
+
+def test_promotion_rule() -> None:
+    s = load(None, env={})
+    assert decide(0.51, 0.50, 10, s).promote            # +2 %: promoted
+    assert not decide(0.509, 0.50, 10, s).promote       # +1.8 %: not
+    assert not decide(0.9, 0.5, s.alert_budget_per_day + 1, s).promote  # over the budget
+    assert not decide(0.0, 0.0, 1, s).promote            # nothing detected by either
+    assert decide(0.1, 0.0, 1, s).promote                # a first useful model
+    assert "budget" in decide(0.9, 0.5, 1e9, s).reason
+
+
+def stored_node(tmp_path: Path, items: list[Labelled], **overrides: object) -> Settings:
+    """A node database holding ``items`` scored by the shipped model as the scorer stores them,
+    and their labels, known a minute after each transaction."""
+    settings = load(None, env={}, data_dir=tmp_path / "node", **overrides)
+    registry = Registry.of(settings)
+    model = registry.load(registry.production())
+    state = FeatureState()
+    features = [state.observe(i.tx) for i in items]
+    risks = model.risks(np.array(features))
+    store = Store.open(settings.db_path)
+    store.save_batch([Scored(i.tx, "BR001", n + 1, f,
+                             judge(i.tx, f, float(r), model.version, RULES_VERSION, settings))
+                      for n, (i, f, r) in enumerate(zip(items, features, risks))], [],
+                     "scorer", len(items))
+    store.close()
+    path = tmp_path / "labels.csv"
+    write_label_file(path, [(i.tx.transaction_id, int(i.fraud), i.tx.timestamp.timestamp() + 60)
+                            for i in items])
+    import_labels(settings.db_path, path)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def items() -> list[Labelled]:
+    return make_transactions(8000, seed=5, rate=5.0)
+
+
+def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labelled]) -> None:
+    settings = stored_node(tmp_path, items)
+    registry = Registry.of(settings)
+    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    assert result.decision.promote, result.decision.reason
+    assert registry.production() == result.version
+    card = registry.card(result.version)
+    assert card["stage"] == "production" and card["parent_version"] == "if-v1"
+    assert card["promotion"]["promoted"] is True
+    assert card["metrics"]["f1"] >= 1.02 * card["metrics"]["production_on_same_period"]["f1"]
+    assert card["metrics"]["onnx_vs_sklearn_max_abs_diff"] <= 1e-5
+    assert card["training"]["labels_used_for_fitting"] is True
+    assert card["features"][-2:] == ["account_known_fraud_count_30d",
+                                     "account_known_fraud_share_30d"]
+    assert "terminal_known_fraud_count_1d" not in card["features"]
+    assert "risk" in card["reference"] and "amount" in card["reference"]["features"]
+    # the card's metrics are what a backtest of the held-back period gives
+    rows = load_rows(settings.db_path)
+    model = registry.load(result.version)
+    risk, _ = backtest(rows, model, label_state(settings.db_path), settings)
+    assert risk.shape == (len(items),) and 0 <= risk.min() and risk.max() <= 1
+
+
+@pytest.mark.parametrize("override, why", [
+    ({"promotion_min_f1_gain": 50.0}, "not 5000% above"),   # the gain is never big enough
+    ({"alert_budget_per_day": 0.001}, "over the budget"),    # too many alerts for the team
+])
+def test_a_candidate_that_misses_the_rule_stays_a_candidate(
+        tmp_path: Path, items: list[Labelled], override: dict[str, float], why: str) -> None:
+    settings = stored_node(tmp_path, items, **override)
+    registry = Registry.of(settings)
+    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    assert not result.decision.promote
+    assert why in result.decision.reason
+    assert registry.production() == "if-v1"
+    card = registry.card(result.version)
+    assert card["stage"] == "candidate"
+    assert card["promotion"] == {**card["promotion"], "promoted": False,
+                                 "reason": result.decision.reason}
+
+
+def test_unsupervised_retrain_compares_on_the_same_period(tmp_path: Path,
+                                                          items: list[Labelled]) -> None:
+    settings = stored_node(tmp_path, items)
+    copy_shipped(settings.data_dir / "models", "m-a")
+    result = retrain(settings, holdout_days=0.005, allow_promotion=False)
+    card = Registry.of(settings).card(result.version)
+    assert card["training"]["labels_used_for_fitting"] is False
+    assert card["features"] == list(Registry.of(settings).card("if-v1")["features"])
+    held = card["training"]["holdout"]["rows"]
+    assert held > 0 and card["metrics"]["production_on_same_period"]["version"] == "if-v1"
+    assert not result.decision.promote and Registry.of(settings).production() == "if-v1"
+    json.dumps(card)  # the card is plain JSON
+
+
+def test_retrain_without_labels_says_what_is_missing(tmp_path: Path,
+                                                     items: list[Labelled]) -> None:
+    settings = stored_node(tmp_path, items[:1500])
+    import sqlite3
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("DELETE FROM labels")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ModelError) as info:
+        retrain(dataclasses.replace(settings), holdout_days=0.005)
+    assert info.value.field == "labels"
+
+
+def test_the_live_scorer_serves_a_label_model_exactly_as_the_backtest_scores_it(
+        tmp_path: Path, nats_url: str, node_factory: type) -> None:
+    from .support import send, stored_count, wait_until
+    import sqlite3
+
+    stream = make_transactions(9000, seed=5, rate=5.0)
+    settings = stored_node(tmp_path, stream[:8000])
+    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    assert result.decision.promote and Registry.of(settings).load(result.version).uses_labels
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("DELETE FROM checkpoints")  # a fresh stream: the stored rows came from elsewhere
+    conn.commit()
+    conn.close()
+    node = node_factory(settings.data_dir, nats_url, {}).start()
+    assert '"labels":8000' in node.log()  # every label loaded at start
+    live = [i.tx for i in stream[8000:]]
+    assert send(nats_url, live) == len(live)
+    wait_until(lambda: stored_count(settings.db_path) == len(stream), message="all stored")
+    assert node.stop() == 0
+    rows = load_rows(settings.db_path, since=live[0].timestamp.timestamp())
+    assert len(rows) == len(live) and set(rows.model_version) == {result.version}
+    risk, _ = backtest(rows, Registry.of(settings).load(result.version),
+                       label_state(settings.db_path), settings)
+    assert np.allclose(risk, rows.risk, atol=1e-6)
