@@ -17,6 +17,7 @@ from appliance.change import connect_writer
 from appliance.store import Store
 from tests.api_support import ServeProcess, api_settings, fill
 from tests.support import make_transactions, send, stored_count, wait_until
+from tests.test_monitoring import used_metrics
 
 Node = type
 
@@ -45,12 +46,26 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
         assert http.get("/api/v1/alerts", headers={"Authorization": "Bearer x"}
                         ).status_code == 401
         metrics = http.get("/metrics").text
-    assert "branchguard_transactions_stored 120.0" in metrics
-    assert re.search(r'branchguard_alerts\{severity="\w+",status="NEW"\} \d', metrics)
-    assert "branchguard_dead_letters 0.0" in metrics
+    assert "branchguard_transactions_total 120.0" in metrics
+    assert re.search(r'branchguard_alerts_total\{severity="\w+"\} \d', metrics)
+    assert re.search(r'branchguard_alert_cases\{severity="\w+",status="NEW"\} \d', metrics)
+    assert "branchguard_dead_letters_total 0.0" in metrics
     assert 'branchguard_model_info{configured="if-v1",last_model="if-v1"' in metrics
     assert 'branchguard_checkpoint_stream_seq{consumer="scorer"} 120.0' in metrics
-    assert "branchguard_consumer_lag 0.0" in metrics
+    assert "branchguard_consumer_pending_messages 0.0" in metrics
+    # no destinations here: the outbox holds the alerts, and says how long it has
+    def value(name: str) -> float:
+        return float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
+
+    assert value("branchguard_alerts_oldest_undelivered_seconds") > 0
+    assert value("branchguard_replication_lag_seconds") >= 0  # the default file:// replica
+    assert 0 < value("branchguard_data_dir_free_bytes") <= value("branchguard_data_dir_size_bytes")
+    # The contract with monitoring/: every metric a rule or the dashboard reads is exposed by
+    # the real server (drift only once `drift run` has stored a report: its family is here).
+    exposed = set(re.findall(r"^# TYPE (branchguard_[a-z0-9_]+)", metrics, re.M))
+    exposed |= {n + "_total" for n in exposed}
+    missing = used_metrics() - exposed
+    assert not missing, f"rules or dashboard read metrics /metrics lacks: {missing}"
     assert 'branchguard_api_cache_hits_total{route="/api/v1/alerts"} 2.0' in metrics
     assert 'branchguard_api_cache_misses_total{route="/api/v1/alerts"} 1.0' in metrics
     assert ('branchguard_api_requests_total{method="GET",route="/api/v1/alerts",'

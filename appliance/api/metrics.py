@@ -83,6 +83,14 @@ class StoreCollector(Collector):
         info.add_metric([self.settings.model_version, row[0] if row else "",
                          row[1] if row else ""], 1)
         yield info
+        drift = GaugeMetricFamily("branchguard_drift_psi",
+                                  "Population stability index of each feature (and 'risk') "
+                                  "in the last `branchguard drift run`.", labels=["feature"])
+        for name, value in conn.execute(
+                "SELECT name, psi FROM drift_reports WHERE run_at = "
+                "(SELECT max(run_at) FROM drift_reports)"):
+            drift.add_metric([name], value)
+        yield drift
         yield from disk_metrics(self.settings.data_dir)
         lag = replication_lag_seconds(self.settings)
         if lag is not None:
