@@ -350,10 +350,29 @@ def erase(settings: Settings, account: str, now: datetime | None = None) -> dict
     return report
 
 
+_DEPENDENT = (
+    ("alert_notes", "alert_id", "alerts"),
+    ("alert_outbox", "alert_id", "alerts"),
+    ("alert_deliveries", "alert_id", "alerts"),
+    ("alert_explanations", "transaction_id", "transactions"),
+    ("shadow_scores", "transaction_id", "transactions"),
+    ("labels", "transaction_id", "transactions"),
+)
+"""Tables whose rows belong to an account through its alerts or transactions: (table, key,
+parent). Erasure deletes them with the account's rows. The audit trail is not among them: it
+is hash-chained and append-only, and names alerts by id, not the account."""
+
+
 def _erase_db(conn: sqlite3.Connection, account: str) -> tuple[int, int]:
     """Delete an account's rows from one database in one transaction, checked to be gone."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        present = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, key, parent in _DEPENDENT:  # what hangs off the account's rows, first
+            if table in present:
+                conn.execute(f"DELETE FROM {table} WHERE {key} IN "  # noqa: S608
+                             f"(SELECT {key} FROM {parent} WHERE account_id = ?)", (account,))
         alerts = conn.execute("DELETE FROM alerts WHERE account_id = ?", (account,)).rowcount
         rows = conn.execute("DELETE FROM transactions WHERE account_id = ?", (account,)).rowcount
         left = conn.execute("SELECT (SELECT count(*) FROM transactions WHERE account_id = ?) + "

@@ -217,3 +217,46 @@ def test_cli_prints_the_plan_as_json_lines(settings: Settings) -> None:
     bad = CliRunner().invoke(cli.cli, ["retention", "run", "--data-dir",
                                        str(settings.data_dir), "--now", "yesterday"])
     assert bad.exit_code == 2 and "now: not an ISO 8601 time" in bad.output
+
+
+def test_erasure_also_removes_what_hangs_off_the_account(settings: Settings) -> None:
+    """Notes, explanations, shadow scores, labels and alert deliveries of the account's
+    transactions and alerts go with them; other accounts' stay."""
+    conn = sqlite3.connect(settings.db_path, isolation_level=None)
+    alerts = conn.execute("SELECT alert_id, transaction_id FROM alerts").fetchall()
+    conn.executemany("INSERT INTO alert_notes (alert_id, at, author, text) VALUES (?, 0, 'a', "
+                     "'called the customer')", [(a,) for a, _ in alerts])
+    conn.executemany("INSERT INTO alert_explanations VALUES (?, '{}', 0)",
+                     [(t,) for _, t in alerts])
+    tids = [row[0] for row in conn.execute("SELECT transaction_id FROM transactions")]
+    conn.executemany("INSERT INTO shadow_scores VALUES (?, 'x', 0.1, 0.1, 'approve')",
+                     [(t,) for t in tids])
+    conn.executemany("INSERT INTO labels VALUES (?, 1, '2026-01-01T00:00:00Z', 'f', "
+                     "'2026-01-01T00:00:00Z')", [(t,) for t in tids])
+
+    def left(account: str) -> dict[str, int]:
+        mine = "(SELECT transaction_id FROM transactions WHERE account_id = ?)"
+        return {table: conn.execute(f"SELECT count(*) FROM {table} WHERE {key} IN "
+                                    + (mine if key == "transaction_id" else
+                                       f"(SELECT alert_id FROM alerts WHERE transaction_id "
+                                       f"IN {mine})"), (account,)).fetchone()[0]
+                for table, key in (("alert_notes", "alert_id"),
+                                   ("alert_outbox", "alert_id"),
+                                   ("alert_explanations", "transaction_id"),
+                                   ("shadow_scores", "transaction_id"),
+                                   ("labels", "transaction_id"))}
+
+    a1_before = left("A1")
+    assert all(a1_before.values())
+    counted = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+               for table in a1_before}
+    erase(settings, "A2")
+    after = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+             for table in a1_before}
+    assert left("A1") == a1_before  # another account's rows are untouched
+    a2 = sum(1 for t in tids if int(t[1:]) % 4 == 2)
+    a2_alerts = sum(1 for _, t in alerts if int(t[1:]) % 4 == 2)
+    assert counted["shadow_scores"] - after["shadow_scores"] == a2
+    assert counted["labels"] - after["labels"] == a2
+    for table in ("alert_notes", "alert_outbox", "alert_explanations"):
+        assert counted[table] - after[table] == a2_alerts, table
