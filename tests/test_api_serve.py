@@ -16,7 +16,7 @@ from appliance import keys
 from appliance.change import connect_writer
 from appliance.store import Store
 from tests.api_support import ServeProcess, api_settings, fill
-from tests.support import make_transactions, send, stored_count, wait_until
+from tests.support import make_transactions, query, send, stored_count, wait_until
 
 Node = type
 
@@ -45,6 +45,19 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
         assert http.get("/api/v1/alerts", headers={"Authorization": "Bearer x"}
                         ).status_code == 401
         metrics = http.get("/metrics").text
+        # the real scorer's commits, from another process, invalidate the cached list
+        db = data / "branchguard.db"
+        stored = 120
+        for seed in (5, 6, 7):
+            assert http.get("/api/v1/alerts", headers=h).headers["x-cache"] == "hit"
+            stored += send(nats_url, [i.tx for i in make_transactions(40, seed=seed)])
+            wait_until(lambda: stored_count(db) == stored, message="stored")
+            fresh = http.get("/api/v1/alerts", headers=h)
+            assert fresh.headers["x-cache"] == "miss"
+            assert fresh.json()["total"] == query(db, "SELECT count(*) FROM alerts")[0][0]
+            assert fresh.json()["alerts"][0]["alert_id"] == query(
+                db, "SELECT max(alert_id) FROM alerts")[0][0]
+            assert http.get("/api/v1/alerts", headers=h).headers["x-cache"] == "hit"
     assert "branchguard_transactions_stored 120.0" in metrics
     assert re.search(r'branchguard_alerts\{severity="\w+",status="NEW"\} \d', metrics)
     assert "branchguard_dead_letters 0.0" in metrics
