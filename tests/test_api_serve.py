@@ -84,6 +84,25 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
         raise AssertionError("the API outlived branchguard run")
 
 
+def test_the_api_dies_with_a_killed_node(tmp_path: Path, nats_url: str,
+                                         node_factory: Node) -> None:
+    node = node_factory(tmp_path / "node", nats_url, {"BRANCHGUARD_RUN_API": "true",
+                                                      "BRANCHGUARD_API_PORT": "0"}).start()
+    wait_until(lambda: '"api.listening"' in node.log(), message="api listening")
+    url = "http://127.0.0.1:" + re.search(r'"api.listening".*?"port":(\d+)',
+                                          node.log()).group(1)
+    assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+    node.kill()  # SIGKILL: the node gets no chance to stop its children
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/healthz", timeout=1)
+        except httpx.TransportError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the API outlived the killed node")
+
+
 def test_readyz_says_what_failed_and_nothing_more(tmp_path: Path) -> None:
     settings = api_settings(tmp_path)  # NATS at 127.0.0.1:1: nothing listens there
     Store.open(settings.db_path).close()
