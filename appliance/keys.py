@@ -112,6 +112,17 @@ class KeyVerifier:
         self._verified: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
 
+    def recently_verified(self, key: str) -> bool:
+        """Whether this exact key passed argon2 within ``cache_seconds`` (no database read:
+        this only decides which rate limit a request counts against)."""
+        match = _KEY.match(key)
+        if match is None:
+            return False
+        with self._lock:
+            cached = self._verified.get(match.group(1))
+        return cached is not None and cached[1] >= time.monotonic() and \
+            cached[0] == hashlib.sha256(key.encode()).digest()
+
     def verify(self, conn: sqlite3.Connection, key: str) -> Principal | None:
         """The key's principal, or None when it is malformed, unknown, wrong or revoked."""
         match = _KEY.match(key)

@@ -27,7 +27,7 @@ from .child import terminate
 from .ingest import connect
 from .nats_auth import client_options
 from .registry import Registry
-from .node import EmbeddedNats
+from .node import EmbeddedNats, die_with_parent
 from .pipeline import Counters, Scorer
 from .replication import Litestream
 from .settings import Settings
@@ -227,7 +227,10 @@ def start_api(settings: Settings) -> subprocess.Popen[bytes] | None:
         env[f"BRANCHGUARD_{field.name.upper()}"] = (
             "" if value is None else ",".join(value) if isinstance(value, tuple) else str(value))
     env.pop("BRANCHGUARD_CONFIG", None)  # every value is in the environment already
-    return subprocess.Popen([sys.executable, "-m", "appliance", "serve"], env=env)
+    # Like nats-server: dies with the node even if the node is SIGKILLed, and is kept out of
+    # the terminal's process group, so the node stops it in order.
+    return subprocess.Popen([sys.executable, "-m", "appliance", "serve"], env=env,
+                            start_new_session=True, preexec_fn=die_with_parent)
 
 
 def stop_api(process: subprocess.Popen[bytes] | None) -> None:

@@ -138,6 +138,10 @@ class Settings:
     api_rate_burst: int = 200
     """...counted over a moving window of ``round(api_rate_burst / api_rate_per_second)``
     seconds (at least 1): up to this many requests may come at once."""
+    api_verifications_per_minute: int = 300
+    """Argon2 key verifications one client address may cause per minute (wrong keys, and
+    keys not verified in the last ``api_key_cache_seconds``); over it: 429. Behind a proxy
+    every client shares its address: allow a few per active key and minute."""
     api_key_cache_seconds: float = 30.0
     """How long a verified key skips argon2 (revocation is still checked on every request)."""
     api_cache_dir: Path | None = None
@@ -290,6 +294,8 @@ class Settings:
             (self.api_rate_per_second > 0, "api_rate_per_second", self.api_rate_per_second,
              "use > 0"),
             (self.api_rate_burst >= 1, "api_rate_burst", self.api_rate_burst, "use 1 or more"),
+            (self.api_verifications_per_minute >= 1, "api_verifications_per_minute",
+             self.api_verifications_per_minute, "use 1 or more"),
             (self.api_key_cache_seconds >= 0, "api_key_cache_seconds",
              self.api_key_cache_seconds, "use 0 or more"),
             (self.api_cache_seconds > 0, "api_cache_seconds", self.api_cache_seconds,

@@ -16,7 +16,7 @@ from appliance import keys
 from appliance.change import connect_writer
 from appliance.store import Store
 from tests.api_support import ServeProcess, api_settings, fill
-from tests.support import make_transactions, send, stored_count, wait_until
+from tests.support import make_transactions, query, send, stored_count, wait_until
 from tests.test_monitoring import used_metrics
 
 Node = type
@@ -46,6 +46,19 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
         assert http.get("/api/v1/alerts", headers={"Authorization": "Bearer x"}
                         ).status_code == 401
         metrics = http.get("/metrics").text
+        # the real scorer's commits, from another process, invalidate the cached list
+        db = data / "branchguard.db"
+        stored = 120
+        for seed in (5, 6, 7):
+            assert http.get("/api/v1/alerts", headers=h).headers["x-cache"] == "hit"
+            stored += send(nats_url, [i.tx for i in make_transactions(40, seed=seed)])
+            wait_until(lambda: stored_count(db) == stored, message="stored")
+            fresh = http.get("/api/v1/alerts", headers=h)
+            assert fresh.headers["x-cache"] == "miss"
+            assert fresh.json()["total"] == query(db, "SELECT count(*) FROM alerts")[0][0]
+            assert fresh.json()["alerts"][0]["alert_id"] == query(
+                db, "SELECT max(alert_id) FROM alerts")[0][0]
+            assert http.get("/api/v1/alerts", headers=h).headers["x-cache"] == "hit"
     assert "branchguard_transactions_total 120.0" in metrics
     assert re.search(r'branchguard_alerts_total\{severity="\w+"\} \d', metrics)
     assert re.search(r'branchguard_alert_cases\{severity="\w+",status="NEW"\} \d', metrics)
@@ -53,13 +66,14 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
     assert 'branchguard_model_info{configured="if-v1",last_model="if-v1"' in metrics
     assert 'branchguard_checkpoint_stream_seq{consumer="scorer"} 120.0' in metrics
     assert "branchguard_consumer_pending_messages 0.0" in metrics
-    # no destinations here: the outbox holds the alerts, and says how long it has
     def value(name: str) -> float:
         return float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
 
+    # no destinations here: the outbox holds the alerts, and says how long it has
     assert value("branchguard_alerts_oldest_undelivered_seconds") > 0
     assert value("branchguard_replication_lag_seconds") >= 0  # the default file:// replica
-    assert 0 < value("branchguard_data_dir_free_bytes") <= value("branchguard_data_dir_size_bytes")
+    assert 0 < value("branchguard_data_dir_free_bytes") <= value(
+        "branchguard_data_dir_size_bytes")
     # The contract with monitoring/: every metric a rule or the dashboard reads is exposed by
     # the real server (drift only once `drift run` has stored a report: its family is here).
     exposed = set(re.findall(r"^# TYPE (branchguard_[a-z0-9_]+)", metrics, re.M))
@@ -84,6 +98,25 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
         time.sleep(0.1)
     else:
         raise AssertionError("the API outlived branchguard run")
+
+
+def test_the_api_dies_with_a_killed_node(tmp_path: Path, nats_url: str,
+                                         node_factory: Node) -> None:
+    node = node_factory(tmp_path / "node", nats_url, {"BRANCHGUARD_RUN_API": "true",
+                                                      "BRANCHGUARD_API_PORT": "0"}).start()
+    wait_until(lambda: '"api.listening"' in node.log(), message="api listening")
+    url = "http://127.0.0.1:" + re.search(r'"api.listening".*?"port":(\d+)',
+                                          node.log()).group(1)
+    assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+    node.kill()  # SIGKILL: the node gets no chance to stop its children
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/healthz", timeout=1)
+        except httpx.TransportError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the API outlived the killed node")
 
 
 def test_readyz_says_what_failed_and_nothing_more(tmp_path: Path) -> None:

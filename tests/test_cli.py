@@ -136,7 +136,8 @@ def test_the_embedded_nats_server_dies_with_a_killed_node(tmp_path: Path) -> Non
     log = (tmp_path / "run.log").open("wb")
     node = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir",
                              str(tmp_path / "node")], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "BRANCHGUARD_NATS_PORT": "0"})
+                            env={**os.environ, "BRANCHGUARD_NATS_PORT": "0",
+                                 "BRANCHGUARD_API_PORT": "0"})
     try:
         wait_until(lambda: '"node.ready"' in (tmp_path / "run.log").read_text(), timeout=60,
                    message="node ready")

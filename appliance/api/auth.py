@@ -28,12 +28,6 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def key_id_of(token: str) -> str | None:
-    """The non-secret id inside a well-formed key (for rate limiting before verifying)."""
-    parts = token.split("_")
-    return parts[1] if len(parts) >= 3 and parts[0] == "bg" and len(parts[1]) == 12 else None
-
-
 def authenticate(conn: sqlite3.Connection, verifier: KeyVerifier, token: str | None,
                  role: str) -> Principal:
     """The caller's principal if the key is valid and its role at least ``role``."""

@@ -31,7 +31,7 @@ from ..keys import KeyVerifier, Principal
 from ..lists import ListError
 from ..settings import Settings
 from . import bodies
-from .auth import authenticate, bearer, key_id_of
+from .auth import authenticate, bearer
 from .cache import ResponseCache, generation_token
 from .errors import ApiError, error_response, from_api_error, json_response
 from .metrics import ApiMetrics
@@ -162,16 +162,7 @@ def starlette_route(api: Api, spec: Spec) -> Route:
 def run(api: Api, spec: Spec, request: Request, body: bytes) -> Response:
     conn = api.reader()
     try:
-        client = request.client.host if request.client else "unknown"
-        try:
-            token = bearer(request)
-        except ApiError:
-            api.limiter.check(f"addr:{client}")
-            raise
-        key_id = key_id_of(token) if token else None
-        api.limiter.check(f"key:{key_id}" if key_id else f"addr:{client}")
-        conn.execute("BEGIN")
-        principal = authenticate(conn, api.verifier, token, spec.role) if spec.role else None
+        principal = _admit(api, spec, request, conn)
         call = Call(api, request, body, principal, conn, spec.params)
         if not spec.cached:
             return _respond(spec.fn(call))
@@ -205,6 +196,35 @@ def run(api: Api, spec: Spec, request: Request, body: bytes) -> Response:
     finally:
         if conn.in_transaction:
             conn.execute("COMMIT")
+
+
+def _admit(api: Api, spec: Spec, request: Request, conn: sqlite3.Connection
+           ) -> Principal | None:
+    """Rate limits and authentication, in the order that keeps both cheap to attack.
+
+    Public routes count against the client address. A request with a key the verifier
+    confirmed recently counts against that key only (after it is verified, so nobody can
+    spend another key's budget by sending its non-secret id). Anything else (no key, a
+    malformed one, or one that needs argon2) counts against the client address, and the
+    argon2 verifications an address may cause are limited more tightly still.
+    """
+    address = f"addr:{request.client.host if request.client else 'unknown'}"
+    conn.execute("BEGIN")
+    if spec.role is None:
+        api.limiter.check(address)
+        return None
+    try:
+        token = bearer(request)
+    except ApiError:
+        api.limiter.check(address)
+        raise
+    if token is None or not api.verifier.recently_verified(token):
+        api.limiter.check(address)
+        if token is not None:
+            api.limiter.check_verification(address)
+    principal = authenticate(conn, api.verifier, token, spec.role)
+    api.limiter.check(f"key:{principal.key_id}")
+    return principal
 
 
 def _respond(result: Any) -> Response:
