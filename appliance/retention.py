@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import archive, logs
-from .archive import MOVED_TABLES, digest, read_rows
+from .archive import MOVED_TABLES, Digest, digest, read_rows
 from .errors import RetentionError
 from .settings import Settings
 from .store import open_db
@@ -40,6 +40,28 @@ CHUNK_ROWS = 5000
 """Transactions moved per node-database transaction: short enough that the scorer's next
 commit waits milliseconds, well inside its 5 s busy timeout."""
 _MOVING = "transaction_id IN (SELECT transaction_id FROM temp.moving)"
+
+_DEPENDENT = (
+    ("alert_notes", "alert_id", "alerts"),
+    ("alert_outbox", "alert_id", "alerts"),
+    ("alert_deliveries", "alert_id", "alerts"),
+    ("alert_explanations", "transaction_id", "transactions"),
+    ("shadow_scores", "transaction_id", "transactions"),
+    ("labels", "transaction_id", "transactions"),
+)
+"""Tables whose rows belong to a transaction or its alert: (table, key, parent). They move
+to the warm tier with their transactions (verified with them), are erased with the account's
+rows, and are not carried into the cold tier, which keeps transactions and alerts only. The
+audit trail is not among them: it is hash-chained and append-only, and names alerts by id."""
+
+
+def _moving_by(key: str, parent: str) -> str:
+    """The rows of a dependent table that belong to the moving transactions, in the
+    ``{schema}`` the statement reads (alerts are matched in the same database)."""
+    if parent == "transactions":
+        return _MOVING
+    return (f"{key} IN (SELECT {key} FROM {{schema}}.{parent} "
+            "WHERE transaction_id IN (SELECT transaction_id FROM temp.moving))")
 
 
 @dataclass(frozen=True)
@@ -198,18 +220,27 @@ def _create_warm(conn: sqlite3.Connection, path: Path) -> None:
 def _move_chunk(conn: sqlite3.Connection, month: str, attempts: int = 3) -> None:
     """Copy the rows named in temp.moving to warm, then verify and delete them in one write
     transaction on the node database (so nothing changes them in between)."""
+    present = {row[0] for row in conn.execute(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table'")}
+    moved = [(t, _MOVING) for t in MOVED_TABLES] + [
+        (table, _moving_by(key, parent)) for table, key, parent in _DEPENDENT
+        if table in present]
+
+    def lines(schema: str) -> Digest:
+        return digest(line for table, where in moved
+                      for line in read_rows(conn, schema, table, where.format(schema=schema)))
+
     for _ in range(attempts):
         conn.execute("BEGIN")
-        for table in MOVED_TABLES:
+        for table, where in moved:
             conn.execute(f"INSERT OR REPLACE INTO warm.{table} SELECT * FROM main.{table} "  # noqa: S608
-                         f"WHERE {_MOVING}")
+                         f"WHERE {where.format(schema='main')}")
         conn.execute("COMMIT")
         conn.execute("BEGIN IMMEDIATE")
-        source = digest(line for t in MOVED_TABLES for line in read_rows(conn, "main", t, _MOVING))
-        copied = digest(line for t in MOVED_TABLES for line in read_rows(conn, "warm", t, _MOVING))
-        if source == copied:
-            for table in reversed(MOVED_TABLES):  # alerts before the rows they refer to
-                conn.execute(f"DELETE FROM main.{table} WHERE {_MOVING}")  # noqa: S608
+        if lines("main") == lines("warm"):
+            for table, where in reversed(moved):  # what refers to a row before the row
+                conn.execute(f"DELETE FROM main.{table} "  # noqa: S608
+                             f"WHERE {where.format(schema='main')}")
             conn.execute("COMMIT")
             return
         conn.execute("ROLLBACK")  # changed since the copy (an alert updated): copy again
@@ -350,17 +381,7 @@ def erase(settings: Settings, account: str, now: datetime | None = None) -> dict
     return report
 
 
-_DEPENDENT = (
-    ("alert_notes", "alert_id", "alerts"),
-    ("alert_outbox", "alert_id", "alerts"),
-    ("alert_deliveries", "alert_id", "alerts"),
-    ("alert_explanations", "transaction_id", "transactions"),
-    ("shadow_scores", "transaction_id", "transactions"),
-    ("labels", "transaction_id", "transactions"),
-)
-"""Tables whose rows belong to an account through its alerts or transactions: (table, key,
-parent). Erasure deletes them with the account's rows. The audit trail is not among them: it
-is hash-chained and append-only, and names alerts by id, not the account."""
+
 
 
 def _erase_db(conn: sqlite3.Connection, account: str) -> tuple[int, int]:

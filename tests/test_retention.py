@@ -260,3 +260,30 @@ def test_erasure_also_removes_what_hangs_off_the_account(settings: Settings) -> 
     assert counted["labels"] - after["labels"] == a2
     for table in ("alert_notes", "alert_outbox", "alert_explanations"):
         assert counted[table] - after[table] == a2_alerts, table
+
+
+def test_what_hangs_off_a_row_moves_to_warm_with_it(settings: Settings) -> None:
+    conn = sqlite3.connect(settings.db_path, isolation_level=None)
+    alerts = conn.execute("SELECT alert_id, transaction_id FROM alerts").fetchall()
+    conn.executemany("INSERT INTO alert_notes (alert_id, at, author, text) VALUES (?, 0, 'a', "
+                     "'note')", [(a,) for a, _ in alerts])
+    conn.executemany("INSERT INTO alert_explanations VALUES (?, '{}', 0)",
+                     [(t,) for _, t in alerts])
+    conn.close()
+    run_retention(settings, now=NOW)
+    conn = sqlite3.connect(settings.db_path)
+    hot_alerts = {a for (a,) in conn.execute("SELECT alert_id FROM alerts")}
+    assert 0 < len(hot_alerts) < len(alerts)
+    for table, key in (("alert_notes", "alert_id"), ("alert_outbox", "alert_id"),
+                       ("alert_explanations", "transaction_id")):
+        left = {k for (k,) in conn.execute(f"SELECT {key} FROM {table}")}
+        owners = hot_alerts if key == "alert_id" else {
+            t for (t,) in conn.execute("SELECT transaction_id FROM alerts")}
+        assert left == owners, table  # none left behind for a moved alert
+    moved_notes = 0
+    for month in archive.warm_months(settings):
+        warm = sqlite3.connect(archive.warm_path(settings, month))
+        moved_notes += warm.execute("SELECT count(*) FROM alert_notes WHERE alert_id IN "
+                                    "(SELECT alert_id FROM alerts)").fetchone()[0]
+        warm.close()
+    assert moved_notes > 0  # in the warm tier, beside their alerts
