@@ -17,6 +17,7 @@ import msgspec
 
 from .api.alerts import ALERT_COLUMNS, TX_COLUMNS, alert_row
 from .audit import entry_dict
+from .explain import stored_explanation
 from .features import FEATURES, FEATURES_VERSION
 
 BASELINE_ROWS = 100
@@ -47,6 +48,7 @@ def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
         "transaction": tx,
         "reasons": reasons,
         "features": features,
+        "explanation": stored_explanation(conn, alert["transaction_id"]) if tx else None,
         "timeline": timeline(conn, alert["account_id"]),
         "terminals": terminals_used(conn, alert["account_id"]),
         "related": {scope: related_alerts(conn, alert, scope)

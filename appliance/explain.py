@@ -19,7 +19,9 @@ Computed only for the transactions that raise an alert, in one vectorised pass p
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +182,11 @@ def explain(model: Model, paths: ForestPaths | None, txs: Sequence[Transaction],
             "method": METHOD if shares is not None else None,
         })
     return out
+
+
+def stored_explanation(conn: sqlite3.Connection, transaction_id: str) -> dict[str, Any] | None:
+    """The explanation the scorer stored with the alert on ``transaction_id`` (the object
+    :func:`explain` made), or None for an alert scored before explanations existed."""
+    row = conn.execute("SELECT explanation FROM alert_explanations WHERE transaction_id = ?",
+                       (transaction_id,)).fetchone()
+    return dict(json.loads(row[0])) if row else None

@@ -3,6 +3,8 @@ about it, related open alerts, account history, and errors that name the field."
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from typing import Any
 
 import pytest
@@ -115,12 +117,23 @@ def test_one_alert_has_its_transaction_features_reasons_and_notes(
                               "alerts WHERE reasons != '[]' LIMIT 1")
     client.post(f"/api/v1/alerts/{alert_id}/notes", json={"text": "called the customer"},
                 headers=role_keys.header("analyst"))
+    assert get(client, role_keys, f"/api/v1/alerts/{alert_id}")["explanation"] is None
+    explained = {"unusual": ["amount 4.8x the account's mean"], "contributions": [
+        {"feature": "amount", "value": 5100.0, "share": 0.6}], "model_version": "if-v1"}
+    conn = sqlite3.connect(node_db[0].db_path)
+    with conn:  # as the scorer stores it, in the alert's transaction
+        conn.execute("INSERT INTO alert_explanations VALUES (?, ?, 0)",
+                     (tid, json.dumps(explained)))
+    conn.close()
+    client.post(f"/api/v1/alerts/{alert_id}/notes", json={"text": "explained"},
+                headers=role_keys.header("analyst"))  # a change, so the cache moves on
     body = get(client, role_keys, f"/api/v1/alerts/{alert_id}")
+    assert body["explanation"] == explained
     assert body["alert"]["alert_id"] == alert_id and body["alert"]["status"] == "NEW"
     assert body["transaction"]["transaction_id"] == tid
     assert list(body["features"]) == list(FEATURES)
     assert body["reasons"] and all(r["code"] and r["detail"] for r in body["reasons"])
-    assert [n["text"] for n in body["notes"]] == ["called the customer"]
+    assert [n["text"] for n in body["notes"]] == ["called the customer", "explained"]
     missing = client.get("/api/v1/alerts/999999", headers=role_keys.header("viewer"))
     assert missing.status_code == 404 and missing.json()["error"]["field"] == "alert_id"
     huge = client.get(f"/api/v1/alerts/{10**30}", headers=role_keys.header("viewer"))

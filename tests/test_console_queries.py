@@ -125,7 +125,14 @@ def test_case_file_has_everything(node_db: tuple[Settings, Store]) -> None:  # n
     apply_change(writer, lambda c: change_case(c, alert_id, Change(1, "INVESTIGATING"),
                                                "user:alice"))
     case = case_file(conn, alert_id)
+    assert case is not None and case["explanation"] is None
+    tid = case["alert"]["transaction_id"]
+    with writer.conn:
+        writer.conn.execute("INSERT INTO alert_explanations VALUES (?, ?, 0)",
+                            (tid, '{"unusual": ["first use of this terminal"]}'))
+    case = case_file(conn, alert_id)
     assert case is not None
+    assert case["explanation"] == {"unusual": ["first use of this terminal"]}
     assert case["alert"]["status"] == "INVESTIGATING"
     assert case["transaction"]["account_id"] == account
     assert all(r["detail"] for r in case["reasons"])

@@ -110,6 +110,16 @@ class CaseView:
                     ui.label(reason["detail"]).props("data-testid=reason-detail")
             if not case["reasons"]:
                 ui.label("no rule fired; the model's risk alone raised it")
+            explanation = case.get("explanation")
+            if explanation:
+                for sentence in explanation["unusual"]:
+                    ui.label(sentence).props("data-testid=unusual")
+                if explanation["contributions"]:
+                    ui.label(f"What drove the model's risk ({explanation['model_version']}, "
+                             f"{explanation['model_risk']:.2f})").classes("font-bold mt-2")
+                    for c in explanation["contributions"]:
+                        ui.label(f"{c['feature']} = {_fmt(c['value'])}: "
+                                 f"{c['share']:.0%}").props("data-testid=contribution")
 
     def features(self, case: dict[str, Any]) -> None:
         rows = [{"name": f["name"], "value": _fmt(f["value"]),

@@ -11,6 +11,7 @@ import msgspec
 
 from ..cases import (STATUSES, CaseError, Change, add_note, bulk_change, change_case,
                      is_reopen)
+from ..explain import stored_explanation
 from ..features import FEATURES, FEATURES_VERSION
 from ..keys import role_at_least
 from ..score import SEVERITIES
@@ -135,10 +136,11 @@ def _alert(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any]:
 @routes.route("GET", "/api/v1/alerts/{alert_id:int}", "viewer")
 def get_alert(call: Call) -> dict[str, Any]:
     """
-    summary: One alert with its case state, transaction, features, reasons and notes.
+    summary: One alert with its case state, transaction, features, reasons, explanation
+      (rules with values, plain-words baseline, model contributions) and notes.
     parameters: [{$ref: '#/components/parameters/alert_id'}]
     responses:
-      200: {description: '{"alert", "transaction", "features", "reasons", "notes"}'}
+      200: {description: '{"alert", "transaction", "features", "reasons", "explanation", "notes"}'}
       404: {$ref: '#/components/responses/NotFound'}
     """
     alert = _alert(call.conn, call.path_id("alert_id"))
@@ -160,6 +162,7 @@ def get_alert(call: Call) -> dict[str, Any]:
                  "SELECT note_id, at, author, text FROM alert_notes WHERE alert_id = ? "
                  "ORDER BY note_id", (alert["alert_id"],))]
     return {"alert": alert, "transaction": tx, "features": features, "reasons": reasons,
+            "explanation": stored_explanation(call.conn, alert["transaction_id"]),
             "notes": notes}
 
 
