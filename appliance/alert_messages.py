@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 ACCOUNT_VISIBLE = 8
@@ -49,6 +49,8 @@ class AlertView:
     channel: str
     location: str | None
     merchant_category: str | None
+    unusual: list[str] = field(default_factory=list)
+    """The stored explanation's plain-words sentences ("first use of this terminal")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ def single(alert: AlertView, console_url: str) -> Message:
     lines += [f"- {plain_reason(r, d)}" for r, d in zip(a.reasons, details)]
     if not a.reasons:
         lines.append("- Overall risk above the alert threshold")
+    if a.unusual:
+        lines += ["", "What was unusual:"] + [f"- {u}" for u in a.unusual]
     lines += ["", f"Case: {case_link(console_url, a.alert_id)}"]
     return Message(title, "\n".join(lines), a.severity, (a.alert_id,))
 

@@ -13,6 +13,7 @@ writer waits at most for one of them (``busy_timeout`` covers it); reads never b
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,9 +37,10 @@ _decode_list = msgspec.json.Decoder(list[str])
 
 _VIEW = ("SELECT a.alert_id, a.severity, a.risk, a.created_at, a.ts, a.account_id, "
          "a.terminal_id, t.branch, t.amount, t.currency, a.reasons, t.details, t.decision, "
-         "t.channel, t.location, t.merchant_category FROM alert_deliveries d "
+         "t.channel, t.location, t.merchant_category, e.explanation FROM alert_deliveries d "
          "JOIN alerts a ON a.alert_id = d.alert_id "
-         "JOIN transactions t ON t.transaction_id = a.transaction_id ")
+         "JOIN transactions t ON t.transaction_id = a.transaction_id "
+         "LEFT JOIN alert_explanations e ON e.transaction_id = a.transaction_id ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,4 +231,5 @@ def _view(r: Any) -> AlertView:
     values = list(r)
     values[10] = _decode_list.decode(values[10])
     values[11] = _decode_list.decode(values[11])
+    values[16] = list(json.loads(values[16]).get("unusual", [])) if values[16] else []
     return AlertView(*values)

@@ -63,3 +63,25 @@ def test_the_prometheus_registry_reads_the_figures_from_the_database(tmp_path: P
     assert "branchguard_alerts_queue_depth 2.0" in text
     assert "# TYPE branchguard_alerts_failed_total counter" in text
     assert "branchguard_alerts_oldest_undelivered_seconds" in text
+
+
+def test_a_message_carries_the_stored_explanation_in_plain_words(tmp_path: Path) -> None:
+    from appliance.alert_messages import single
+    from appliance.outbox import Outbox, Route
+
+    db = tmp_path / "branchguard.db"
+    batch = scored_batch([Spec("c1", "CRITICAL"), Spec("c2", "CRITICAL")])
+    batch[0].explanation = '{"unusual": ["first use of this terminal"], "contributions": []}'
+    store = Store.open(db)
+    store.save_batch(batch, [], "scorer", 2)  # as the scorer does: with the alerts
+    store.close()
+    outbox = Outbox(db)
+    try:
+        outbox.route([Route("CRITICAL", "d1", False)], 60.0)
+        explained, plain = outbox.pending("d1", False, None, 10)
+    finally:
+        outbox.close()
+    assert explained.unusual == ["first use of this terminal"] and plain.unusual == []
+    body = single(explained, "http://console").body
+    assert "What was unusual:\n- first use of this terminal" in body
+    assert "What was unusual:" not in single(plain, "http://console").body
