@@ -89,15 +89,19 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
                          r'alerts")[^}]*le="([^"]+)"', metrics)
     assert {"0.0001", "0.0005", "2.5", "10.0", "+Inf"} <= set(buckets), buckets
     assert node.stop() == 0
-    deadline = time.monotonic() + 10
+    assert_gone(url, "the API outlived branchguard run")
+
+
+def assert_gone(url: str, message: str, timeout: float = 15.0) -> None:
+    """The server at ``url`` stops answering within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             httpx.get(url + "/healthz", timeout=1)
         except httpx.TransportError:
-            break
+            return
         time.sleep(0.1)
-    else:
-        raise AssertionError("the API outlived branchguard run")
+    raise AssertionError(message)
 
 
 def test_the_api_dies_with_a_killed_node(tmp_path: Path, nats_url: str,
@@ -109,14 +113,7 @@ def test_the_api_dies_with_a_killed_node(tmp_path: Path, nats_url: str,
                                           node.log()).group(1)
     assert httpx.get(url + "/healthz", timeout=5).status_code == 200
     node.kill()  # SIGKILL: the node gets no chance to stop its children
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url + "/healthz", timeout=1)
-        except httpx.TransportError:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the API outlived the killed node")
+    assert_gone(url, "the API outlived the killed node")
 
 
 def test_readyz_says_what_failed_and_nothing_more(tmp_path: Path) -> None:
