@@ -579,6 +579,36 @@ def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: in
 
     click.echo(json.dumps(asyncio.run(generate_api_load(url, key, mode, requests,
                                                         concurrency))))
+
+
+# --- issue 7: replication, retention ------------------------------------------------
+
+
+@bench.command("replication")
+@click.option("--seconds", type=float, default=20.0, show_default=True)
+@click.option("--rate", type=float, default=50.0, show_default=True,
+              help="Commits per second (the scorer commits one batch per commit).")
+@click.option("--sync-interval", type=float, default=1.0, show_default=True,
+              help="Litestream's monitor and sync interval, seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_replication(seconds: float, rate: float, sync_interval: float, as_json: bool) -> None:
+    """Measure replication lag: commits on a throwaway node database, replicated by the
+    real litestream to a local folder, probed by restoring it.
+
+    \b
+    Example:
+      branchguard bench replication --seconds 30 --rate 50 --sync-interval 1
+    """
+    from .replication_lag import format_lag, measure_lag
+
+    logs.configure("WARNING")
+    report = measure_lag(seconds=seconds, rate=rate, sync_interval=sync_interval)
+    click.echo(json.dumps(report, indent=2) if as_json else format_lag(report))
+
+
+@cli.command()
+@settings_options
 @click.option("--to", "to", type=click.Path(path_type=Path), default=None,
               help="Database file to write (default: the node's, <data_dir>/branchguard.db).")
 @click.option("--force", is_flag=True, help="Overwrite an existing database file.")

@@ -183,7 +183,8 @@ class Scorer:
         """Hot swap: when the production pointer names another model, load it off the event
         loop and switch between two batches. ``_score`` is synchronous, so every batch is
         scored by exactly one model, and every verdict names it."""
-        assert self.registry is not None
+        if self.registry is None:  # only started with a registry (see run)
+            return
         loop = asyncio.get_running_loop()
         try:
             shadow = await loop.run_in_executor(None, self.registry.shadow)

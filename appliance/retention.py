@@ -60,7 +60,7 @@ def _moving_by(key: str, parent: str) -> str:
     ``{schema}`` the statement reads (alerts are matched in the same database)."""
     if parent == "transactions":
         return _MOVING
-    return (f"{key} IN (SELECT {key} FROM {{schema}}.{parent} "
+    return (f"{key} IN (SELECT {key} FROM {{schema}}.{parent} "  # noqa: S608 (constants)
             "WHERE transaction_id IN (SELECT transaction_id FROM temp.moving))")
 
 

@@ -51,15 +51,22 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
             time.sleep(1)
         else:
             raise AssertionError(out.read_text(errors="replace")[-3000:])
-        port = re.search(r'"api.listening".*?"port":(\d+)', out.read_text(errors="replace"))
-        assert port, "make run did not start the analyst API"
+        deadline = time.monotonic() + 120  # the API and console child starts beside it
+        while not (port := re.search(r'"api.listening".*?"port":(\d+)',
+                                     out.read_text(errors="replace"))):
+            assert time.monotonic() < deadline, "make run did not start the analyst API"
+            assert make.poll() is None, out.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/healthz") as answer:
             assert json.loads(answer.read()) == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/console/login") as page:
+            assert page.status == 200  # the console is served too, behind its login
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         make.wait(60)
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
+            make.wait(60)
     text = out.read_text(errors="replace")
     assert '"node.stopped"' in text and '"nats.stopped"' in text, text[-3000:]
     survivors = subprocess.run(["pgrep", "-f", f"{clone}/var/nats"], capture_output=True)

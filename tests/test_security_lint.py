@@ -1,4 +1,4 @@
-"""The security scan: ruff's flake8-bandit rules (``S``) over the package, as in CI."""
+"""The security scan: ruff's flake8-bandit rules (``S``) over the package and the console."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ruff_security_rules_find_nothing() -> None:
     """pyproject.toml selects the S rules and names the two it ignores, and why (on the
     command line ``--select`` would override that list)."""
-    result = subprocess.run([tool("ruff"), "check", "--output-format", "concise", "appliance"],
+    result = subprocess.run([tool("ruff"), "check", "--output-format", "concise", "appliance",
+                             "ui"],
                             cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from appliance.errors import SettingsError
 from appliance.settings import Settings
 
-SECRET_FILE = "console-secret"
+SECRET_FILE = "console-secret"  # noqa: S105 (a file name, not a secret)
 
 
 def session_secret(settings: Settings) -> str:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import diskcache
 
-TOKEN_SQL = ("SELECT (SELECT value FROM api_generation), (SELECT max(alert_id) FROM alerts), "
+GENERATION_SQL = ("SELECT (SELECT value FROM api_generation), (SELECT max(alert_id) FROM alerts), "
              "(SELECT max(rowid) FROM transactions), (SELECT max(stream_seq) FROM dead_letters)")
 
 
 def generation_token(conn: sqlite3.Connection) -> str:
-    row = conn.execute(TOKEN_SQL).fetchone()
+    row = conn.execute(GENERATION_SQL).fetchone()
     return ":".join("-" if v is None else str(v) for v in row)
 
 
