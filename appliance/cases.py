@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import audit
+from .labels import record_disposition
 
 STATUSES = ("NEW", "INVESTIGATING", "CONFIRMED_FRAUD", "FALSE_POSITIVE")
 OPEN_STATUSES = ("NEW", "INVESTIGATING")
@@ -102,6 +103,8 @@ def change_case(conn: sqlite3.Connection, alert_id: int, change: Change,
         raise StaleVersion(before)
     audit.append(conn, actor, "case.change", f"alert:{alert_id}",
                  _audited(before), _audited(after))
+    if after["status"] != before["status"]:  # a disposition is a label for the models
+        record_disposition(conn, alert_id, after["status"], actor, now)
     return after
 
 

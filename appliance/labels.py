@@ -191,6 +191,26 @@ def read_label_rows(path: Path, source: str) -> list[tuple[str, int, str, str]]:
     return out
 
 
+DISPOSITION_LABELS = {"CONFIRMED_FRAUD": 1, "FALSE_POSITIVE": 0}
+"""The case statuses that are a label: an analyst's disposition of an alert."""
+
+
+def record_disposition(conn: sqlite3.Connection, alert_id: int, status: str, actor: str,
+                       at: float) -> bool:
+    """Store an analyst's disposition as the label of the alert's transaction, inside the
+    caller's transaction (the case change), known from ``at``. Like an import, a
+    transaction keeps its first label: a later disposition or import does not replace it.
+    True when a label was added."""
+    label = DISPOSITION_LABELS.get(status)
+    if label is None:
+        return False
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO labels (transaction_id, label, known_at, source, imported_at) "
+        "SELECT transaction_id, ?, ?, ?, ? FROM alerts WHERE alert_id = ?",
+        (label, rfc3339(at), f"analyst:{actor}", rfc3339(at), alert_id))
+    return cursor.rowcount == 1
+
+
 def import_labels(db_path: Path, path: Path, source: str | None = None) -> ImportResult:
     """Import a labels CSV into the node database in one transaction (idempotent)."""
     from .store import open_db

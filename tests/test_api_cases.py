@@ -38,6 +38,17 @@ def test_the_workflow_and_its_disposition(client: TestClient, role_keys: Keys,
     r = patch(client, role_keys, 1, version=3, assignee=None)
     assert r.status_code == 200 and r.json()["assignee"] is None
     assert r.json()["status"] == "CONFIRMED_FRAUD"
+    # the disposition is now the transaction's label, known from the moment it was made
+    db = node_db[0].db_path
+    [(label, source)] = query(db, "SELECT l.label, l.source FROM labels l JOIN alerts a "
+                                  "ON a.transaction_id = l.transaction_id WHERE a.alert_id = 1")
+    assert label == 1 and source == f"analyst:{disposed_by}"
+    assert patch(client, role_keys, 2, version=1, status="INVESTIGATING").status_code == 200
+    assert query(db, "SELECT count(*) FROM labels l JOIN alerts a ON a.transaction_id = "
+                     "l.transaction_id WHERE a.alert_id = 2") == [(0,)]  # not a disposition
+    assert patch(client, role_keys, 2, version=2, status="FALSE_POSITIVE").status_code == 200
+    assert query(db, "SELECT l.label FROM labels l JOIN alerts a ON a.transaction_id = "
+                     "l.transaction_id WHERE a.alert_id = 2") == [(0,)]
 
 
 def test_every_transition_not_in_the_table_is_refused(client: TestClient,
