@@ -150,6 +150,11 @@ class Settings:
     """Longest a cached response is kept (entries are also invalidated by every change)."""
     lists_refresh_seconds: float = 5.0
     """Seconds between the scorer's re-reads of the allow and deny lists."""
+    api_tls_cert: Path | None = None
+    """PEM certificate of the API and console; with ``api_tls_key`` they are served over
+    HTTPS only. Unset: plain HTTP (keep ``api_host`` on loopback then)."""
+    api_tls_key: Path | None = None
+    """PEM private key of ``api_tls_cert`` (a secret: a file only the node's user reads)."""
     # --- replication and retention (issue 7: operating a fleet)
     replicate: bool = True
     """Start litestream as a child of ``branchguard run``, replicating the database to
@@ -302,6 +307,8 @@ class Settings:
              "use > 0"),
             (self.lists_refresh_seconds > 0, "lists_refresh_seconds",
              self.lists_refresh_seconds, "use > 0"),
+            ((self.api_tls_cert is None) == (self.api_tls_key is None), "api_tls_key",
+             self.api_tls_key, "set both api_tls_cert and api_tls_key, or neither"),
             # issue 7
             (self.replica_sync_interval_seconds > 0, "replica_sync_interval_seconds",
              self.replica_sync_interval_seconds, "use > 0"),

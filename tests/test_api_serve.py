@@ -4,13 +4,16 @@ child), health and readiness with real NATS, /metrics, and the API benchmark's s
 from __future__ import annotations
 
 import json
+import os
 import re
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from appliance import keys
 from appliance.change import connect_writer
@@ -18,6 +21,7 @@ from appliance.store import Store
 from tests.api_support import ServeProcess, api_settings, fill
 from tests.support import make_transactions, query, send, stored_count, wait_until
 from tests.test_monitoring import used_metrics
+from tests.test_nats_security import _certificate
 
 Node = type
 
@@ -130,6 +134,32 @@ def test_readyz_says_what_failed_and_nothing_more(tmp_path: Path) -> None:
         assert missing.status_code == 404 and missing.json()["error"]["status"] == 404
     finally:
         assert server.stop() == 0
+
+
+def test_with_a_certificate_it_serves_https_only(tmp_path: Path) -> None:
+    settings = api_settings(tmp_path)
+    Store.open(settings.db_path).close()
+    (tmp_path / "tls").mkdir()
+    cert, key = _certificate(tmp_path / "tls")
+    server = ServeProcess.start(settings, {"BRANCHGUARD_API_TLS_CERT": str(cert),
+                                           "BRANCHGUARD_API_TLS_KEY": str(key),
+                                           "BRANCHGUARD_CONSOLE_ENABLED": "false"})
+    try:
+        assert '"url":"https://127.0.0.1:' in server.log_path.read_text()
+        https = server.url.replace("http://", "https://")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        r = httpx.get(https + "/healthz", verify=trusted, timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        with pytest.raises(httpx.TransportError):  # no plain-HTTP answer at all
+            httpx.get(server.url + "/healthz", timeout=5)
+        with pytest.raises(httpx.TransportError):  # and no HTTPS with an unknown certificate
+            httpx.get(https + "/healthz", timeout=5)
+    finally:
+        assert server.stop() == 0
+    half = subprocess.run([sys.executable, "-m", "appliance", "serve", "--data-dir",
+                           str(tmp_path), "--port", "0"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "BRANCHGUARD_API_TLS_CERT": str(cert)})
+    assert half.returncode == 2 and "api_tls_key" in half.stderr
 
 
 def test_serve_refuses_bad_settings_with_the_field(tmp_path: Path) -> None:

@@ -135,10 +135,12 @@ def serve(settings: Settings) -> None:
         from ui.mount import mount
 
         mount(app, settings)
+    tls = settings.api_tls_cert is not None
     log.info("api.listening", txn_id=None, host=host, port=port,
-             url=f"http://{host}:{port}", db=str(settings.db_path))
+             url=f"{'https' if tls else 'http'}://{host}:{port}", db=str(settings.db_path))
     config = uvicorn.Config(app, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=5)
+                            lifespan="on", timeout_graceful_shutdown=5,
+                            ssl_certfile=settings.api_tls_cert, ssl_keyfile=settings.api_tls_key)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
     # handler that was there before; make that one a no-op, so a clean stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
