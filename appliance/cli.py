@@ -64,6 +64,14 @@ def cli() -> None:
     """
 
 
+def _existing_db(settings: Settings) -> None:
+    """Refuse a data directory with no node database (a typo would otherwise create one)."""
+    if not settings.db_path.exists():
+        raise BranchguardError("no node database here", field="data_dir",
+                               value=str(settings.data_dir),
+                               hint="pass the --data-dir the node runs with")
+
+
 @cli.command()
 @settings_options
 @click.option("--demo", is_flag=True, help="Also publish a simulated stream of transactions.")
@@ -183,10 +191,7 @@ def status(config: Path | None, data_dir: Path | None, nats_url: str | None) -> 
     from .store import Store
 
     settings = settings_from(config, data_dir, nats_url)
-    if not settings.db_path.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(settings.data_dir),
-                               hint="pass the --data-dir the node runs with")
+    _existing_db(settings)
     store = Store.open(settings.db_path)
     try:
         click.echo(json.dumps(store.counts(), indent=2))
@@ -293,13 +298,6 @@ def alerts() -> None:
       branchguard alerts run --data-dir ./var
       branchguard alerts status
     """
-
-
-def _existing_db(settings: Settings) -> None:
-    if not settings.db_path.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(settings.data_dir),
-                               hint="pass the --data-dir the node runs with")
 
 
 @alerts.command("run")
@@ -521,9 +519,7 @@ def audit_verify(config: Path | None, data_dir: Path | None, nats_url: str | Non
     from .audit import verify
 
     settings = settings_from(config, data_dir, nats_url)
-    if not settings.db_path.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(settings.data_dir))
+    _existing_db(settings)
     conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
     try:
         result = verify(conn)
