@@ -34,6 +34,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -222,6 +223,54 @@ class _Scorer:
                 self.process.wait()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process so far (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return str(pid)
+
+
+class CpuMeter:
+    """CPU seconds spent during a phase by the scorer, each of its children (Litestream,
+    the alert dispatcher) and nats-server, as microseconds per transaction. Unlike tx/s this
+    hardly depends on what else the machine is doing, so two configurations can be compared
+    on a busy machine too."""
+
+    def __init__(self, scorer: int, others: dict[str, int]) -> None:
+        self.scorer, self.others = scorer, others
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        seen = {"scorer": _cpu_seconds(self.scorer)}
+        for child in _children(self.scorer):
+            seen[_process_name(child)] = _cpu_seconds(child)
+        for name, pid in self.others.items():
+            seen[name] = _cpu_seconds(pid)
+        return seen
+
+    def per_transaction(self, transactions: int) -> dict[str, float]:
+        end = self._read()
+        return {name: round((end[name] - self.start.get(name, 0.0)) * 1e6 / max(1, transactions))
+                for name in end}
+
+
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -331,6 +380,17 @@ def _unrouted(settings: Settings) -> int:
         conn.close()
 
 
+def _metered(scorer: int, others: dict[str, int]
+             ) -> Callable[[Callable[[], dict[str, Any]]], dict[str, Any]]:
+    """Run a phase and add its CPU microseconds per transaction (see :class:`CpuMeter`)."""
+    def run(phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        meter = CpuMeter(scorer, others)
+        result = phase()
+        result["cpu_us_per_tx"] = meter.per_transaction(int(result["verdicts"]))
+        return result
+    return run
+
+
 def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
               sync_policy: str, baseline: bool = False, alerts_to: str | None = None
               ) -> dict[str, Any]:
@@ -343,6 +403,7 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
     server = EmbeddedNats(load(None, env={}, data_dir=root / "nats", nats_port=0,
                                sync_policy=sync_policy))
     url = server.start()
+    nats_pid = server.process.pid if server.process is not None else 0
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()},
                               "sync_policy": sync_policy, "phases": []}
     if baseline:
@@ -351,12 +412,15 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
     try:
         asyncio.run(_wait_consumer(url))
         _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
-        report["phases"].append(_run_load(url, count, None, seed=2))
+        metered = _metered(scorer.process.pid, {"nats-server": nats_pid})
+        report["phases"].append(metered(lambda: _run_load(url, count, None, seed=2)))
         if alerts_to:  # with the dispatcher, then without again: the noise on either side
-            report["phases"].append(_alerts_phase(settings, url, count, alerts_to))
-            report["phases"].append(_run_load(url, count, None, seed=91))
+            report["phases"].append(metered(
+                lambda: _alerts_phase(settings, url, count, alerts_to)))
+            report["phases"].append(metered(lambda: _run_load(url, count, None, seed=91)))
         for i, rate in enumerate(rates):
-            report["phases"].append(_run_load(url, int(rate * rate_seconds), rate, seed=3 + i))
+            report["phases"].append(metered(
+                lambda: _run_load(url, int(rate * rate_seconds), rate, seed=3 + i)))
         report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
         scorer.stop()
         if restart_rows:
@@ -390,6 +454,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{p.get('consumer', 'scorer'):>9} {offered if isinstance(offered, str) else f'{offered:.0f}/s':>12} "
                      f"{p['verdicts']:>9} {p['tx_per_second']:>9.0f} {lat['p50']:>8.2f} "
                      f"{lat['p95']:>8.2f} {lat['p99']:>8.2f} {lat['max']:>8.2f}")
+    for p in report["phases"]:
+        if "cpu_us_per_tx" in p:
+            cpu, offered = p["cpu_us_per_tx"], p["offered_rate"]
+            where = offered if isinstance(offered, str) else f"{offered:.0f}/s"
+            lines.append(f"CPU µs per transaction, {p.get('consumer', 'scorer')} at {where}: "
+                         + ", ".join(f"{name} {us:.0f}" for name, us in cpu.items())
+                         + f"; total {sum(cpu.values()):.0f}")
     for p in report["phases"]:
         if "alert_metrics" in p:
             m = p["alert_metrics"]

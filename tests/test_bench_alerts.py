@@ -23,3 +23,8 @@ def test_bench_with_a_dead_smtp_destination_reports_all_three_phases() -> None:
     # machine's speed (bursts wait alerts_group_wait_seconds); retries are test_dispatch's
     assert metrics["branchguard_alerts_retried"] >= 0
     assert alerts["dispatcher_cpu_seconds"] > 0
+    # every phase says what each process spent on it, per transaction
+    for phase in (before, alerts, after):
+        cpu = phase["cpu_us_per_tx"]
+        assert cpu["scorer"] > 0 and cpu["nats-server"] > 0, cpu
+        assert "litestream" in cpu, cpu  # the scorer's replication child is counted too

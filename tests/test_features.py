@@ -112,6 +112,8 @@ def test_rebuilt_state_equals_live_state(raw: list[tuple[int, int, int, int, str
                    for seq, t in enumerate(txs)), key=lambda r: (r[2], r[6]))
     rebuilt = FeatureState.rebuild(r[:6] for r in rows)
     assert rebuilt.snapshot() == live.snapshot()
+    # read in small chunks (codes and pairs then span chunks): the same state
+    assert FeatureState.rebuild((r[:6] for r in rows), chunk=3).snapshot() == live.snapshot()
     # and both give the next transaction the same features
     probe = tx(999, 0, 1, txs[-1].timestamp.timestamp() + 60, 12345, "Espoo", "Fuel")
     assert rebuilt.observe(probe) == live.observe(probe)
