@@ -89,16 +89,12 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     embedded = EmbeddedNats(settings) if settings.nats_url is None else None
     replicator = Litestream(settings) if settings.replicate else None  # issue 7
     try:
-        if replicator is not None:
-            replicator.start()
         url = embedded.start() if embedded is not None else str(settings.nats_url)
         nc = await connect(url, "branchguard-scorer", **client_options(settings))
     except BaseException:
         store.close()
         if embedded is not None:
             embedded.stop()
-        if replicator is not None:
-            replicator.stop()
         raise
     feed_nc: Client | None = None
     stop = asyncio.Event()
@@ -117,6 +113,11 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         await asyncio.wait([scoring, ready], return_when=asyncio.FIRST_COMPLETED)
         if scoring.done():
             scoring.result()  # raises what stopped it
+        if replicator is not None:
+            # Only now: rebuilding the state writes nothing, and litestream's first sync of
+            # a large database would take the CPU the rebuild needs (2 cores; see
+            # docs/replication.md). It replicates whatever was written before it, WAL included.
+            await loop.run_in_executor(None, replicator.start)
         log.info("node.ready", txn_id=None, nats_url=url, db=str(settings.db_path),
                  model_version=model.version, demo=demo)
         api = start_api(dataclasses.replace(settings, nats_url=url))
