@@ -7,6 +7,7 @@ closes the database and stops nats-server: every process it started, cleanly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import dataclasses
 import os
@@ -105,6 +106,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     tasks: list[asyncio.Task[object]] = []
     alerts = AlertsChild(settings)
     api: subprocess.Popen[bytes] | None = None
+    scoring: asyncio.Task[None] | None = None
     try:
         if alerts.start():
             tasks.append(asyncio.create_task(alerts.watch(stop)))
@@ -140,6 +142,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         await scoring
         return 0
     finally:
+        if scoring is not None and not scoring.done():  # failed while scoring had started
+            scorer.stop()
+            with contextlib.suppress(Exception):
+                await scoring
         alerts.stop()
         stop_api(api)
         for task in tasks:

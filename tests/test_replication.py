@@ -144,3 +144,21 @@ def test_replicate_command_runs_litestream_on_the_node_settings(tmp_path: Path) 
         process.wait(10)
         store.close()
     assert process.returncode == 0  # litestream itself stopped cleanly on SIGTERM
+
+
+def test_a_replica_litestream_refuses_stops_the_node_with_its_reason(tmp_path: Path) -> None:
+    """Litestream starts after the state rebuild (docs/operations.md); if it then fails, the
+    node stops: exit code 2, the field and the log named, no traceback, nothing left running."""
+    data = tmp_path / "node"
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "run", "--quiet", "--data-dir", str(data)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "BRANCHGUARD_REPLICA_URL": "bogus://nowhere",
+             "BRANCHGUARD_NATS_PORT": "0", "BRANCHGUARD_RUN_API": "false"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: replica_url: litestream exited" in result.stderr
+    assert str(data / "litestream" / "litestream.log") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert '"event":"node.stopped"' in result.stderr + result.stdout
+    leftovers = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True)
+    assert leftovers.stdout == "", leftovers.stdout
