@@ -336,7 +336,7 @@ def dead_smtp_url() -> str:
             "&mode=insecure")
 
 
-def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str
+def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str, seed: int
                   ) -> dict[str, Any]:
     """issue 6: the full-speed load again, with the alert dispatcher (its own process, as
     ``branchguard run`` starts it) delivering every severity to ``alerts_to``."""
@@ -353,13 +353,12 @@ def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str
             if dispatcher.poll() is not None:
                 raise RuntimeError(f"dispatcher exited: see {log_path}")
             time.sleep(0.1)
-        result = _run_load(url, count, None, seed=90)
+        before = _cpu_seconds(dispatcher.pid)  # started, imports done, backlog routed
+        result = _run_load(url, count, None, seed=seed)
         result["consumer"] = "+alerts"
         result["alerts_to"] = alerts_to.split("://")[0] + "://..."
         result["dispatcher_peak_rss_mib"] = _peak_rss_mib(dispatcher.pid)
-        fields = Path(f"/proc/{dispatcher.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        result["dispatcher_cpu_seconds"] = round(
-            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+        result["dispatcher_cpu_seconds"] = round(_cpu_seconds(dispatcher.pid) - before, 2)
         outbox = Outbox(settings.db_path)
         try:
             result["alert_metrics"] = figures(outbox.counts())
@@ -373,6 +372,24 @@ def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str
             dispatcher.kill()
             dispatcher.wait()
     return result
+
+
+def alerts_comparison(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean full-speed tx/s of the dispatcher phases against the plain full-speed scorer
+    phases around them, and the scorer's CPU per transaction in each (which does not depend
+    on how busy the machine is)."""
+    full = [p for p in phases if p["offered_rate"] == "full speed"
+            and p.get("consumer") in (None, "+alerts")]
+    with_alerts = [p for p in full if p.get("consumer") == "+alerts"]
+    plain = [p for p in full if p.get("consumer") is None]
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+    a, b = mean([p["tx_per_second"] for p in with_alerts]), mean([p["tx_per_second"] for p in plain])
+    return {"with_dispatcher_tx_per_second": round(a), "plain_tx_per_second": round(b),
+            "difference_percent": round(100 * (a - b) / b, 1),
+            "with_dispatcher_scorer_cpu_us": round(mean(
+                [p["cpu_us_per_tx"]["scorer"] for p in with_alerts])),
+            "plain_scorer_cpu_us": round(mean([p["cpu_us_per_tx"]["scorer"] for p in plain]))}
 
 
 def _unrouted(settings: Settings) -> int:
@@ -395,11 +412,12 @@ def _metered(scorer: int, others: dict[str, int]
 
 
 def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
-              sync_policy: str, baseline: bool = False, alerts_to: str | None = None
-              ) -> dict[str, Any]:
+              sync_policy: str, baseline: bool = False, alerts_to: str | None = None,
+              alert_rounds: int = 1) -> dict[str, Any]:
     """Run every phase on a throwaway node; return the figures. With ``alerts_to`` (an
-    Apprise URL) the full-speed phase is run a second time with the alert dispatcher
-    delivering to it (see :func:`dead_smtp_url`)."""
+    Apprise URL) the full-speed phase is followed by ``alert_rounds`` pairs of a phase with
+    the alert dispatcher delivering to it (see :func:`dead_smtp_url`) and a plain one, so
+    every dispatcher phase has a plain phase on either side (see :func:`alerts_comparison`)."""
     root = Path(tempfile.mkdtemp(prefix="branchguard-bench-"))
     settings = load(None, env={}, data_dir=root / "node", nats_port=0,
                     sync_policy=sync_policy)
@@ -417,10 +435,14 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
         _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
         metered = _metered(scorer.process.pid, {"nats-server": nats_pid})
         report["phases"].append(metered(lambda: _run_load(url, count, None, seed=2)))
-        if alerts_to:  # with the dispatcher, then without again: the noise on either side
+        for i in range(alert_rounds if alerts_to else 0):  # the noise on either side
+            assert alerts_to is not None
             report["phases"].append(metered(
-                lambda: _alerts_phase(settings, url, count, alerts_to)))
-            report["phases"].append(metered(lambda: _run_load(url, count, None, seed=91)))
+                lambda: _alerts_phase(settings, url, count, alerts_to, seed=90 + 2 * i)))
+            report["phases"].append(metered(
+                lambda: _run_load(url, count, None, seed=91 + 2 * i)))
+        if alerts_to:
+            report["alerts_comparison"] = alerts_comparison(report["phases"])
         for i, rate in enumerate(rates):
             report["phases"].append(metered(
                 lambda: _run_load(url, int(rate * rate_seconds), rate, seed=3 + i)))
@@ -469,9 +491,15 @@ def format_report(report: dict[str, Any]) -> str:
             m = p["alert_metrics"]
             lines.append(f"alerts to {p['alerts_to']}: {m['branchguard_alerts_queue_depth']} "
                          f"undelivered, {m['branchguard_alerts_retried']} failed attempts, "
-                         f"{m['branchguard_alerts_sent']} sent; dispatcher CPU "
+                         f"{m['branchguard_alerts_sent']} sent; dispatcher CPU during the phase "
                          f"{p['dispatcher_cpu_seconds']} s, peak memory "
                          f"{p['dispatcher_peak_rss_mib']} MiB")
+    if "alerts_comparison" in report:
+        c = report["alerts_comparison"]
+        lines.append(f"with the dispatcher: {c['with_dispatcher_tx_per_second']} tx/s, scorer "
+                     f"{c['with_dispatcher_scorer_cpu_us']} µs/tx; plain phases: "
+                     f"{c['plain_tx_per_second']} tx/s, scorer {c['plain_scorer_cpu_us']} "
+                     f"µs/tx; difference {c['difference_percent']:+.1f} %")
     lines.append(f"scorer peak memory: {report.get('scorer_peak_rss_mib')} MiB")
     if "restart" in report:
         r = report["restart"]

@@ -227,12 +227,15 @@ def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | No
                    "alert to this Apprise URL (compare with the phase before it).")
 @click.option("--dead-smtp", is_flag=True,
               help="--alerts-to a mailto:// URL on a loopback port nothing listens on.")
+@click.option("--alert-rounds", type=int, default=1, show_default=True,
+              help="With --alerts-to/--dead-smtp: alternate the dispatcher phase and a plain "
+                   "phase this many times, and compare their means.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.pass_context
 @friendly_errors
 def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, restart_rows: int,
           sync_policy: str, baseline: bool, alerts_to: str | None, dead_smtp: bool,
-          as_json: bool) -> None:
+          alert_rounds: int, as_json: bool) -> None:
     """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
     p50/p95/p99 at fixed offered rates, peak memory, and restart time.
 
@@ -240,6 +243,7 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
     Example:
       branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
       branchguard bench --count 200000 --rates '' --dead-smtp   # alerts cost, one run
+      branchguard bench --count 100000 --rates '' --dead-smtp --alert-rounds 3
       branchguard bench api --transactions 1000000 --alerts 20000
       branchguard bench replication --seconds 30
 
@@ -253,7 +257,8 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
     report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
                        rate_seconds=rate_seconds, restart_rows=restart_rows,
                        sync_policy=sync_policy, baseline=baseline,
-                       alerts_to=dead_smtp_url() if dead_smtp else alerts_to)
+                       alerts_to=dead_smtp_url() if dead_smtp else alerts_to,
+                       alert_rounds=alert_rounds)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

@@ -28,3 +28,19 @@ def test_bench_with_a_dead_smtp_destination_reports_all_three_phases() -> None:
         cpu = phase["cpu_us_per_tx"]
         assert cpu["scorer"] > 0 and cpu["nats-server"] > 0, cpu
         assert "litestream" in cpu, cpu  # the scorer's replication child is counted too
+    # the comparison is of the dispatcher phase against the plain phases on either side
+    report = json.loads(result.stdout)["alerts_comparison"]
+    plain = (before["tx_per_second"] + after["tx_per_second"]) / 2
+    assert report["plain_tx_per_second"] == round(plain)
+    assert report["with_dispatcher_tx_per_second"] == round(alerts["tx_per_second"])
+    assert report["difference_percent"] == round(100 * (alerts["tx_per_second"] - plain) / plain, 1)
+    assert report["with_dispatcher_scorer_cpu_us"] == alerts["cpu_us_per_tx"]["scorer"]
+
+
+def test_bench_alert_rounds_alternate_dispatcher_and_plain_phases() -> None:
+    result = branchguard("bench", "--count", "1000", "--rates", "", "--dead-smtp",
+                         "--alert-rounds", "2", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = json.loads(result.stdout)["phases"]
+    assert [p.get("consumer") for p in phases] == [None, "+alerts", None, "+alerts", None]
+    assert all(p["verdicts"] == 1000 for p in phases)
