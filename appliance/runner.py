@@ -77,8 +77,7 @@ def demo_stream(rate: float, branch: str, warmup_seconds: float = 1800.0,
     start = datetime.now(timezone.utc) - timedelta(seconds=warmup_seconds)
     accounts, terminals = population(rate)
     for item in simulate(int(time.time()) if seed is None else seed, start=start, rate=rate,
-                         branch=branch,
-                         diurnal=False, accounts=accounts, terminals=terminals):
+                         branch=branch, diurnal=False, accounts=accounts, terminals=terminals):
         yield item.tx
 
 

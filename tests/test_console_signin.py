@@ -74,6 +74,10 @@ def test_session_id_is_rotated_at_sign_in(node_db: tuple[Settings, Store]  # noq
         async with anonymous_client(after) as signed_in:
             response = await signed_in.get("/")
             assert response.status_code == 200 and "alice (analyst)" in response.text
+            # back to the completion (the back button): still signed in, no new session
+            again = await signed_in.get("/login/complete?token=used")
+            assert again.status_code == 303 and again.headers["location"] == "/"
+            assert (await signed_in.get("/")).status_code == 200
 
     simulate(settings, scenario)
 

@@ -33,6 +33,10 @@ def complete_sign_in(console: Console) -> Callable[[Request], Awaitable[Response
         root = request.scope.get("root_path", "")
         anonymous = app.storage.user
         pending = anonymous.get(PENDING)
+        if pending is None and console.session_user(anonymous, touch=False) is not None:
+            # already signed in (the back button): nothing to exchange, nothing to clear
+            return RedirectResponse(f"{root}/", status_code=303,
+                                    headers={"cache-control": "no-store"})
         anonymous.clear()
         user = _checked(console, pending, request.query_params.get("token", ""))
         if user is None:
