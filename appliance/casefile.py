@@ -84,12 +84,21 @@ def timeline(conn: sqlite3.Connection, account_id: str, limit: int = TIMELINE_RO
 
 
 def terminals_used(conn: sqlite3.Connection, account_id: str) -> list[dict[str, Any]]:
-    """Each terminal the account used: where it is, how often, when last."""
-    return [{"terminal_id": t, "location": loc, "transactions": n, "last_ts": last}
+    """Each terminal the account used: where it is (the transactions' location, and the
+    terminal directory's name and coordinates, None when it has none), how often, when last."""
+    used = [{"terminal_id": t, "location": loc, "transactions": n, "last_ts": last}
             for t, loc, n, last in conn.execute(
                 "SELECT terminal_id, max(location), count(*), max(ts) FROM transactions "
                 "WHERE account_id = ? GROUP BY terminal_id ORDER BY count(*) DESC",
                 (account_id,))]
+    ids = [u["terminal_id"] for u in used]
+    places = {t: (name, lat, lon) for t, name, lat, lon in conn.execute(
+        f"SELECT terminal_id, name, latitude, longitude FROM terminals WHERE terminal_id "
+        f"IN ({', '.join('?' * len(ids))})", ids)} if ids else {}
+    for u in used:
+        u["name"], u["latitude"], u["longitude"] = places.get(u["terminal_id"],
+                                                              (None, None, None))
+    return used
 
 
 def related_alerts(conn: sqlite3.Connection, alert: dict[str, Any], scope: str

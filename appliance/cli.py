@@ -1101,5 +1101,36 @@ def drift_run(config: Path | None, data_dir: Path | None, days: float) -> None:
                            "drifted": report.drifted}, indent=2))
 
 
+# --- issue 5: the terminal directory (the case page's map) ----------------------------------
+@cli.group()
+def terminals() -> None:
+    """The terminal directory: names, branches and coordinates of terminals.
+
+    \b
+    Example:
+      branchguard terminals import terminals.csv
+    """
+
+
+@terminals.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@dir_options
+@friendly_errors
+def terminals_import(file: Path, config: Path | None, data_dir: Path | None) -> None:
+    """Import a terminals CSV (terminal_id,name,branch,latitude,longitude); all rows or none.
+
+    Latitude and longitude are WGS 84 degrees, both given or both empty (no fixed place, e.g.
+    an online merchant). A terminal already in the directory takes the file's values.
+
+    \b
+    Example:
+      branchguard terminals import terminals.csv --data-dir ./var
+    """
+    from .terminal_directory import import_terminals
+
+    settings = settings_from(config, data_dir, None)
+    click.echo(json.dumps(import_terminals(settings.db_path, file).__dict__, indent=2))
+
+
 def main() -> None:
     cli(prog_name="branchguard")

@@ -5,7 +5,7 @@ time from the event to its row being stored (``stored_at - ts``), so it includes
 network and queueing as well as scoring. "Waiting" counts HIGH and CRITICAL alerts still
 NEW, whenever they came: the number the banner shows. ``last_stored_at`` (when the scorer
 last stored a transaction) is the node's pulse: it stops moving when the scorer or the
-terminals do.
+terminals do. The drift status is the latest ``branchguard drift run`` (drift_reports).
 """
 
 from __future__ import annotations
@@ -65,3 +65,20 @@ def waiting_urgent(conn: sqlite3.Connection) -> int:
     return int(conn.execute(
         "SELECT count(*) FROM alerts WHERE status = 'NEW' AND severity IN (?, ?)",
         URGENT).fetchone()[0])
+
+
+def drift_status(conn: sqlite3.Connection, threshold: float) -> dict[str, Any] | None:
+    """The latest drift run (drift.py): when, on which model and window, the PSI of each
+    feature and of the risk score (``risk``), and the names above ``threshold``; None when
+    drift was never run. Two indexed reads."""
+    (run_at,) = conn.execute("SELECT max(run_at) FROM drift_reports").fetchone()
+    if run_at is None:
+        return None
+    rows = conn.execute("SELECT name, psi, model_version, window_from, window_to, rows, "
+                        "reference FROM drift_reports WHERE run_at = ? ORDER BY name",
+                        (run_at,)).fetchall()
+    psi = {name: value for name, value, *_ in rows}
+    _, _, model_version, window_from, window_to, count, reference = rows[0]
+    return {"run_at": run_at, "model_version": model_version, "window": (window_from, window_to),
+            "rows": count, "reference": reference, "psi": psi, "threshold": threshold,
+            "drifted": sorted(n for n, v in psi.items() if v > threshold)}

@@ -323,6 +323,23 @@ def m009_drift_reports(db: Database) -> None:
     )
 
 
+# --- issue 5: the terminal directory (names and places of terminals, for the case map) ------
+@migrations()
+def m010_terminals(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE terminals (
+            terminal_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            branch TEXT NOT NULL,
+            latitude REAL,              -- WGS 84 degrees; both NULL: no fixed place (online)
+            longitude REAL,
+            updated_at REAL NOT NULL
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

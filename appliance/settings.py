@@ -199,6 +199,18 @@ class Settings:
     """Minutes without a page load or action after which a console session ends."""
     console_poll_seconds: float = 0.5
     """How often an open queue page checks for new or changed alerts (one cheap query)."""
+    # --- analyst console: sign-in throttling and the terminals map (issue 5, part 2)
+    console_login_max_failures: int = 5
+    """Failed console sign-ins, per username and per client address, within
+    ``console_login_window_minutes`` that lock further attempts on it."""
+    console_login_window_minutes: float = 15.0
+    """The window over which failed sign-ins are counted."""
+    console_login_lockout_minutes: float = 15.0
+    """How long a locked username or address is refused, even with the right password."""
+    console_map_tiles: str = ""
+    """Tile URL template of the case page's terminals map (e.g.
+    ``https://tile.openstreetmap.org/{z}/{x}/{y}.png``, or a tile server inside the bank);
+    empty: no tile layer (the markers still show, on a blank background)."""
     # --- issue 3: model lifecycle
     model_check_seconds: float = 2.0
     """Seconds between the scorer's checks of the registry's production pointer (hot swap)."""
@@ -329,6 +341,18 @@ class Settings:
              self.console_poll_seconds, "use (0, 10]"),
             (self.console_secret is None or len(self.console_secret) >= 32, "console_secret",
              "(hidden)", "use at least 32 characters, or unset it to generate one"),
+            # analyst console, part 2 (issue 5)
+            (self.console_login_max_failures >= 1, "console_login_max_failures",
+             self.console_login_max_failures, "use 1 or more"),
+            (self.console_login_window_minutes > 0, "console_login_window_minutes",
+             self.console_login_window_minutes, "use a positive number of minutes"),
+            (self.console_login_lockout_minutes > 0, "console_login_lockout_minutes",
+             self.console_login_lockout_minutes, "use a positive number of minutes"),
+            (self.console_map_tiles == "" or (
+                self.console_map_tiles.startswith(("http://", "https://"))
+                and all(p in self.console_map_tiles for p in ("{z}", "{x}", "{y}"))),
+             "console_map_tiles", self.console_map_tiles,
+             "use an http(s) URL with {z}, {x} and {y}, or leave it empty for no tiles"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

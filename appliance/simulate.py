@@ -450,6 +450,17 @@ def _warm_start(episode: _Episode, trigger: float, inc: float, legit_rate: float
             return found
 
 
+def terminal_layout(seed: int = 7, *, accounts: int = 2000, terminals: int = 200
+                    ) -> list[tuple[str, str, str]]:
+    """(terminal id, channel, town) of every terminal of the world ``simulate`` builds with
+    the same seed and sizes (the terminal directory places them, terminal_directory.py)."""
+    world_ss = np.random.SeedSequence(seed).spawn(4)[0]
+    world = _build_world(random.Random(int(world_ss.generate_state(1, np.uint64)[0])),
+                         np.random.default_rng(world_ss), accounts, terminals)
+    return [(tid, str(channel), _TOWNS[town]) for tid, channel, town in
+            zip(world.term_ids, world.term_channel, world.term_town)]
+
+
 def simulate(seed: int = 7, *, start: datetime, rate: float = 50.0, count: int | None = None,
              accounts: int = 2000, terminals: int = 200, branch: str = "BR001",
              fraud_rate: float = 0.01, diurnal: bool = True) -> Iterator[Labelled]:

@@ -15,7 +15,8 @@ from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import ServeProcess, fill, node_db  # noqa: F401
 
-ROUTES = ("/", "/overview", "/lists", "/case/1", "/case/999999", "/no-such-page",
+ROUTES = ("/", "/overview", "/lists", "/models", "/case/1", "/case/999999", "/no-such-page",
+          "/login/complete", "/login/complete?token=guessed",
           "/_nicegui/client/abc/upload/1", "/_nicegui/auto/static/x/y.txt",
           "/_nicegui/auto/media/x/y.mp4", "//overview", "/login/../overview",
           "/%2e%2e/overview")

@@ -22,15 +22,21 @@ from tests.support import query
 MAIN = Path(__file__).with_name("console_main.py")
 
 
-def simulate(settings: Settings, scenario: Callable[[User], Awaitable[None]]) -> None:
-    os.environ["BRANCHGUARD_DATA_DIR"] = str(settings.data_dir)
+def simulate(settings: Settings, scenario: Callable[[User], Awaitable[None]],
+             **env: str) -> None:
+    """Run ``scenario`` against the console on ``settings``' database; ``env`` adds
+    BRANCHGUARD_<NAME> settings (e.g. ``console_login_max_failures="3"``)."""
+    variables = {"BRANCHGUARD_DATA_DIR": str(settings.data_dir),
+                 **{f"BRANCHGUARD_{k.upper()}": v for k, v in env.items()}}
+    os.environ.update(variables)
     try:
         async def run() -> None:
             async with user_simulation(main_file=MAIN) as user:
                 await scenario(user)
         asyncio.run(run())
     finally:
-        os.environ.pop("BRANCHGUARD_DATA_DIR", None)
+        for name in variables:
+            os.environ.pop(name, None)
 
 
 async def sign_in(user: User, name: str, password: str) -> None:
@@ -41,8 +47,13 @@ async def sign_in(user: User, name: str, password: str) -> None:
     await user.should_see(f"{name} (")
 
 
+def table_with(user: User, testid: str) -> ui.table:
+    """The table on the page whose ``data-testid`` is ``testid``."""
+    return next(t for t in user.find(ui.table).elements if t.props.get("data-testid") == testid)
+
+
 def queue_table(user: User) -> ui.table:
-    return next(t for t in user.find(ui.table).elements if t.props.get("data-testid") == "queue")
+    return table_with(user, "queue")
 
 
 def force_click(user: User, label: str) -> None:
@@ -170,8 +181,7 @@ def test_supervisor_adds_and_removes_a_list_entry(node_db: tuple[Settings, Store
         user.find("reason").type("card reported stolen <b>today</b>")
         user.find("Add").click()
         await user.should_see("entry to remove")
-        table = next(t for t in user.find(ui.table).elements
-                     if t.props.get("data-testid") == "list-entries")
+        table = table_with(user, "list-entries")
         rows = query(settings.db_path, "SELECT entry_id, list, kind, owner, expires_at - "
                      "created_at FROM list_entries WHERE value = 'A-DENIED-1'")
         assert len(rows) == 1

@@ -1,8 +1,8 @@
-"""One case: the transaction, why it was flagged, the account's baseline and timeline,
-related open alerts (with bulk actions), notes, the allowed status changes and the
-case's audit history. Everything comes from casefile.case_file in one read; every text
-from a transaction or a note is shown as text (labels and table cells are escaped), never
-as HTML.
+"""One case: the transaction, why it was flagged, the account's baseline and timeline, the
+map of its terminals (terminal_map.py), related open alerts (with bulk actions), notes, the
+allowed status changes and the case's audit history. Everything comes from
+casefile.case_file in one read; every text from a transaction or a note is shown as text
+(labels and table cells are escaped), never as HTML.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from appliance.users import User
 from .layout import signed_in, when
 from .queue_page import COLUMNS, table_row
 from .session import MOUNT, Console
+from .terminal_map import terminal_map
 from .triage import act
 
 TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
@@ -147,8 +148,11 @@ class CaseView:
                                                 tx_id else "#2563eb"}} for p in points]}],
         }).classes("w-full h-64")
         ui.label("Terminals the account used").classes("font-bold")
+        terminal_map(case["terminals"], case["alert"]["terminal_id"],
+                     self.console.settings.console_map_tiles)
         ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"}
-                          for k in ("terminal_id", "location", "transactions", "last")],
+                          for k in ("terminal_id", "name", "location", "transactions",
+                                    "last")],
                  rows=[{**t, "last": when(t["last_ts"])} for t in case["terminals"]],
                  row_key="terminal_id").props("dense flat")
 

@@ -19,7 +19,7 @@ from .session import Console
 _ASSETS = tuple(f"/_nicegui/{__version__}/{kind}/" for kind in (
     "static", "libraries", "components", "resources", "esm", "dynamic_resources"))
 PUBLIC_PREFIXES = (*_ASSETS, "/_nicegui_ws/")
-PUBLIC_PATHS = ("/login", "/favicon.ico")
+PUBLIC_PATHS = ("/login", "/login/complete", "/favicon.ico")
 
 
 def relative_path(scope: Scope) -> str:

@@ -7,13 +7,16 @@ from datetime import datetime, timezone
 
 from nicegui import app, ui
 
+from appliance.keys import role_at_least
 from appliance.overview import waiting_urgent
 from appliance.users import User
 
 from .session import MOUNT, Console, sign_out
 
 IDLE_CHECK_SECONDS = 15.0
-PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"))
+PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"), ("Models", "/models"))
+ROLE_OF_PAGE = {"/models": "supervisor"}
+"""Pages whose link only users of at least this role see (the page itself checks too)."""
 
 
 def when(ts: float | None) -> str:
@@ -29,6 +32,8 @@ def frame(console: Console, user: User, title: str) -> None:
     with ui.header().classes("items-center gap-4 bg-slate-800"):
         ui.label("Branchguard").classes("text-lg font-bold")
         for name, path in PAGES:
+            if not role_at_least(user.role, ROLE_OF_PAGE.get(path, "viewer")):
+                continue
             ui.link(name, MOUNT + path).classes("text-white")
         ui.space()
         ui.label(f"{user.username} ({user.role})").props("data-testid=whoami")

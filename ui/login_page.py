@@ -1,12 +1,17 @@
-"""The login page: username and password, checked by users.authenticate."""
+"""The login page: username and password, checked by users.authenticate, after the sign-in
+throttle (login_throttle.py) has had its say; a passed check goes on to /login/complete,
+which rotates the session id (rotation.py)."""
 
 from __future__ import annotations
+
+import time
 
 from nicegui import app, ui
 
 from appliance import logs, users
 
-from .session import Console, sign_in
+from .rotation import PATH
+from .session import Console, begin_sign_in
 
 log = logs.get("ui.login")
 
@@ -18,14 +23,28 @@ def login_page(console: Console) -> None:
         return
 
     def attempt() -> None:
-        user = users.authenticate(console.reader(), username.value.strip(), password.value)
-        if user is None:
-            log.warning("console.login_failed", txn_id=None, user=username.value.strip())
+        name = username.value.strip()
+        address = ui.context.client.ip
+        now = time.time()
+        throttle = console.throttle
+        lock = throttle.locked(name, address, now)
+        if lock is not None:
+            log.warning("console.login_refused_locked", txn_id=None, user=name,
+                        address=address, key=lock.key, until=lock.until)
             password.set_value("")
-            ui.notify("wrong username or password, or the user is disabled", type="negative")
+            ui.notify(lock.message(now), type="negative", timeout=10000)
             return
-        sign_in(app.storage.user, user)
-        ui.navigate.to("/")
+        user = users.authenticate(console.reader(), name, password.value)
+        if user is None:
+            lock = throttle.failed(name, address, now)
+            log.warning("console.login_failed", txn_id=None, user=name, address=address)
+            password.set_value("")
+            ui.notify(lock.message(now) if lock is not None else
+                      "wrong username or password, or the user is disabled", type="negative")
+            return
+        throttle.succeeded(name)
+        token = begin_sign_in(app.storage.user, user)
+        ui.navigate.to(f"{PATH}?token={token}")
 
     with ui.card().classes("absolute-center w-80"):
         ui.label("Branchguard console").classes("text-lg font-bold")

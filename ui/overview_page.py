@@ -1,7 +1,8 @@
 """The overview: throughput, alert rate, latency and severity mix over the last hour
 (charts redrawn every few seconds from overview.overview), top terminals and reasons,
-model and rules versions, dead letters, and how long ago the node last stored a
-transaction (red after a minute of silence)."""
+model and rules versions, dead letters, how long ago the node last stored a transaction
+(red after a minute of silence), and the latest drift run: PSI per feature and of the risk
+score, in a warning state when any is above ``drift_psi_threshold``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Any
 
 from nicegui import ui
 
-from appliance.overview import overview
+from appliance.overview import drift_status, overview
 from appliance.score import SEVERITIES
 
-from .layout import signed_in
+from .layout import signed_in, when
 from .session import Console
 
 REFRESH_SECONDS = 3.0
@@ -45,6 +46,13 @@ def overview_page(console: Console) -> None:
                                         "textStyle": {"fontSize": 13}},
                               "tooltip": {}, "series": [{"type": "pie", "data": []}]}
                              ).classes("h-56")
+    with ui.card().classes("w-full"):
+        drift = ui.label().classes("font-bold").props("data-testid=overview-drift")
+        drift_table = ui.table(columns=[
+            {"name": "name", "label": "feature", "field": "name", "align": "left"},
+            {"name": "psi", "label": "PSI", "field": "psi"},
+            {"name": "state", "label": "", "field": "state", "align": "left"}],
+            rows=[], row_key="name").props("dense flat data-testid=overview-drift-table")
     with ui.row().classes("w-full gap-8"):
         terminals = ui.table(columns=[{"name": "terminal_id", "label": "top terminals",
                                        "field": "terminal_id", "align": "left"},
@@ -79,10 +87,34 @@ def overview_page(console: Console) -> None:
                        f"node: last transaction stored {quiet:.0f} s ago")
         pulse.classes(replace="text-red-700 font-bold" if quiet is None or
                       quiet > STALE_SECONDS else "")
+        show_drift(drift_status(console.reader(), console.settings.drift_psi_threshold))
         terminals.rows = o["top_terminals"]
         reasons.rows = o["top_reasons"]
         terminals.update()
         reasons.update()
+
+    def show_drift(status: dict[str, Any] | None) -> None:
+        if status is None:
+            drift.set_text("drift: never checked (branchguard drift run)")
+            drift.classes(replace="")
+            drift_table.rows = []
+        else:
+            psi = status["psi"]
+            head = (f"drift: checked {when(status['run_at'])} on {status['model_version']}, "
+                    f"{status['rows']} transactions of {when(status['window'][0])} to "
+                    f"{when(status['window'][1])}; score PSI {psi.get('risk', 0.0):.3f}")
+            if status["drifted"]:
+                drift.set_text(f"{head} · WARNING: {', '.join(status['drifted'])} above "
+                               f"{status['threshold']:g}")
+                drift.classes(replace="font-bold text-red-700")
+            else:
+                drift.set_text(f"{head} · stable (all at or below {status['threshold']:g})")
+                drift.classes(replace="font-bold text-green-800")
+            drift_table.rows = [
+                {"name": "risk score" if name == "risk" else name, "psi": f"{value:.4f}",
+                 "state": "above threshold" if name in status["drifted"] else ""}
+                for name, value in sorted(psi.items(), key=lambda kv: -kv[1])]
+        drift_table.update()
 
     refresh()
     ui.timer(REFRESH_SECONDS, refresh)

@@ -6,14 +6,23 @@ in, and the time of their last page load or action. It ends when it has been idl
 than ``console_idle_minutes``, when the user is disabled or their password changes, or on
 logout. Every page load (through the gate) and every action (through :meth:`Console.act`)
 re-reads the user, so a disabled user or a lowered role takes effect at once.
+
+Signing in rotates the session id (against session fixation). The password is checked over
+NiceGUI's websocket, where no cookie can be set, so the check only leaves a one-time token in
+the anonymous session (:func:`begin_sign_in`) and sends the browser to ``/login/complete``
+(rotation.py). That plain HTTP request clears the anonymous session, gives the browser a new
+random session id in its cookie and signs that one in: the id a visitor had before signing in
+(one an attacker may have planted) never becomes a signed-in one.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 from nicegui import app, ui
@@ -22,12 +31,16 @@ from appliance import logs, users
 from appliance.api.endpoint import Api
 from appliance.change import apply_change
 from appliance.keys import role_at_least
+from appliance.login_throttle import LoginThrottle
 from appliance.settings import Settings
 from appliance.users import User
 
 log = logs.get("ui.session")
 T = TypeVar("T")
 MOUNT = "/console"
+PENDING = "pending_sign_in"
+HANDOFF_SECONDS = 30.0
+"""How long the one-time token of a passed password check stays good (see module doc)."""
 
 
 @dataclass
@@ -39,6 +52,11 @@ class Console:
 
     def reader(self) -> sqlite3.Connection:
         return self.api.reader()
+
+    @cached_property
+    def throttle(self) -> LoginThrottle:
+        """Failed sign-in counts, shared by every console process (login_throttle.py)."""
+        return LoginThrottle.of(self.settings)
 
     def change(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """One audited write (change.py): the API's cache is invalidated by it too."""
@@ -79,6 +97,17 @@ class Console:
             log.warning("console.forbidden", txn_id=None, user=user.username, needed=role)
             return None
         return user
+
+
+def begin_sign_in(storage: MutableMapping[str, Any], user: User) -> str:
+    """Record in the (anonymous) session that ``user`` passed the password check; returns
+    the one-time token that /login/complete exchanges for a new, signed-in session id."""
+    token = secrets.token_urlsafe(32)
+    storage.clear()
+    storage[PENDING] = {"token": token, "username": user.username,
+                        "password_changed_at": user.password_changed_at,
+                        "expires": time.time() + HANDOFF_SECONDS}
+    return token
 
 
 def sign_in(storage: MutableMapping[str, Any], user: User) -> None:

@@ -1,0 +1,52 @@
+"""Promote and roll back from the console, each recorded in the audit trail.
+
+The registry (registry.py) is files, the audit trail is the database; a change is made inside
+the audit entry's own database transaction (``change.apply_change``): the registry's pointer
+is swapped first, then the entry appended, so a registry change that fails (a model whose
+sha256 does not match, nothing to roll back to) writes no entry, and an entry records the
+state before and after exactly as the registry wrote it. Subjects are ``model:<version>`` of
+the model put in production; actions ``model.promote`` and ``model.rollback``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from . import audit
+from .audit import entry_dict
+from .registry import Registry, RegistryState
+
+
+def promote(conn: sqlite3.Connection, registry: Registry, version: str, actor: str,
+            reason: str) -> RegistryState:
+    """Make ``version`` production (registry.promote) and audit it; call in apply_change."""
+    before = registry.state()
+    after = registry.promote(version, reason=reason)
+    audit.append(conn, actor, "model.promote", f"model:{version}", before.to_json(),
+                 after.to_json())
+    return after
+
+
+def rollback(conn: sqlite3.Connection, registry: Registry, actor: str, reason: str
+             ) -> RegistryState:
+    """Put the previous production model back (registry.rollback) and audit it."""
+    before = registry.state()
+    after = registry.rollback(reason=reason)
+    audit.append(conn, actor, "model.rollback", f"model:{after.production}", before.to_json(),
+                 after.to_json())
+    return after
+
+
+def model_history(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """The audited promotions and rollbacks, newest first."""
+    return [entry_dict(r) for r in conn.execute(
+        "SELECT seq, at, actor, action, subject, before, after, prev_hash, hash FROM audit_log "
+        "WHERE action IN ('model.promote', 'model.rollback') ORDER BY seq DESC LIMIT ?",
+        (limit,))]
+
+
+def has_labels(conn: sqlite3.Connection) -> bool:
+    """Whether any label is stored (without labels, precision, recall, F1, AP and AUC say
+    nothing: every transaction counts as genuine)."""
+    return conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None

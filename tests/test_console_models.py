@@ -1,0 +1,126 @@
+"""The models page with NiceGUI's simulated user: the registry and its production pointer,
+promote and roll back behind a confirmation (audited, chain intact), production against
+shadow side by side, and the refusal for viewers and analysts."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from nicegui.testing import User
+
+from appliance.audit import verify
+from appliance.registry import Registry
+from appliance.settings import Settings
+from appliance.store import Store
+from tests.api_support import node_db  # noqa: F401
+from tests.console_support import add_user
+from tests.support import query
+from tests.test_console_pages import sign_in, simulate, table_with
+from tests.test_registry import copy_shipped
+
+
+def model_actions(settings: Settings) -> list[tuple[str, str, str]]:
+    return [(r[0], r[1], r[2]) for r in query(
+        settings.db_path, "SELECT actor, action, subject FROM audit_log WHERE action LIKE "
+        "'model.%' ORDER BY seq")]
+
+
+def add_shadow_scores(settings: Settings, version: str, count: int) -> None:
+    conn = sqlite3.connect(settings.db_path)
+    with conn:
+        conn.execute(
+            "INSERT INTO shadow_scores (transaction_id, model_version, model_risk, risk, "
+            "decision) SELECT transaction_id, ?, model_risk, risk, CASE WHEN risk > 0.9 THEN "
+            "'review' ELSE 'approve' END FROM transactions ORDER BY ts LIMIT ?",
+            (version, count))
+    conn.close()
+
+
+def test_supervisor_promotes_and_rolls_back(node_db: tuple[Settings, Store]  # noqa: F811
+                                            ) -> None:
+    settings = node_db[0]
+    copy_shipped(settings.data_dir / "models", "m-b")
+    password = add_user(settings, "sam", "supervisor")
+    registry = Registry.of(settings)
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "sam", password)
+        await user.open("/models")
+        await user.should_see("In production: if-v1")
+        await user.should_see("card of m-b")
+        await user.should_see("Earlier production models (newest first): none")
+        user.find("model to promote").elements.pop().set_value("m-b")
+        user.find("Promote…").click()
+        await user.should_see("Put m-b in production?")
+        user.find("Cancel").click()
+        assert registry.production() == "if-v1"
+        user.find("Promote…").click()
+        user.find("Yes, do it").click()
+        await user.should_see("m-b is in production")
+        await user.should_see("In production: m-b")
+        assert registry.production() == "m-b"
+        assert registry.stage("if-v1") == "retired"
+        user.find("Roll back…").click()
+        await user.should_see("Roll back to if-v1?")
+        user.find("Yes, do it").click()
+        await user.should_see("if-v1 is in production")
+        assert registry.production() == "if-v1"
+
+    simulate(settings, scenario)
+    assert model_actions(settings) == [("user:sam", "model.promote", "model:m-b"),
+                                       ("user:sam", "model.rollback", "model:if-v1")]
+    before, after = query(settings.db_path, "SELECT before, after FROM audit_log WHERE "
+                          "action = 'model.promote'")[0]
+    assert '"production":"if-v1"' in before and '"production":"m-b"' in after
+    conn = sqlite3.connect(settings.db_path)
+    assert verify(conn).broken_seq is None
+    conn.close()
+
+
+def test_production_and_shadow_side_by_side(node_db: tuple[Settings, Store]  # noqa: F811
+                                            ) -> None:
+    settings = node_db[0]
+    password = add_user(settings, "ada", "admin")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "ada", password)
+        await user.open("/models")
+        user.find("Compare production and shadow").click()
+        await user.should_see("no shadow scores stored in that period")
+        add_shadow_scores(settings, "m-shadow", 120)
+        user.find("Compare production and shadow").click()
+        await user.should_see("No labels are stored yet")
+        table = table_with(user, "models-comparison-table")
+        assert [c["label"] for c in table.columns] == [
+            "metric", "live (m-test) on the 120 shadowed by m-shadow",
+            "shadow m-shadow (stored scores)"]
+        rows = table.rows
+        metrics = [r["metric"] for r in rows]
+        assert metrics[0] == "ROC AUC" and "alerts/day" in metrics
+        alerts_row = next(r for r in rows if r["metric"] == "alerts/day")
+        assert alerts_row["m0"] != alerts_row["m1"]  # live and shadow decided differently
+
+    simulate(settings, scenario)
+
+
+def test_viewers_and_analysts_are_refused(node_db: tuple[Settings, Store]  # noqa: F811
+                                          ) -> None:
+    settings = node_db[0]
+    copy_shipped(settings.data_dir / "models", "m-b")
+    passwords = {name: add_user(settings, name, role)
+                 for name, role in (("vera", "viewer"), ("alice", "analyst"))}
+
+    async def scenario(user: User) -> None:
+        for name, password in passwords.items():
+            await sign_in(user, name, password)
+            await user.should_not_see("Models")  # no link in the header
+            await user.open("/models")
+            await user.should_see("The models page needs the supervisor role or above")
+            await user.should_not_see("Promote…")
+            await user.should_not_see("In production")
+            user.find("Log out").click()
+            await user.should_see("Sign in")
+
+    simulate(settings, scenario)
+    assert Registry.of(settings).production() == "if-v1"
+    assert model_actions(settings) == []

@@ -1,0 +1,197 @@
+"""The models page (supervisor and admin): the registry (every version, its stage and card
+metrics), the production pointer and its history, production and shadow metrics side by side
+(backtest.compare_shadow, what ``branchguard evaluate --compare`` prints), and promote and
+roll back, each behind a confirmation dialog and audited (promotion.py).
+
+Viewers and analysts get a refusal and nothing else; every action checks the role again when
+it runs (Console.act), so a button enabled by a tampered client still does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nicegui import run, ui
+
+from appliance.backtest import compare_shadow
+from appliance.errors import BranchguardError
+from appliance.evaluation import HEADINGS, METRICS, Metric
+from appliance.keys import role_at_least
+from appliance.promotion import has_labels, model_history, promote, rollback
+from appliance.registry import Registry
+
+from .layout import signed_in, when
+from .session import Console
+
+ROLE = "supervisor"
+CARD_METRICS = ("average_precision", "roc_auc", "precision", "recall", "f1", "alerts_per_day")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def comparison_rows(table: list[tuple[str, dict[str, Metric]]], k: int, budget: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """compare_shadow's rows turned sideways: one row per metric, one column per model."""
+    columns = [{"name": "metric", "label": "metric", "field": "metric", "align": "left"}]
+    columns += [{"name": f"m{i}", "label": name, "field": f"m{i}", "align": "right"}
+                for i, (name, _) in enumerate(table)]
+    rows = [{"metric": HEADINGS[m].format(k=k, budget=budget),
+             **{f"m{i}": metrics[m].show() for i, (_, metrics) in enumerate(table)}}
+            for m in METRICS]
+    return columns, rows
+
+
+class ModelsView:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.registry = Registry.of(console.settings)
+
+    @ui.refreshable_method
+    def body(self) -> None:
+        state = self.registry.state()
+        listing = self.registry.listing()
+        with ui.card().classes("w-full"):
+            ui.label(f"In production: {state.production}").classes("text-xl font-bold").props(
+                "data-testid=models-production")
+            ui.label(f"since {state.changed_at or 'first start (configured model_version)'}"
+                     + (f" · reason: {state.reason}" if state.reason else ""))
+            ui.label("Earlier production models (newest first): "
+                     + (", ".join(reversed(state.history)) or "none")).props(
+                "data-testid=models-history")
+            with ui.row().classes("items-end gap-2"):
+                others = [r["version"] for r in listing if r["version"] != state.production]
+                choice = ui.select(others, label="model to promote").classes("w-64").props(
+                    "data-testid=models-promote-choice")
+                reason = ui.input("reason", value="manual").classes("w-64")
+                ui.button("Promote…", on_click=lambda: self.confirm_promote(
+                    choice.value, reason.value)).props("data-testid=models-promote")
+                back = ui.button("Roll back…", on_click=lambda: self.confirm_rollback(
+                    state.history[-1] if state.history else None, reason.value)).props(
+                    "outline data-testid=models-rollback")
+                if not state.history:
+                    back.disable()
+                    back.tooltip("no earlier production model is recorded")
+        ui.label("Registry").classes("font-bold mt-4")
+        columns = [{"name": k, "label": k, "field": k, "align": "left"} for k in
+                   ("version", "stage", "created", "parent", "algorithm", "average_precision",
+                    "f1")]
+        ui.table(columns=columns, rows=[{**r, "average_precision": _cell(
+            r["average_precision"]), "f1": _cell(r["f1"])} for r in listing],
+            row_key="version").props("dense flat data-testid=models-registry")
+        for row in listing:
+            card = self.registry.card(row["version"])
+            with ui.expansion(f"card of {row['version']}").classes("w-full"):
+                metrics = card.get("metrics") or {}
+                ui.label(", ".join(f"{m} {_cell(metrics[m])}" for m in CARD_METRICS
+                                   if m in metrics) or "no metrics on this card")
+                ui.code(json.dumps(card, indent=2, sort_keys=True), language="json").classes(
+                    "w-full")
+        self.history()
+
+    def history(self) -> None:
+        ui.label("Promotions and rollbacks (audit trail)").classes("font-bold mt-4")
+        rows = [{"seq": e["seq"], "at": when(e["at"]), "actor": e["actor"],
+                 "action": e["action"], "subject": e["subject"],
+                 "from": (e["before"] or {}).get("production", ""),
+                 "to": (e["after"] or {}).get("production", ""),
+                 "reason": (e["after"] or {}).get("reason", "")}
+                for e in model_history(self.console.reader())]
+        ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"} for k in
+                          ("seq", "at", "actor", "action", "subject", "from", "to", "reason")],
+                 rows=rows, row_key="seq").props("dense flat data-testid=models-audit")
+
+    def confirm(self, text: str, action: Any) -> None:
+        with ui.dialog() as dialog, ui.card():
+            ui.label(text).props("data-testid=models-confirm-text")
+            with ui.row():
+                ui.button("Yes, do it", on_click=lambda: (dialog.close(), action())).props(
+                    "data-testid=models-confirm")
+                ui.button("Cancel", on_click=dialog.close).props("flat")
+        dialog.open()
+
+    def confirm_promote(self, version: str | None, reason: str) -> None:
+        if version is None:
+            ui.notify("choose a model to promote", type="warning")
+            return
+        self.confirm(f"Put {version} in production? The scorer switches to it within "
+                     f"{self.console.settings.model_check_seconds:g} s.",
+                     lambda: self.change("promote", version, reason))
+
+    def confirm_rollback(self, previous: str | None, reason: str) -> None:
+        if previous is None:
+            ui.notify("no earlier production model is recorded", type="warning")
+            return
+        self.confirm(f"Roll back to {previous}?", lambda: self.change("rollback", None, reason))
+
+    def change(self, action: str, version: str | None, reason: str) -> None:
+        user = self.console.act(ROLE)
+        if user is None:
+            return
+        why = (reason or "").strip() or "manual"
+        try:
+            if action == "promote" and version is not None:
+                state = self.console.change(lambda conn: promote(
+                    conn, self.registry, version, user.actor, why))
+            else:
+                state = self.console.change(lambda conn: rollback(
+                    conn, self.registry, user.actor, why))
+        except BranchguardError as exc:
+            ui.notify(f"{exc.message} ({exc.hint})" if exc.hint else exc.message,
+                      type="warning")
+            return
+        ui.notify(f"{state.production} is in production", type="positive")
+        self.body.refresh()
+
+
+class ComparisonView:
+    """Production against the shadow model, computed on demand (it reads every shadowed
+    transaction; no bootstrap intervals here: ``branchguard evaluate --compare`` has them)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.box = ui.column().classes("w-full").props("data-testid=models-comparison")
+
+    async def compute(self) -> None:
+        settings = self.console.settings
+        self.box.clear()
+        with self.box:
+            ui.label("comparing…")
+        labelled = has_labels(self.console.reader())
+        try:
+            table = await run.io_bound(compare_shadow, settings, resamples=0)
+        except BranchguardError as exc:
+            self.box.clear()
+            with self.box:
+                ui.label(f"{exc.message}: {exc.hint}" if exc.hint else exc.message)
+            return
+        if table is None:  # the server is shutting down
+            return
+        k, budget = 100, int(settings.alert_budget_per_day)
+        columns, rows = comparison_rows(table, k, budget)
+        self.box.clear()
+        with self.box:
+            if not labelled:
+                ui.label("No labels are stored yet (branchguard labels import, or cases "
+                         "closed in the console): every transaction counts as genuine, so "
+                         "only alerts/day means anything below.").classes(
+                    "text-orange-700 font-bold").props("data-testid=models-no-labels")
+            ui.table(columns=columns, rows=rows, row_key="metric").props(
+                "dense flat data-testid=models-comparison-table")
+
+
+def models_page(console: Console) -> None:
+    user = signed_in(console, "Models")
+    if user is None:
+        return
+    if not role_at_least(user.role, ROLE):
+        ui.label(f"The models page needs the {ROLE} role or above; you are {user.role}."
+                 ).props("data-testid=models-refused")
+        return
+    ModelsView(console).body()
+    ui.label("Production and shadow, side by side").classes("font-bold mt-4")
+    button = ui.button("Compare production and shadow").props(
+        "outline data-testid=models-compare")
+    button.on_click(ComparisonView(console).compute)
