@@ -882,13 +882,17 @@ def models_show(version: str, config: Path | None, data_dir: Path | None) -> Non
 @friendly_errors
 def models_promote(version: str, reason: str, config: Path | None, data_dir: Path | None
                    ) -> None:
-    """Make VERSION the production model (a running scorer switches within seconds).
+    """Make VERSION the production model (a running scorer switches within seconds);
+    recorded in the audit trail as cli:<your OS user>.
 
     \b
     Example:
       branchguard models promote if-20261201-101500 --reason "weekly retrain"
     """
-    state = _registry(config, data_dir).promote(version, reason=reason)
+    from .promotion import on_node, promote
+
+    state = on_node(settings_from(config, data_dir, None),
+                    lambda conn, registry: promote(conn, registry, version, _cli_actor(), reason))
     click.echo(json.dumps(state.to_json(), indent=2))
 
 
@@ -896,13 +900,24 @@ def models_promote(version: str, reason: str, config: Path | None, data_dir: Pat
 @dir_options
 @friendly_errors
 def models_rollback(config: Path | None, data_dir: Path | None) -> None:
-    """Put the previous production model back.
+    """Put the previous production model back (recorded in the audit trail).
 
     \b
     Example:
       branchguard models rollback --data-dir ./var
     """
-    click.echo(json.dumps(_registry(config, data_dir).rollback().to_json(), indent=2))
+    from .promotion import on_node, rollback
+
+    state = on_node(settings_from(config, data_dir, None),
+                    lambda conn, registry: rollback(conn, registry, _cli_actor(), "rollback"))
+    click.echo(json.dumps(state.to_json(), indent=2))
+
+
+def _cli_actor() -> str:
+    """Who an audited change made on the command line is recorded as: the OS user."""
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
 
 
 @models.command("stage")

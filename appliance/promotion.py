@@ -1,4 +1,4 @@
-"""Promote and roll back from the console, each recorded in the audit trail.
+"""Promote and roll back (console and command line), each recorded in the audit trail.
 
 The registry (registry.py) is files, the audit trail is the database; a change is made inside
 the audit entry's own database transaction (``change.apply_change``): the registry's pointer
@@ -11,11 +11,15 @@ the model put in production; actions ``model.promote`` and ``model.rollback``.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from . import audit
 from .audit import entry_dict
+from .change import apply_change, connect_writer
 from .registry import Registry, RegistryState
+from .settings import Settings
+from .store import open_db
 
 
 def promote(conn: sqlite3.Connection, registry: Registry, version: str, actor: str,
@@ -36,6 +40,18 @@ def rollback(conn: sqlite3.Connection, registry: Registry, actor: str, reason: s
     audit.append(conn, actor, "model.rollback", f"model:{after.production}", before.to_json(),
                  after.to_json())
     return after
+
+
+def on_node(settings: Settings, change: Callable[[sqlite3.Connection, Registry], RegistryState]
+            ) -> RegistryState:
+    """Run an audited registry change against the node's own database and registry (the
+    command line's way: ``branchguard models promote|rollback``)."""
+    open_db(settings.db_path).close()  # created and migrated if this is a new node
+    db = connect_writer(settings.db_path)
+    try:
+        return apply_change(db, lambda conn: change(conn, Registry.of(settings)))
+    finally:
+        db.close()
 
 
 def model_history(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:

@@ -3,11 +3,13 @@ production pointer stays valid under concurrent writers and when a writer is kil
 
 from __future__ import annotations
 
+import getpass
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -178,3 +180,9 @@ def test_models_cli_list_show_promote_rollback(tmp_path: Path) -> None:
     assert runner.invoke(cli.cli, ["models", "rollback"]).exit_code == 0
     bad = runner.invoke(cli.cli, ["models", "promote", "nope"])
     assert bad.exit_code == 2 and "version" in bad.output
+    # both changes are in the node's audit trail, by the OS user, and the refused one is not
+    conn = sqlite3.connect(tmp_path / "node" / "branchguard.db")
+    entries = conn.execute("SELECT actor, action, subject FROM audit_log ORDER BY seq").fetchall()
+    actor = f"cli:{getpass.getuser()}"
+    assert entries == [(actor, "model.promote", "model:m-a"),
+                       (actor, "model.rollback", "model:if-v1")]
