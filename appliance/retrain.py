@@ -45,6 +45,7 @@ from sklearn.ensemble import IsolationForest
 
 from . import __version__, logs
 from .backtest import StoredRows, backtest, label_state, load_rows, model_rows, truth
+from .challenger import BOOTSTRAP_SHARE, TREES
 from .challenger import OUTPUT_NAME as CHALLENGER_OUTPUT, challenger_to_onnx, fit_classifier
 from .challenger import stacked_input
 from .errors import ModelError
@@ -125,7 +126,7 @@ def _version(registry: Registry, prefix: str) -> str:
 def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float = 2.0,
             if_features: Sequence[str] | None = None, version: str | None = None,
             training_label_delay_days: float | None = None, seed: int = 7,
-            n_estimators: int = 100, allow_promotion: bool = True) -> RetrainResult:
+            n_estimators: int = TREES, allow_promotion: bool = True) -> RetrainResult:
     """Train, compare and (maybe) promote; see the module docstring. Returns the decision."""
     started = time.monotonic()
     registry = Registry.of(settings)
@@ -210,6 +211,7 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
         output = {"name": CHALLENGER_OUTPUT, "range": "[0, 1]", "direction": "higher is riskier",
                   "definition": "RandomForestClassifier.predict_proba(x + [if_score])[:, 1]"}
         hyper: dict[str, Any] = {"n_estimators": n_estimators, "min_samples_leaf": 3,
+                                 "max_samples": BOOTSTRAP_SHARE,
                                  "class_weight": "balanced_subsample", "random_state": seed,
                                  "if_features": list(if_features)}
         check_rows = x_all

@@ -13,7 +13,8 @@ import pytest
 from sklearn.ensemble import IsolationForest
 
 from appliance.backtest import backtest, label_state, load_rows
-from appliance.challenger import challenger_to_onnx, fit_classifier, stacked_input
+from appliance.challenger import BOOTSTRAP_SHARE, TREES, challenger_to_onnx, fit_classifier
+from appliance.challenger import stacked_input
 from appliance.errors import ModelError
 from appliance.features import FeatureState
 from appliance.labels import import_labels, write_label_file
@@ -30,12 +31,15 @@ from .test_registry import copy_shipped
 
 
 def test_challenger_graph_matches_scikit_learn() -> None:
+    """The shipped configuration (TREES trees on half-size bootstrap samples) converts to one
+    graph that gives scikit-learn's probabilities."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 7)).astype(np.float32)
     x[:, 3] = rng.integers(0, 5, 4000)  # a count-like column: values sit on split thresholds
     y = x[:, 0] + 0.3 * rng.normal(size=4000) > 1.8
     forest = IsolationForest(n_estimators=50, random_state=1).fit(x[:, [0, 3]])
-    clf = fit_classifier(stacked_input(x, forest, [0, 3]), y, n_estimators=40)
+    clf = fit_classifier(stacked_input(x, forest, [0, 3]), y)
+    assert len(clf.estimators_) == TREES and clf.max_samples == BOOTSTRAP_SHARE
     session = ort.InferenceSession(challenger_to_onnx(clf, forest, 7, [0, 3])
                                    .SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"features": x})[0]
@@ -93,6 +97,8 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     assert card["metrics"]["f1"] >= 1.02 * card["metrics"]["production_on_same_period"]["f1"]
     assert card["metrics"]["onnx_vs_sklearn_max_abs_diff"] <= 1e-5
     assert card["training"]["labels_used_for_fitting"] is True
+    assert card["hyperparameters"]["n_estimators"] == 40
+    assert card["hyperparameters"]["max_samples"] == BOOTSTRAP_SHARE
     assert card["features"][-2:] == ["account_known_fraud_count_30d",
                                      "account_known_fraud_share_30d"]
     assert "terminal_known_fraud_count_1d" not in card["features"]
