@@ -56,6 +56,7 @@ from .forest import OUTPUT_NAME as FOREST_OUTPUT, anomaly_scores, forest_to_onnx
 from .labels import LabelState
 from .labels import LABEL_FEATURES
 from .model import INDEX, Model, ModelCard, file_sha256
+from .promotion import on_node, promote
 from .registry import Registry
 from .settings import Settings
 from .train import CALIBRATION_QUANTILES, MODEL_FEATURES, calibration
@@ -283,8 +284,9 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
                              "rule": f"F1 >= production F1 x {1 + settings.promotion_min_f1_gain:g}"
                                      f" and alerts/day <= {settings.alert_budget_per_day:g}"}
         registry.register(onnx_path, card)
-    if decision.promote:
-        registry.promote(name, reason=decision.reason)
+    if decision.promote:  # audited like the console's and the command line's promotions
+        on_node(settings, lambda conn, registry: promote(conn, registry, name, "retrain",
+                                                         decision.reason))
     log.info("model.retrained", txn_id=None, version=name, supervised=supervised,
              promoted=decision.promote, reason=decision.reason,
              candidate_f1=result["candidate"]["f1"], production_f1=result["production"]["f1"])

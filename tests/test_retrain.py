@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,13 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     model = registry.load(result.version)
     risk, _ = backtest(rows, model, label_state(settings.db_path), settings)
     assert risk.shape == (len(items),) and 0 <= risk.min() and risk.max() <= 1
+    # and the promotion is in the node's audit trail, by retrain, with the state it changed
+    entry = sqlite3.connect(settings.db_path).execute(
+        "SELECT actor, action, subject, before, after FROM audit_log "
+        "WHERE action = 'model.promote'").fetchall()
+    assert [e[:3] for e in entry] == [("retrain", "model.promote", f"model:{result.version}")]
+    assert json.loads(entry[0][3])["production"] == "if-v1"
+    assert json.loads(entry[0][4])["production"] == result.version
 
 
 @pytest.mark.parametrize("override, why", [
