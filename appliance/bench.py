@@ -435,13 +435,13 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
         _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
         metered = _metered(scorer.process.pid, {"nats-server": nats_pid})
         report["phases"].append(metered(lambda: _run_load(url, count, None, seed=2)))
-        for i in range(alert_rounds if alerts_to else 0):  # the noise on either side
-            assert alerts_to is not None
-            report["phases"].append(metered(
-                lambda: _alerts_phase(settings, url, count, alerts_to, seed=90 + 2 * i)))
-            report["phases"].append(metered(
-                lambda: _run_load(url, count, None, seed=91 + 2 * i)))
         if alerts_to:
+            target = alerts_to
+            for i in range(alert_rounds):  # a plain phase on either side of each
+                report["phases"].append(metered(
+                    lambda: _alerts_phase(settings, url, count, target, seed=90 + 2 * i)))
+                report["phases"].append(metered(
+                    lambda: _run_load(url, count, None, seed=91 + 2 * i)))
             report["alerts_comparison"] = alerts_comparison(report["phases"])
         for i, rate in enumerate(rates):
             report["phases"].append(metered(
