@@ -30,6 +30,15 @@ def connect_writer(path: Path) -> Database:
     return Database(conn)
 
 
+def migrated_writer(path: Path) -> Database:
+    """:func:`connect_writer` on the node database at ``path``, created and migrated first
+    if this is a new node (what every command-line change needs)."""
+    from .store import open_db  # the schema lives with the store
+
+    open_db(path).close()
+    return connect_writer(path)
+
+
 def apply_change(db: Database, change: Callable[[sqlite3.Connection], T]) -> T:
     """Run ``change`` in one transaction that also bumps the cache generation; all or
     nothing. ``change`` must be short: the scorer waits for it."""

@@ -435,11 +435,9 @@ def keys_group() -> None:
 
 
 def _writer(settings: Settings) -> Any:
-    from .change import connect_writer
-    from .store import open_db
+    from .change import migrated_writer
 
-    open_db(settings.db_path).close()
-    return connect_writer(settings.db_path)
+    return migrated_writer(settings.db_path)
 
 
 @keys_group.command("create")
@@ -892,7 +890,7 @@ def models_promote(version: str, reason: str, config: Path | None, data_dir: Pat
     from .promotion import on_node, promote
 
     state = on_node(settings_from(config, data_dir, None),
-                    lambda conn, registry: promote(conn, registry, version, _cli_actor(), reason))
+                    lambda conn, registry: promote(conn, registry, version, _actor(), reason))
     click.echo(json.dumps(state.to_json(), indent=2))
 
 
@@ -909,15 +907,8 @@ def models_rollback(config: Path | None, data_dir: Path | None) -> None:
     from .promotion import on_node, rollback
 
     state = on_node(settings_from(config, data_dir, None),
-                    lambda conn, registry: rollback(conn, registry, _cli_actor(), "rollback"))
+                    lambda conn, registry: rollback(conn, registry, _actor(), "rollback"))
     click.echo(json.dumps(state.to_json(), indent=2))
-
-
-def _cli_actor() -> str:
-    """Who an audited change made on the command line is recorded as: the OS user."""
-    import getpass
-
-    return f"cli:{getpass.getuser()}"
 
 
 @models.command("stage")

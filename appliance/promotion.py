@@ -16,10 +16,9 @@ from typing import Any
 
 from . import audit
 from .audit import entry_dict
-from .change import apply_change, connect_writer
+from .change import apply_change, migrated_writer
 from .registry import Registry, RegistryState
 from .settings import Settings
-from .store import open_db
 
 
 def promote(conn: sqlite3.Connection, registry: Registry, version: str, actor: str,
@@ -46,8 +45,7 @@ def on_node(settings: Settings, change: Callable[[sqlite3.Connection, Registry],
             ) -> RegistryState:
     """Run an audited registry change against the node's own database and registry (the
     command line's way: ``branchguard models promote|rollback``)."""
-    open_db(settings.db_path).close()  # created and migrated if this is a new node
-    db = connect_writer(settings.db_path)
+    db = migrated_writer(settings.db_path)
     try:
         return apply_change(db, lambda conn: change(conn, Registry.of(settings)))
     finally:
