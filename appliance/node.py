@@ -23,13 +23,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from . import logs
 from .errors import NodeError
 from .nats_auth import server_blocks
 from .settings import Settings
+
+T = TypeVar("T")
 
 log = logs.get("appliance.node")
 
@@ -75,6 +79,21 @@ def stop_child(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -
     return process.returncode
 
 
+def wait_ready(process: subprocess.Popen[bytes], ready: Callable[[], T | None], timeout: float,
+               exited: Callable[[int], NodeError]) -> T | None:
+    """Poll ``ready`` until it returns something (returned), the child exits (``exited`` of
+    its code is raised) or ``timeout`` passes (None: the caller stops it and says why)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise exited(process.returncode)
+        found = ready()
+        if found is not None:
+            return found
+        time.sleep(0.02)
+    return None
+
+
 def server_config(settings: Settings, store_dir: Path) -> str:
     sync = ("always" if settings.sync_policy == "always"
             else f"{settings.sync_interval_seconds:g}s")
@@ -113,24 +132,25 @@ class EmbeddedNats:
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent)
         log_file.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise NodeError(f"nats-server exited with code {self.process.returncode}",
-                                hint=f"see {self.dir / 'nats-server.log'}; is port "
-                                     f"{self.settings.nats_port} already in use?")
+        def listening() -> str | None:
             for path in ports_dir.glob("*.ports"):
                 try:
-                    ports = json.loads(path.read_text())
+                    return str(json.loads(path.read_text())["nats"][0])
                 except json.JSONDecodeError:
                     continue  # being written
-                self.url = ports["nats"][0]
-                log.info("nats.started", txn_id=None, url=self.url, pid=self.process.pid,
-                         sync_policy=self.settings.sync_policy)
-                return self.url
-            time.sleep(0.02)
-        self.stop()
-        raise NodeError("nats-server did not become ready", hint=f"see {self.dir}")
+            return None
+
+        url = wait_ready(self.process, listening, timeout, lambda code: NodeError(
+            f"nats-server exited with code {code}",
+            hint=f"see {self.dir / 'nats-server.log'}; is port {self.settings.nats_port} "
+                 "already in use?"))
+        if url is None:
+            self.stop()
+            raise NodeError("nats-server did not become ready", hint=f"see {self.dir}")
+        self.url = url
+        log.info("nats.started", txn_id=None, url=self.url, pid=self.process.pid,
+                 sync_policy=self.settings.sync_policy)
+        return self.url
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None

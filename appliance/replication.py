@@ -37,7 +37,7 @@ from typing import Any
 
 from . import logs
 from .errors import NodeError, StoreError
-from .node import binary, die_with_parent, stop_child
+from .node import binary, die_with_parent, stop_child, wait_ready
 from .settings import Settings
 
 log = logs.get("appliance.replication")
@@ -96,21 +96,18 @@ class Litestream:
                 [str(litestream_binary()), "replicate", "-config", str(conf)],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent, env=litestream_env())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise NodeError(f"litestream exited with code {self.process.returncode}",
-                                field="replica_url", value=self.settings.replica,
-                                hint=f"see {self.log_path}")
+        def replicating() -> bool | None:
             with self.log_path.open("rb") as f:
                 f.seek(offset)
-                if b'"replicating to"' in f.read():
-                    log.info("litestream.started", txn_id=None, pid=self.process.pid,
-                             replica=self.settings.replica)
-                    return
-            time.sleep(0.02)
-        self.stop()
-        raise NodeError("litestream did not start replicating", hint=f"see {self.log_path}")
+                return True if b'"replicating to"' in f.read() else None
+
+        if wait_ready(self.process, replicating, timeout, lambda code: NodeError(
+                f"litestream exited with code {code}", field="replica_url",
+                value=self.settings.replica, hint=f"see {self.log_path}")) is None:
+            self.stop()
+            raise NodeError("litestream did not start replicating", hint=f"see {self.log_path}")
+        log.info("litestream.started", txn_id=None, pid=self.process.pid,
+                 replica=self.settings.replica)
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
