@@ -27,7 +27,7 @@ from .model import Model, feature_matrix
 from .rules import RULES_VERSION
 from .score import judge
 from .settings import Settings
-from .store import open_db
+from .store import open_db, require_db
 from .transaction import Transaction
 
 _floats = msgspec.json.Decoder(list[float])
@@ -153,10 +153,7 @@ def evaluate_stored(settings: Settings, versions: Sequence[str] = (), *,
     from .registry import Registry
 
     db = settings.db_path
-    if not db.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(settings.data_dir),
-                               hint="pass the --data-dir the node runs with")
+    require_db(db)
     rows = load_rows(db, since, until)
     if not len(rows):
         raise BranchguardError("no stored transactions in that period", field="since")

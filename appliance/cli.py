@@ -65,11 +65,9 @@ def cli() -> None:
 
 
 def _existing_db(settings: Settings) -> None:
-    """Refuse a data directory with no node database (a typo would otherwise create one)."""
-    if not settings.db_path.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(settings.data_dir),
-                               hint="pass the --data-dir the node runs with")
+    from .store import require_db
+
+    require_db(settings.db_path)
 
 
 @cli.command()

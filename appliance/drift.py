@@ -30,7 +30,7 @@ from .evaluation import DAY
 from .features import FEATURES
 from .registry import Registry
 from .settings import Settings
-from .store import open_db
+from .store import open_db, require_db
 
 log = logs.get("appliance.drift")
 BINS = 10
@@ -81,9 +81,7 @@ def run_drift(settings: Settings, days: float = 1.0) -> DriftReport:
     registry = Registry.of(settings)
     version = registry.production()
     card = registry.card(version)
-    if not settings.db_path.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(settings.data_dir))
+    require_db(settings.db_path)
     every = load_rows(settings.db_path)
     if not len(every):
         raise BranchguardError("no stored transactions", field="rows", value=0)

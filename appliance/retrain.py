@@ -59,6 +59,7 @@ from .model import INDEX, Model, ModelCard, file_sha256
 from .promotion import on_node, promote
 from .registry import Registry
 from .settings import Settings
+from .store import require_db
 from .train import CALIBRATION_QUANTILES, MODEL_FEATURES, calibration
 
 log = logs.get("appliance.retrain")
@@ -134,8 +135,7 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
     production_version = registry.production()
     production = registry.load(production_version)
     db = settings.db_path
-    if not db.exists():
-        raise ModelError("no node database", field="data_dir", value=str(settings.data_dir))
+    require_db(db)
     every = load_rows(db)
     if not len(every):
         raise ModelError("no stored transactions to train on", field="rows", value=0)

@@ -67,7 +67,12 @@ class Labelled(msgspec.Struct, frozen=True):
 # The simulated world
 # --------------------------------------------------------------------------------------------
 
-_TOWNS: Final = ("Helsinki", "Espoo", "Vantaa", "Tampere", "Turku", "Oulu")
+TOWN_CENTRES: Final = {"Helsinki": (60.1699, 24.9384), "Espoo": (60.2055, 24.6559),
+                       "Vantaa": (60.2934, 25.0378), "Tampere": (61.4978, 23.7610),
+                       "Turku": (60.4518, 22.2666), "Oulu": (65.0121, 25.4651)}
+"""The simulated towns and where their centres are (latitude, longitude): the terminal
+directory places the simulator's terminals around them."""
+_TOWNS: Final = tuple(TOWN_CENTRES)
 _TOWN_WEIGHTS: Final = (0.30, 0.18, 0.16, 0.14, 0.12, 0.10)
 
 _POS_CATEGORIES: Final = ("Grocery", "Fuel", "Restaurants", "Retail", "Travel", "Electronics",

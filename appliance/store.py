@@ -66,6 +66,14 @@ class DeadLetter:
     size: int
 
 
+def require_db(db_path: Path) -> None:
+    """Refuse a data directory with no node database: a command that reads the node's data
+    would otherwise create an empty one at a mistyped path and report nothing."""
+    if not db_path.exists():
+        raise StoreError("no node database here", field="data_dir", value=str(db_path.parent),
+                         hint="pass the --data-dir the node runs with")
+
+
 def open_db(path: Path) -> Database:
     """Open (creating if needed) and migrate the node database.
 

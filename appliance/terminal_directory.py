@@ -27,16 +27,13 @@ from pathlib import Path
 from . import audit, logs
 from .change import apply_change, connect_writer
 from .errors import BranchguardError, SettingsError
-from .simulate import terminal_layout
+from .simulate import TOWN_CENTRES, terminal_layout
+from .store import require_db
 from .transaction import require_identifier
 
 log = logs.get("appliance.terminal_directory")
 COLUMNS = ("terminal_id", "name", "branch", "latitude", "longitude")
 NAME_LIMIT = 200
-TOWN_CENTRES = {"Helsinki": (60.1699, 24.9384), "Espoo": (60.2055, 24.6559),
-                "Vantaa": (60.2934, 25.0378), "Tampere": (61.4978, 23.7610),
-                "Turku": (60.4518, 22.2666), "Oulu": (65.0121, 25.4651)}
-"""Where the simulator's towns are; its terminals stand within a few km of these."""
 SPREAD_KM = 3.0
 
 
@@ -160,10 +157,7 @@ def write_sites(db_path: Path, sites: list[Site], actor: str, source: str) -> Im
 
 def import_terminals(db_path: Path, path: Path, actor: str = "cli") -> ImportResult:
     """``branchguard terminals import``: read and check ``path``, then save it (or nothing)."""
-    if not db_path.exists():
-        raise BranchguardError("no node database here", field="data_dir",
-                               value=str(db_path.parent),
-                               hint="pass the --data-dir the node runs with")
+    require_db(db_path)
     return write_sites(db_path, read_sites(path), actor, f"file:{path.name}")
 
 
