@@ -1,7 +1,8 @@
 """Scoring stored transactions again with any registered model, exactly as the scorer would have.
 
 The behavioural features come from the stored row (they were computed live, from the history
-before the transaction); the label features are recomputed from the ``labels`` table as of the
+before the transaction; a row stored under an older ``FEATURES_VERSION`` has them recomputed
+from the stored history, since a current model reads features it lacks); the label features are recomputed from the ``labels`` table as of the
 transaction's own time (a label known later is never seen, see labels.py); the verdict comes
 from the same ``score.judge``. So a backtest of the model that was in production reproduces
 the stored verdicts, and any other model is judged on the very same transactions.
@@ -19,17 +20,21 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import numpy.typing as npt
+from sqlite_utils import Database
 
+from . import logs
 from .errors import BranchguardError
+from .features import FEATURES_VERSION
 from .evaluation import Metric, Scored, evaluate
 from .labels import LabelState, parse_time, rfc3339
 from .model import Model, feature_matrix
 from .rules import RULES_VERSION
 from .score import judge
 from .settings import Settings
-from .store import open_db, require_db
+from .store import feature_state, open_db, require_db
 from .transaction import Transaction
 
+log = logs.get("appliance.backtest")
 _floats = msgspec.json.Decoder(list[float])
 CHUNK = 20_000
 
@@ -59,12 +64,16 @@ def load_rows(db_path: Path, since: float | None = None, until: float | None = N
     try:
         cursor = db.execute(
             "SELECT transaction_id, account_id, terminal_id, amount, currency, ts, utc_offset, "
-            "channel, merchant_category, location, features, risk, decision, model_version "
-            "FROM transactions WHERE ts >= ? AND ts < ? ORDER BY ts, rowid",
+            "channel, merchant_category, location, features, risk, decision, model_version, "
+            "features_version FROM transactions WHERE ts >= ? AND ts < ? ORDER BY ts, rowid",
             [since if since is not None else -1e18, until if until is not None else 1e18])
-        txs, feats, risks, alerts, versions = [], [], [], [], []
+        txs: list[Transaction] = []
+        feats: list[tuple[float, ...]] = []
+        risks, alerts, versions, older = [], [], [], []
         for (tid, account, terminal, amount, currency, ts, offset, channel, category, location,
-             features, risk, decision, version) in cursor:
+             features, risk, decision, version, features_version) in cursor:
+            if features_version != FEATURES_VERSION:
+                older.append(len(txs))
             zone = timezone(timedelta(seconds=offset))
             txs.append(Transaction(transaction_id=tid, account_id=account, amount=amount,
                                    currency=currency,
@@ -75,10 +84,26 @@ def load_rows(db_path: Path, since: float | None = None, until: float | None = N
             risks.append(risk)
             alerts.append(decision != "approve")
             versions.append(version)
+        if older:
+            _recompute(db, txs, feats, older)
     finally:
         db.close()
     return StoredRows(txs, feats, np.array(risks, dtype=np.float64),
                       np.array(alerts, dtype=bool), versions)
+
+
+def _recompute(db: Database, txs: list[Transaction], feats: list[tuple[float, ...]],
+               older: list[int]) -> None:
+    """Give the rows stored under an older FEATURES_VERSION (indices ``older``) the current
+    features, computed as the scorer computes them: from the state of every stored
+    transaction before the first loaded one, then each loaded one in order. Rows stored
+    under the current version keep what was computed live."""
+    state = feature_state(db.conn, before=txs[0].timestamp.timestamp())
+    again = [state.observe(tx) for tx in txs]
+    for i in older:
+        feats[i] = again[i]
+    log.info("backtest.features_recomputed", txn_id=None, rows=len(older),
+             features_version=FEATURES_VERSION)
 
 
 def _known_by(as_of: float | None) -> str:

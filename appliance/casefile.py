@@ -18,7 +18,7 @@ import msgspec
 from .api.alerts import ALERT_COLUMNS, TX_COLUMNS, alert_row
 from .audit import entry_dict
 from .explain import stored_explanation
-from .features import FEATURES, FEATURES_VERSION
+from .features import VERSIONS
 
 BASELINE_ROWS = 100
 TIMELINE_ROWS = 50
@@ -41,8 +41,8 @@ def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
         codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
         reasons = [{"code": c, "detail": d} for c, d in zip(codes, details)]
         values = _list.decode(tx.pop("features"))
-        if tx["features_version"] == FEATURES_VERSION:
-            features = _against_baseline(conn, tx, values)
+        if tx["features_version"] in VERSIONS:
+            features = _against_baseline(conn, tx, values, VERSIONS[tx["features_version"]])
     return {
         "alert": alert,
         "transaction": tx,
@@ -58,17 +58,20 @@ def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
     }
 
 
-def _against_baseline(conn: sqlite3.Connection, tx: dict[str, Any], values: list[float]
-                      ) -> list[dict[str, Any]]:
+def _against_baseline(conn: sqlite3.Connection, tx: dict[str, Any], values: list[float],
+                      names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each feature against its mean over the account's previous rows (of any version that
+    has it: every version is a prefix of the next)."""
     previous = [_list.decode(f) for (f,) in conn.execute(
         "SELECT features FROM transactions WHERE account_id = ? AND ts < ? "
-        "AND features_version = ? ORDER BY ts DESC LIMIT ?",
-        (tx["account_id"], tx["ts"], FEATURES_VERSION, BASELINE_ROWS))]
+        f"AND features_version IN ({', '.join('?' * len(VERSIONS))}) ORDER BY ts DESC LIMIT ?",
+        (tx["account_id"], tx["ts"], *VERSIONS, BASELINE_ROWS))]
     out = []
-    for i, name in enumerate(FEATURES):
-        mean = sum(p[i] for p in previous) / len(previous) if previous else None
-        out.append({"name": name, "value": values[i], "baseline": mean,
-                    "baseline_rows": len(previous)})
+    for i, name in enumerate(names):
+        having = [p[i] for p in previous if len(p) > i]
+        out.append({"name": name, "value": values[i],
+                    "baseline": sum(having) / len(having) if having else None,
+                    "baseline_rows": len(having)})
     return out
 
 

@@ -1,8 +1,9 @@
 """Behavioural features of one transaction, from the history *before* it.
 
 :class:`FeatureState` holds, per account and per terminal, what the features need: exact
-event-time sliding windows (1 h, 24 h, 7 d), the account's amount statistics, the terminals,
-locations and categories it has used, and its last transaction time. :meth:`FeatureState.observe`
+event-time sliding windows (1 h, 24 h, 7 d), the account's amount statistics (with every
+amount in order of size, for its median), the terminals, locations and categories it has
+used, and its last transaction time. :meth:`FeatureState.observe`
 computes the features of a transaction and then adds it to the state: the one function used for
 serving, for training and for rebuilding state from the database, so the three cannot diverge.
 
@@ -12,8 +13,10 @@ Contracts:
   transaction's windows never reach further back than that;
 - amounts are summed as integer thousandths, so a state rebuilt from the database in another
   order is bit-for-bit the state that was built live;
-- each call is O(1) amortised for in-order events (pointers only move forward); a late event
-  costs O(log n + k) for the k events it has to step over.
+- each call is O(1) amortised for in-order events (pointers only move forward), plus a
+  look at the account's last 7 days and one insertion into its amounts sorted by size (a
+  bisection and a memmove of 8 bytes an earlier transaction); a late event costs
+  O(log n + k) for the k events it has to step over.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ FEATURES: tuple[str, ...] = (
     "first_time_location",
     "first_time_category",
     *(f"terminal_{kind}_{name}" for name, _ in WINDOWS for kind in ("count", "sum")),
+    "amount_to_median_ratio",
+    "account_max_7d_to_median",
+    "account_large_count_7d",
+    "amount_to_mean_7d_ratio",
 )
 """Feature names, in the order :meth:`FeatureState.observe` returns them.
 
@@ -59,11 +66,31 @@ deviation (0 with fewer than 2 prior transactions); ``seconds_since_previous`` i
 days (and is 7 days with no prior transaction); ``hour_of_day`` is in the timestamp's own
 offset (the terminal's local time); ``first_time_*`` are 1.0 for a terminal, location or
 category the account has not used before (0.0 when the field is absent).
+
+The last four compare with the account's *typical* amount, which a mean is a poor measure of
+once a stolen card has made a few large purchases: ``amount_to_median_ratio`` is amount over
+the median of all the account's earlier amounts (the upper median; 1 with no history);
+``account_max_7d_to_median`` is the largest of its amounts in the last 7 days over that
+median, and ``account_large_count_7d`` how many of those were at least ``LARGE_MULTIPLE``
+times it (both 0 with no history): a card that has just started making large purchases
+stands out before any of them is labelled. ``amount_to_mean_7d_ratio`` is amount over the
+mean of the last 7 days (1 with none). On the fraud handbook's data they raise the supervised
+challenger's ROC AUC from 0.869 to 0.89 and its average precision from 0.51 to 0.56
+(docs/models.md).
 """
 INDEX = {name: i for i, name in enumerate(FEATURES)}
-FEATURES_VERSION = "features-v1"
+FEATURES_VERSION = "features-v2"
 """Stored with every row: names the FEATURES list its feature vector follows. Change it
-whenever FEATURES changes."""
+whenever FEATURES changes, and keep the old version in :data:`VERSIONS`."""
+VERSIONS: dict[str, tuple[str, ...]] = {
+    "features-v1": FEATURES[:23],
+    FEATURES_VERSION: FEATURES,
+}
+"""The names of the values stored under each version. Every version so far is a prefix of
+the next, so an older row's values are read by name; backtest.load_rows recomputes the
+missing ones when a model needs them."""
+LARGE_MULTIPLE = 3
+"""An amount at least this many times the account's median counts as large."""
 
 
 def epoch(ts: datetime) -> float:
@@ -165,13 +192,15 @@ class Windows:
 
 
 class AccountState:
-    __slots__ = ("count", "sum_milli", "sumsq_milli", "terminals", "locations",
-                 "categories", "windows")
+    __slots__ = ("count", "sum_milli", "sumsq_milli", "sorted_milli", "terminals",
+                 "locations", "categories", "windows")
 
     def __init__(self) -> None:
         self.count = 0
         self.sum_milli = 0
         self.sumsq_milli = 0
+        self.sorted_milli = array("q")
+        """Every amount so far, in order of size (8 bytes each), for the median."""
         self.terminals: set[str] = set()
         self.locations: set[str] = set()
         self.categories: set[str] = set()
@@ -223,6 +252,16 @@ class FeatureState:
         floor = account.windows.now - HORIZON
         gap = t - previous[k - 1] if k >= 1 and previous[k - 1] > floor else HORIZON
         since_previous = min(gap, HORIZON)
+        if n and (median := account.sorted_milli[n // 2]) > 0:
+            # the 7-day window before this event, as the window counts above see it
+            week = account.windows.amounts[bisect_right(previous, max(t - _W2, floor), 0, k):k]
+            to_median = milli / median
+            max_to_median = max(week) / median if week else 0.0
+            large_at = LARGE_MULTIPLE * median
+            large = sum([1 for v in week if v >= large_at])
+        else:
+            to_median, max_to_median, large = 1.0, 0.0, 0
+        to_mean_7d = milli * acc_w[4] / acc_w[5] if acc_w[4] and acc_w[5] > 0 else 1.0
 
         location, category = tx.location, tx.merchant_category
         new_terminal = tx.terminal_id not in account.terminals
@@ -232,6 +271,7 @@ class FeatureState:
         account.count = n + 1
         account.sum_milli += milli
         account.sumsq_milli += milli * milli
+        insort(account.sorted_milli, milli)
         account.terminals.add(tx.terminal_id)
         if location is not None:
             account.locations.add(location)
@@ -247,13 +287,15 @@ class FeatureState:
             float(new_terminal), float(new_location), float(new_category),
             float(term_w[0]), term_w[1] / MILLI, float(term_w[2]), term_w[3] / MILLI,
             float(term_w[4]), term_w[5] / MILLI,
+            to_median, max_to_median, float(large), to_mean_7d,
         )
 
     def snapshot(self) -> dict[str, object]:
         """A canonical, comparable picture of the whole state (for tests and diagnostics)."""
         return {
             "accounts": {
-                key: (a.count, a.sum_milli, a.sumsq_milli, a.windows.now, sorted(a.terminals),
+                key: (a.count, a.sum_milli, a.sumsq_milli, a.sorted_milli.tolist(),
+                      a.windows.now, sorted(a.terminals),
                       sorted(a.locations), sorted(a.categories), a.windows.snapshot())
                 for key, a in sorted(self.accounts.items())
             },
@@ -300,6 +342,7 @@ class FeatureState:
             account.count = len(ts_list)
             account.sum_milli = sum(m_list)
             account.sumsq_milli = _sum_of_squares(m_list)
+            account.sorted_milli = array("q", sorted(m_list))
             account.windows.ts, account.windows.amounts = ts_list, m_list
             account.windows.settle()
         for field, codes, name in (("terminals", term_codes, names[1]),

@@ -216,9 +216,7 @@ class Store:
 
     def feature_state(self) -> FeatureState:
         """Feature state rebuilt from every stored transaction (see FeatureState.rebuild)."""
-        return FeatureState.rebuild(_iter_cursor(self.reader.execute(
-            "SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
-            "FROM transactions ORDER BY ts, rowid")))
+        return feature_state(self.reader)
 
     # --- reads for people ---------------------------------------------------------------
 
@@ -243,6 +241,17 @@ class Store:
 
     def _scalar(self, sql: str) -> int:
         return int(self.reader.execute(sql).fetchone()[0])
+
+
+def feature_state(conn: Database | sqlite3.Connection, before: float | None = None
+                  ) -> FeatureState:
+    """Feature state rebuilt from the stored transactions with ``ts < before`` (all of them
+    without it), in the order the scorer's state keeps them (see FeatureState.rebuild)."""
+    select = ("SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
+              "FROM transactions ")
+    cursor = (conn.execute(select + "ORDER BY ts, rowid") if before is None else
+              conn.execute(select + "WHERE ts < ? ORDER BY ts, rowid", [before]))
+    return FeatureState.rebuild(_iter_cursor(cursor))
 
 
 def _iter_cursor(cursor: sqlite3.Cursor) -> Iterator[Any]:

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.features import FEATURES, HORIZON, INDEX, MILLI, WINDOWS, FeatureState
+from appliance.features import (FEATURES, HORIZON, INDEX, LARGE_MULTIPLE, MILLI, VERSIONS,
+                                WINDOWS, FeatureState)
 from appliance.transaction import Transaction
 
 BASE = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -69,14 +70,22 @@ def brute_force(prior: list[Transaction], cur: Transaction) -> dict[str, float]:
     since = min(t - max(earlier), HORIZON) if earlier else HORIZON
     acc = window_stats(prior, t, "account_id", cur.account_id)
     term = window_stats(prior, t, "terminal_id", cur.terminal_id)
+    week = [round(p.amount * MILLI) for p in mine if t - 7 * 86400 < p.timestamp.timestamp() <= t
+            and p.timestamp.timestamp() > newest - HORIZON]
+    cur_milli = round(cur.amount * MILLI)
+    median = sorted(milli)[n // 2] if n else 0  # the upper median
+    typical = [1.0, 0.0, 0.0] if not median else [
+        cur_milli / median, max(week) / median if week else 0.0,
+        float(len([v for v in week if v >= LARGE_MULTIPLE * median]))]
+    to_mean_7d = cur_milli * len(week) / sum(week) if week else 1.0
     values = [cur.amount, mean, dev, ratio, z, float(n), *acc, since,
               float(cur.timestamp.hour),
               float(cur.terminal_id not in {p.terminal_id for p in mine}),
               float(cur.location is not None and cur.location not in {p.location for p in mine}),
               float(cur.merchant_category is not None
                     and cur.merchant_category not in {p.merchant_category for p in mine}),
-              *term]
-    return dict(zip(FEATURES, values))
+              *term, *typical, to_mean_7d]
+    return dict(zip(FEATURES, values, strict=True))
 
 
 def build(raw: list[tuple[int, int, int, int, str | None, str | None]]) -> list[Transaction]:
@@ -143,3 +152,26 @@ def test_long_in_order_stream_compacts_and_stays_exact() -> None:
             assert got[name] == want[name], name
     assert got["account_prior_count"] == 11999
     assert INDEX["account_prior_count"] == FEATURES.index("account_prior_count")
+
+
+def test_typical_amount_features_follow_the_median_not_the_mean() -> None:
+    # a card with steady 20.00 purchases, then three stolen-card purchases of 100.00
+    state = FeatureState()
+    day = 86400.0
+    for i in range(9):
+        state.observe(tx(i, 0, 0, i * day, 2000, None, None))
+    for i in range(3):
+        f = dict(zip(FEATURES, state.observe(tx(9 + i, 0, 0, 9 * day + i * 60, 10000, None,
+                                                None))))
+        assert f["amount_to_median_ratio"] == 5.0  # the median is still 20.00
+        assert f["account_large_count_7d"] == i  # the earlier 100.00s of this week
+        assert i == 0 or f["amount_to_mean_ratio"] < 5.0  # the mean moves towards the fraud
+    assert f["account_max_7d_to_median"] == 5.0
+    assert f["account_count_7d"] == 8  # days 3..8 and the two earlier 100.00s
+    assert f["amount_to_mean_7d_ratio"] == 100 / ((6 * 20 + 2 * 100) / 8)
+
+
+def test_older_feature_versions_are_prefixes_of_the_current_one() -> None:
+    for names in VERSIONS.values():
+        assert FEATURES[:len(names)] == names
+    assert len(VERSIONS["features-v1"]) == 23

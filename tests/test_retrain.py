@@ -17,7 +17,7 @@ from appliance.backtest import backtest, label_state, load_rows
 from appliance.challenger import BOOTSTRAP_SHARE, TREES, challenger_to_onnx, fit_classifier
 from appliance.challenger import stacked_input
 from appliance.errors import ModelError
-from appliance.features import FeatureState
+from appliance.features import FEATURES, VERSIONS, FeatureState
 from appliance.labels import import_labels, write_label_file
 from appliance.registry import Registry
 from appliance.retrain import decide, retrain
@@ -187,3 +187,28 @@ def test_the_live_scorer_serves_a_label_model_exactly_as_the_backtest_scores_it(
     risk, _ = backtest(rows, Registry.of(settings).load(result.version),
                        label_state(settings.db_path), settings)
     assert np.allclose(risk, rows.risk, atol=1e-6)
+
+
+def test_rows_stored_under_an_older_feature_version_get_todays_features(
+        tmp_path: Path, items: list[Labelled]) -> None:
+    """After an upgrade that adds features, the stored history is still usable for
+    retraining and backtests: rows of the older version get the features recomputed from the
+    stored history, as the scorer would compute them; current rows keep their own."""
+    few = items[:3000]
+    settings = stored_node(tmp_path, few)
+    state = FeatureState()
+    live = [state.observe(i.tx) for i in few]
+    conn = sqlite3.connect(settings.db_path)
+    with conn:
+        for (rowid, stored) in conn.execute(
+                "SELECT rowid, features FROM transactions WHERE rowid % 3 = 0").fetchall():
+            conn.execute("UPDATE transactions SET features = ?, features_version = ? "
+                         "WHERE rowid = ?", (json.dumps(json.loads(stored)[:len(
+                             VERSIONS["features-v1"])]), "features-v1", rowid))
+    conn.close()
+    since = few[1000].tx.timestamp.timestamp()
+    rows = load_rows(settings.db_path, since=since)
+    first = next(n for n, i in enumerate(few) if i.tx.timestamp.timestamp() >= since)
+    assert [tx.transaction_id for tx in rows.txs] == [i.tx.transaction_id for i in few[first:]]
+    assert all(len(f) == len(FEATURES) for f in rows.features)
+    assert rows.features == live[first:]

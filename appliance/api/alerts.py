@@ -12,7 +12,7 @@ import msgspec
 from ..cases import (STATUSES, CaseError, Change, add_note, bulk_change, change_case,
                      is_reopen)
 from ..explain import stored_explanation
-from ..features import FEATURES, FEATURES_VERSION
+from ..features import VERSIONS
 from ..keys import role_at_least
 from ..score import SEVERITIES
 from . import bodies
@@ -151,8 +151,8 @@ def get_alert(call: Call) -> dict[str, Any]:
     reasons: list[dict[str, str]] = []
     if tx:
         values = _list.decode(tx.pop("features"))
-        if tx["features_version"] == FEATURES_VERSION:
-            features = dict(zip(FEATURES, values))
+        if tx["features_version"] in VERSIONS:
+            features = dict(zip(VERSIONS[tx["features_version"]], values))
         else:
             features = {"values": values}
         codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
