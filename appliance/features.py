@@ -253,12 +253,16 @@ class FeatureState:
         gap = t - previous[k - 1] if k >= 1 and previous[k - 1] > floor else HORIZON
         since_previous = min(gap, HORIZON)
         if n and (median := account.sorted_milli[n // 2]) > 0:
-            # the 7-day window before this event, as the window counts above see it
-            week = account.windows.amounts[bisect_right(previous, max(t - _W2, floor), 0, k):k]
-            to_median = milli / median
-            max_to_median = max(week) / median if week else 0.0
+            # the 7-day window before this event, as the window counts above see it (for an
+            # event in order, that window's own pointer)
+            windows = account.windows
+            start = (windows.lo[2] if t == windows.now else
+                     bisect_right(previous, t - _W2 if t - _W2 > floor else floor, 0, k))
+            week = windows.amounts[start:k]
+            top = max(week) if week else 0
             large_at = LARGE_MULTIPLE * median
-            large = sum([1 for v in week if v >= large_at])
+            large = len([v for v in week if v >= large_at]) if top >= large_at else 0
+            to_median, max_to_median = milli / median, top / median
         else:
             to_median, max_to_median, large = 1.0, 0.0, 0
         to_mean_7d = milli * acc_w[4] / acc_w[5] if acc_w[4] and acc_w[5] > 0 else 1.0
