@@ -24,15 +24,19 @@ from .settings import Settings
 REGISTRY = CollectorRegistry(auto_describe=False)
 
 
-def figures(counts: OutboxCounts, now: float | None = None) -> dict[str, float]:
-    """Metric name (without ``_total``) -> value."""
+def figures(counts: OutboxCounts, now: float | None = None, routing: bool = True
+            ) -> dict[str, float]:
+    """Metric name (without ``_total``) -> value. ``routing`` is whether any alert
+    destination is configured: without one, alerts are not owed to anybody, so the queue and
+    its age leave out the alerts nothing routes (and the undelivered-alerts rule stays
+    quiet on a node that sends no alerts)."""
     now = time.time() if now is None else now
-    oldest = counts.oldest_undelivered_at
+    oldest = counts.oldest_undelivered(routing)
     return {
         "branchguard_alerts_sent": counts.sent,
         "branchguard_alerts_failed": counts.failed,
         "branchguard_alerts_retried": counts.retried,
-        "branchguard_alerts_queue_depth": counts.unrouted + counts.pending,
+        "branchguard_alerts_queue_depth": (counts.unrouted if routing else 0) + counts.pending,
         "branchguard_alerts_oldest_undelivered_seconds":
             0.0 if oldest is None else round(max(0.0, now - oldest), 3),
     }
@@ -53,15 +57,17 @@ COUNTERS = ("branchguard_alerts_sent", "branchguard_alerts_failed", "branchguard
 
 
 class OutboxCollector(Collector):
-    """Collects the alert figures from the node database at ``path``."""
+    """Collects the alert figures from the node database at ``path`` (``routing``: see
+    :func:`figures`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, routing: bool = True) -> None:
         self.path = path
+        self.routing = routing
 
     def collect(self) -> Iterator[Metric]:
         outbox = Outbox(self.path)
         try:
-            values = figures(outbox.counts())
+            values = figures(outbox.counts(), routing=self.routing)
         finally:
             outbox.close()
         for name, value in values.items():
@@ -90,14 +96,15 @@ def unregister(path: Path) -> None:
         REGISTRY.unregister(collector)
 
 
-def health(counts: OutboxCounts, max_age: float, now: float | None = None) -> list[str]:
+def health(counts: OutboxCounts, max_age: float, now: float | None = None,
+           routing: bool = True) -> list[str]:
     """Node-health warnings about alert delivery (empty when all is well)."""
     now = time.time() if now is None else now
     warnings = []
     if counts.failed:
         warnings.append(f"{counts.failed} alert deliveries failed (not accepted within "
                         f"{max_age:g} s): see branchguard alerts failed")
-    oldest = counts.oldest_undelivered_at
+    oldest = counts.oldest_undelivered(routing)
     if oldest is not None and now - oldest > max_age:
         warnings.append(f"an alert has waited {now - oldest:.0f} s for delivery: is "
                         "branchguard alerts run running, and its destinations reachable?")
@@ -112,7 +119,8 @@ def status(settings: Settings) -> dict[str, object]:
     finally:
         outbox.close()
     now = time.time()
-    return {"metrics": figures(counts, now),
-            "health": health(counts, settings.alerts_max_age_seconds, now),
+    dests = destinations(settings)
+    return {"metrics": figures(counts, now, routing=bool(dests)),
+            "health": health(counts, settings.alerts_max_age_seconds, now, routing=bool(dests)),
             "destinations": [{"label": d.label, "severities": sorted(d.severities)}
-                             for d in destinations(settings)]}
+                             for d in dests]}

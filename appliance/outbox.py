@@ -74,7 +74,18 @@ class OutboxCounts:
     failed: int
     retried: int
     """Failed attempts that were (or will be) tried again."""
-    oldest_undelivered_at: float | None
+    oldest_pending_at: float | None
+    """Creation time of the oldest alert with a delivery still to make."""
+    oldest_unrouted_at: float | None
+    """Creation time of the oldest alert the dispatcher has not yet routed."""
+
+    def oldest_undelivered(self, routing: bool = True) -> float | None:
+        """The oldest alert still to be delivered. Unrouted alerts count only when
+        ``routing``: with no destination configured nothing routes them, and they are not
+        owed to anyone."""
+        times = [t for t in (self.oldest_pending_at,
+                             self.oldest_unrouted_at if routing else None) if t is not None]
+        return min(times) if times else None
 
 
 class Outbox:
@@ -207,13 +218,13 @@ class Outbox:
                 retried += int(attempts or 0)
             elif state == "sent":
                 retried += int(attempts or 0) - int(n)
-        oldest = conn.execute(
-            "SELECT min(created_at) FROM (SELECT min(d.created_at) AS created_at "
-            "FROM alert_deliveries d WHERE d.state = 'pending' UNION ALL "
+        pending_at = conn.execute("SELECT min(created_at) FROM alert_deliveries "
+                                  "WHERE state = 'pending'").fetchone()[0]
+        unrouted_at = conn.execute(
             "SELECT min(a.created_at) FROM alert_outbox o JOIN alerts a "
-            "ON a.alert_id = o.alert_id WHERE o.alert_id > ?)", (after,)).fetchone()[0]
+            "ON a.alert_id = o.alert_id WHERE o.alert_id > ?", (after,)).fetchone()[0]
         return OutboxCounts(int(unrouted), by_state["pending"], by_state["sent"],
-                            by_state["failed"], retried, oldest)
+                            by_state["failed"], retried, pending_at, unrouted_at)
 
     def failed(self, limit: int = 100) -> list[FailedDelivery]:
         """Deliveries given up on, newest first: the dead-letter view."""

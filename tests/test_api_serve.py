@@ -73,8 +73,11 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
     def value(name: str) -> float:
         return float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
 
-    # no destinations here: the outbox holds the alerts, and says how long it has
-    assert value("branchguard_alerts_oldest_undelivered_seconds") > 0
+    # no destinations here: the alerts are stored and owed to nobody, so no queue and no age
+    # (the undelivered-notifications rule must not fire on a node that sends no alerts)
+    assert query(db, "SELECT count(*) FROM alert_outbox")[0][0] > 0
+    assert value("branchguard_alerts_oldest_undelivered_seconds") == 0
+    assert value("branchguard_alerts_queue_depth") == 0
     assert value("branchguard_replication_lag_seconds") >= 0  # the default file:// replica
     assert 0 < value("branchguard_data_dir_free_bytes") <= value(
         "branchguard_data_dir_size_bytes")

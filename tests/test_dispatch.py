@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from appliance import cli
+from appliance.alert_metrics import figures, health, status
 from appliance.outbox import Outbox
+from appliance.settings import load
 
 from .alerting import Dispatcher, Spec, store_alerts, unrouted
 from .receivers import HttpReceiver, SmtpReceiver, free_port, wait_for
@@ -321,4 +323,17 @@ def test_outbox_counts_read_while_nothing_is_configured(tmp_path: Path) -> None:
     finally:
         outbox.close()
     assert (counts.unrouted, counts.pending, counts.sent, counts.failed) == (2, 0, 0, 0)
-    assert counts.oldest_undelivered_at is not None
+    assert counts.oldest_undelivered() is not None  # owed, once a destination is configured
+    later = counts.oldest_unrouted_at + 3600  # type: ignore[operator]
+    owed = figures(counts, later)
+    assert owed["branchguard_alerts_queue_depth"] == 2
+    assert owed["branchguard_alerts_oldest_undelivered_seconds"] >= 3600
+    assert health(counts, 600, later)
+    # with no destination configured nothing routes them: no queue, no age, no warning, so
+    # the undelivered-notifications rule does not fire on a node that sends no alerts
+    nowhere = figures(counts, later, routing=False)
+    assert nowhere["branchguard_alerts_queue_depth"] == 0
+    assert nowhere["branchguard_alerts_oldest_undelivered_seconds"] == 0
+    assert health(counts, 600, later, routing=False) == []
+    assert status(load(None, env={}, data_dir=tmp_path))["metrics"][
+        "branchguard_alerts_queue_depth"] == 0

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..alert_metrics import OutboxCollector
+from ..routing import destinations
 from ..settings import Settings
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -144,7 +145,7 @@ class ApiMetrics:
                                   "TX messages not yet committed (last_seq - checkpoint), "
                                   "refreshed by each /metrics and /readyz.", registry=r)
         r.register(StoreCollector(reader, settings))
-        r.register(OutboxCollector(settings.db_path))
+        r.register(OutboxCollector(settings.db_path, routing=bool(destinations(settings))))
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
         async def measured(scope: Scope, receive: Receive, send: Send) -> None:
