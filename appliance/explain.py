@@ -32,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from .features import INDEX as FEATURE_INDEX
+from .features import LARGE_MULTIPLE
 from .labels import LABEL_FEATURES
 from .model import INPUT_FEATURES, Model
 from .score import Verdict
@@ -124,9 +125,18 @@ def unusual(tx: Transaction, f: Sequence[float], top: int = 3) -> list[str]:
     if prior == 0:
         said.append((2.0, "first transaction of this account"))
     else:
-        if ratio >= 2:
+        typical = f[_F["amount_to_median_ratio"]]
+        if typical >= 2:  # the median says it better: a fraud's amounts pull the mean up
+            said.append((typical, f"amount {tx.amount:.2f} is {typical:.1f}x the account's "
+                                  f"usual amount {tx.amount / typical:.2f} (its median)"))
+        elif ratio >= 2:
             said.append((ratio, f"amount {tx.amount:.2f} is {ratio:.1f}x the account's "
                                 f"average {mean:.2f}"))
+        large = f[_F["account_large_count_7d"]]
+        if large >= 2:
+            said.append((2.0 + large / 2, f"{int(large)} earlier transactions of "
+                                          f"{LARGE_MULTIPLE}x the usual amount or more in "
+                                          "the last 7 days"))
         if z >= 3:
             said.append((z / 1.5, f"amount {z:.1f} standard deviations above the account's "
                                   "usual"))

@@ -84,3 +84,14 @@ def test_plain_words_for_what_is_unlike_the_accounts_baseline() -> None:
     calm = full_row({"amount": 20.0, "account_mean_amount": 21.0, "amount_to_mean_ratio": 0.95,
                      "account_prior_count": 30, "seconds_since_previous": 3600.0})
     assert unusual(tx(20.0), list(calm)) == []
+
+
+def test_plain_words_use_the_median_when_fraud_has_pulled_the_mean() -> None:
+    # a stolen card: earlier large purchases have raised the mean, not the median
+    f = full_row({"amount": 100.0, "account_mean_amount": 40.0, "amount_to_mean_ratio": 2.5,
+                  "amount_to_median_ratio": 5.0, "account_large_count_7d": 3.0,
+                  "account_prior_count": 30, "seconds_since_previous": 3600.0})
+    words = unusual(tx(100.0), list(f))
+    assert words[0] == "amount 100.00 is 5.0x the account's usual amount 20.00 (its median)"
+    assert "3 earlier transactions of 3x the usual amount or more in the last 7 days" in words
+    assert not any("average" in w for w in words)
