@@ -915,14 +915,19 @@ def models_rollback(config: Path | None, data_dir: Path | None) -> None:
 @dir_options
 @friendly_errors
 def models_stage(version: str, stage: str, config: Path | None, data_dir: Path | None) -> None:
-    """Set a non-production model's stage (one shadow at a time).
+    """Set a non-production model's stage (one shadow at a time); recorded in the audit
+    trail as cli:<your OS user>.
 
     \b
     Example:
       branchguard models stage sup-20261201 shadow
     """
-    click.echo(json.dumps(_registry(config, data_dir).set_stage(version, stage).to_json(),
-                          indent=2))
+    from .promotion import on_node, set_stage
+
+    state = on_node(settings_from(config, data_dir, None),
+                    lambda conn, registry: set_stage(conn, registry, version, stage, _actor(),
+                                                     "manual"))
+    click.echo(json.dumps(state.to_json(), indent=2))
 
 
 @cli.group()

@@ -41,6 +41,17 @@ def rollback(conn: sqlite3.Connection, registry: Registry, actor: str, reason: s
     return after
 
 
+def set_stage(conn: sqlite3.Connection, registry: Registry, version: str, stage: str,
+              actor: str, reason: str) -> RegistryState:
+    """Set a non-production model's stage (registry.set_stage: putting one in ``shadow``
+    makes it score every live batch) and audit it."""
+    before = registry.state()
+    after = registry.set_stage(version, stage, reason=reason)
+    audit.append(conn, actor, "model.stage", f"model:{version}", before.to_json(),
+                 after.to_json())
+    return after
+
+
 def on_node(settings: Settings, change: Callable[[sqlite3.Connection, Registry], RegistryState]
             ) -> RegistryState:
     """Run an audited registry change against the node's own database and registry (the
@@ -53,10 +64,11 @@ def on_node(settings: Settings, change: Callable[[sqlite3.Connection, Registry],
 
 
 def model_history(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
-    """The audited promotions and rollbacks, newest first."""
+    """The audited promotions, rollbacks and stage changes, newest first."""
     return [entry_dict(r) for r in conn.execute(
         "SELECT seq, at, actor, action, subject, before, after, prev_hash, hash FROM audit_log "
-        "WHERE action IN ('model.promote', 'model.rollback') ORDER BY seq DESC LIMIT ?",
+        "WHERE action IN ('model.promote', 'model.rollback', 'model.stage') "
+        "ORDER BY seq DESC LIMIT ?",
         (limit,))]
 
 

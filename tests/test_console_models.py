@@ -4,8 +4,10 @@ shadow side by side, and the refusal for viewers and analysts."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
+from nicegui import ui
 from nicegui.testing import User
 
 from appliance.audit import verify
@@ -36,16 +38,24 @@ def add_shadow_scores(settings: Settings, version: str, count: int) -> None:
     conn.close()
 
 
+def supervisor_and_candidate(settings: Settings) -> tuple[str, Registry]:
+    """Supervisor sam (his password) and a candidate model m-b beside the shipped if-v1."""
+    copy_shipped(settings.data_dir / "models", "m-b")
+    return add_user(settings, "sam", "supervisor"), Registry.of(settings)
+
+
+async def open_models(user: User, username: str, password: str) -> None:
+    await sign_in(user, username, password)
+    await user.open("/models")
+
+
 def test_supervisor_promotes_and_rolls_back(node_db: tuple[Settings, Store]  # noqa: F811
                                             ) -> None:
     settings = node_db[0]
-    copy_shipped(settings.data_dir / "models", "m-b")
-    password = add_user(settings, "sam", "supervisor")
-    registry = Registry.of(settings)
+    password, registry = supervisor_and_candidate(settings)
 
     async def scenario(user: User) -> None:
-        await sign_in(user, "sam", password)
-        await user.open("/models")
+        await open_models(user, "sam", password)
         await user.should_see("In production: if-v1")
         await user.should_see("card of m-b")
         await user.should_see("Earlier production models (newest first): none")
@@ -75,6 +85,39 @@ def test_supervisor_promotes_and_rolls_back(node_db: tuple[Settings, Store]  # n
     conn = sqlite3.connect(settings.db_path)
     assert verify(conn).broken_seq is None
     conn.close()
+
+
+def select_with(user: User, testid: str) -> ui.select:
+    return next(e for e in user.find(ui.select).elements if e.props.get("data-testid") == testid)
+
+
+def test_supervisor_sets_a_models_stage(node_db: tuple[Settings, Store]  # noqa: F811
+                                       ) -> None:
+    settings = node_db[0]
+    password, registry = supervisor_and_candidate(settings)
+
+    async def scenario(user: User) -> None:
+        await open_models(user, "sam", password)
+        select_with(user, "models-stage-choice").set_value("m-b")
+        select_with(user, "models-stage-value").set_value("shadow")
+        user.find("Set stage…").click()
+        await user.should_see("Move m-b to shadow?")
+        user.find("Cancel").click()
+        assert registry.shadow() is None
+        user.find("Set stage…").click()
+        user.find("Yes, do it").click()
+        await user.should_see("m-b is now shadow")
+        assert registry.shadow() == "m-b" and registry.production() == "if-v1"
+        for _ in range(50):  # the page refreshes after the notification
+            rows = table_with(user, "models-audit").rows
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        assert [(r["action"], r["from"], r["to"]) for r in rows] == [
+            ("model.stage", "as registered", "shadow")]
+
+    simulate(settings, scenario)
+    assert model_actions(settings) == [("user:sam", "model.stage", "model:m-b")]
 
 
 def test_production_and_shadow_side_by_side(node_db: tuple[Settings, Store]  # noqa: F811

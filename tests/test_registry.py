@@ -180,9 +180,15 @@ def test_models_cli_list_show_promote_rollback(tmp_path: Path) -> None:
     assert runner.invoke(cli.cli, ["models", "rollback"]).exit_code == 0
     bad = runner.invoke(cli.cli, ["models", "promote", "nope"])
     assert bad.exit_code == 2 and "version" in bad.output
-    # both changes are in the node's audit trail, by the OS user, and the refused one is not
+    staged = runner.invoke(cli.cli, ["models", "stage", "m-a", "shadow"])
+    assert staged.exit_code == 0, staged.output
+    assert Registry(tmp_path / "node" / "models", SHIPPED_MODELS_DIR, "if-v1").shadow() == "m-a"
+    refused = runner.invoke(cli.cli, ["models", "stage", "if-v1", "retired"])
+    assert refused.exit_code == 2 and "production" in refused.output
+    # the changes are in the node's audit trail, by the OS user, and the refused ones are not
     conn = sqlite3.connect(tmp_path / "node" / "branchguard.db")
     entries = conn.execute("SELECT actor, action, subject FROM audit_log ORDER BY seq").fetchall()
     actor = f"cli:{getpass.getuser()}"
     assert entries == [(actor, "model.promote", "model:m-a"),
-                       (actor, "model.rollback", "model:if-v1")]
+                       (actor, "model.rollback", "model:if-v1"),
+                       (actor, "model.stage", "model:m-a")]

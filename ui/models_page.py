@@ -1,7 +1,8 @@
 """The models page (supervisor and admin): the registry (every version, its stage and card
 metrics), the production pointer and its history, production and shadow metrics side by side
 (backtest.compare_shadow, what ``branchguard evaluate --compare`` prints), and promote and
-roll back, each behind a confirmation dialog and audited (promotion.py).
+roll back, and a model's stage (shadow, candidate, retired), each behind a confirmation dialog
+and audited (promotion.py).
 
 Viewers and analysts get a refusal and nothing else; every action checks the role again when
 it runs (Console.act), so a button enabled by a tampered client still does nothing.
@@ -18,18 +19,35 @@ from appliance.backtest import compare_shadow
 from appliance.errors import BranchguardError
 from appliance.evaluation import HEADINGS, METRICS, Metric
 from appliance.keys import role_at_least
-from appliance.promotion import has_labels, model_history, promote, rollback
+from appliance.promotion import has_labels, model_history, promote, rollback, set_stage
 from appliance.registry import Registry
 
 from .layout import signed_in, when
 from .session import Console
 
 ROLE = "supervisor"
+STAGES = {
+    "shadow": "It will score every live batch beside production (stored, never acted on); "
+              "an earlier shadow goes back to candidate.",
+    "candidate": "It stops shadowing, if it did, and waits.",
+    "retired": "It is kept for the record and no longer used.",
+}
+"""The stages the page can set, with what each means (production is Promote's)."""
 CARD_METRICS = ("average_precision", "roc_auc", "precision", "recall", "f1", "alerts_per_day")
 
 
 def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def _moved(state: dict[str, Any] | None, entry: dict[str, Any]) -> str:
+    """What an audited registry change moved: the production model, or for a stage change
+    the model's stage."""
+    state = state or {}
+    if entry["action"] != "model.stage":
+        return str(state.get("production", ""))
+    version = entry["subject"].removeprefix("model:")
+    return str((state.get("stages") or {}).get(version, "as registered"))
 
 
 def comparison_rows(table: list[tuple[str, dict[str, Metric]]], k: int, budget: int
@@ -74,6 +92,14 @@ class ModelsView:
                 if not state.history:
                     back.disable()
                     back.tooltip("no earlier production model is recorded")
+            with ui.row().classes("items-end gap-2"):
+                staged = ui.select(others, label="model").classes("w-64").props(
+                    "data-testid=models-stage-choice")
+                stage = ui.select(list(STAGES), label="new stage").classes("w-40").props(
+                    "data-testid=models-stage-value")
+                ui.button("Set stage…", on_click=lambda: self.confirm_stage(
+                    staged.value, stage.value, reason.value)).props(
+                    "outline data-testid=models-stage")
         ui.label("Registry").classes("font-bold mt-4")
         columns = [{"name": k, "label": k, "field": k, "align": "left"} for k in
                    ("version", "stage", "created", "parent", "algorithm", "average_precision",
@@ -92,11 +118,11 @@ class ModelsView:
         self.history()
 
     def history(self) -> None:
-        ui.label("Promotions and rollbacks (audit trail)").classes("font-bold mt-4")
+        ui.label("Promotions, rollbacks and stage changes (audit trail)").classes(
+            "font-bold mt-4")
         rows = [{"seq": e["seq"], "at": when(e["at"]), "actor": e["actor"],
                  "action": e["action"], "subject": e["subject"],
-                 "from": (e["before"] or {}).get("production", ""),
-                 "to": (e["after"] or {}).get("production", ""),
+                 "from": _moved(e["before"], e), "to": _moved(e["after"], e),
                  "reason": (e["after"] or {}).get("reason", "")}
                 for e in model_history(self.console.reader())]
         ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"} for k in
@@ -120,13 +146,22 @@ class ModelsView:
                      f"{self.console.settings.model_check_seconds:g} s.",
                      lambda: self.change("promote", version, reason))
 
+    def confirm_stage(self, version: str | None, stage: str | None, reason: str) -> None:
+        if version is None or stage is None:
+            ui.notify("choose a model and its new stage", type="warning")
+            return
+        what = STAGES[stage]
+        self.confirm(f"Move {version} to {stage}? {what}",
+                     lambda: self.change("stage", version, reason, stage))
+
     def confirm_rollback(self, previous: str | None, reason: str) -> None:
         if previous is None:
             ui.notify("no earlier production model is recorded", type="warning")
             return
         self.confirm(f"Roll back to {previous}?", lambda: self.change("rollback", None, reason))
 
-    def change(self, action: str, version: str | None, reason: str) -> None:
+    def change(self, action: str, version: str | None, reason: str,
+               stage: str | None = None) -> None:
         user = self.console.act(ROLE)
         if user is None:
             return
@@ -135,6 +170,12 @@ class ModelsView:
             if action == "promote" and version is not None:
                 state = self.console.change(lambda conn: promote(
                     conn, self.registry, version, user.actor, why))
+            elif action == "stage" and version is not None and stage is not None:
+                self.console.change(lambda conn: set_stage(
+                    conn, self.registry, version, stage, user.actor, why))
+                ui.notify(f"{version} is now {stage}", type="positive")
+                self.body.refresh()
+                return
             else:
                 state = self.console.change(lambda conn: rollback(
                     conn, self.registry, user.actor, why))
