@@ -2,10 +2,11 @@
 
 The behavioural features come from the stored row (they were computed live, from the history
 before the transaction; a row stored under an older ``FEATURES_VERSION`` has them recomputed
-from the stored history, since a current model reads features it lacks); the label features are recomputed from the ``labels`` table as of the
-transaction's own time (a label known later is never seen, see labels.py); the verdict comes
-from the same ``score.judge``. So a backtest of the model that was in production reproduces
-the stored verdicts, and any other model is judged on the very same transactions.
+from the stored history, since a current model reads features it lacks); the label features
+are recomputed from the ``labels`` table as of the transaction's own time (a label known later
+is never seen, see labels.py); the verdict comes from the same ``score.judge``. So a backtest
+of the model that was in production reproduces the stored verdicts, and any other model is
+judged on the very same transactions.
 
 One ONNX call per chunk of rows, never per transaction.
 """

@@ -885,11 +885,10 @@ def models_promote(version: str, reason: str, config: Path | None, data_dir: Pat
     Example:
       branchguard models promote if-20261201-101500 --reason "weekly retrain"
     """
-    from .promotion import on_node, promote
+    from .promotion import promote
 
-    state = on_node(settings_from(config, data_dir, None),
+    _audited_change(config, data_dir,
                     lambda conn, registry: promote(conn, registry, version, _actor(), reason))
-    click.echo(json.dumps(state.to_json(), indent=2))
 
 
 @models.command("rollback")
@@ -902,11 +901,10 @@ def models_rollback(config: Path | None, data_dir: Path | None) -> None:
     Example:
       branchguard models rollback --data-dir ./var
     """
-    from .promotion import on_node, rollback
+    from .promotion import rollback
 
-    state = on_node(settings_from(config, data_dir, None),
+    _audited_change(config, data_dir,
                     lambda conn, registry: rollback(conn, registry, _actor(), "rollback"))
-    click.echo(json.dumps(state.to_json(), indent=2))
 
 
 @models.command("stage")
@@ -922,12 +920,20 @@ def models_stage(version: str, stage: str, config: Path | None, data_dir: Path |
     Example:
       branchguard models stage sup-20261201 shadow
     """
-    from .promotion import on_node, set_stage
+    from .promotion import set_stage
 
-    state = on_node(settings_from(config, data_dir, None),
+    _audited_change(config, data_dir,
                     lambda conn, registry: set_stage(conn, registry, version, stage, _actor(),
                                                      "manual"))
-    click.echo(json.dumps(state.to_json(), indent=2))
+
+
+def _audited_change(config: Path | None, data_dir: Path | None, change: Any) -> None:
+    """Make one audited registry change on the node (promotion.on_node) and print the
+    registry state it leaves."""
+    from .promotion import on_node
+
+    click.echo(json.dumps(on_node(settings_from(config, data_dir, None), change).to_json(),
+                          indent=2))
 
 
 @cli.group()

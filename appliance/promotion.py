@@ -25,10 +25,8 @@ def promote(conn: sqlite3.Connection, registry: Registry, version: str, actor: s
             reason: str) -> RegistryState:
     """Make ``version`` production (registry.promote) and audit it; call in apply_change."""
     before = registry.state()
-    after = registry.promote(version, reason=reason)
-    audit.append(conn, actor, "model.promote", f"model:{version}", before.to_json(),
-                 after.to_json())
-    return after
+    return _audited(conn, actor, "model.promote", version, before,
+                    registry.promote(version, reason=reason))
 
 
 def rollback(conn: sqlite3.Connection, registry: Registry, actor: str, reason: str
@@ -36,9 +34,7 @@ def rollback(conn: sqlite3.Connection, registry: Registry, actor: str, reason: s
     """Put the previous production model back (registry.rollback) and audit it."""
     before = registry.state()
     after = registry.rollback(reason=reason)
-    audit.append(conn, actor, "model.rollback", f"model:{after.production}", before.to_json(),
-                 after.to_json())
-    return after
+    return _audited(conn, actor, "model.rollback", after.production, before, after)
 
 
 def set_stage(conn: sqlite3.Connection, registry: Registry, version: str, stage: str,
@@ -46,9 +42,14 @@ def set_stage(conn: sqlite3.Connection, registry: Registry, version: str, stage:
     """Set a non-production model's stage (registry.set_stage: putting one in ``shadow``
     makes it score every live batch) and audit it."""
     before = registry.state()
-    after = registry.set_stage(version, stage, reason=reason)
-    audit.append(conn, actor, "model.stage", f"model:{version}", before.to_json(),
-                 after.to_json())
+    return _audited(conn, actor, "model.stage", version, before,
+                    registry.set_stage(version, stage, reason=reason))
+
+
+def _audited(conn: sqlite3.Connection, actor: str, action: str, version: str,
+             before: RegistryState, after: RegistryState) -> RegistryState:
+    """The audit entry of a registry change that has been made: ``after`` is returned."""
+    audit.append(conn, actor, action, f"model:{version}", before.to_json(), after.to_json())
     return after
 
 

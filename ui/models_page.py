@@ -11,6 +11,8 @@ it runs (Console.act), so a button enabled by a tampered client still does nothi
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from nicegui import run, ui
@@ -20,7 +22,7 @@ from appliance.errors import BranchguardError
 from appliance.evaluation import HEADINGS, METRICS, Metric
 from appliance.keys import role_at_least
 from appliance.promotion import has_labels, model_history, promote, rollback, set_stage
-from appliance.registry import Registry
+from appliance.registry import Registry, RegistryState
 
 from .layout import signed_in, when
 from .session import Console
@@ -144,47 +146,47 @@ class ModelsView:
             return
         self.confirm(f"Put {version} in production? The scorer switches to it within "
                      f"{self.console.settings.model_check_seconds:g} s.",
-                     lambda: self.change("promote", version, reason))
+                     lambda: self.change(reason, lambda conn, actor, why: promote(
+                         conn, self.registry, version, actor, why), _in_production))
 
     def confirm_stage(self, version: str | None, stage: str | None, reason: str) -> None:
         if version is None or stage is None:
             ui.notify("choose a model and its new stage", type="warning")
             return
-        what = STAGES[stage]
-        self.confirm(f"Move {version} to {stage}? {what}",
-                     lambda: self.change("stage", version, reason, stage))
+        self.confirm(f"Move {version} to {stage}? {STAGES[stage]}",
+                     lambda: self.change(reason, lambda conn, actor, why: set_stage(
+                         conn, self.registry, version, stage, actor, why),
+                         lambda _: f"{version} is now {stage}"))
 
     def confirm_rollback(self, previous: str | None, reason: str) -> None:
         if previous is None:
             ui.notify("no earlier production model is recorded", type="warning")
             return
-        self.confirm(f"Roll back to {previous}?", lambda: self.change("rollback", None, reason))
+        self.confirm(f"Roll back to {previous}?",
+                     lambda: self.change(reason, lambda conn, actor, why: rollback(
+                         conn, self.registry, actor, why), _in_production))
 
-    def change(self, action: str, version: str | None, reason: str,
-               stage: str | None = None) -> None:
+    def change(self, reason: str,
+               make: Callable[[sqlite3.Connection, str, str], RegistryState],
+               said: Callable[[RegistryState], str]) -> None:
+        """One audited registry change (``make`` of the connection, actor and reason), once
+        the role is checked again; then what ``said`` makes of the new state."""
         user = self.console.act(ROLE)
         if user is None:
             return
         why = (reason or "").strip() or "manual"
         try:
-            if action == "promote" and version is not None:
-                state = self.console.change(lambda conn: promote(
-                    conn, self.registry, version, user.actor, why))
-            elif action == "stage" and version is not None and stage is not None:
-                self.console.change(lambda conn: set_stage(
-                    conn, self.registry, version, stage, user.actor, why))
-                ui.notify(f"{version} is now {stage}", type="positive")
-                self.body.refresh()
-                return
-            else:
-                state = self.console.change(lambda conn: rollback(
-                    conn, self.registry, user.actor, why))
+            state = self.console.change(lambda conn: make(conn, user.actor, why))
         except BranchguardError as exc:
             ui.notify(f"{exc.message} ({exc.hint})" if exc.hint else exc.message,
                       type="warning")
             return
-        ui.notify(f"{state.production} is in production", type="positive")
+        ui.notify(said(state), type="positive")
         self.body.refresh()
+
+
+def _in_production(state: RegistryState) -> str:
+    return f"{state.production} is in production"
 
 
 class ComparisonView:
