@@ -99,7 +99,7 @@ def _recompute(db: Database, txs: list[Transaction], feats: list[tuple[float, ..
     features, computed as the scorer computes them: from the state of every stored
     transaction before the first loaded one, then each loaded one in order. Rows stored
     under the current version keep what was computed live."""
-    state = feature_state(db.conn, before=txs[0].timestamp.timestamp())
+    state = feature_state(db, before=txs[0].timestamp.timestamp())
     again = [state.observe(tx) for tx in txs]
     for i in older:
         feats[i] = again[i]

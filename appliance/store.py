@@ -243,8 +243,7 @@ class Store:
         return int(self.reader.execute(sql).fetchone()[0])
 
 
-def feature_state(conn: Database | sqlite3.Connection, before: float | None = None
-                  ) -> FeatureState:
+def feature_state(conn: Database, before: float | None = None) -> FeatureState:
     """Feature state rebuilt from the stored transactions with ``ts < before`` (all of them
     without it), in the order the scorer's state keeps them (see FeatureState.rebuild)."""
     select = ("SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
