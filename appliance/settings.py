@@ -9,6 +9,7 @@ no configuration at all. Every field is documented in ``docs/settings.md`` (a te
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -155,6 +156,12 @@ class Settings:
     HTTPS only. Unset: plain HTTP (keep ``api_host`` on loopback then)."""
     api_tls_key: Path | None = None
     """PEM private key of ``api_tls_cert`` (a secret: a file only the node's user reads)."""
+    api_forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    """Proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` headers are believed:
+    addresses or networks (``10.0.0.0/8``), or ``*`` for any. The API's rate limits and the
+    console's sign-in throttle count by the client address these give; a reverse proxy on
+    another host must be listed here, or every client behind it shares the proxy's address.
+    Empty: believe none (a node reached directly, with no proxy)."""
     # --- replication and retention (issue 7: operating a fleet)
     replicate: bool = True
     """Start litestream as a child of ``branchguard run``, replicating the database to
@@ -321,6 +328,9 @@ class Settings:
              self.lists_refresh_seconds, "use > 0"),
             ((self.api_tls_cert is None) == (self.api_tls_key is None), "api_tls_key",
              self.api_tls_key, "set both api_tls_cert and api_tls_key, or neither"),
+            (all(_is_address(a) for a in self.api_forwarded_allow_ips),
+             "api_forwarded_allow_ips", ",".join(self.api_forwarded_allow_ips),
+             "use addresses or networks (10.0.0.0/8), comma-separated, or *"),
             # issue 7
             (self.replica_sync_interval_seconds > 0, "replica_sync_interval_seconds",
              self.replica_sync_interval_seconds, "use > 0"),
@@ -358,6 +368,18 @@ class Settings:
             if not ok:
                 raise SettingsError("invalid value", field=name, value=value, hint=hint)
         return self
+
+
+def _is_address(text: str) -> bool:
+    """Whether ``text`` is an IP address, a network or ``*``: what uvicorn's proxy check
+    understands (anything else it would silently treat as a literal that never matches)."""
+    if text == "*":
+        return True
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _convert(name: str, kind: Any, raw: object) -> object:

@@ -165,6 +165,32 @@ def test_with_a_certificate_it_serves_https_only(tmp_path: Path) -> None:
     assert half.returncode == 2 and "api_tls_key" in half.stderr
 
 
+@pytest.mark.parametrize(("allowed", "second_address"), [
+    (None, [401]),  # the default believes a proxy on the same host: its own budget
+    ("10.255.0.1", [429]),  # another proxy listed: loopback's header is not believed
+])
+def test_limits_count_by_the_address_a_believed_proxy_forwards(
+        tmp_path: Path, allowed: str | None, second_address: list[int]) -> None:
+    settings = api_settings(tmp_path)
+    Store.open(settings.db_path).close()
+    key = keys.create(connect_writer(settings.db_path), "k", "viewer", "test")[1]
+    env = {"BRANCHGUARD_API_VERIFICATIONS_PER_MINUTE": "3",
+           "BRANCHGUARD_CONSOLE_ENABLED": "false"}
+    if allowed is not None:
+        env["BRANCHGUARD_API_FORWARDED_ALLOW_IPS"] = allowed
+    server = ServeProcess.start(settings, env)
+
+    def codes(client: str, count: int) -> list[int]:
+        return [httpx.get(server.url + "/api/v1/alerts", timeout=10, headers={
+            "Authorization": f"Bearer {key[:-3]}{n:03d}", "X-Forwarded-For": client}
+        ).status_code for n in range(count)]
+    try:
+        assert codes("10.0.0.1", 4) == [401, 401, 401, 429]
+        assert codes("10.0.0.2", 1) == second_address
+    finally:
+        assert server.stop() == 0
+
+
 def test_serve_refuses_bad_settings_with_the_field(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "appliance", "serve", "--data-dir",
                              str(tmp_path), "--port", "70000"], capture_output=True, text=True,

@@ -226,6 +226,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("high_value_amount", {"high_value_amount": 0}, "use > 0"),
     ("log_level", {"log_level": "debug"}, "use DEBUG, INFO, WARNING or ERROR"),
     ("log_level", {"log_level": "TRACE"}, "use DEBUG, INFO, WARNING or ERROR"),
+    ("api_forwarded_allow_ips", {"api_forwarded_allow_ips": ("10.0.0.1", "proxy.example")},
+     "use addresses or networks"),
 ]
 
 

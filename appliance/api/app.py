@@ -140,7 +140,8 @@ def serve(settings: Settings) -> None:
              url=f"{'https' if tls else 'http'}://{host}:{port}", db=str(settings.db_path))
     config = uvicorn.Config(app, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5,
-                            ssl_certfile=settings.api_tls_cert, ssl_keyfile=settings.api_tls_key)
+                            ssl_certfile=settings.api_tls_cert, ssl_keyfile=settings.api_tls_key,
+                            forwarded_allow_ips=list(settings.api_forwarded_allow_ips))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
     # handler that was there before; make that one a no-op, so a clean stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
