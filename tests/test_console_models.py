@@ -1,16 +1,20 @@
 """The models page with NiceGUI's simulated user: the registry and its production pointer,
 promote and roll back behind a confirmation (audited, chain intact), production against
-shadow side by side, and the refusal for viewers and analysts."""
+shadow side by side (with the CLI's intervals), and the refusal for viewers and analysts."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from pathlib import Path
 
 from nicegui import ui
 from nicegui.testing import User
 
 from appliance.audit import verify
+from appliance.backtest import compare_shadow
+from appliance.evaluation import HEADINGS, METRICS
+from appliance.labels import import_labels, write_label_file
 from appliance.registry import Registry
 from appliance.settings import Settings
 from appliance.store import Store
@@ -142,6 +146,39 @@ def test_production_and_shadow_side_by_side(node_db: tuple[Settings, Store]  # n
         assert metrics[0] == "ROC AUC" and "alerts/day" in metrics
         alerts_row = next(r for r in rows if r["metric"] == "alerts/day")
         assert alerts_row["m0"] != alerts_row["m1"]  # live and shadow decided differently
+
+    simulate(settings, scenario)
+
+
+def test_the_comparison_gains_the_clis_bootstrap_intervals(
+        node_db: tuple[Settings, Store], tmp_path: Path) -> None:  # noqa: F811
+    settings = node_db[0]
+    password = add_user(settings, "ada", "admin")
+    add_shadow_scores(settings, "m-shadow", 120)
+    shadowed = [r[0] for r in query(settings.db_path, "SELECT transaction_id FROM "
+                                    "shadow_scores ORDER BY transaction_id")]
+    write_label_file(tmp_path / "labels.csv", [(t, int(n % 5 == 0), 0.0)
+                                               for n, t in enumerate(shadowed)])
+    import_labels(settings.db_path, tmp_path / "labels.csv")
+    cli = compare_shadow(settings)  # what `branchguard evaluate --compare` prints
+    expected = {HEADINGS[m].format(k=100, budget=int(settings.alert_budget_per_day)):
+                [metrics[m].show() for _, metrics in cli] for m in METRICS}
+    assert "[" in expected["AP"][0] and "[" in expected["AP"][1]
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "ada", password)
+        await user.open("/models")
+        user.find("Compare production and shadow").click()
+        caption = ""
+        for _ in range(600):  # the intervals replace the point values when they are done
+            caption = next((c.text for c in user.find(ui.label).elements
+                            if c.props.get("data-testid") == "models-comparison-caption"), "")
+            if caption.startswith("with 95 %"):
+                break
+            await asyncio.sleep(0.1)
+        assert caption.startswith("with 95 % bootstrap intervals (200 resamples")
+        rows = table_with(user, "models-comparison-table").rows
+        assert {r["metric"]: [r["m0"], r["m1"]] for r in rows} == expected
 
     simulate(settings, scenario)
 

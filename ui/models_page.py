@@ -1,6 +1,6 @@
 """The models page (supervisor and admin): the registry (every version, its stage and card
 metrics), the production pointer and its history, production and shadow metrics side by side
-(backtest.compare_shadow, what ``branchguard evaluate --compare`` prints), and promote and
+(backtest.compare_shadow, what ``branchguard evaluate --compare`` prints, intervals too), and promote and
 roll back, and a model's stage (shadow, candidate, retired), each behind a confirmation dialog
 and audited (promotion.py).
 
@@ -35,6 +35,8 @@ STAGES = {
     "retired": "It is kept for the record and no longer used.",
 }
 """The stages the page can set, with what each means (production is Promote's)."""
+RESAMPLES = 200
+"""Bootstrap resamples of the comparison's intervals (``evaluate --compare``'s default)."""
 CARD_METRICS = ("average_precision", "roc_auc", "precision", "recall", "f1", "alerts_per_day")
 
 
@@ -191,14 +193,19 @@ def _in_production(state: RegistryState) -> str:
 
 class ComparisonView:
     """Production against the shadow model, computed on demand (it reads every shadowed
-    transaction; no bootstrap intervals here: ``branchguard evaluate --compare`` has them)."""
+    transaction). The point values come first; the 95 % bootstrap intervals, the same as
+    ``branchguard evaluate --compare`` prints, replace them when they are done (resampling
+    takes seconds on a week of traffic, and the team should not wait for it to see AP)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.box = ui.column().classes("w-full").props("data-testid=models-comparison")
+        self.run = 0  # a new click supersedes a comparison still being computed
 
     async def compute(self) -> None:
         settings = self.console.settings
+        self.run += 1
+        mine = self.run
         self.box.clear()
         with self.box:
             ui.label("comparing…")
@@ -206,13 +213,29 @@ class ComparisonView:
         try:
             table = await run.io_bound(compare_shadow, settings, resamples=0)
         except BranchguardError as exc:
-            self.box.clear()
-            with self.box:
-                ui.label(f"{exc.message}: {exc.hint}" if exc.hint else exc.message)
+            self._show_error(exc)
             return
-        if table is None:  # the server is shutting down
+        if table is None or mine != self.run:  # shutting down, or clicked again
             return
-        k, budget = 100, int(settings.alert_budget_per_day)
+        self._show(table, labelled, "computing 95 % bootstrap intervals…")
+        try:
+            table = await run.io_bound(compare_shadow, settings, resamples=RESAMPLES)
+        except BranchguardError as exc:  # the shadow scores went (retention) meanwhile
+            self._show_error(exc)
+            return
+        if table is None or mine != self.run:
+            return
+        self._show(table, labelled, f"with 95 % bootstrap intervals ({RESAMPLES} resamples; "
+                                    "the two models are judged on the same transactions)")
+
+    def _show_error(self, exc: BranchguardError) -> None:
+        self.box.clear()
+        with self.box:
+            ui.label(f"{exc.message}: {exc.hint}" if exc.hint else exc.message)
+
+    def _show(self, table: list[tuple[str, dict[str, Metric]]], labelled: bool,
+              caption: str) -> None:
+        k, budget = 100, int(self.console.settings.alert_budget_per_day)
         columns, rows = comparison_rows(table, k, budget)
         self.box.clear()
         with self.box:
@@ -221,6 +244,8 @@ class ComparisonView:
                          "closed in the console): every transaction counts as genuine, so "
                          "only alerts/day means anything below.").classes(
                     "text-orange-700 font-bold").props("data-testid=models-no-labels")
+            ui.label(caption).classes("text-sm text-gray-600").props(
+                "data-testid=models-comparison-caption")
             ui.table(columns=columns, rows=rows, row_key="metric").props(
                 "dense flat data-testid=models-comparison-table")
 
