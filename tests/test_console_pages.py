@@ -109,6 +109,11 @@ def test_queue_filters_search_and_pages(node_db: tuple[Settings, Store]) -> None
         await user.should_see(f"page 2 of {-(-total // 25)}")
         rows = queue_table(user).rows
         assert len(rows) == 25 and rows[0]["alert_id"] == total - 25
+        unexplained = {r[0] for r in query(settings.db_path, "SELECT alert_id FROM alerts "
+                                           "WHERE reasons = '[]'")}
+        assert unexplained & {r["alert_id"] for r in rows}  # the fill raises some
+        assert all((r["reasons_text"] == "model risk") == (r["alert_id"] in unexplained)
+                   for r in rows)  # no row shows an empty reason
         severity = next(s for s in user.find(ui.select).elements
                         if s.props.get("label") == "severity")
         severity.set_value(["HIGH"])

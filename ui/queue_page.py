@@ -38,12 +38,17 @@ COLUMNS = [
     {"name": "status", "label": "status", "field": "status", "align": "left"},
     {"name": "assignee", "label": "assignee", "field": "assignee", "align": "left"},
 ]
+NO_RULE = "model risk"
+"""The reasons cell of an alert no rule fired on (the case page says the same in full)."""
 KEYS = {"a": "assign_me", "i": "investigate", "c": "confirm", "d": "dismiss"}
 
 
 def table_row(alert: dict[str, Any]) -> dict[str, Any]:
+    """One queue row. An alert no rule fired on was raised by the model's risk alone (under
+    ``ml_risk_threshold``, over ``warning_risk``); it says so rather than show no reason."""
     return {**alert, "when": when(alert["ts"]), "risk_text": f"{alert['risk']:.2f}",
-            "reasons_text": ", ".join(alert["reasons"]), "assignee": alert["assignee"] or ""}
+            "reasons_text": ", ".join(alert["reasons"]) or NO_RULE,
+            "assignee": alert["assignee"] or ""}
 
 
 class QueueView:
