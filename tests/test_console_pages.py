@@ -1,10 +1,12 @@
 """Page logic with NiceGUI's simulated user (nicegui.testing.user_simulation, no browser):
-the gate, login, queue filters and pages, allowed transitions, and role checks."""
+the gate, login, queue filters and pages, allowed transitions, a case's values in plain
+units, and role checks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,11 +15,13 @@ from nicegui import ui
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 
+from appliance.casefile import case_file
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import node_db  # noqa: F401
 from tests.console_support import add_user
 from tests.support import query
+from ui.case_page import plain_value
 
 MAIN = Path(__file__).with_name("console_main.py")
 
@@ -148,6 +152,43 @@ def test_case_offers_only_allowed_transitions(node_db: tuple[Settings, Store]  #
         force_click(user, "Reopen")  # an analyst cannot reopen
         await user.should_see("reopening a closed alert needs the supervisor role")
         assert status_of(settings, 4) == "FALSE_POSITIVE"
+
+    simulate(settings, scenario)
+
+
+@pytest.mark.parametrize(("name", "value", "mean", "shown"), [
+    ("seconds_since_previous", 30.0, False, "30 s"),
+    ("seconds_since_previous", 1294.0, False, "21.6 min"),
+    ("seconds_since_previous", 5 * 3600.0, False, "5.0 h"),
+    ("seconds_since_previous", 3 * 86400.0, False, "3.0 d"),
+    ("seconds_since_previous", 604800.0, False, "7 d or more"),  # the cap: none before
+    ("first_time_terminal", 1.0, False, "yes"),
+    ("first_time_location", 0.0, False, "no"),
+    ("first_time_location", 0.25, True, "0.25"),  # over a baseline: the share of first uses
+    ("amount", 426.35, False, "426.4"),
+])
+def test_case_values_are_in_the_units_an_analyst_reads(name: str, value: float, mean: bool,
+                                                       shown: str) -> None:
+    assert plain_value(name, value, mean) == shown
+
+
+def test_the_case_features_table_uses_those_units(node_db: tuple[Settings, Store]  # noqa: F811
+                                                  ) -> None:
+    settings = node_db[0]
+    password = add_user(settings, "alice", "analyst")
+    conn = sqlite3.connect(settings.db_path)
+    case = case_file(conn, 4)
+    conn.close()
+    assert case is not None
+    expected = {f["name"]: plain_value(f["name"], f["value"]) for f in case["features"]}
+    assert expected["first_time_terminal"] in ("yes", "no")
+
+    async def scenario(user: User) -> None:
+        await sign_in(user, "alice", password)
+        await user.open("/case/4")
+        await user.should_see("Features against the account's baseline")
+        rows = table_with(user, "features").rows
+        assert {r["name"]: r["value"] for r in rows} == expected
 
     simulate(settings, scenario)
 

@@ -14,6 +14,7 @@ from nicegui import ui
 
 from appliance.cases import CLOSED_STATUSES, OPEN_STATUSES, CaseError, add_note, bulk_change
 from appliance.casefile import case_file
+from appliance.features import HORIZON
 from appliance.keys import role_at_least
 from appliance.users import User
 
@@ -33,6 +34,24 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def plain_value(name: str, value: Any, mean: bool = False) -> str:
+    """A feature's value in the unit an analyst reads: a duration for the time since the
+    previous transaction (capped at 7 days: 7 days or more, or none before), yes/no for the
+    first-use flags (not for their ``mean`` over a baseline, a share); else a number."""
+    if not isinstance(value, (int, float)):
+        return _fmt(value)
+    if name == "seconds_since_previous":
+        if value >= HORIZON:
+            return "7 d or more"
+        for unit, seconds in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+            if value >= 2 * seconds:
+                return f"{value / seconds:.1f} {unit}"
+        return f"{value:.0f} s"
+    if name.startswith("first_time_") and not mean:
+        return "yes" if value else "no"
+    return _fmt(value)
 
 
 class CaseView:
@@ -119,12 +138,12 @@ class CaseView:
                     ui.label(f"What drove the model's risk ({explanation['model_version']}, "
                              f"{explanation['model_risk']:.2f})").classes("font-bold mt-2")
                     for c in explanation["contributions"]:
-                        ui.label(f"{c['feature']} = {_fmt(c['value'])}: "
+                        ui.label(f"{c['feature']} = {plain_value(c['feature'], c['value'])}: "
                                  f"{c['share']:.0%}").props("data-testid=contribution")
 
     def features(self, case: dict[str, Any]) -> None:
-        rows = [{"name": f["name"], "value": _fmt(f["value"]),
-                 "baseline": _fmt(f["baseline"]),
+        rows = [{"name": f["name"], "value": plain_value(f["name"], f["value"]),
+                 "baseline": plain_value(f["name"], f["baseline"], mean=True),
                  "difference": _fmt(f["value"] - f["baseline"])
                  if f["baseline"] is not None else ""} for f in case["features"]]
         n = case["features"][0]["baseline_rows"] if case["features"] else 0
