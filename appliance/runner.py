@@ -40,6 +40,8 @@ from .transaction import Transaction
 log = logs.get("appliance.runner")
 
 DEMO_RATE = 50.0
+DEMO_WORLD = 7
+"""The simulator seed of the demo's accounts and terminals: the same on every start."""
 
 
 class StatusLine:
@@ -74,11 +76,13 @@ def demo_stream(rate: float, branch: str, warmup_seconds: float = 1800.0,
                 seed: int | None = None) -> Iterator[Transaction]:
     """The demo feed: the last ``warmup_seconds`` of simulated history (published at once,
     so accounts have a past), then live at ``rate`` tx/s. Fresh ids on every run (the seed
-    is the start time unless given)."""
+    is the start time unless given), always the same accounts and terminals
+    (:data:`DEMO_WORLD`), so a restarted demo goes on with the customers it had."""
     start = datetime.now(timezone.utc) - timedelta(seconds=warmup_seconds)
     accounts, terminals = population(rate)
     for item in simulate(int(time.time()) if seed is None else seed, start=start, rate=rate,
-                         branch=branch, diurnal=False, accounts=accounts, terminals=terminals):
+                         branch=branch, diurnal=False, accounts=accounts, terminals=terminals,
+                         world=DEMO_WORLD):
         yield item.tx
 
 
@@ -126,11 +130,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
         api = start_api(dataclasses.replace(settings, nats_url=url))
         if demo:
             announce_demo_user(settings)
-            seed = int(time.time())
-            load_demo_terminals(settings, seed, demo_rate)  # issue 5: the case page's map
+            load_demo_terminals(settings, demo_rate)  # issue 5: the case page's map
             feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
             tasks.append(asyncio.create_task(
-                publish(feed_nc, demo_stream(demo_rate, settings.branch, seed=seed),
+                publish(feed_nc, demo_stream(demo_rate, settings.branch),
                         branch=settings.branch, realtime=True, stop=stop)))
         if status:
             line = StatusLine(scorer.counters)
@@ -276,11 +279,12 @@ def announce_demo_user(settings: Settings, out: TextIO = sys.stdout) -> str | No
     return password
 
 
-def load_demo_terminals(settings: Settings, seed: int, rate: float) -> None:
-    """Put the demo feed's terminals (same seed and sizes) in the terminal directory."""
+def load_demo_terminals(settings: Settings, rate: float) -> None:
+    """Put the demo feed's terminals (its world and sizes) in the terminal directory."""
     from .terminal_directory import simulated_sites, write_sites
 
     accounts, terminals = population(rate)
-    write_sites(settings.db_path, simulated_sites(seed, accounts=accounts, terminals=terminals,
+    write_sites(settings.db_path, simulated_sites(DEMO_WORLD, accounts=accounts,
+                                                  terminals=terminals,
                                                   branch=settings.branch),
                 "runner:demo", "simulator")

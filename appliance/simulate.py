@@ -455,20 +455,26 @@ def _warm_start(episode: _Episode, trigger: float, inc: float, legit_rate: float
             return found
 
 
+def _world_of(seed: int, accounts: int, terminals: int) -> _World:
+    """The accounts and terminals of ``seed``: the first of its four spawned sequences."""
+    world_ss = np.random.SeedSequence(seed).spawn(4)[0]
+    return _build_world(random.Random(int(world_ss.generate_state(1, np.uint64)[0])),
+                        np.random.default_rng(world_ss), accounts, terminals)
+
+
 def terminal_layout(seed: int = 7, *, accounts: int = 2000, terminals: int = 200
                     ) -> list[tuple[str, str, str]]:
     """(terminal id, channel, town) of every terminal of the world ``simulate`` builds with
-    the same seed and sizes (the terminal directory places them, terminal_directory.py)."""
-    world_ss = np.random.SeedSequence(seed).spawn(4)[0]
-    world = _build_world(random.Random(int(world_ss.generate_state(1, np.uint64)[0])),
-                         np.random.default_rng(world_ss), accounts, terminals)
+    the same world seed and sizes (the terminal directory places them, terminal_directory.py)."""
+    world = _world_of(seed, accounts, terminals)
     return [(tid, str(channel), _TOWNS[town]) for tid, channel, town in
             zip(world.term_ids, world.term_channel, world.term_town)]
 
 
 def simulate(seed: int = 7, *, start: datetime, rate: float = 50.0, count: int | None = None,
              accounts: int = 2000, terminals: int = 200, branch: str = "BR001",
-             fraud_rate: float = 0.01, diurnal: bool = True) -> Iterator[Labelled]:
+             fraud_rate: float = 0.01, diurnal: bool = True, world: int | None = None
+             ) -> Iterator[Labelled]:
     """Yield a deterministic stream of branch card transactions with labelled fraud.
 
     Timestamps start at ``start`` (must be tz-aware; emitted in UTC) and advance by
@@ -483,13 +489,14 @@ def simulate(seed: int = 7, *, start: datetime, rate: float = 50.0, count: int |
     publishes under it) but is not part of the transaction.
 
     Transaction ids are ``S<seed>-<n:09d>``, accounts ``A000123``, terminals ``T0042``.
+    ``world`` (default: ``seed``) seeds the accounts and terminals alone, so that streams of
+    different seeds can share one population: the demo restarts with fresh ids and the same
+    customers at the same terminals.
     """
     require_identifier(branch, "branch")
     if start.tzinfo is None or start.utcoffset() is None:
         raise SettingsError("start must be timezone-aware", field="start", value=start,
                             hint="pass e.g. datetime(2025, 1, 6, tzinfo=timezone.utc)")
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise SettingsError("seed must be an integer in [0, 2**63)", field="seed", value=seed)
     if not (math.isfinite(rate) and rate > 0):
         raise SettingsError("rate must be a positive number of transactions per second",
                             field="rate", value=rate)
@@ -503,11 +510,13 @@ def simulate(seed: int = 7, *, start: datetime, rate: float = 50.0, count: int |
     if not 0.0 <= fraud_rate <= 0.5:
         raise SettingsError("fraud_rate must be within [0, 0.5]", field="fraud_rate",
                             value=fraud_rate)
-    seq = np.random.SeedSequence(seed)
-    world_ss, stream_ss, episode_ss, warm_ss = seq.spawn(4)
-    world = _build_world(random.Random(int(world_ss.generate_state(1, np.uint64)[0])),
-                         np.random.default_rng(world_ss), accounts, terminals)
-    return _stream(world, seed, start.astimezone(UTC), rate, count, fraud_rate,
+    for name, value in (("seed", seed), ("world", seed if world is None else world)):
+        if not isinstance(value, int) or not 0 <= value < 2**63:
+            raise SettingsError(f"{name} must be an integer in [0, 2**63)", field=name,
+                                value=value)
+    _, stream_ss, episode_ss, warm_ss = np.random.SeedSequence(seed).spawn(4)
+    people = _world_of(seed if world is None else world, accounts, terminals)
+    return _stream(people, seed, start.astimezone(UTC), rate, count, fraud_rate,
                    _DiurnalClock(start) if diurnal else None,
                    np.random.default_rng(stream_ss),
                    random.Random(int(episode_ss.generate_state(1, np.uint64)[0])),

@@ -55,6 +55,22 @@ def test_same_seed_same_stream_and_different_seed_differs() -> None:
     assert sum(x != y for x, y in zip(a, c)) > 2900
 
 
+def test_a_world_seed_keeps_the_population_and_changes_only_the_stream() -> None:
+    a = simulate(11, start=START, count=3000)
+    same_world = list(simulate(12, start=START, count=3000, world=11))
+    assert [_key(x) for x in simulate(11, start=START, count=3000, world=11)] == \
+        [_key(x) for x in a]  # world defaults to the seed
+    assert same_world[0].tx.transaction_id == "S12-000000000"
+    home = {(x.tx.terminal_id, x.tx.channel, x.tx.location)
+            for x in simulate(11, start=START, count=20_000)}
+    # every terminal of the seed-12 stream is where world 11 put it, in its channel
+    assert {(x.tx.terminal_id, x.tx.channel, x.tx.location) for x in same_world} <= home
+    assert [_key(x) for x in same_world] != [_key(x) for x in simulate(11, start=START,
+                                                                        count=3000)]
+    with pytest.raises(BranchguardError, match="world must be"):
+        simulate(1, start=START, count=1, world=-1)
+
+
 def test_every_transaction_honours_the_wire_contract(stream: list[Labelled]) -> None:
     for item in stream[:20_000]:
         parsed = parse(subject_for("BR001", item.tx), encode(item.tx))
