@@ -1,8 +1,8 @@
 """The models page (supervisor and admin): the registry (every version, its stage and card
 metrics), the production pointer and its history, production and shadow metrics side by side
-(backtest.compare_shadow, what ``branchguard evaluate --compare`` prints, intervals too), and promote and
-roll back, and a model's stage (shadow, candidate, retired), each behind a confirmation dialog
-and audited (promotion.py).
+with their intervals (backtest.compare_shadow, what ``branchguard evaluate --compare``
+prints), and promote and roll back, and a model's stage (shadow, candidate, retired), each
+behind a confirmation dialog and audited (promotion.py).
 
 Viewers and analysts get a refusal and nothing else; every action checks the role again when
 it runs (Console.act), so a button enabled by a tampered client still does nothing.
@@ -200,12 +200,12 @@ class ComparisonView:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.box = ui.column().classes("w-full").props("data-testid=models-comparison")
-        self.run = 0  # a new click supersedes a comparison still being computed
+        self.generation = 0  # a new click supersedes a comparison still being computed
 
     async def compute(self) -> None:
         settings = self.console.settings
-        self.run += 1
-        mine = self.run
+        self.generation += 1
+        mine = self.generation
         self.box.clear()
         with self.box:
             ui.label("comparing…")
@@ -215,7 +215,7 @@ class ComparisonView:
         except BranchguardError as exc:
             self._show_error(exc)
             return
-        if table is None or mine != self.run:  # shutting down, or clicked again
+        if table is None or mine != self.generation:  # shutting down, or clicked again
             return
         self._show(table, labelled, "computing 95 % bootstrap intervals…")
         try:
@@ -223,7 +223,7 @@ class ComparisonView:
         except BranchguardError as exc:  # the shadow scores went (retention) meanwhile
             self._show_error(exc)
             return
-        if table is None or mine != self.run:
+        if table is None or mine != self.generation:
             return
         self._show(table, labelled, f"with 95 % bootstrap intervals ({RESAMPLES} resamples; "
                                     "the two models are judged on the same transactions)")
