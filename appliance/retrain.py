@@ -90,6 +90,13 @@ class RetrainResult:
     card: dict[str, Any]
 
 
+NO_LABELS_YET = ("; no label was known yet during the held-back period, so the challenger's "
+                 "label features were empty there and it was judged on behaviour alone "
+                 "(retrain once labels known before the period's end exist)")
+"""Appended to a supervised decision's reason when the held-back period's label features
+were all empty: the labels of a new node's first weeks arrive after the days held back."""
+
+
 def decide(candidate_f1: float, production_f1: float, candidate_alerts_per_day: float,
            settings: Settings) -> Decision:
     """The promotion rule (see the module docstring)."""
@@ -267,6 +274,8 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
                           y[held_rows]), k=100, budget=int(settings.alert_budget_per_day))
         decision = decide(result["candidate"]["f1"], result["production"]["f1"],
                           result["candidate"]["alerts_per_day"], settings)
+        if supervised and not truth(db, float(ts[held].max())):
+            decision = Decision(decision.promote, decision.reason + NO_LABELS_YET)
         if not allow_promotion and decision.promote:
             decision = Decision(False, decision.reason + "; promotion not allowed (--no-promote)")
         card["metrics"] = {**result["candidate"],

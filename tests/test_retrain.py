@@ -20,7 +20,7 @@ from appliance.errors import ModelError
 from appliance.features import FEATURES, VERSIONS, FeatureState
 from appliance.labels import import_labels, write_label_file
 from appliance.registry import Registry
-from appliance.retrain import decide, retrain
+from appliance.retrain import NO_LABELS_YET, decide, retrain
 from appliance.rules import RULES_VERSION
 from appliance.score import judge
 from appliance.settings import Settings, load
@@ -59,9 +59,10 @@ def test_promotion_rule() -> None:
     assert "budget" in decide(0.9, 0.5, 1e9, s).reason
 
 
-def stored_node(tmp_path: Path, items: list[Labelled], **overrides: object) -> Settings:
+def stored_node(tmp_path: Path, items: list[Labelled], label_delay: float = 60.0,
+                **overrides: object) -> Settings:
     """A node database holding ``items`` scored by the shipped model as the scorer stores them,
-    and their labels, known a minute after each transaction."""
+    and their labels, known ``label_delay`` seconds (a minute) after each transaction."""
     settings = load(None, env={}, data_dir=tmp_path / "node", **overrides)
     registry = Registry.of(settings)
     model = registry.load(registry.production())
@@ -75,8 +76,8 @@ def stored_node(tmp_path: Path, items: list[Labelled], **overrides: object) -> S
                      "scorer", len(items))
     store.close()
     path = tmp_path / "labels.csv"
-    write_label_file(path, [(i.tx.transaction_id, int(i.fraud), i.tx.timestamp.timestamp() + 60)
-                            for i in items])
+    write_label_file(path, [(i.tx.transaction_id, int(i.fraud),
+                             i.tx.timestamp.timestamp() + label_delay) for i in items])
     import_labels(settings.db_path, path)
     return settings
 
@@ -91,6 +92,7 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     registry = Registry.of(settings)
     result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
     assert result.decision.promote, result.decision.reason
+    assert NO_LABELS_YET not in result.decision.reason
     assert registry.production() == result.version
     card = registry.card(result.version)
     assert card["stage"] == "production" and card["parent_version"] == "if-v1"
@@ -134,6 +136,19 @@ def test_a_candidate_that_misses_the_rule_stays_a_candidate(
     assert card["stage"] == "candidate"
     assert card["promotion"] == {**card["promotion"], "promoted": False,
                                  "reason": result.decision.reason}
+
+
+def test_a_held_back_period_with_no_label_known_yet_is_named_in_the_reason(
+        tmp_path: Path, items: list[Labelled]) -> None:
+    # labels known 60 % of the stream's span after their transaction: every one known by
+    # the end of the stream came after the last labelled (held-back) transaction
+    span = items[-1].tx.timestamp.timestamp() - items[0].tx.timestamp.timestamp()
+    settings = stored_node(tmp_path, items, label_delay=0.6 * span)
+    result = retrain(settings, supervised=True, holdout_days=0.1 * span / 86400,
+                     n_estimators=40)
+    assert result.decision.reason.endswith(NO_LABELS_YET)
+    assert Registry.of(settings).card(result.version)["promotion"]["reason"] == \
+        result.decision.reason
 
 
 def test_unsupervised_retrain_compares_on_the_same_period(tmp_path: Path,
