@@ -1,22 +1,35 @@
-"""The supervised challenger: a random forest classifier on the node's features, the label
-features and the Isolation Forest's score, exported as one ONNX model.
+"""The supervised challenger: two random forest classifiers, one on the node's features, the
+label features and the Isolation Forest's score, one on the same without the label features,
+averaged, and exported as one ONNX model.
 
-The classifier is scikit-learn's ``RandomForestClassifier``, converted with skl2onnx
-(``TreeEnsembleClassifier``). The Isolation Forest it stacks on is exported with
-:func:`forest.forest_to_onnx`, and both are joined into one graph, so the scorer still makes one
-ONNX Runtime call per batch::
+Why two: a label feature means something different when the model learns from it than when it
+serves. Labels arrive a week late, and the training rows' labels are re-timed to a day (see
+retrain.py), so when fitted a terminal's known frauds are a day old and almost always mean it is
+still compromised; when serving they are one to three weeks old, and many of those compromises
+have ended. A forest that sees them leans on them and ranks a stolen card's large amounts
+(which no label yet names) below every terminal with an old compromise. The behaviour forest
+cannot lean on them; the mean of the two keeps what each knows. On the handbook protocol it
+moved the compromised cards' frauds above the 200th genuine transaction from 103 of 188 to 144
+(docs/models.md).
+
+Both are scikit-learn ``RandomForestClassifier``, converted with skl2onnx
+(``TreeEnsembleClassifier``). The Isolation Forest they stack on is exported with
+:func:`forest.forest_to_onnx`, and all three are joined into one graph, so the scorer still makes
+one ONNX Runtime call per batch::
 
     features [N, F] float32 (the card's feature list)
       -> Gather(if_columns)  -> isolation forest -> anomaly_score [N] -> Unsqueeze [N, 1]
-      -> Concat(features, anomaly_score)  [N, F + 1]
-      -> TreeEnsembleClassifier -> probabilities [N, 2] -> Gather(1) -> fraud_score [N]
+      -> Concat(features, anomaly_score)  [N, F + 1] -> full forest -> p_full [N]
+      -> Gather(behaviour_columns + [F])  [N, B + 1]  -> behaviour forest -> p_behaviour [N]
+      -> (p_full + p_behaviour) / 2 -> fraud_score [N]
 
-Output ``fraud_score``: the forest's probability of fraud, in [0, 1], higher = riskier; equal to
-``clf.predict_proba(hstack([x, -forest.score_samples(x[:, if_columns])]))[:, 1]`` to within
-1e-5 (tests/test_challenger.py).
+Output ``fraud_score``: in [0, 1], higher = riskier; equal to :meth:`Challenger.predict` to
+within 1e-5 (tests/test_retrain.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -55,44 +68,96 @@ def fit_classifier(x: npt.NDArray[np.float32], y: npt.NDArray[np.bool_], *, seed
 
 def stacked_input(x: npt.NDArray[np.float32], forest: IsolationForest,
                   if_columns: list[int]) -> npt.NDArray[np.float32]:
-    """The classifier's input in scikit-learn: the features plus the forest's anomaly score."""
+    """The classifiers' input in scikit-learn: the features plus the forest's anomaly score."""
     score = -forest.score_samples(x[:, if_columns])
     return np.column_stack([x, score]).astype(np.float32)
 
 
-def challenger_to_onnx(clf: RandomForestClassifier, forest: IsolationForest,
+@dataclass(frozen=True)
+class Challenger:
+    """The two forests (see the module docstring), on the stacked input of :func:`stacked_input`."""
+
+    full: RandomForestClassifier
+    behaviour: RandomForestClassifier
+    behaviour_columns: list[int]
+    """The stacked input's columns the behaviour forest reads: the features without the label
+    features, then the anomaly score (the last column)."""
+
+    @classmethod
+    def fit(cls, stacked: npt.NDArray[np.float32], y: npt.NDArray[np.bool_],
+            behaviour_features: int, *, seed: int = 7, n_estimators: int = TREES) -> Challenger:
+        """Fit both; the first ``behaviour_features`` columns are the behavioural ones."""
+        columns = [*range(behaviour_features), stacked.shape[1] - 1]
+        return cls(fit_classifier(stacked, y, seed=seed, n_estimators=n_estimators),
+                   fit_classifier(stacked[:, columns], y, seed=seed + 1,
+                                  n_estimators=n_estimators), columns)
+
+    def predict(self, stacked: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """The probability of fraud: the mean of the two forests'."""
+        full = self.full.predict_proba(stacked)[:, 1]
+        behaviour = self.behaviour.predict_proba(stacked[:, self.behaviour_columns])[:, 1]
+        out: npt.NDArray[np.float64] = (full + behaviour) / 2.0
+        return out
+
+    def out_of_bag(self) -> npt.NDArray[np.float64]:
+        """Each training row's mean out-of-bag probability (NaN where a forest has none)."""
+        out: npt.NDArray[np.float64] = (self.full.oob_decision_function_[:, 1]
+                                        + self.behaviour.oob_decision_function_[:, 1]) / 2.0
+        return out
+
+
+def _converted(clf: RandomForestClassifier, width: int, prefix: str
+               ) -> tuple[onnx.ModelProto, str]:
+    """``clf`` as an ONNX graph with every name prefixed, and its probabilities' name."""
+    model = compose.add_prefix(convert_sklearn(
+        clf, initial_types=[("x", FloatTensorType([None, width]))],
+        target_opset=dict(OPSETS), options={id(clf): {"zipmap": False}}), prefix)
+    return model, next(o.name for o in model.graph.output if "probabilities" in o.name)
+
+
+def challenger_to_onnx(challenger: Challenger, forest: IsolationForest,
                        n_features: int, if_columns: list[int]) -> onnx.ModelProto:
     """One ONNX model: input ``features`` [N, n_features], output ``fraud_score`` [N]."""
     iso = compose.add_prefix(forest_to_onnx(forest, len(if_columns)), "if_")
-    rf = convert_sklearn(clf, initial_types=[("x", FloatTensorType([None, n_features + 1]))],
-                         target_opset=dict(OPSETS), options={id(clf): {"zipmap": False}})
-    rf = compose.add_prefix(rf, "rf_")
-    rf_probabilities = next(o.name for o in rf.graph.output if "probabilities" in o.name)
+    full, full_p = _converted(challenger.full, n_features + 1, "rf_")
+    behaviour, behaviour_p = _converted(challenger.behaviour,
+                                        len(challenger.behaviour_columns), "rb_")
     nodes = [
         helper.make_node("Gather", [INPUT_NAME, "if_columns"], [iso.graph.input[0].name],
                          axis=1, name="select_if_columns"),
         *iso.graph.node,
         helper.make_node("Unsqueeze", [iso.graph.output[0].name, "unsqueeze_axes"],
                          ["if_score_2d"], name="if_score_column"),
-        helper.make_node("Concat", [INPUT_NAME, "if_score_2d"], [rf.graph.input[0].name],
+        helper.make_node("Concat", [INPUT_NAME, "if_score_2d"], [full.graph.input[0].name],
                          axis=1, name="append_if_score"),
-        *rf.graph.node,
-        helper.make_node("Gather", [rf_probabilities, "fraud_class"], [OUTPUT_NAME], axis=1,
-                         name="fraud_probability"),
+        *full.graph.node,
+        helper.make_node("Gather", [full.graph.input[0].name, "behaviour_columns"],
+                         [behaviour.graph.input[0].name], axis=1, name="select_behaviour"),
+        *behaviour.graph.node,
+        helper.make_node("Gather", [full_p, "fraud_class"], ["p_full"], axis=1,
+                         name="full_fraud_probability"),
+        helper.make_node("Gather", [behaviour_p, "fraud_class"], ["p_behaviour"], axis=1,
+                         name="behaviour_fraud_probability"),
+        helper.make_node("Add", ["p_full", "p_behaviour"], ["p_sum"], name="add"),
+        helper.make_node("Mul", ["p_sum", "half"], [OUTPUT_NAME], name="mean"),
     ]
     initializers = [
-        *iso.graph.initializer, *rf.graph.initializer,
+        *iso.graph.initializer, *full.graph.initializer, *behaviour.graph.initializer,
         numpy_helper.from_array(np.array(if_columns, dtype=np.int64), "if_columns"),
+        numpy_helper.from_array(np.array(challenger.behaviour_columns, dtype=np.int64),
+                                "behaviour_columns"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "unsqueeze_axes"),
         numpy_helper.from_array(np.array(1, dtype=np.int64), "fraud_class"),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
     ]
     graph = helper.make_graph(
         nodes, "supervised_challenger",
         inputs=[helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", n_features])],
         outputs=[helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N"])],
         initializer=initializers,
-        doc_string="fraud_score = RandomForest probability of fraud on the features plus the "
-                   "Isolation Forest anomaly score; higher = riskier, in [0, 1]")
+        doc_string="fraud_score = mean of two random forests' probability of fraud, on the "
+                   "features plus the Isolation Forest anomaly score, one without the label "
+                   "features; higher = riskier, in [0, 1]")
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS.items()],
         producer_name="branchguard.appliance.challenger", ir_version=IR_VERSION)

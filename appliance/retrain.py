@@ -11,9 +11,10 @@ on the same held-back labelled period, promoted only when it is clearly better.
    - unsupervised (default): an Isolation Forest on ``if_features`` (default: the production
      model's features if it is a forest, else train.MODEL_FEATURES) over every stored row of
      the window outside the held-back period; labels are not used;
-   - ``supervised``: the challenger of challenger.py (random forest on FEATURES, the 30-day
-     LABEL_FEATURES and a fresh Isolation Forest's score) on the labelled transactions
-     before the held-back period.
+   - ``supervised``: the challenger of challenger.py (the mean of two random forests, on
+     FEATURES, the 30-day LABEL_FEATURES and a fresh Isolation Forest's score, and on the
+     same without the label features) on the labelled transactions before the held-back
+     period.
      Training rows' label features are computed as of each row's time; because the labels of
      the first days of a window only become known after it, ``training_label_delay_days`` can
      re-time them (known that many days after their transaction) *for the training rows only*;
@@ -46,7 +47,7 @@ from sklearn.ensemble import IsolationForest
 from . import __version__, logs
 from .backtest import StoredRows, backtest, label_state, load_rows, model_rows, truth
 from .challenger import BOOTSTRAP_SHARE, TREES
-from .challenger import OUTPUT_NAME as CHALLENGER_OUTPUT, challenger_to_onnx, fit_classifier
+from .challenger import OUTPUT_NAME as CHALLENGER_OUTPUT, Challenger, challenger_to_onnx
 from .challenger import stacked_input
 from .errors import ModelError
 from .drift import reference_of
@@ -204,20 +205,23 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
         features: list[str] = [*FEATURES, *CHALLENGER_LABEL_FEATURES]
         picked = [INDEX[f] for f in features]
         x_all = model_rows(rows, train_labels, True)[idx][:, picked].astype(np.float32)
-        clf = fit_classifier(stacked_input(x_all, forest, if_cols), y[idx], seed=seed,
-                             n_estimators=n_estimators)
-        proto = challenger_to_onnx(clf, forest, len(features), if_cols)
-        oob = clf.oob_decision_function_[:, 1]
+        stacked = stacked_input(x_all, forest, if_cols)
+        pair = Challenger.fit(stacked, y[idx], len(FEATURES), seed=seed,
+                              n_estimators=n_estimators)
+        proto = challenger_to_onnx(pair, forest, len(features), if_cols)
+        oob = pair.out_of_bag()
         fit_scores = oob[np.isfinite(oob)]
-        reference = clf.predict_proba(stacked_input(x_all, forest, if_cols))[:, 1]
+        reference = pair.predict(stacked)
         fingerprint_of = x_all
         training.update(rows=int(len(idx)), frauds=int(y[idx].sum()),
                         labels_used_for_fitting=True,
                         training_label_delay_days=training_label_delay_days)
-        algorithm = ("sklearn.ensemble.RandomForestClassifier (skl2onnx) on FEATURES + "
-                     "LABEL_FEATURES + IsolationForest score, one ONNX graph")
+        algorithm = ("mean of two sklearn.ensemble.RandomForestClassifier (skl2onnx), on "
+                     "FEATURES + LABEL_FEATURES + IsolationForest score and on FEATURES + "
+                     "IsolationForest score, one ONNX graph")
         output = {"name": CHALLENGER_OUTPUT, "range": "[0, 1]", "direction": "higher is riskier",
-                  "definition": "RandomForestClassifier.predict_proba(x + [if_score])[:, 1]"}
+                  "definition": "(full.predict_proba(x + [if_score])[:, 1] + behaviour."
+                                "predict_proba(x[FEATURES] + [if_score])[:, 1]) / 2"}
         hyper: dict[str, Any] = {"n_estimators": n_estimators, "min_samples_leaf": 3,
                                  "max_samples": BOOTSTRAP_SHARE,
                                  "class_weight": "balanced_subsample", "random_state": seed,

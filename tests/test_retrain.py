@@ -14,7 +14,7 @@ import pytest
 from sklearn.ensemble import IsolationForest
 
 from appliance.backtest import backtest, label_state, load_rows
-from appliance.challenger import BOOTSTRAP_SHARE, TREES, challenger_to_onnx, fit_classifier
+from appliance.challenger import BOOTSTRAP_SHARE, TREES, Challenger, challenger_to_onnx
 from appliance.challenger import stacked_input
 from appliance.errors import ModelError
 from appliance.features import FEATURES, VERSIONS, FeatureState
@@ -32,19 +32,24 @@ from .test_registry import copy_shipped
 
 
 def test_challenger_graph_matches_scikit_learn() -> None:
-    """The shipped configuration (TREES trees on half-size bootstrap samples) converts to one
-    graph that gives scikit-learn's probabilities."""
+    """The shipped configuration (two forests of TREES trees on half-size bootstrap samples)
+    converts to one graph that gives the mean of scikit-learn's probabilities."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 7)).astype(np.float32)
     x[:, 3] = rng.integers(0, 5, 4000)  # a count-like column: values sit on split thresholds
     y = x[:, 0] + 0.3 * rng.normal(size=4000) > 1.8
     forest = IsolationForest(n_estimators=50, random_state=1).fit(x[:, [0, 3]])
-    clf = fit_classifier(stacked_input(x, forest, [0, 3]), y)
-    assert len(clf.estimators_) == TREES and clf.max_samples == BOOTSTRAP_SHARE
-    session = ort.InferenceSession(challenger_to_onnx(clf, forest, 7, [0, 3])
+    stacked = stacked_input(x, forest, [0, 3])
+    pair = Challenger.fit(stacked, y, 5)  # columns 5 and 6 play the label features
+    for clf in (pair.full, pair.behaviour):
+        assert len(clf.estimators_) == TREES and clf.max_samples == BOOTSTRAP_SHARE
+    assert pair.full.n_features_in_ == 8 and pair.behaviour_columns == [0, 1, 2, 3, 4, 7]
+    session = ort.InferenceSession(challenger_to_onnx(pair, forest, 7, [0, 3])
                                    .SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"features": x})[0]
-    want = clf.predict_proba(stacked_input(x, forest, [0, 3]))[:, 1]
+    want = (pair.full.predict_proba(stacked)[:, 1]
+            + pair.behaviour.predict_proba(stacked[:, [0, 1, 2, 3, 4, 7]])[:, 1]) / 2
+    assert np.array_equal(pair.predict(stacked), want)
     assert got.shape == (4000,)
     assert np.max(np.abs(got - want)) <= 1e-5
 
