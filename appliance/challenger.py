@@ -48,8 +48,9 @@ TREES = 300
 """The challenger's trees. With five labelled days to fit on, a 100-tree forest's detection
 varied with its seed by more than the gains being measured (handbook protocol, seeds 7 and 8:
 AUC 0.867 / 0.857, AP 0.499 / 0.514); 300 trees, each on a half-size bootstrap sample, cut that
-spread (AUC 0.869 / 0.879, AP 0.509 / 0.520). ONNX Runtime time per batch, against 100
-full-size trees: 35 against 25 ms per 1,000 rows, 5.9 against 2.9 ms per 100 (docs/models.md)."""
+spread (AUC 0.869 / 0.879, AP 0.509 / 0.520). Each of the two forests has this many. ONNX
+Runtime time per batch of the two-forest graph: 39 ms per 1,000 rows, 5.1 ms per 100
+(docs/models.md)."""
 BOOTSTRAP_SHARE = 0.5
 """Share of the training rows each tree draws (with replacement): smaller trees, faster fits."""
 
