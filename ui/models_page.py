@@ -210,28 +210,20 @@ class ComparisonView:
         with self.box:
             ui.label("comparing…")
         labelled = has_labels(self.console.reader())
-        try:
-            table = await run.io_bound(compare_shadow, settings, resamples=0)
-        except BranchguardError as exc:
-            self._show_error(exc)
-            return
-        if table is None or mine != self.generation:  # shutting down, or clicked again
-            return
-        self._show(table, labelled, "computing 95 % bootstrap intervals…")
-        try:
-            table = await run.io_bound(compare_shadow, settings, resamples=RESAMPLES)
-        except BranchguardError as exc:  # the shadow scores went (retention) meanwhile
-            self._show_error(exc)
-            return
-        if table is None or mine != self.generation:
-            return
-        self._show(table, labelled, f"with 95 % bootstrap intervals ({RESAMPLES} resamples; "
-                                    "the two models are judged on the same transactions)")
-
-    def _show_error(self, exc: BranchguardError) -> None:
-        self.box.clear()
-        with self.box:
-            ui.label(f"{exc.message}: {exc.hint}" if exc.hint else exc.message)
+        for resamples, caption in (
+                (0, "computing 95 % bootstrap intervals…"),
+                (RESAMPLES, f"with 95 % bootstrap intervals ({RESAMPLES} resamples; the two "
+                            "models are judged on the same transactions)")):
+            try:  # the second pass can fail too: retention may drop the shadow scores
+                table = await run.io_bound(compare_shadow, settings, resamples=resamples)
+            except BranchguardError as exc:
+                self.box.clear()
+                with self.box:
+                    ui.label(f"{exc.message}: {exc.hint}" if exc.hint else exc.message)
+                return
+            if table is None or mine != self.generation:  # shutting down, or clicked again
+                return
+            self._show(table, labelled, caption)
 
     def _show(self, table: list[tuple[str, dict[str, Metric]]], labelled: bool,
               caption: str) -> None:
