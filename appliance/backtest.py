@@ -26,7 +26,7 @@ from sqlite_utils import Database
 from . import logs
 from .errors import BranchguardError
 from .features import FEATURES_VERSION
-from .evaluation import Metric, Scored, evaluate
+from .evaluation import Metric, Scored, compare, evaluate
 from .labels import LabelState, parse_time, rfc3339
 from .model import Model, feature_matrix
 from .rules import RULES_VERSION
@@ -204,7 +204,8 @@ def compare_shadow(settings: Settings, *, since: float | None = None,
                    until: float | None = None, k: int = 100, resamples: int = 200
                    ) -> list[tuple[str, dict[str, Metric]]]:
     """Live verdicts and stored shadow scores side by side, per shadow model, on exactly the
-    transactions that model shadowed (against the labels table; unlabelled = genuine)."""
+    transactions that model shadowed (against the labels table; unlabelled = genuine), then
+    the shadow's difference from live with its paired interval (evaluation.compare)."""
     db = open_db(settings.db_path)
     try:
         rows = db.execute(
@@ -228,12 +229,13 @@ def compare_shadow(settings: Settings, *, since: float | None = None,
         accounts = [r[3] for r in mine]
         y = [known.get(r[1], False) for r in mine]
         live = ", ".join(sorted({r[6] for r in mine}))
-        out.append((f"live ({live}) on the {len(mine)} shadowed by {version}",
-                    evaluate(Scored.of(ts, accounts, [r[4] for r in mine],
-                                       [r[5] != "approve" for r in mine], y),
-                             k=k, budget=budget, resamples=resamples)))
-        out.append((f"shadow {version} (stored scores)",
-                    evaluate(Scored.of(ts, accounts, [r[7] for r in mine],
-                                       [r[8] != "approve" for r in mine], y),
-                             k=k, budget=budget, resamples=resamples)))
+        served = Scored.of(ts, accounts, [r[4] for r in mine], [r[5] != "approve" for r in mine],
+                           y)
+        shadow = Scored.of(ts, accounts, [r[7] for r in mine], [r[8] != "approve" for r in mine],
+                           y)
+        mine_live, mine_shadow, gain = compare(served, shadow, k=k, budget=budget,
+                                               resamples=resamples)
+        out += [(f"live ({live}) on the {len(mine)} shadowed by {version}", mine_live),
+                (f"shadow {version} (stored scores)", mine_shadow),
+                (f"shadow {version} − live (paired)", gain)]
     return out

@@ -16,6 +16,9 @@ raised an alert at the configured thresholds, and its true label:
 
 Confidence intervals (95 %, percentile bootstrap): transactions are resampled for the
 transaction-level metrics, days for the two daily ones (their unit of work is a day).
+:func:`compare` judges two models on the same transactions with one set of draws for both,
+so the interval of their difference is paired: it can exclude 0 where the two models' own
+intervals overlap.
 """
 
 from __future__ import annotations
@@ -119,42 +122,75 @@ def point_metrics(s: Scored, k: int, budget: int) -> dict[str, float | None]:
     }
 
 
+def _bootstrap(s: Scored, k: int, budget: int, resamples: int, seed: int
+               ) -> dict[str, npt.NDArray[np.float64]]:
+    """Every metric on each of ``resamples`` bootstrap draws (NaN where undefined on a draw;
+    alerts/day is not resampled). The draws depend only on ``seed`` and on the numbers of
+    transactions and days, so two models scored on the same transactions get the same draws:
+    that is what makes :func:`compare`'s difference paired."""
+    rng = np.random.default_rng(seed)
+    samples = {name: np.full(resamples, np.nan) for name in METRICS}
+    n = len(s.ts)
+    cards = np.array(daily_card_precision(s, k))
+    hits = np.array(daily_budget_hits(s, budget), dtype=np.float64).reshape(-1, 2)
+    for i in range(resamples):
+        b = s.take(rng.integers(0, n, n))
+        if 0 < b.label.sum() < n:
+            samples["roc_auc"][i] = roc_auc_score(b.label, b.score)
+            samples["average_precision"][i] = average_precision_score(b.label, b.score)
+        p, r, f, _ = precision_recall_fscore_support(b.label, b.alert, average="binary",
+                                                     zero_division=0.0)
+        samples["precision"][i], samples["recall"][i], samples["f1"][i] = p, r, f
+        d = rng.integers(0, len(cards), len(cards))
+        samples["card_precision_at_k"][i] = cards[d].mean()
+        frauds = hits[d, 1].sum()
+        if frauds:
+            samples["recall_at_budget"][i] = hits[d, 0].sum() / frauds
+    return samples
+
+
+def _interval(point: float | None, values: npt.NDArray[np.float64]) -> Metric:
+    values = values[np.isfinite(values)]
+    if point is None or not len(values):
+        return Metric(point)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return Metric(point, float(low), float(high))
+
+
 def evaluate(s: Scored, *, k: int = 100, budget: int = 100, resamples: int = 200,
              seed: int = 0) -> dict[str, Metric]:
     """Point values and bootstrap 95 % intervals of every metric (``resamples=0``: none)."""
     point = point_metrics(s, k, budget)
     if resamples <= 0 or len(s.ts) == 0:
         return {name: Metric(point[name]) for name in METRICS}
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {name: [] for name in METRICS}
-    n = len(s.ts)
-    cards = np.array(daily_card_precision(s, k))
-    hits = np.array(daily_budget_hits(s, budget), dtype=np.float64).reshape(-1, 2)
-    for _ in range(resamples):
-        b = s.take(rng.integers(0, n, n))
-        if 0 < b.label.sum() < n:
-            samples["roc_auc"].append(float(roc_auc_score(b.label, b.score)))
-            samples["average_precision"].append(float(average_precision_score(b.label,
-                                                                              b.score)))
-        p, r, f, _ = precision_recall_fscore_support(b.label, b.alert, average="binary",
-                                                     zero_division=0.0)
-        samples["precision"].append(float(p))
-        samples["recall"].append(float(r))
-        samples["f1"].append(float(f))
-        d = rng.integers(0, len(cards), len(cards))
-        samples["card_precision_at_k"].append(float(cards[d].mean()))
-        frauds = hits[d, 1].sum()
-        if frauds:
-            samples["recall_at_budget"].append(float(hits[d, 0].sum() / frauds))
-    out = {}
-    for name in METRICS:
-        values = samples.get(name) or []
-        if point[name] is None or not values:
-            out[name] = Metric(point[name])
-        else:
-            low, high = np.percentile(values, [2.5, 97.5])
-            out[name] = Metric(point[name], float(low), float(high))
-    return out
+    samples = _bootstrap(s, k, budget, resamples, seed)
+    return {name: _interval(point[name], samples[name]) for name in METRICS}
+
+
+def _minus(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
+def compare(base: Scored, other: Scored, *, k: int = 100, budget: int = 100,
+            resamples: int = 200, seed: int = 0
+            ) -> tuple[dict[str, Metric], dict[str, Metric], dict[str, Metric]]:
+    """Two models on the same transactions (the same times, accounts and labels; only scores
+    and alerts differ): each one's metrics as :func:`evaluate` gives them, and ``other``
+    minus ``base`` with a paired bootstrap interval. Each draw resamples the same
+    transactions for both, so that interval is of the difference itself: one that excludes 0
+    says one model is better on this traffic, which two overlapping intervals cannot say."""
+    if not (np.array_equal(base.ts, other.ts) and np.array_equal(base.label, other.label)):
+        raise ValueError("a comparison needs the same transactions, in the same order")
+    a, b = point_metrics(base, k, budget), point_metrics(other, k, budget)
+    diff = {name: _minus(b[name], a[name]) for name in METRICS}
+    if resamples <= 0 or len(base.ts) == 0:
+        plain = [{name: Metric(p[name]) for name in METRICS} for p in (a, b, diff)]
+        return plain[0], plain[1], plain[2]
+    sa = _bootstrap(base, k, budget, resamples, seed)
+    sb = _bootstrap(other, k, budget, resamples, seed)
+    return ({name: _interval(a[name], sa[name]) for name in METRICS},
+            {name: _interval(b[name], sb[name]) for name in METRICS},
+            {name: _interval(diff[name], sb[name] - sa[name]) for name in METRICS})
 
 
 HEADINGS = {"roc_auc": "ROC AUC", "average_precision": "AP",

@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
 from nicegui import ui
 from nicegui.testing import User
 
@@ -140,12 +141,14 @@ def test_production_and_shadow_side_by_side(node_db: tuple[Settings, Store]  # n
         table = table_with(user, "models-comparison-table")
         assert [c["label"] for c in table.columns] == [
             "metric", "live (m-test) on the 120 shadowed by m-shadow",
-            "shadow m-shadow (stored scores)"]
+            "shadow m-shadow (stored scores)", "shadow m-shadow − live (paired)"]
         rows = table.rows
         metrics = [r["metric"] for r in rows]
         assert metrics[0] == "ROC AUC" and "alerts/day" in metrics
         alerts_row = next(r for r in rows if r["metric"] == "alerts/day")
         assert alerts_row["m0"] != alerts_row["m1"]  # live and shadow decided differently
+        assert float(alerts_row["m2"]) == pytest.approx(
+            float(alerts_row["m1"]) - float(alerts_row["m0"]), abs=2e-3)
 
     simulate(settings, scenario)
 
@@ -163,7 +166,7 @@ def test_the_comparison_gains_the_clis_bootstrap_intervals(
     cli = compare_shadow(settings)  # what `branchguard evaluate --compare` prints
     expected = {HEADINGS[m].format(k=100, budget=int(settings.alert_budget_per_day)):
                 [metrics[m].show() for _, metrics in cli] for m in METRICS}
-    assert "[" in expected["AP"][0] and "[" in expected["AP"][1]
+    assert len(cli) == 3 and all("[" in cell for cell in expected["AP"])
 
     async def scenario(user: User) -> None:
         await sign_in(user, "ada", password)
@@ -178,7 +181,7 @@ def test_the_comparison_gains_the_clis_bootstrap_intervals(
             await asyncio.sleep(0.1)
         assert caption.startswith("with 95 % bootstrap intervals (200 resamples")
         rows = table_with(user, "models-comparison-table").rows
-        assert {r["metric"]: [r["m0"], r["m1"]] for r in rows} == expected
+        assert {r["metric"]: [r["m0"], r["m1"], r["m2"]] for r in rows} == expected
 
     simulate(settings, scenario)
 

@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score,
                              roc_auc_score)
 
-from appliance.evaluation import (DAY, Scored, daily_card_precision, evaluate, format_table,
-                                  point_metrics)
+from appliance.evaluation import (DAY, METRICS, Scored, compare, daily_card_precision,
+                                  evaluate, format_table, point_metrics)
 
 T0 = 1_780_000_000.0 - (1_780_000_000.0 % DAY)
 
@@ -79,3 +79,38 @@ def test_one_class_gives_undefined_auc_not_an_error() -> None:
     m = evaluate(s, resamples=10)
     assert m["roc_auc"].value is None and m["roc_auc"].show() == "n/a"
     assert m["precision"].value == 0.0
+
+
+def rescored(s: Scored, score: np.ndarray) -> Scored:
+    return Scored.of(s.ts, list(s.account), score, s.alert, s.label)
+
+
+def test_a_model_against_itself_differs_by_exactly_nothing() -> None:
+    s = synthetic()
+    alone, again, d = compare(s, s, k=20, budget=30, resamples=50, seed=3)
+    assert alone == again == evaluate(s, k=20, budget=30, resamples=50, seed=3)
+    for name in METRICS:
+        assert d[name].value == 0.0, name
+        assert d[name].low in (None, 0.0) and d[name].high in (None, 0.0), name
+    ap = alone["average_precision"]
+    assert ap.high is not None and ap.low is not None and ap.high - ap.low > 0.05
+
+
+def test_the_difference_is_paired_so_a_small_steady_gain_shows() -> None:
+    s = synthetic(seed=4)
+    better = rescored(s, s.score + 0.15 * s.label)  # a little better on every fraud
+    mine, theirs, gain = compare(s, better, k=20, budget=30, resamples=100, seed=5)
+    d = gain["average_precision"]
+    assert d.value == pytest.approx(average_precision_score(s.label, better.score)
+                                    - average_precision_score(s.label, s.score))
+    assert d.low is not None and d.high is not None and 0 < d.low <= d.value <= d.high
+    a, b = mine["average_precision"], theirs["average_precision"]
+    assert a.high is not None and b.low is not None
+    assert b.low < a.high  # the two intervals alone overlap: they could not say it
+
+
+def test_a_difference_needs_the_same_transactions() -> None:
+    s = synthetic()
+    other = synthetic(seed=2)
+    with pytest.raises(ValueError, match="same transactions"):
+        compare(s, other, resamples=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from appliance import cli
@@ -58,5 +59,7 @@ def test_shadow_scores_are_stored_and_never_acted_on(tmp_path: Path, nats_url: s
     lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert "live (if-v1) on the 1500 shadowed by paranoid" in lines[1]
     assert "shadow paranoid" in lines[2]
+    assert "shadow paranoid − live (paired)" in lines[3]
     alerts_per_day = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in lines[1:]]
     assert alerts_per_day[1] > alerts_per_day[0]  # the shadow would have alerted on everything
+    assert alerts_per_day[2] == pytest.approx(alerts_per_day[1] - alerts_per_day[0], abs=0.15)
