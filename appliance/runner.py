@@ -42,6 +42,8 @@ log = logs.get("appliance.runner")
 DEMO_RATE = 50.0
 DEMO_WORLD = 7
 """The simulator seed of the demo's accounts and terminals: the same on every start."""
+DEMO_WARMUP_SECONDS = 1800.0
+"""The simulated history a demo publishes on a new node, so accounts have a past."""
 
 
 class StatusLine:
@@ -72,7 +74,18 @@ class StatusLine:
         self.out.flush()
 
 
-def demo_stream(rate: float, branch: str, warmup_seconds: float = 1800.0,
+def demo_warmup(newest: float | None, now: float, full: float = DEMO_WARMUP_SECONDS) -> float:
+    """How much history a demo start publishes: ``full`` on a node with nothing stored older
+    than that; after a restart only the gap since the newest stored transaction (``newest``,
+    epoch seconds), as terminals that buffered while the node was down would send it. A
+    restart that republished the whole half hour would put a second past, a half hour
+    long, behind accounts that already have one."""
+    if newest is None:
+        return full
+    return max(0.0, min(full, now - newest))
+
+
+def demo_stream(rate: float, branch: str, warmup_seconds: float = DEMO_WARMUP_SECONDS,
                 seed: int | None = None) -> Iterator[Transaction]:
     """The demo feed: the last ``warmup_seconds`` of simulated history (published at once,
     so accounts have a past), then live at ``rate`` tx/s. Fresh ids on every run (the seed
@@ -132,8 +145,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             announce_demo_user(settings)
             load_demo_terminals(settings, demo_rate)  # issue 5: the case page's map
             feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
+            warmup = demo_warmup(store.newest_ts(), time.time())
+            log.info("demo.feed", txn_id=None, history_seconds=round(warmup, 1), rate=demo_rate)
             tasks.append(asyncio.create_task(
-                publish(feed_nc, demo_stream(demo_rate, settings.branch),
+                publish(feed_nc, demo_stream(demo_rate, settings.branch, warmup),
                         branch=settings.branch, realtime=True, stop=stop)))
         if status:
             line = StatusLine(scorer.counters)

@@ -234,6 +234,11 @@ class Store:
             out[f"alerts_{severity.lower()}"] = int(n)
         return out
 
+    def newest_ts(self) -> float | None:
+        """The event time (epoch seconds) of the newest stored transaction, None if none."""
+        row = self.reader.execute("SELECT max(ts) FROM transactions").fetchone()
+        return None if row[0] is None else float(row[0])
+
     def transaction(self, transaction_id: str) -> dict[str, Any] | None:
         """One stored transaction with its verdict, or None."""
         rows = list(self.reader["transactions"].rows_where("transaction_id = ?", [transaction_id]))

@@ -61,6 +61,7 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
             assert json.loads(answer.read()) == {"status": "ok"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/console/login") as page:
             assert page.status == 200  # the console is served too, behind its login
+        _wait_until_live(clone / "var" / "branchguard.db", make)
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         make.wait(60)
     finally:
@@ -74,8 +75,58 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
     db = sqlite3.connect(clone / "var" / "branchguard.db")
     try:
         assert db.execute("SELECT count(*) FROM transactions").fetchone()[0] > 100
+        newest = db.execute("SELECT max(ts) FROM transactions").fetchone()[0]
+        covered = db.execute("SELECT count(*) FROM transactions WHERE ts <= ?",
+                             [newest]).fetchone()[0]
     finally:
         db.close()
+
+    # A restart publishes the history it missed since then, not the half hour again.
+    again = clone / "again.out"
+    with again.open("wb") as sink:
+        node = subprocess.Popen([str(clone / ".venv" / "bin" / "branchguard"), "run", "--demo"],
+                                cwd=clone, stdout=sink, stderr=subprocess.STDOUT,
+                                env=_clean_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while '"demo.feed"' not in again.read_text(errors="replace"):
+            assert time.monotonic() < deadline and node.poll() is None, \
+                again.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        restarted = time.time()
+        time.sleep(3)
+        os.killpg(node.pid, signal.SIGINT)
+        node.wait(60)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(60)
+    feed = json.loads(next(line for line in again.read_text(errors="replace").splitlines()
+                           if '"demo.feed"' in line))
+    assert 0 <= feed["history_seconds"] <= restarted - newest + 1, feed
+    assert feed["history_seconds"] < 600, feed  # not the 1,800 s of a new node
+    db = sqlite3.connect(clone / "var" / "branchguard.db")
+    try:  # nothing was slipped in behind what the accounts already had
+        assert db.execute("SELECT count(*) FROM transactions WHERE ts <= ?",
+                          [newest]).fetchone()[0] == covered
+    finally:
+        db.close()
+
+
+def _wait_until_live(db_path: Path, make: subprocess.Popen[bytes]) -> None:
+    """Until the demo has published its half hour of history and streams in real time."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert make.poll() is None
+        db = sqlite3.connect(db_path)
+        try:
+            newest = db.execute("SELECT max(ts) FROM transactions").fetchone()[0]
+        finally:
+            db.close()
+        if newest is not None and newest > time.time() - 30:
+            return
+        time.sleep(1)
+    raise AssertionError("the demo never caught up with the clock")
 
 
 @pytest.mark.timeout(900)
