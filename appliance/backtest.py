@@ -229,13 +229,12 @@ def compare_shadow(settings: Settings, *, since: float | None = None,
         accounts = [r[3] for r in mine]
         y = [known.get(r[1], False) for r in mine]
         live = ", ".join(sorted({r[6] for r in mine}))
-        served = Scored.of(ts, accounts, [r[4] for r in mine], [r[5] != "approve" for r in mine],
-                           y)
-        shadow = Scored.of(ts, accounts, [r[7] for r in mine], [r[8] != "approve" for r in mine],
-                           y)
-        mine_live, mine_shadow, gain = compare(served, shadow, k=k, budget=budget,
-                                               resamples=resamples)
-        out += [(f"live ({live}) on the {len(mine)} shadowed by {version}", mine_live),
-                (f"shadow {version} (stored scores)", mine_shadow),
+        served, shadowed = (Scored.of(ts, accounts, [r[risk] for r in mine],
+                                      [r[decision] != "approve" for r in mine], y)
+                            for risk, decision in ((4, 5), (7, 8)))
+        of_live, of_shadow, gain = compare(served, shadowed, k=k, budget=budget,
+                                           resamples=resamples)
+        out += [(f"live ({live}) on the {len(mine)} shadowed by {version}", of_live),
+                (f"shadow {version} (stored scores)", of_shadow),
                 (f"shadow {version} − live (paired)", gain)]
     return out

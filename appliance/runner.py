@@ -75,11 +75,11 @@ class StatusLine:
 
 
 def demo_warmup(newest: float | None, now: float, full: float = DEMO_WARMUP_SECONDS) -> float:
-    """How much history a demo start publishes: ``full`` on a node with nothing stored older
-    than that; after a restart only the gap since the newest stored transaction (``newest``,
-    epoch seconds), as terminals that buffered while the node was down would send it. A
-    restart that republished the whole half hour would put a second past, a half hour
-    long, behind accounts that already have one."""
+    """How much history a demo start publishes: ``full`` on a node with nothing stored;
+    after a restart only the gap since the newest stored transaction (``newest``, epoch
+    seconds), at most ``full``, as terminals that buffered while the node was down would send
+    it. A restart that published the whole half hour again would put a second half hour of
+    history behind accounts that already have one."""
     if newest is None:
         return full
     return max(0.0, min(full, now - newest))

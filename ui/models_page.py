@@ -1,8 +1,8 @@
 """The models page (supervisor and admin): the registry (every version, its stage and card
 metrics), the production pointer and its history, production and shadow metrics side by side
 with their intervals and the shadow's paired difference (backtest.compare_shadow, what
-``branchguard evaluate --compare`` prints), and promote and roll back, and a model's stage (shadow, candidate, retired), each
-behind a confirmation dialog and audited (promotion.py).
+``branchguard evaluate --compare`` prints), and promote and roll back, and a model's stage
+(shadow, candidate, retired), each behind a confirmation dialog and audited (promotion.py).
 
 Viewers and analysts get a refusal and nothing else; every action checks the role again when
 it runs (Console.act), so a button enabled by a tampered client still does nothing.
