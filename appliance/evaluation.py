@@ -127,10 +127,13 @@ def _bootstrap(s: Scored, k: int, budget: int, resamples: int, seed: int
     """Every metric on each of ``resamples`` bootstrap draws (NaN where undefined on a draw;
     alerts/day is not resampled). The draws depend only on ``seed`` and on the numbers of
     transactions and days, so two models scored on the same transactions get the same draws:
-    that is what makes :func:`compare`'s difference paired."""
-    rng = np.random.default_rng(seed)
-    samples = {name: np.full(resamples, np.nan) for name in METRICS}
+    that is what makes :func:`compare`'s difference paired. No draws for no transactions."""
     n = len(s.ts)
+    resamples = max(resamples, 0) if n else 0
+    samples = {name: np.full(resamples, np.nan) for name in METRICS}
+    if not resamples:
+        return samples
+    rng = np.random.default_rng(seed)
     cards = np.array(daily_card_precision(s, k))
     hits = np.array(daily_budget_hits(s, budget), dtype=np.float64).reshape(-1, 2)
     for i in range(resamples):
@@ -161,8 +164,6 @@ def evaluate(s: Scored, *, k: int = 100, budget: int = 100, resamples: int = 200
              seed: int = 0) -> dict[str, Metric]:
     """Point values and bootstrap 95 % intervals of every metric (``resamples=0``: none)."""
     point = point_metrics(s, k, budget)
-    if resamples <= 0 or len(s.ts) == 0:
-        return {name: Metric(point[name]) for name in METRICS}
     samples = _bootstrap(s, k, budget, resamples, seed)
     return {name: _interval(point[name], samples[name]) for name in METRICS}
 
@@ -183,9 +184,6 @@ def compare(base: Scored, other: Scored, *, k: int = 100, budget: int = 100,
         raise ValueError("a comparison needs the same transactions, in the same order")
     a, b = point_metrics(base, k, budget), point_metrics(other, k, budget)
     diff = {name: _minus(b[name], a[name]) for name in METRICS}
-    if resamples <= 0 or len(base.ts) == 0:
-        plain = [{name: Metric(p[name]) for name in METRICS} for p in (a, b, diff)]
-        return plain[0], plain[1], plain[2]
     sa = _bootstrap(base, k, budget, resamples, seed)
     sb = _bootstrap(other, k, budget, resamples, seed)
     return ({name: _interval(a[name], sa[name]) for name in METRICS},

@@ -6,13 +6,14 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .support import query, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,14 +73,11 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
     assert '"node.stopped"' in text and '"nats.stopped"' in text, text[-3000:]
     survivors = subprocess.run(["pgrep", "-f", f"{clone}/var/nats"], capture_output=True)
     assert survivors.stdout == b"", "nats-server outlived make run"
-    db = sqlite3.connect(clone / "var" / "branchguard.db")
-    try:
-        assert db.execute("SELECT count(*) FROM transactions").fetchone()[0] > 100
-        newest = db.execute("SELECT max(ts) FROM transactions").fetchone()[0]
-        covered = db.execute("SELECT count(*) FROM transactions WHERE ts <= ?",
-                             [newest]).fetchone()[0]
-    finally:
-        db.close()
+    db = clone / "var" / "branchguard.db"
+    assert query(db, "SELECT count(*) FROM transactions")[0][0] > 100
+    newest = _newest(db)
+    assert newest is not None
+    covered = _count_up_to(db, newest)
 
     # A restart publishes the history it missed since then, not the half hour again.
     again = clone / "again.out"
@@ -88,11 +86,8 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
                                 cwd=clone, stdout=sink, stderr=subprocess.STDOUT,
                                 env=_clean_env(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while '"demo.feed"' not in again.read_text(errors="replace"):
-            assert time.monotonic() < deadline and node.poll() is None, \
-                again.read_text(errors="replace")[-3000:]
-            time.sleep(0.5)
+        wait_until(lambda: _logged(again, '"demo.feed"', node), timeout=300,
+                   message="the restarted demo's feed")
         restarted = time.time()
         time.sleep(3)
         os.killpg(node.pid, signal.SIGINT)
@@ -105,28 +100,33 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
                            if '"demo.feed"' in line))
     assert 0 <= feed["history_seconds"] <= restarted - newest + 1, feed
     assert feed["history_seconds"] < 600, feed  # not the 1,800 s of a new node
-    db = sqlite3.connect(clone / "var" / "branchguard.db")
-    try:  # nothing was slipped in behind what the accounts already had
-        assert db.execute("SELECT count(*) FROM transactions WHERE ts <= ?",
-                          [newest]).fetchone()[0] == covered
-    finally:
-        db.close()
+    # nothing was slipped in behind what the accounts already had
+    assert _count_up_to(db, newest) == covered
 
 
-def _wait_until_live(db_path: Path, make: subprocess.Popen[bytes]) -> None:
+def _newest(db: Path) -> float | None:
+    value = query(db, "SELECT max(ts) FROM transactions")[0][0]
+    return None if value is None else float(value)
+
+
+def _count_up_to(db: Path, ts: float) -> int:
+    return int(query(db, "SELECT count(*) FROM transactions WHERE ts <= ?", [ts])[0][0])
+
+
+def _logged(out: Path, marker: str, process: subprocess.Popen[bytes]) -> bool:
+    """Whether ``marker`` is in the process's output yet; fails if it died without it."""
+    text = out.read_text(errors="replace")
+    assert marker in text or process.poll() is None, text[-3000:]
+    return marker in text
+
+
+def _wait_until_live(db: Path, make: subprocess.Popen[bytes]) -> None:
     """Until the demo has published its half hour of history and streams in real time."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    def live() -> bool:
         assert make.poll() is None
-        db = sqlite3.connect(db_path)
-        try:
-            newest = db.execute("SELECT max(ts) FROM transactions").fetchone()[0]
-        finally:
-            db.close()
-        if newest is not None and newest > time.time() - 30:
-            return
-        time.sleep(1)
-    raise AssertionError("the demo never caught up with the clock")
+        newest = _newest(db)
+        return newest is not None and newest > time.time() - 30
+    wait_until(live, timeout=300, message="the demo to catch up with the clock")
 
 
 @pytest.mark.timeout(900)
