@@ -7,6 +7,7 @@ RUN useradd --system --home-dir /var/lib/branchguard --shell /usr/sbin/nologin b
 WORKDIR /opt/branchguard
 COPY pyproject.toml README.md ./
 COPY appliance ./appliance
+COPY ui ./ui
 COPY models ./models
 RUN python -m venv /opt/branchguard/venv \
     && /opt/branchguard/venv/bin/pip install --no-cache-dir .

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,9 @@ import msgspec
 from sqlite_utils import Database
 
 from .errors import StoreError
-from .features import FEATURES_VERSION, MILLI, FeatureState
 from .schema import migrate
-from .score import SEVERITIES, Verdict
-from .transaction import Transaction
+from .transaction import MILLI, Transaction
+from .verdict import SEVERITIES, Verdict
 
 _json = msgspec.json.Encoder()
 _decode_list = msgspec.json.Decoder(list[str])
@@ -51,6 +50,8 @@ class Scored:
     branch: str
     stream_seq: int
     features: tuple[float, ...]
+    features_version: str
+    """Names the list ``features`` follows (``scoring.features.FEATURES_VERSION``)."""
     verdict: Verdict
     explanation: str | None = None
     """JSON explanation of an alert (explain.py), stored with it; None when approved."""
@@ -152,7 +153,7 @@ class Store:
                 tx.amount, round(tx.amount * MILLI), tx.currency, ts,
                 int(offset.total_seconds()) if offset else 0, tx.channel,
                 tx.merchant_category, tx.location, encode(s.features).decode(),
-                FEATURES_VERSION, v.model_risk, v.risk, v.severity, v.decision, reasons,
+                s.features_version, v.model_risk, v.risk, v.severity, v.decision, reasons,
                 encode(v.details).decode() if v.details else "[]", v.model_version,
                 v.rules_version, now))
             if v.decision != "approve":
@@ -214,10 +215,6 @@ class Store:
             "WHERE stream_seq > ? AND stream_seq <= ? ORDER BY stream_seq", [after_seq, upto_seq])
         return [(r[9], r[10], _verdict_from_row(r)) for r in rows]
 
-    def feature_state(self) -> FeatureState:
-        """Feature state rebuilt from every stored transaction (see FeatureState.rebuild)."""
-        return feature_state(self.reader)
-
     # --- reads for people ---------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -246,25 +243,6 @@ class Store:
 
     def _scalar(self, sql: str) -> int:
         return int(self.reader.execute(sql).fetchone()[0])
-
-
-def feature_state(conn: Database, before: float | None = None) -> FeatureState:
-    """Feature state rebuilt from the stored transactions with ``ts < before`` (all of them
-    without it), in the order the scorer's state keeps them (see FeatureState.rebuild)."""
-    select = ("SELECT account_id, terminal_id, ts, amount_milli, location, merchant_category "
-              "FROM transactions ")
-    cursor = (conn.execute(select + "ORDER BY ts, rowid") if before is None else
-              conn.execute(select + "WHERE ts < ? ORDER BY ts, rowid", [before]))
-    return FeatureState.rebuild(_iter_cursor(cursor))
-
-
-def _iter_cursor(cursor: sqlite3.Cursor) -> Iterator[Any]:
-    cursor.arraysize = 10000
-    while True:
-        rows = cursor.fetchmany()
-        if not rows:
-            return
-        yield from rows
 
 
 def _verdict_from_row(row: Sequence[Any]) -> Verdict:

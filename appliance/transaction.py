@@ -20,6 +20,9 @@ from .errors import SettingsError
 CONTRACT_VERSION = 1
 MAX_MESSAGE_BYTES = 8192
 """Messages larger than this are rejected as oversize before any parsing."""
+MILLI = 1000
+"""Amounts are stored (``amount_milli``) and summed in integer thousandths of a major unit, so a
+sum does not depend on the order it was added in."""
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Identifiers double as subject tokens, so they may not hold ``.``, ``*``, ``>`` or spaces."""

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from appliance.outbox import UNROUTED
-from appliance.score import DECISIONS, Verdict
+from appliance.alerts.outbox import UNROUTED
+from appliance.scoring.features import FEATURES_VERSION
 from appliance.store import Scored, Store
 from appliance.transaction import Transaction
+from appliance.verdict import DECISIONS, Verdict
 
 from .conftest import NodeProcess
 from .support import query
@@ -45,7 +46,7 @@ def scored_batch(specs: list[Spec], first_seq: int = 1) -> list[Scored]:
         risk = {"CRITICAL": 0.95, "HIGH": 0.85, "WARNING": 0.65}.get(s.severity, 0.1)
         verdict = Verdict(s.tid, risk, s.severity, DECISIONS[s.severity],  # type: ignore[index]
                           list(reasons), list(details), risk, "m-test", "rules-test")
-        scored.append(Scored(tx, "BR001", first_seq + i, (0.0,), verdict))
+        scored.append(Scored(tx, "BR001", first_seq + i, (0.0,), FEATURES_VERSION, verdict))
     return scored
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from appliance import keys
 from appliance.api.app import create_app
+from appliance.casework import keys
 from appliance.change import connect_writer
-from appliance.child import terminate
-from appliance.features import FeatureState
-from appliance.rules import RULES_VERSION
-from appliance.score import judge
+from appliance.operations.child import terminate
+from appliance.scoring.features import FEATURES_VERSION, feature_state
+from appliance.scoring.rules import RULES_VERSION
+from appliance.scoring.score import judge
 from appliance.settings import Settings, load
 from appliance.store import Scored, Store
 from tests.support import make_transactions
@@ -33,12 +33,12 @@ RISKS = (0.05, 0.3, 0.55, 0.65, 0.75, 0.85, 0.95, 0.1, 0.2, 0.4)
 def fill(store: Store, count: int, seed: int = 11, first_seq: int = 1) -> int:
     """Store ``count`` simulated transactions scored with a spread of model risks (so
     every severity shows up); returns the last stream sequence used."""
-    state = store.feature_state()
+    state = feature_state(store.reader)
     settings = Settings()
     scored = []
     for i, item in enumerate(make_transactions(count, seed=seed)):
         f = state.observe(item.tx)
-        scored.append(Scored(item.tx, "BR001", first_seq + i, f,
+        scored.append(Scored(item.tx, "BR001", first_seq + i, f, FEATURES_VERSION,
                              judge(item.tx, f, RISKS[i % 10], "m-test", RULES_VERSION,
                                    settings)))
     store.save_batch(scored, [], "scorer", first_seq + count - 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.node import EmbeddedNats
+from appliance.operations.node import EmbeddedNats
 from appliance.settings import Settings, load
 
 

@@ -23,7 +23,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from appliance import users
+from appliance.casework import users
 from appliance.change import connect_writer
 from appliance.settings import Settings
 

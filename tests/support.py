@@ -15,8 +15,8 @@ import msgspec
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from appliance.simulate import Labelled, simulate
-from appliance.terminal import Message, population, publish, publish_messages
+from appliance.feed.simulate import Labelled, simulate
+from appliance.feed.terminal import Message, population, publish, publish_messages
 from appliance.transaction import Transaction
 
 START = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)

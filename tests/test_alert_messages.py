@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from appliance.alert_messages import AlertView, digest, grouped, mask_account, single
-from appliance.grouping import Throttle, bursts
-from appliance.pacing import Backoff, RateLimit
+from appliance.alerts.grouping import Throttle, bursts
+from appliance.alerts.messages import AlertView, digest, grouped, mask_account, single
+from appliance.alerts.pacing import Backoff, RateLimit
 
 CONSOLE = "https://console.example/"
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from appliance.features import FEATURES
+from appliance.scoring.features import FEATURES
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import Keys, shared_client, shared_db, shared_keys  # noqa: F401

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from appliance import keys
 from appliance.api.app import specs
+from appliance.casework import keys
 from appliance.change import connect_writer
 from appliance.settings import Settings
 from appliance.store import Store

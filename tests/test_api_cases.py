@@ -11,7 +11,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from appliance.cases import TRANSITIONS
+from appliance.casework.cases import TRANSITIONS
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import Keys, ServeProcess, client, node_db, role_keys  # noqa: F401

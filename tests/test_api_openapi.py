@@ -12,8 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from starlette.testclient import TestClient
 
-from appliance import keys
 from appliance.api.app import OPENAPI_PATH, create_app, specs
+from appliance.casework import keys
 from appliance.change import connect_writer
 from appliance.store import Store
 from tests.api_support import api_settings, client, fill, node_db  # noqa: F401

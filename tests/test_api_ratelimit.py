@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from appliance import keys
 from appliance.api.app import create_app
+from appliance.casework import keys
 from appliance.change import connect_writer
 from appliance.store import Store
 from tests.api_support import api_settings, fill

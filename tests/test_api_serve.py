@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import keys
+from appliance.casework import keys
 from appliance.change import connect_writer
 from appliance.store import Store
 from tests.api_support import ServeProcess, api_settings, fill

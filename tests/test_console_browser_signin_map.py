@@ -7,8 +7,8 @@ from __future__ import annotations
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from appliance.terminal import population
-from appliance.terminal_directory import simulated_sites, write_sites
+from appliance.casework.terminal_directory import simulated_sites, write_sites
+from appliance.feed.terminal import population
 from tests.console_support import browser, log_in, screenshot, text_of, wait_for  # noqa: F401
 from tests.support import query
 from tests.test_console_browser import Console, console  # noqa: F401

@@ -9,10 +9,10 @@ import re
 import time
 from pathlib import Path
 
-from appliance import users
+from appliance.casework import users
 from appliance.change import connect_writer
-from appliance.runner import (DEMO_USER, DEMO_WARMUP_SECONDS, announce_demo_user,
-                              demo_stream, demo_warmup)
+from appliance.operations.runner import (DEMO_USER, DEMO_WARMUP_SECONDS, announce_demo_user,
+                                         demo_stream, demo_warmup)
 from appliance.settings import load
 from appliance.store import open_db
 

@@ -7,8 +7,8 @@ import sqlite3
 
 from nicegui.testing import User
 
-from appliance.drift import run_drift
-from appliance.overview import drift_status
+from appliance.casework.overview import drift_status
+from appliance.learning.drift import run_drift
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import node_db  # noqa: F401

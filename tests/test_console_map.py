@@ -8,9 +8,9 @@ from nicegui import ui
 from nicegui.elements.leaflet.leaflet_layers import GenericLayer, TileLayer
 from nicegui.testing import User
 
+from appliance.casework.terminal_directory import Site, write_sites
 from appliance.settings import Settings
 from appliance.store import Store
-from appliance.terminal_directory import Site, write_sites
 from tests.api_support import node_db  # noqa: F401
 from tests.console_support import add_user
 from tests.support import query

@@ -13,10 +13,10 @@ from nicegui import ui
 from nicegui.testing import User
 
 from appliance.audit import verify
-from appliance.backtest import compare_shadow
-from appliance.evaluation import HEADINGS, METRICS
-from appliance.labels import import_labels, write_label_file
-from appliance.registry import Registry
+from appliance.learning.backtest import compare_shadow
+from appliance.learning.evaluation import HEADINGS, METRICS
+from appliance.scoring.labels import import_labels, write_label_file
+from appliance.scoring.registry import Registry
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import node_db  # noqa: F401

@@ -15,13 +15,12 @@ from nicegui import ui
 from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 
-from appliance.casefile import case_file
+from appliance.casework.casefile import case_file, plain_value
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import node_db  # noqa: F401
 from tests.console_support import add_user
 from tests.support import query
-from ui.case_page import plain_value
 
 MAIN = Path(__file__).with_name("console_main.py")
 

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from appliance.cases import CaseError, Change, change_case
-from appliance.casefile import case_file
+from appliance.casework.casefile import case_file
+from appliance.casework.cases import CaseError, Change, change_case
+from appliance.casework.overview import overview, waiting_urgent
+from appliance.casework.queue import UNASSIGNED, QueueQuery, alert_page, marker, newer_than
+from appliance.casework.users import User
 from appliance.change import apply_change, connect_writer
-from appliance.overview import overview, waiting_urgent
-from appliance.queue import UNASSIGNED, QueueQuery, alert_page, marker, newer_than
 from appliance.settings import Settings
 from appliance.store import Store
-from appliance.users import User
 from tests.api_support import fill, node_db  # noqa: F401
 from ui.triage import change_status
 

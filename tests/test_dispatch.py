@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from appliance import cli
-from appliance.alert_metrics import figures, health, status
-from appliance.outbox import Outbox
+from appliance.alerts.metrics import figures, health, status
+from appliance.alerts.outbox import Outbox
 from appliance.settings import load
 
 from .alerting import Dispatcher, Spec, store_alerts, unrouted

@@ -10,8 +10,8 @@ import numpy as np
 from click.testing import CliRunner
 
 from appliance import cli
-from appliance.drift import psi, reference_bins
-from appliance.simulate import Labelled
+from appliance.feed.simulate import Labelled
+from appliance.learning.drift import psi, reference_bins
 
 from .support import make_transactions, query
 from .test_retrain import stored_node

@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score,
                              roc_auc_score)
 
-from appliance.evaluation import (DAY, METRICS, Scored, compare, daily_card_precision,
-                                  evaluate, format_table, point_metrics)
+from appliance.learning.evaluation import (DAY, METRICS, Scored, compare, daily_card_precision,
+                                           evaluate, format_table, point_metrics)
 
 T0 = 1_780_000_000.0 - (1_780_000_000.0 % DAY)
 

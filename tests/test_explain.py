@@ -11,14 +11,14 @@ import numpy as np
 import onnx
 from sklearn.ensemble import IsolationForest
 
-from appliance.explain import ForestPaths, explain, unusual
-from appliance.features import FEATURES, INDEX
-from appliance.forest import forest_to_onnx
-from appliance.model import Model, ModelCard, file_sha256
-from appliance.registry import Registry
-from appliance.score import Verdict
+from appliance.scoring.explain import ForestPaths, explain, unusual
+from appliance.scoring.features import FEATURES, INDEX
+from appliance.scoring.forest import forest_to_onnx
+from appliance.scoring.model import Model, ModelCard, file_sha256
+from appliance.scoring.registry import Registry
 from appliance.settings import SHIPPED_MODELS_DIR
 from appliance.transaction import Transaction
+from appliance.verdict import Verdict
 
 NAMES = ["amount", "amount_to_mean_ratio", "account_count_1h"]
 

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.features import (FEATURES, HORIZON, INDEX, LARGE_MULTIPLE, MILLI, VERSIONS,
-                                WINDOWS, FeatureState)
-from appliance.transaction import Transaction
+from appliance.scoring.features import (FEATURES, HORIZON, INDEX, LARGE_MULTIPLE, VERSIONS, WINDOWS,
+                                        FeatureState)
+from appliance.transaction import MILLI, Transaction
 
 BASE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 EDGES = [0, 1, 3599, 3600, 3601, 86399, 86400, 86401, 604799, 604800, 604801]

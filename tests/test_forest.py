@@ -1,4 +1,4 @@
-"""appliance.forest: the one-tree-node ONNX export of IsolationForest.
+"""appliance.scoring.forest: the one-tree-node ONNX export of IsolationForest.
 
 Everything is compared against ``-forest.score_samples(X)`` (scikit-learn's own scores) and, where
 skl2onnx can convert the forest, against skl2onnx's export too. Inputs are float32 throughout,
@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from sklearn.ensemble import IsolationForest
 from sklearn.ensemble._iforest import _average_path_length as sklearn_average_path_length
 
-import appliance.forest as forest_module
+import appliance.scoring.forest as forest_module
 from appliance.errors import ModelError
-from appliance.forest import OUTPUT_NAME, anomaly_scores, forest_to_onnx
+from appliance.scoring.forest import OUTPUT_NAME, anomaly_scores, forest_to_onnx
 
 TOLERANCE = 1e-5
 N_FEATURES = 8

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nats
 
-from appliance.registry import Registry
+from appliance.feed.terminal import publish
+from appliance.scoring.registry import Registry
 from appliance.settings import SHIPPED_MODELS_DIR
-from appliance.terminal import publish
 
 from .support import decode, make_transactions, query, read_stream, stored_count, wait_until
 from .test_registry import copy_shipped

@@ -12,8 +12,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from appliance import cli
 from appliance.errors import BranchguardError
-from appliance.labels import (LABEL_FEATURES, LABEL_WINDOWS, LabelFeed, LabelState,
-                              import_labels, rfc3339, write_label_file)
+from appliance.scoring.labels import (LABEL_FEATURES, LABEL_WINDOWS, LabelFeed, LabelState,
+                                      import_labels, rfc3339, write_label_file)
 from appliance.store import Store
 
 from .support import query

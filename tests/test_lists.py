@@ -12,12 +12,12 @@ import msgspec
 import pytest
 from starlette.testclient import TestClient
 
-from appliance import lists
 from appliance.change import apply_change, connect_writer
-from appliance.lists import ListFilter
-from appliance.score import Verdict
+from appliance.scoring import lists
+from appliance.scoring.lists import ListFilter
 from appliance.store import Store, open_db
 from appliance.transaction import Transaction
+from appliance.verdict import Verdict
 from tests.api_support import Keys, client, node_db, role_keys  # noqa: F401
 from tests.support import START, query, read_stream, send, stored_count, wait_until
 

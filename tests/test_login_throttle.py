@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.casework.login_throttle import LoginThrottle
 from appliance.errors import SettingsError
-from appliance.login_throttle import LoginThrottle
 from appliance.settings import load
 
 T0 = 1_800_000_000.0
@@ -76,7 +76,7 @@ def test_counts_are_shared_with_another_process_and_survive_a_restart(tmp_path: 
     t = throttle(tmp_path)
     for i in range(2):
         t.failed("alice", "10.0.0.1", T0 + i)
-    code = ("import sys; from pathlib import Path; from appliance.login_throttle import "
+    code = ("import sys; from pathlib import Path; from appliance.casework.login_throttle import "
             "LoginThrottle as L; t = L(Path(sys.argv[1]), 5, 900, 600); "
             "[t.failed('alice', '10.0.0.1', 1_800_000_002.0 + i) for i in range(3)]")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "throttle")], check=True,

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from appliance.errors import ModelError
-from appliance.features import FEATURES, compute_all
-from appliance.model import Model, ModelCard, feature_matrix, file_sha256
+from appliance.feed.simulate import Labelled
+from appliance.learning.train import (CALIBRATION_QUANTILES, MODEL_FEATURES, TrainResult,
+                                      calibration, train)
+from appliance.scoring.features import FEATURES, compute_all
+from appliance.scoring.model import Model, ModelCard, feature_matrix, file_sha256
 from appliance.settings import SHIPPED_MODELS_DIR, Settings
-from appliance.simulate import Labelled
-from appliance.train import CALIBRATION_QUANTILES, MODEL_FEATURES, TrainResult, calibration, train
 from tests.support import make_transactions
 
 VERSION = "test-v1"

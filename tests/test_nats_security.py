@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.errors import SettingsError
-from appliance.ingest import ensure_streams
 from appliance.nats_auth import client_options, load_auth
-from appliance.node import EmbeddedNats
+from appliance.operations.node import EmbeddedNats
+from appliance.scoring.ingest import ensure_streams
 from appliance.settings import Settings, load
 from appliance.transaction import encode
 

@@ -49,7 +49,7 @@ def test_a_failed_batch_leaves_neither_alert_nor_outbox_row(tmp_path: Path) -> N
 def test_the_prometheus_registry_reads_the_figures_from_the_database(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    from appliance import alert_metrics
+    from appliance.alerts import metrics as alert_metrics
 
     db = tmp_path / "branchguard.db"
     store_alerts(db, [Spec("c1", "CRITICAL"), Spec("h1", "HIGH", "A-2", "T2")])
@@ -66,8 +66,8 @@ def test_the_prometheus_registry_reads_the_figures_from_the_database(tmp_path: P
 
 
 def test_a_message_carries_the_stored_explanation_in_plain_words(tmp_path: Path) -> None:
-    from appliance.alert_messages import single
-    from appliance.outbox import Outbox, Route
+    from appliance.alerts.messages import single
+    from appliance.alerts.outbox import Outbox, Route
 
     db = tmp_path / "branchguard.db"
     batch = scored_batch([Spec("c1", "CRITICAL"), Spec("c2", "CRITICAL")])

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from appliance.features import FEATURES
+from appliance.scoring.features import FEATURES, feature_state
 from appliance.store import Store
 from appliance.transaction import Transaction, encode, subject_for
 
@@ -199,7 +199,7 @@ def test_sigkill_mid_batch_loses_nothing_and_double_counts_nothing(
         query(ref_db, "SELECT count(*), count(DISTINCT transaction_id) FROM alerts")
     crashed, reference = Store.open(db), Store.open(ref_db)
     try:
-        assert crashed.feature_state().snapshot() == reference.feature_state().snapshot()
+        assert feature_state(crashed.reader).snapshot() == feature_state(reference.reader).snapshot()
     finally:
         crashed.close()
         reference.close()

@@ -9,13 +9,13 @@ import msgspec
 import nats
 import pytest
 
-from appliance import pipeline
-from appliance.features import compute_all
-from appliance.model import Model
-from appliance.pipeline import Scorer
+from appliance.feed.terminal import publish
+from appliance.scoring import pipeline
+from appliance.scoring.features import compute_all
+from appliance.scoring.model import Model
+from appliance.scoring.pipeline import Scorer
 from appliance.settings import Settings
 from appliance.store import Store
-from appliance.terminal import publish
 
 from .support import make_transactions, query, read_stream
 

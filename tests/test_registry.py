@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from appliance import cli
 from appliance.errors import ModelError
-from appliance.registry import STATE_FILE, Registry
+from appliance.scoring.registry import STATE_FILE, Registry
 from appliance.settings import SHIPPED_MODELS_DIR
 
 VERSIONS = ("m-a", "m-b", "m-c")
@@ -133,7 +133,7 @@ def test_concurrent_promote_and_rollback_keep_a_consistent_pointer(
 CRASHER = """
 import os, sys
 from pathlib import Path
-from appliance.registry import Registry
+from appliance.scoring.registry import Registry
 from appliance.settings import SHIPPED_MODELS_DIR
 reg = Registry(Path(sys.argv[1]), SHIPPED_MODELS_DIR, "if-v1")
 versions = ["m-a", "m-b", "m-c"]

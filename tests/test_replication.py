@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.replication import litestream_binary, litestream_config, restore
+from appliance.operations.replication import litestream_binary, litestream_config, restore
 from appliance.settings import load
 from appliance.store import Store
 

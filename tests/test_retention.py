@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance import archive, cli
-from appliance.archive import read_rows
+from appliance import cli
 from appliance.errors import ArchiveError, RetentionError
-from appliance.retention import erase, hold, release, run_retention
-from appliance.score import Verdict
+from appliance.operations import archive
+from appliance.operations.archive import read_rows
+from appliance.operations.retention import erase, hold, release, run_retention
+from appliance.scoring.features import FEATURES_VERSION
 from appliance.settings import Settings, load
 from appliance.store import Scored, Store
 from appliance.transaction import Transaction
+from appliance.verdict import Verdict
 
 NOW = datetime(2027, 6, 15, 12, 0, tzinfo=timezone.utc)
 DAY = 86400.0
@@ -47,7 +49,7 @@ def settings(tmp_path: Path) -> Settings:
                           decision="review" if alerted else "approve",
                           reasons=["high_value"] if alerted else [], details=[],
                           model_risk=0.1, model_version="if-v1", rules_version="r1")
-        scored.append(Scored(tx, "BR001", i + 1, (1.0, float(i)), verdict))
+        scored.append(Scored(tx, "BR001", i + 1, (1.0, float(i)), FEATURES_VERSION, verdict))
     store.save_batch(scored, [], "scorer", len(scored))
     store.close()
     return settings

@@ -13,18 +13,18 @@ import onnxruntime as ort
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from appliance.backtest import backtest, label_state, load_rows
-from appliance.challenger import BOOTSTRAP_SHARE, TREES, Challenger, challenger_to_onnx
-from appliance.challenger import stacked_input
 from appliance.errors import ModelError
-from appliance.features import FEATURES, VERSIONS, FeatureState
-from appliance.labels import import_labels, write_label_file
-from appliance.registry import Registry
-from appliance.retrain import NO_LABELS_YET, decide, retrain
-from appliance.rules import RULES_VERSION
-from appliance.score import judge
+from appliance.feed.simulate import Labelled
+from appliance.learning.backtest import backtest, label_state, load_rows
+from appliance.learning.challenger import (BOOTSTRAP_SHARE, TREES, Challenger, challenger_to_onnx,
+                                           stacked_input)
+from appliance.learning.retrain import NO_LABELS_YET, decide, retrain
+from appliance.scoring.features import FEATURES, FEATURES_VERSION, VERSIONS, FeatureState
+from appliance.scoring.labels import import_labels, write_label_file
+from appliance.scoring.registry import Registry
+from appliance.scoring.rules import RULES_VERSION
+from appliance.scoring.score import judge
 from appliance.settings import Settings, load
-from appliance.simulate import Labelled
 from appliance.store import Scored, Store
 
 from .support import make_transactions
@@ -75,7 +75,7 @@ def stored_node(tmp_path: Path, items: list[Labelled], label_delay: float = 60.0
     features = [state.observe(i.tx) for i in items]
     risks = model.risks(np.array(features))
     store = Store.open(settings.db_path)
-    store.save_batch([Scored(i.tx, "BR001", n + 1, f,
+    store.save_batch([Scored(i.tx, "BR001", n + 1, f, FEATURES_VERSION,
                              judge(i.tx, f, float(r), model.version, RULES_VERSION, settings))
                       for n, (i, f, r) in enumerate(zip(items, features, risks))], [],
                      "scorer", len(items))

@@ -6,11 +6,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from appliance.features import FEATURES, INDEX, FeatureState
-from appliance.rules import RULES, RULES_VERSION, evaluate
-from appliance.score import DECISIONS, SEVERITIES, Verdict, judge, severity_of
+from appliance.scoring.features import FEATURES, INDEX, FeatureState
+from appliance.scoring.rules import RULES, RULES_VERSION, evaluate
+from appliance.scoring.score import judge, severity_of
 from appliance.settings import Settings, load
 from appliance.transaction import Transaction
+from appliance.verdict import DECISIONS, SEVERITIES, Verdict
 
 S = Settings()
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from appliance import cli
-from appliance.labels import import_labels, write_label_file
-from appliance.registry import Registry
+from appliance.scoring.labels import import_labels, write_label_file
+from appliance.scoring.registry import Registry
 from appliance.settings import SHIPPED_MODELS_DIR
 
 from .support import decode, make_transactions, query, read_stream, send, stored_count, wait_until

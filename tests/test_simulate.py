@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.errors import BranchguardError
-from appliance.replay import read_labels, replay_csv, sanitise_id, write_labels
-from appliance.simulate import TYPOLOGIES, TYPOLOGY_SHARES, Labelled, simulate
+from appliance.feed.replay import read_labels, replay_csv, sanitise_id, write_labels
+from appliance.feed.simulate import TYPOLOGIES, TYPOLOGY_SHARES, Labelled, simulate
 from appliance.transaction import ID_PATTERN, Transaction, encode, parse, subject_for
 
 UTC = timezone.utc

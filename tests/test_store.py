@@ -11,12 +11,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from appliance.features import FEATURES_VERSION, FeatureState
-from appliance.rules import RULES_VERSION
-from appliance.score import Verdict, judge
+from appliance.scoring.features import FEATURES_VERSION, FeatureState, feature_state
+from appliance.scoring.rules import RULES_VERSION
+from appliance.scoring.score import judge
 from appliance.settings import Settings
 from appliance.store import DeadLetter, Scored, Store
 from appliance.transaction import Transaction
+from appliance.verdict import Verdict
 from tests.support import make_transactions, query
 
 SETTINGS = Settings()
@@ -44,7 +45,7 @@ def score_all(txs: Sequence[Transaction], state: FeatureState | None = None,
     for i, tx in enumerate(txs):
         f = state.observe(tx)
         v = judge(tx, f, fake_model_risk(i), "m-test", RULES_VERSION, SETTINGS)
-        out.append(Scored(tx, branch, first_seq + i, f, v))
+        out.append(Scored(tx, branch, first_seq + i, f, FEATURES_VERSION, v))
     return out
 
 
@@ -89,7 +90,7 @@ def test_duplicate_id_inside_one_batch_is_stored_once(store: Store,
                                                       simulated: list[Transaction]) -> None:
     (s,) = score_all(simulated[:1])
     s = Scored(s.tx, s.branch, s.stream_seq,
-               s.features, msgspec.structs.replace(s.verdict, decision="review",
+               s.features, s.features_version, msgspec.structs.replace(s.verdict, decision="review",
                                                    severity="WARNING"))
     assert store.save_batch([s, s], [], CONSUMER, 1) == 1
     assert store.counts()["transactions"] == 1
@@ -231,7 +232,7 @@ def test_first_stored_verdict_wins(store: Store, simulated: list[Transaction]) -
     store.save_batch([s], [], CONSUMER, 1)
     other = msgspec.structs.replace(s.verdict, risk=0.99, severity="CRITICAL",
                                     decision="decline", model_version="m-other")
-    store.save_batch([Scored(s.tx, s.branch, 2, s.features, other)], [], CONSUMER, 2)
+    store.save_batch([Scored(s.tx, s.branch, 2, s.features, s.features_version, other)], [], CONSUMER, 2)
     assert store.verdicts_for([s.tx.transaction_id]) == {s.tx.transaction_id: s.verdict}
 
 
@@ -308,7 +309,7 @@ def test_feature_state_rebuilt_equals_live(store: Store, simulated: list[Transac
     live = FeatureState()
     scored = score_all(simulated, live)
     save_in_batches(store, scored, 64)
-    rebuilt = store.feature_state()
+    rebuilt = feature_state(store.reader)
     assert rebuilt.snapshot() == live.snapshot()
     # and it keeps computing the same features afterwards
     nxt = Transaction("next-1", simulated[0].account_id, 77.7, "EUR",
@@ -331,11 +332,11 @@ def test_feature_state_rebuilt_equals_live_with_late_and_tied_events(store: Stor
     live = FeatureState()
     scored = score_all(txs, live)
     save_in_batches(store, scored, 37)
-    assert store.feature_state().snapshot() == live.snapshot()
+    assert feature_state(store.reader).snapshot() == live.snapshot()
 
 
 def test_feature_state_of_empty_store(store: Store) -> None:
-    assert store.feature_state().snapshot() == FeatureState().snapshot()
+    assert feature_state(store.reader).snapshot() == FeatureState().snapshot()
 
 
 def test_feature_state_is_exact_when_squares_overflow_sqlite_integers(store: Store) -> None:
@@ -345,7 +346,7 @@ def test_feature_state_is_exact_when_squares_overflow_sqlite_integers(store: Sto
                        base + timedelta(minutes=i), "T0", "POS") for i in range(12)]
     live = FeatureState()
     save_in_batches(store, score_all(txs, live), 5)
-    rebuilt = store.feature_state()
+    rebuilt = feature_state(store.reader)
     assert rebuilt.snapshot() == live.snapshot()
     assert rebuilt.accounts["A-CORP"].sumsq_milli == live.accounts["A-CORP"].sumsq_milli
     assert isinstance(rebuilt.accounts["A-CORP"].sumsq_milli, int)

@@ -13,14 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from appliance import cli
+from appliance.casework.terminal_directory import (TOWN_CENTRES, import_terminals, read_sites,
+                                                   simulated_sites)
 from appliance.errors import BranchguardError
-from appliance.runner import demo_stream, load_demo_terminals
+from appliance.feed.simulate import simulate
+from appliance.feed.terminal import population
+from appliance.operations.runner import demo_stream, load_demo_terminals
 from appliance.settings import Settings, load
-from appliance.simulate import simulate
 from appliance.store import open_db
-from appliance.terminal import population
-from appliance.terminal_directory import (TOWN_CENTRES, import_terminals, read_sites,
-                                          simulated_sites)
 from tests.support import query
 
 HEADER = "terminal_id,name,branch,latitude,longitude\n"

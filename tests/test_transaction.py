@@ -10,17 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.transaction import (
-    CHANNELS,
-    CONTRACT_VERSION,
-    MAX_MESSAGE_BYTES,
-    Malformed,
-    Transaction,
-    branch_of,
-    encode,
-    parse,
-    subject_for,
-)
+from appliance.transaction import (CHANNELS, CONTRACT_VERSION, MAX_MESSAGE_BYTES, Malformed,
+                                   Transaction, branch_of, encode, parse, subject_for)
 
 SUBJECT = "tx.BR001.T0001.A0001"
 VALID: dict[str, Any] = {

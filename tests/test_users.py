@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance import users
 from appliance.audit import verify
+from appliance.casework import users
+from appliance.casework.users import UsersError
 from appliance.change import connect_writer
 from appliance.cli import cli
 from appliance.store import open_db
-from appliance.users import UsersError
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from typing import Any
 
 from nicegui import ui
 
-from appliance.cases import CLOSED_STATUSES, OPEN_STATUSES, CaseError, add_note, bulk_change
-from appliance.casefile import case_file
-from appliance.features import HORIZON
-from appliance.keys import role_at_least
-from appliance.users import User
+from appliance.casework.casefile import case_file, plain_value, value_text
+from appliance.casework.cases import (CLOSED_STATUSES, OPEN_STATUSES, CaseError, add_note,
+                                      bulk_change)
+from appliance.casework.keys import role_at_least
+from appliance.casework.users import User
 
 from .layout import signed_in, when
 from .queue_page import COLUMNS, table_row
@@ -28,30 +28,6 @@ TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", 
              "channel", "merchant_category", "location", "model_risk", "risk", "severity",
              "decision", "model_version", "rules_version")
 NOTE_LIMIT = 4000
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def plain_value(name: str, value: Any, mean: bool = False) -> str:
-    """A feature's value in the unit an analyst reads: a duration for the time since the
-    previous transaction (capped at 7 days: 7 days or more, or none before), yes/no for the
-    first-use flags (not for their ``mean`` over a baseline, a share); else a number."""
-    if not isinstance(value, (int, float)):
-        return _fmt(value)
-    if name == "seconds_since_previous":
-        if value >= HORIZON:
-            return "7 d or more"
-        for unit, seconds in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
-            if value >= 2 * seconds:
-                return f"{value / seconds:.1f} {unit}"
-        return f"{value:.0f} s"
-    if name.startswith("first_time_") and not mean:
-        return "yes" if value else "no"
-    return _fmt(value)
 
 
 class CaseView:
@@ -119,7 +95,7 @@ class CaseView:
                 ui.label(when(tx.get("ts")))
                 for name in TX_FIELDS:
                     ui.label(name).classes("text-gray-600")
-                    ui.label(_fmt(tx.get(name))).props(f"data-testid=tx-{name}")
+                    ui.label(value_text(tx.get(name))).props(f"data-testid=tx-{name}")
 
     def reasons(self, case: dict[str, Any]) -> None:
         with ui.card().classes("grow"):
@@ -144,7 +120,7 @@ class CaseView:
     def features(self, case: dict[str, Any]) -> None:
         rows = [{"name": f["name"], "value": plain_value(f["name"], f["value"]),
                  "baseline": plain_value(f["name"], f["baseline"], mean=True),
-                 "difference": _fmt(f["value"] - f["baseline"])
+                 "difference": value_text(f["value"] - f["baseline"])
                  if f["baseline"] is not None else ""} for f in case["features"]]
         n = case["features"][0]["baseline_rows"] if case["features"] else 0
         ui.label(f"Features against the account's baseline (mean of its previous {n} "

@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 from nicegui import app, ui
 
-from appliance.keys import role_at_least
-from appliance.overview import waiting_urgent
-from appliance.users import User
+from appliance.casework.keys import role_at_least
+from appliance.casework.overview import waiting_urgent
+from appliance.casework.users import User
 
 from .session import MOUNT, Console, sign_out
 

@@ -8,8 +8,8 @@ import time
 
 from nicegui import ui
 
-from appliance.keys import role_at_least
-from appliance.lists import KINDS, LISTS, ListError, add_entry, entries, remove_entry
+from appliance.casework.keys import role_at_least
+from appliance.scoring.lists import KINDS, LISTS, ListError, add_entry, entries, remove_entry
 
 from .layout import signed_in, when
 from .session import Console

@@ -8,7 +8,8 @@ import time
 
 from nicegui import app, ui
 
-from appliance import logs, users
+from appliance import logs
+from appliance.casework import users
 
 from .rotation import PATH
 from .session import Console, begin_sign_in

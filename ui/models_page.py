@@ -17,12 +17,12 @@ from typing import Any
 
 from nicegui import run, ui
 
-from appliance.backtest import compare_shadow
+from appliance.casework.keys import role_at_least
 from appliance.errors import BranchguardError
-from appliance.evaluation import HEADINGS, METRICS, Metric
-from appliance.keys import role_at_least
-from appliance.promotion import has_labels, model_history, promote, rollback, set_stage
-from appliance.registry import Registry, RegistryState
+from appliance.learning.backtest import compare_shadow
+from appliance.learning.evaluation import HEADINGS, METRICS, Metric
+from appliance.learning.promotion import has_labels, model_history, promote, rollback, set_stage
+from appliance.scoring.registry import Registry, RegistryState
 
 from .layout import signed_in, when
 from .session import Console

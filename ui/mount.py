@@ -30,9 +30,9 @@ def mount(app: Starlette, settings: Settings) -> None:
     from nicegui import ui
     from nicegui.storage import Storage
 
-    from .gate import Gate
-    from .pages import setup
-    from .session import MOUNT, Console
+    from ui.gate import Gate
+    from ui.pages import setup
+    from ui.session import MOUNT, Console
 
     Storage.path = storage.resolve()
     console = Console(settings, app.state.api)

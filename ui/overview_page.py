@@ -11,8 +11,8 @@ from typing import Any
 
 from nicegui import ui
 
-from appliance.overview import drift_status, overview
-from appliance.score import SEVERITIES
+from appliance.casework.overview import drift_status, overview
+from appliance.verdict import SEVERITIES
 
 from .layout import signed_in, when
 from .session import Console

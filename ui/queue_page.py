@@ -16,10 +16,10 @@ from typing import Any
 from nicegui import ui
 from nicegui.events import KeyEventArguments
 
-from appliance.cases import STATUSES
-from appliance.queue import REASONS, SORTS, UNASSIGNED, QueueQuery, alert_page, marker
-from appliance.score import SEVERITIES
-from appliance.users import User
+from appliance.casework.cases import STATUSES
+from appliance.casework.queue import REASONS, SORTS, UNASSIGNED, QueueQuery, alert_page, marker
+from appliance.casework.users import User
+from appliance.verdict import SEVERITIES
 
 from .layout import signed_in, when
 from .session import Console

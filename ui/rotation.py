@@ -18,7 +18,8 @@ from nicegui import app
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from appliance import logs, users
+from appliance import logs
+from appliance.casework import users
 
 from .session import PENDING, Console, sign_in
 

@@ -27,13 +27,14 @@ from typing import Any, TypeVar
 
 from nicegui import app, ui
 
-from appliance import logs, users
+from appliance import logs
 from appliance.api.endpoint import Api
+from appliance.casework import users
+from appliance.casework.keys import role_at_least
+from appliance.casework.login_throttle import LoginThrottle
+from appliance.casework.users import User
 from appliance.change import apply_change
-from appliance.keys import role_at_least
-from appliance.login_throttle import LoginThrottle
 from appliance.settings import Settings
-from appliance.users import User
 
 log = logs.get("ui.session")
 T = TypeVar("T")

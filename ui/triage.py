@@ -15,10 +15,10 @@ from typing import Any
 from nicegui import ui
 
 from appliance import logs
-from appliance.cases import (CLOSED_STATUSES, CaseError, Change, case_of, change_case,
-                             is_reopen)
-from appliance.keys import role_at_least
-from appliance.users import User
+from appliance.casework.cases import (CLOSED_STATUSES, CaseError, Change, case_of, change_case,
+                                      is_reopen)
+from appliance.casework.keys import role_at_least
+from appliance.casework.users import User
 
 from .session import Console
 

@@ -9,12 +9,11 @@ from typing import Any
 
 import msgspec
 
-from ..cases import (STATUSES, CaseError, Change, add_note, bulk_change, change_case,
-                     is_reopen)
-from ..explain import stored_explanation
-from ..features import VERSIONS
-from ..keys import role_at_least
-from ..score import SEVERITIES
+from ..casework.casefile import TX_COLUMNS, alert_transaction, notes
+from ..casework.cases import (ALERT_COLUMNS, STATUSES, CaseError, Change, add_note, alert_row,
+                              bulk_change, change_case, is_reopen)
+from ..casework.keys import role_at_least
+from ..verdict import SEVERITIES
 from . import bodies
 from .endpoint import Call, Routes
 from .errors import ApiError
@@ -23,24 +22,11 @@ from .params import encode_cursor
 routes = Routes()
 _list = msgspec.json.Decoder(list[Any])
 
-ALERT_COLUMNS = ("alert_id", "transaction_id", "created_at", "ts", "account_id",
-                 "terminal_id", "severity", "risk", "reasons", "status", "assignee",
-                 "version", "updated_at", "updated_by", "disposed_at", "disposed_by")
 _SELECT = f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a"
 SORTS = {"created_at": "a.alert_id", "risk": "a.risk", "ts": "a.ts"}
 SORT_CHOICES = tuple(f"{sign}{name}" for name in SORTS for sign in ("", "-"))
 LIST_PARAMS = ("status", "severity", "min_risk", "max_risk", "reason", "account_id",
                "terminal_id", "assignee", "since", "until", "sort", "limit", "cursor")
-TX_COLUMNS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
-              "ts", "utc_offset", "channel", "merchant_category", "location", "features",
-              "features_version", "model_risk", "risk", "severity", "decision", "reasons",
-              "details", "model_version", "rules_version", "stored_at")
-
-
-def alert_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    out = dict(zip(ALERT_COLUMNS, row))
-    out["reasons"] = _list.decode(out["reasons"])
-    return out
 
 
 def _filters(call: Call) -> tuple[list[str], list[Any]]:
@@ -144,26 +130,8 @@ def get_alert(call: Call) -> dict[str, Any]:
       404: {$ref: '#/components/responses/NotFound'}
     """
     alert = _alert(call.conn, call.path_id("alert_id"))
-    row = call.conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM transactions "
-                            "WHERE transaction_id = ?", (alert["transaction_id"],)).fetchone()
-    tx = dict(zip(TX_COLUMNS, row)) if row else {}
-    features: dict[str, Any] = {}
-    reasons: list[dict[str, str]] = []
-    if tx:
-        values = _list.decode(tx.pop("features"))
-        if tx["features_version"] in VERSIONS:
-            features = dict(zip(VERSIONS[tx["features_version"]], values))
-        else:
-            features = {"values": values}
-        codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
-        reasons = [{"code": c, "detail": d} for c, d in zip(codes, details)]
-    notes = [{"note_id": n, "at": at, "author": author, "text": text}
-             for n, at, author, text in call.conn.execute(
-                 "SELECT note_id, at, author, text FROM alert_notes WHERE alert_id = ? "
-                 "ORDER BY note_id", (alert["alert_id"],))]
-    return {"alert": alert, "transaction": tx, "features": features, "reasons": reasons,
-            "explanation": stored_explanation(call.conn, alert["transaction_id"]),
-            "notes": notes}
+    return {"alert": alert, **alert_transaction(call.conn, alert["transaction_id"]),
+            "notes": notes(call.conn, alert["alert_id"])}
 
 
 @routes.route("GET", "/api/v1/alerts/{alert_id:int}/related", "viewer")

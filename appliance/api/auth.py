@@ -11,7 +11,7 @@ import sqlite3
 
 from starlette.requests import Request
 
-from ..keys import KeyVerifier, Principal, role_at_least
+from ..casework.keys import KeyVerifier, Principal, role_at_least
 from .errors import ApiError
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="branchguard"'}

@@ -25,10 +25,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import logs
-from ..cases import CaseError
+from ..casework.cases import CaseError
+from ..casework.keys import KeyVerifier, Principal
 from ..change import apply_change, connect_writer
-from ..keys import KeyVerifier, Principal
-from ..lists import ListError
+from ..scoring.lists import ListError
 from ..settings import Settings
 from . import bodies
 from .auth import authenticate, bearer

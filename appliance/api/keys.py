@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import keys
+from ..casework import keys
 from .endpoint import Call, Routes
 from .errors import ApiError
 

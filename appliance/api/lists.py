@@ -1,12 +1,12 @@
 """Allow/deny list routes: read by any role, changed (audited) by supervisors and admins.
-The lists themselves, and how the scorer applies them, are in appliance/lists.py."""
+The lists themselves, and how the scorer applies them, are in appliance/scoring/lists.py."""
 
 from __future__ import annotations
 
 import sqlite3
 from typing import Any
 
-from .. import lists
+from ..scoring import lists
 from . import bodies
 from .endpoint import Call, Routes
 from .params import parse_time

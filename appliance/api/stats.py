@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..rules import RULES_VERSION
+from ..scoring.rules import RULES_VERSION
 from .endpoint import Call, Routes
 
 routes = Routes()

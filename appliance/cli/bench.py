@@ -1,0 +1,161 @@
+"""``branchguard bench``: the throughput, API and replication benchmarks, and their hidden
+load-generator commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+
+from .. import logs
+from ..errors import BranchguardError
+from ..settings import load
+from .options import friendly_errors
+
+
+@click.group(invoke_without_command=True)
+@click.option("--count", type=int, default=200_000, show_default=True,
+              help="Transactions for the full-speed run.")
+@click.option("--rates", default="2000,10000", show_default=True,
+              help="Fixed offered rates (tx/s), comma-separated; each runs --rate-seconds.")
+@click.option("--rate-seconds", type=float, default=10.0, show_default=True)
+@click.option("--restart-rows", type=int, default=0, show_default=True,
+              help="Also measure restart time with this many stored transactions.")
+@click.option("--sync-policy", type=click.Choice(["always", "interval"]), default="interval",
+              show_default=True)
+@click.option("--baseline", is_flag=True,
+              help="Also run the full-speed load through a pass-through consumer (message "
+                   "path only, no scoring or storage): the ceiling any scorer has here.")
+@click.option("--alerts-to", default=None,
+              help="Also run the full-speed load with the alert dispatcher delivering every "
+                   "alert to this Apprise URL (compare with the phase before it).")
+@click.option("--dead-smtp", is_flag=True,
+              help="--alerts-to a mailto:// URL on a loopback port nothing listens on.")
+@click.option("--alert-rounds", type=int, default=1, show_default=True,
+              help="With --alerts-to/--dead-smtp: alternate the dispatcher phase and a plain "
+                   "phase this many times, and compare their means.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+@friendly_errors
+def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, restart_rows: int,
+          sync_policy: str, baseline: bool, alerts_to: str | None, dead_smtp: bool,
+          alert_rounds: int, as_json: bool) -> None:
+    """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
+    p50/p95/p99 at fixed offered rates, peak memory, and restart time.
+
+    \b
+    Example:
+      branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
+      branchguard bench --count 200000 --rates '' --dead-smtp   # alerts cost, one run
+      branchguard bench --count 100000 --rates '' --dead-smtp --alert-rounds 3
+      branchguard bench api --transactions 1000000 --alerts 20000
+      branchguard bench replication --seconds 30
+
+    `branchguard bench api` measures the analyst API instead (see its --help).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..bench.throughput import dead_smtp_url, format_report, run_bench
+
+    logs.configure("WARNING")
+    report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
+                       rate_seconds=rate_seconds, restart_rows=restart_rows,
+                       sync_policy=sync_policy, baseline=baseline,
+                       alerts_to=dead_smtp_url() if dead_smtp else alerts_to,
+                       alert_rounds=alert_rounds)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@click.command("bench-load", hidden=True)
+@click.option("--url", required=True)
+@click.option("--count", type=int, required=True)
+@click.option("--rate", type=float, default=0.0)
+@click.option("--seed", type=int, default=2)
+def bench_load(url: str, count: int, rate: float, seed: int) -> None:
+    """The benchmark's load generator (a separate process): publish, await verdicts, report."""
+    from ..bench.throughput import generate_load
+
+    click.echo(json.dumps(asyncio.run(generate_load(url, count, rate or None, seed))))
+
+
+@click.command("bench-passthrough", hidden=True)
+@click.option("--url", required=True)
+def bench_passthrough(url: str) -> None:
+    """The benchmark's baseline consumer: the message path with no scoring (runs until killed)."""
+    from ..bench.throughput import passthrough
+
+    asyncio.run(passthrough(url, load(None, env={})))
+
+
+@bench.command("api")
+@click.option("--transactions", type=int, default=1_000_000, show_default=True)
+@click.option("--alerts", type=int, default=20_000, show_default=True)
+@click.option("--requests", type=int, default=5000, show_default=True,
+              help="Requests per phase (cached, uncached).")
+@click.option("--concurrency", default="1,8", show_default=True,
+              help="Requests in flight, comma-separated: each phase runs at each.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Build the database here, or reuse the one here (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
+              data_dir: Path | None, as_json: bool) -> None:
+    """Measure the analyst API: p50/p95/p99 of cached and uncached alert lists.
+
+    \b
+    Example:
+      branchguard bench api --transactions 1000000 --alerts 20000 --data-dir /tmp/bench-api
+    """
+    from ..bench.api import format_api_report, run_api_bench
+
+    logs.configure("WARNING")
+    try:
+        in_flight = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise BranchguardError("not a list of whole numbers", field="concurrency",
+                               value=concurrency) from None
+    report = run_api_bench(transactions, alerts, requests, in_flight, data_dir)
+    click.echo(json.dumps(report, indent=2) if as_json else format_api_report(report))
+
+
+@click.command("bench-api-load", hidden=True)
+@click.option("--url", required=True)
+@click.option("--key", required=True)
+@click.option("--mode", type=click.Choice(["cached", "uncached"]), required=True)
+@click.option("--requests", type=int, required=True)
+@click.option("--concurrency", type=int, required=True)
+def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: int) -> None:
+    """The API benchmark's load generator (a separate process)."""
+    from ..bench.api import generate_api_load
+
+    click.echo(json.dumps(asyncio.run(generate_api_load(url, key, mode, requests,
+                                                        concurrency))))
+
+
+@bench.command("replication")
+@click.option("--seconds", type=float, default=20.0, show_default=True)
+@click.option("--rate", type=float, default=50.0, show_default=True,
+              help="Commits per second (the scorer commits one batch per commit).")
+@click.option("--sync-interval", type=float, default=1.0, show_default=True,
+              help="Litestream's monitor and sync interval, seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_replication(seconds: float, rate: float, sync_interval: float, as_json: bool) -> None:
+    """Measure replication lag: commits on a throwaway node database, replicated by the
+    real litestream to a local folder, probed by restoring it.
+
+    \b
+    Example:
+      branchguard bench replication --seconds 30 --rate 50 --sync-interval 1
+    """
+    from ..bench.replication import format_lag, measure_lag
+
+    logs.configure("WARNING")
+    report = measure_lag(seconds=seconds, rate=rate, sync_interval=sync_interval)
+    click.echo(json.dumps(report, indent=2) if as_json else format_lag(report))
+
+
+COMMANDS = (bench, bench_load, bench_passthrough, bench_api_load)
+"""What this module adds to ``branchguard``."""

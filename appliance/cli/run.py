@@ -1,0 +1,154 @@
+"""Running the node and looking at it: ``run``, ``serve``, ``nats-server``, ``simulate``,
+``status``, ``settings``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .. import logs
+from ..settings import describe, format_value, load
+from .options import existing_db, friendly_errors, settings_from, settings_options
+
+
+@click.command()
+@settings_options
+@click.option("--demo", is_flag=True, help="Also publish a simulated stream of transactions.")
+@click.option("--demo-rate", type=float, default=50.0, show_default=True,
+              help="Transactions per second of the demo stream.")
+@click.option("--quiet", is_flag=True, help="No status line.")
+@friendly_errors
+def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: bool,
+        demo_rate: float, quiet: bool) -> None:
+    """Run the node: nats-server (unless --nats-url), the scorer, and with --demo a feed.
+
+    \b
+    Example:
+      branchguard run --demo --data-dir ./var
+    """
+    from ..operations.runner import run_node
+
+    settings = settings_from(config, data_dir, nats_url)
+    sys.exit(asyncio.run(run_node(settings, demo=demo, demo_rate=demo_rate,
+                                  status=not quiet)))
+
+
+@click.command()
+@settings_options
+@click.option("--count", type=int, default=None,
+              help="Transactions to publish (default: 1000 simulated, or the whole CSV; "
+                   "0 for endless).")
+@click.option("--rate", type=float, default=50.0, show_default=True,
+              help="Transactions per second (0 for as fast as possible).")
+@click.option("--seed", type=int, default=None,
+              help="Simulator seed; the same seed gives the same transactions and ids "
+                   "(default: a new one each run, so re-runs are not re-sends).")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Replay this CSV (reference-system or Fraud Handbook columns) instead.")
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="Write the ground-truth labels to this CSV (they never travel with the "
+                   "transactions).")
+@friendly_errors
+def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None,
+             count: int | None, rate: float, seed: int | None, csv_path: Path | None,
+             labels: Path | None) -> None:
+    """Publish simulated (or replayed) transactions to a running node.
+
+    \b
+    Example:
+      branchguard simulate --nats-url nats://127.0.0.1:4222 --count 5000 --rate 500
+
+    Without --nats-url it publishes to nats://127.0.0.1:<nats_port>, the embedded server's
+    default address.
+    """
+    from ..feed.terminal import publish_simulation
+
+    settings = settings_from(config, data_dir, nats_url)
+    if count is None:
+        count = 0 if csv_path is not None else 1000
+    confirmed = asyncio.run(publish_simulation(
+        settings, count=count or None, rate=rate or None,
+        seed=int(time.time()) if seed is None else seed, csv_path=csv_path,
+        labels_path=labels))
+    click.echo(f"published {confirmed} transactions")
+
+
+@click.command()
+@settings_options
+@friendly_errors
+def status(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Counts from the node database: transactions, alerts by severity, dead letters."""
+    from ..store import Store
+
+    settings = settings_from(config, data_dir, nats_url)
+    existing_db(settings)
+    store = Store.open(settings.db_path)
+    try:
+        click.echo(json.dumps(store.counts(), indent=2))
+    finally:
+        store.close()
+
+
+@click.command("settings")
+@settings_options
+@friendly_errors
+def show_settings(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Print the effective settings (defaults, file, environment and flags applied)."""
+    settings = settings_from(config, data_dir, nats_url)
+    for name, _, _ in describe():
+        click.echo(f"{name} = {format_value(getattr(settings, name))}")
+
+
+@click.command("settings-doc", hidden=True)
+def settings_doc() -> None:
+    """Print the settings table in Markdown (docs/settings.md is generated from this)."""
+    click.echo("| setting | default | environment | meaning |\n|---|---|---|---|")
+    for name, default, doc in describe():
+        click.echo(f"| `{name}` | `{default}` | `BRANCHGUARD_{name.upper()}` | {doc} |")
+
+
+@click.command()
+@settings_options
+@click.option("--host", default=None, help="Address to listen on (default: api_host).")
+@click.option("--port", type=int, default=None, help="Port (default: api_port; 0 = any free).")
+@friendly_errors
+def serve(config: Path | None, data_dir: Path | None, nats_url: str | None,
+          host: str | None, port: int | None) -> None:
+    """Serve the analyst API (uvicorn) on the node's database until Ctrl-C.
+
+    \b
+    Example:
+      branchguard keys create --name alice --role analyst
+      branchguard serve --data-dir ./var --port 8080
+    """
+    from ..api.app import serve as run_server
+
+    settings = load(config, data_dir=data_dir, nats_url=nats_url, api_host=host,
+                    api_port=port)
+    logs.configure(settings.log_level)
+    run_server(settings)
+
+
+@click.command("nats-server")
+@settings_options
+@friendly_errors
+def nats_server(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Run nats-server in the foreground with the configuration the embedded node writes
+    (JetStream under <data_dir>/nats, auth and TLS from the settings): the systemd unit.
+
+    \b
+    Example:
+      BRANCHGUARD_DATA_DIR=/var/lib/branchguard branchguard nats-server
+    """
+    from ..operations.node import exec_nats_server
+
+    exec_nats_server(settings_from(config, data_dir, nats_url))
+
+
+COMMANDS = (run, simulate, status, show_settings, settings_doc, serve, nats_server)
+"""What this module adds to ``branchguard``."""
