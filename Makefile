@@ -24,9 +24,10 @@ run: $(VENV)/.installed
 test: tools $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## lint: mypy --strict on the package
+## lint: mypy --strict on the package, and the layers (import-linter's contracts in pyproject.toml)
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 ## bench: throughput and latency on this machine (see README)
 bench: $(VENV)/.installed
