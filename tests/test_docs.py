@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -27,6 +28,26 @@ def test_every_command_is_in_the_cli_doc_and_has_an_example() -> None:
         help_text = CliRunner().invoke(cli.cli, [name, "--help"]).output
         if name not in ("status", "settings"):
             assert "Example:" in help_text, name
+
+
+def test_every_library_function_in_the_cli_doc_exists() -> None:
+    rows = [line for line in (DOCS / "cli.md").read_text().splitlines()
+            if line.startswith("| `branchguard")]
+    named = [ref for row in rows for ref in re.findall(r"`([\w.]+)`", row.rsplit(" | ", 1)[1])]
+    assert len(named) >= len(rows)
+    for ref in named:
+        parts = ref.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module
+            try:
+                target: object = importlib.import_module("appliance." + ".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for attribute in parts[cut:]:
+                target = getattr(target, attribute)
+            assert callable(target), ref
+            break
+        else:
+            raise AssertionError(f"docs/cli.md names {ref}, which is not in appliance")
 
 
 def test_settings_doc_is_the_generated_table() -> None:
