@@ -199,7 +199,8 @@ def test_sigkill_mid_batch_loses_nothing_and_double_counts_nothing(
         query(ref_db, "SELECT count(*), count(DISTINCT transaction_id) FROM alerts")
     crashed, reference = Store.open(db), Store.open(ref_db)
     try:
-        assert feature_state(crashed.reader).snapshot() == feature_state(reference.reader).snapshot()
+        assert (feature_state(crashed.reader).snapshot()
+                == feature_state(reference.reader).snapshot())
     finally:
         crashed.close()
         reference.close()

@@ -232,7 +232,8 @@ def test_first_stored_verdict_wins(store: Store, simulated: list[Transaction]) -
     store.save_batch([s], [], CONSUMER, 1)
     other = msgspec.structs.replace(s.verdict, risk=0.99, severity="CRITICAL",
                                     decision="decline", model_version="m-other")
-    store.save_batch([Scored(s.tx, s.branch, 2, s.features, s.features_version, other)], [], CONSUMER, 2)
+    store.save_batch([Scored(s.tx, s.branch, 2, s.features, s.features_version, other)], [],
+                     CONSUMER, 2)
     assert store.verdicts_for([s.tx.transaction_id]) == {s.tx.transaction_id: s.verdict}
 
 

@@ -1,8 +1,8 @@
 """The Fraud Detection Handbook protocol, run through the real appliance.
 
 On the handbook's simulated transactions (days 46-66 in ``../shared/data``), in a throwaway
-data directory, with an embedded nats-server and the real :class:`~appliance.scoring.pipeline.Scorer`
-(registry watched, so promotions hot-swap):
+data directory, with an embedded nats-server and the real
+:class:`~appliance.scoring.pipeline.Scorer` (registry watched, so promotions hot-swap):
 
 1. replay days 46-59 as terminals would publish them (history: features and stored verdicts,
    scored by the shipped model);
