@@ -2,7 +2,7 @@
 each row, and the severities and decisions it may carry.
 
 The result types live at the ground, apart from the scoring that produces them
-(``scoring/score.py``), because the store, the API, the console and the alerts all read them.
+(``scoring/score.py``), because the store, the API and the console read them too.
 """
 
 from __future__ import annotations
@@ -32,3 +32,4 @@ class Verdict(msgspec.Struct, frozen=True):
 
 DECISIONS: dict[Severity, Decision] = {"CRITICAL": "decline", "HIGH": "review",
                                        "WARNING": "review", "INFO": "approve"}
+"""The decision each severity carries: anything not approved raises an alert."""
