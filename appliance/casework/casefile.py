@@ -36,22 +36,13 @@ def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
     if row is None:
         return None
     alert = alert_row(row)
-    tx_row = conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM transactions "
-                          "WHERE transaction_id = ?", (alert["transaction_id"],)).fetchone()
-    tx: dict[str, Any] = dict(zip(TX_COLUMNS, tx_row)) if tx_row else {}
-    reasons: list[dict[str, str]] = []
-    features: list[dict[str, Any]] = []
-    if tx:
-        codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
-        reasons = [{"code": c, "detail": d} for c, d in zip(codes, details)]
-        values = _list.decode(tx.pop("features"))
-        if tx["features_version"] in VERSIONS:
-            features = _against_baseline(conn, tx, values, VERSIONS[tx["features_version"]])
+    tx, values, reasons = _stored_transaction(conn, alert["transaction_id"])
+    names = VERSIONS.get(tx.get("features_version", ""))
     return {
         "alert": alert,
         "transaction": tx,
         "reasons": reasons,
-        "features": features,
+        "features": _against_baseline(conn, tx, values, names) if names else [],
         "explanation": stored_explanation(conn, alert["transaction_id"]) if tx else None,
         "timeline": timeline(conn, alert["account_id"]),
         "terminals": terminals_used(conn, alert["account_id"]),
@@ -67,21 +58,27 @@ def alert_transaction(conn: sqlite3.Connection, transaction_id: str) -> dict[str
     features, reasons and details), its features by name (``{"values": [...]}`` under a
     features version this code does not know), its reasons as code and detail, and the
     explanation stored with the alert. All empty when the row is gone (retention)."""
-    row = conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM transactions "
-                       "WHERE transaction_id = ?", (transaction_id,)).fetchone()
-    tx = dict(zip(TX_COLUMNS, row)) if row else {}
-    features: dict[str, Any] = {}
-    reasons: list[dict[str, str]] = []
-    if tx:
-        values = _list.decode(tx.pop("features"))
-        if tx["features_version"] in VERSIONS:
-            features = dict(zip(VERSIONS[tx["features_version"]], values))
-        else:
-            features = {"values": values}
-        codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
-        reasons = [{"code": c, "detail": d} for c, d in zip(codes, details)]
+    tx, values, reasons = _stored_transaction(conn, transaction_id)
+    names = VERSIONS.get(tx.get("features_version", ""))
+    features: dict[str, Any] = dict(zip(names, values)) if names else {}
+    if tx and not names:  # a features version this code does not know: the values as stored
+        features = {"values": values}
     return {"transaction": tx, "features": features, "reasons": reasons,
             "explanation": stored_explanation(conn, transaction_id)}
+
+
+def _stored_transaction(conn: sqlite3.Connection, transaction_id: str
+                        ) -> tuple[dict[str, Any], list[float], list[dict[str, str]]]:
+    """The stored row of ``transaction_id`` without its encoded columns, its feature values,
+    and its reasons as code and detail; all empty when the row is gone (retention)."""
+    row = conn.execute(f"SELECT {', '.join(TX_COLUMNS)} FROM transactions "
+                       "WHERE transaction_id = ?", (transaction_id,)).fetchone()
+    if row is None:
+        return {}, [], []
+    tx = dict(zip(TX_COLUMNS, row))
+    codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
+    values = _list.decode(tx.pop("features"))
+    return tx, values, [{"code": c, "detail": d} for c, d in zip(codes, details)]
 
 
 def _against_baseline(conn: sqlite3.Connection, tx: dict[str, Any], values: list[float],
