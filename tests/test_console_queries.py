@@ -3,12 +3,13 @@ marker, the case file, the overview, and status changes through the case workflo
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
 import pytest
 
-from appliance.casework.casefile import case_file
+from appliance.casework.casefile import alert_transaction, case_file
 from appliance.casework.cases import CaseError, Change, change_case
 from appliance.casework.overview import overview, waiting_urgent
 from appliance.casework.queue import UNASSIGNED, QueueQuery, alert_page, marker, newer_than
@@ -149,6 +150,30 @@ def test_case_file_has_everything(node_db: tuple[Settings, Store]) -> None:  # n
     assert [(h["action"], h["after"]["status"]) for h in case["history"]] == \
         [("case.change", "INVESTIGATING")]
     assert case_file(conn, 10**9) is None
+
+
+def test_a_transaction_of_unknown_features_version_or_gone_is_read_without_names(
+        node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    settings = node_db[0]
+    conn = _conn(settings)
+    alert_id, tid = conn.execute("SELECT alert_id, transaction_id FROM alerts "
+                                 "WHERE reasons != '[]' LIMIT 1").fetchone()
+    stored = json.loads(conn.execute("SELECT features FROM transactions "
+                                     "WHERE transaction_id = ?", (tid,)).fetchone()[0])
+    known = alert_transaction(conn, tid)
+    assert list(known["features"].values()) == stored and known["reasons"]
+    with conn:  # a row written by a features version this code does not know
+        conn.execute("UPDATE transactions SET features_version = 'features-v99' "
+                     "WHERE transaction_id = ?", (tid,))
+    assert alert_transaction(conn, tid)["features"] == {"values": stored}
+    case = case_file(conn, alert_id)
+    assert case is not None and case["features"] == [] and case["reasons"] == known["reasons"]
+    with conn:  # retention has moved the row out of the hot tier
+        conn.execute("DELETE FROM transactions WHERE transaction_id = ?", (tid,))
+    assert alert_transaction(conn, tid) == {"transaction": {}, "features": {}, "reasons": [],
+                                            "explanation": None}
+    case = case_file(conn, alert_id)
+    assert case is not None and case["transaction"] == {} and case["explanation"] is None
 
 
 def test_confirm_passes_through_investigating(node_db: tuple[Settings, Store]  # noqa: F811
