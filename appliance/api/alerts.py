@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from ..casework.casefile import TX_COLUMNS, alert_transaction, notes
-from ..casework.cases import (ALERT_COLUMNS, STATUSES, CaseError, Change, add_note, alert_row,
+from ..casework.cases import (ALERT_SELECT, STATUSES, CaseError, Change, add_note, alert_row,
                               bulk_change, change_case, is_reopen)
 from ..casework.keys import role_at_least
 from ..verdict import SEVERITIES
@@ -22,7 +22,6 @@ from .params import encode_cursor
 routes = Routes()
 _list = msgspec.json.Decoder(list[Any])
 
-_SELECT = f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a"
 SORTS = {"created_at": "a.alert_id", "risk": "a.risk", "ts": "a.ts"}
 SORT_CHOICES = tuple(f"{sign}{name}" for name in SORTS for sign in ("", "-"))
 LIST_PARAMS = ("status", "severity", "min_risk", "max_risk", "reason", "account_id",
@@ -101,7 +100,7 @@ def list_alerts(call: Call) -> dict[str, Any]:
         page_where.append(f"({column}, a.alert_id) {'<' if descending else '>'} (?, ?)")
         page_args.extend(cursor[1:])
     order = "DESC" if descending else "ASC"
-    sql = (_SELECT + (" WHERE " + " AND ".join(page_where) if page_where else "")
+    sql = (ALERT_SELECT + (" WHERE " + " AND ".join(page_where) if page_where else "")
            + f" ORDER BY {column} {order}, a.alert_id {order} LIMIT ?")
     rows = [alert_row(r) for r in call.conn.execute(sql, [*page_args, limit + 1])]
     more = len(rows) > limit
@@ -113,7 +112,7 @@ def list_alerts(call: Call) -> dict[str, Any]:
 
 
 def _alert(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any]:
-    row = conn.execute(_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
+    row = conn.execute(ALERT_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
     if row is None:
         raise ApiError(404, "no such alert", "alert_id")
     return alert_row(row)
@@ -147,7 +146,7 @@ def related(call: Call) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for scope in ("account", "terminal"):
         out[scope] = [alert_row(r) for r in call.conn.execute(
-            _SELECT + f" WHERE a.{scope}_id = ? AND a.status IN ('NEW', 'INVESTIGATING') "
+            ALERT_SELECT + f" WHERE a.{scope}_id = ? AND a.status IN ('NEW', 'INVESTIGATING') "
             "AND a.alert_id != ? ORDER BY a.alert_id DESC LIMIT 200",
             (alert[f"{scope}_id"], alert["alert_id"]))]
     return out

@@ -18,7 +18,7 @@ import msgspec
 from ..audit import entry_dict
 from ..scoring.explain import stored_explanation
 from ..scoring.features import HORIZON, VERSIONS
-from .cases import ALERT_COLUMNS, alert_row
+from .cases import ALERT_SELECT, alert_row
 
 BASELINE_ROWS = 100
 TIMELINE_ROWS = 50
@@ -27,12 +27,11 @@ TX_COLUMNS = ("transaction_id", "branch", "account_id", "terminal_id", "amount",
               "features_version", "model_risk", "risk", "severity", "decision", "reasons",
               "details", "model_version", "rules_version", "stored_at")
 _list = msgspec.json.Decoder(list[Any])
-_ALERT_SELECT = f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a"
 
 
 def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
     """The case of ``alert_id`` (see module doc), or None when there is no such alert."""
-    row = conn.execute(_ALERT_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
+    row = conn.execute(ALERT_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
     if row is None:
         return None
     alert = alert_row(row)
@@ -132,7 +131,7 @@ def related_alerts(conn: sqlite3.Connection, alert: dict[str, Any], scope: str
     """The other open alerts on the same account or terminal, newest first."""
     column = {"account": "account_id", "terminal": "terminal_id"}[scope]
     return [alert_row(r) for r in conn.execute(
-        _ALERT_SELECT + f" WHERE a.{column} = ? AND a.status IN ('NEW', 'INVESTIGATING') "
+        ALERT_SELECT + f" WHERE a.{column} = ? AND a.status IN ('NEW', 'INVESTIGATING') "
         "AND a.alert_id != ? ORDER BY a.alert_id DESC LIMIT 200",
         (alert[column], alert["alert_id"]))]
 

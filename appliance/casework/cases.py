@@ -25,6 +25,8 @@ ALERT_COLUMNS = ("alert_id", "transaction_id", "created_at", "ts", "account_id",
                  "terminal_id", "severity", "risk", "reasons", "status", "assignee",
                  "version", "updated_at", "updated_by", "disposed_at", "disposed_by")
 """An alert as the API, the queue and the case file read it (a case is its alert's row)."""
+ALERT_SELECT = f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a"
+"""The start of every query for alert rows (the table as ``a``), for :func:`alert_row`."""
 _list = msgspec.json.Decoder(list[Any])
 STATUSES = ("NEW", "INVESTIGATING", "CONFIRMED_FRAUD", "FALSE_POSITIVE")
 OPEN_STATUSES = ("NEW", "INVESTIGATING")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..scoring.rules import RULES
 from ..verdict import SEVERITIES
-from .cases import ALERT_COLUMNS, STATUSES, alert_row
+from .cases import ALERT_COLUMNS, ALERT_SELECT, STATUSES, alert_row
 
 REASONS = tuple(rule.__name__ for rule in RULES) + ("deny_list",)
 """Reason codes an alert can carry (allow-listed transactions raise no alert)."""
@@ -95,7 +95,7 @@ def alert_page(conn: sqlite3.Connection, q: QueueQuery) -> QueuePage:
     order = SORTS.get(q.sort, SORTS["newest"])
     size = max(1, min(q.page_size, 500))
     rows = conn.execute(
-        f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)} FROM alerts a{where} "
+        f"{ALERT_SELECT}{where} "
         f"ORDER BY {order} LIMIT ? OFFSET ?", [*args, size, max(0, q.page) * size])
     return QueuePage(total, [alert_row(r) for r in rows])
 
