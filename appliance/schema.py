@@ -340,6 +340,36 @@ def m010_terminals(db: Database) -> None:
     )
 
 
+# --- issue 16: the hot path (verdicts published before the commit) -------------------------
+@migrations()
+def m011_verdict_of_record(db: Database) -> None:
+    """What the scorer needs to keep a published verdict the verdict of record across a crash
+    between publishing and committing (see scoring/pipeline.py), and to tell a re-send from a
+    conflicting one (a re-used transaction id with another body).
+
+    ``features`` may now hold a binary blob (``store.encode_features``) as well as the JSON
+    text of older rows; readers go through ``store.decode_features``.
+    """
+    db.executescript(
+        """
+        -- blake2b-128 of the transaction's canonical body (transaction.digest); NULL on rows
+        -- stored before issue 16.
+        ALTER TABLE transactions ADD COLUMN body_digest BLOB;
+        -- The label features the model read (float64 blob), when it reads any: with the
+        -- features and the model version they rebuild the alert's explanation on demand.
+        ALTER TABLE transactions ADD COLUMN label_features BLOB;
+        -- VERDICTS stream sequence below which every verdict of an uncommitted transaction
+        -- can not be: a restart reads VERDICTS from here and adopts what it finds.
+        ALTER TABLE checkpoints ADD COLUMN verdict_seq INTEGER NOT NULL DEFAULT 0;
+        -- TX stream sequence up to which every verdict is known to be in VERDICTS.
+        ALTER TABLE checkpoints ADD COLUMN confirmed_seq INTEGER NOT NULL DEFAULT 0;
+        -- Before issue 16 a verdict was published only after its commit, and a stop waited
+        -- for the acks: what an older node committed is taken as published.
+        UPDATE checkpoints SET confirmed_seq = stream_seq;
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

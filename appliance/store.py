@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,13 @@ from .verdict import SEVERITIES, Verdict
 
 _json = msgspec.json.Encoder()
 _decode_list = msgspec.json.Decoder(list[str])
+_decode_floats = msgspec.json.Decoder(list[float])
 
 _TX_COLUMNS = ("transaction_id", "stream_seq", "branch", "account_id", "terminal_id", "amount",
                "amount_milli", "currency", "ts", "utc_offset", "channel", "merchant_category",
                "location", "features", "features_version", "model_risk", "risk", "severity",
-               "decision", "reasons", "details", "model_version", "rules_version", "stored_at")
+               "decision", "reasons", "details", "model_version", "rules_version", "stored_at",
+               "body_digest", "label_features")
 _INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
               f"VALUES ({', '.join('?' * len(_TX_COLUMNS))})")
 _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
@@ -53,8 +56,10 @@ class Scored:
     features_version: str
     """Names the list ``features`` follows (``scoring.features.FEATURES_VERSION``)."""
     verdict: Verdict
-    explanation: str | None = None
-    """JSON explanation of an alert (explain.py), stored with it; None when approved."""
+    digest: bytes | None = None
+    """``transaction.digest`` of the body: tells a re-send from a conflicting one."""
+    label_features: tuple[float, ...] | None = None
+    """The label features the model read, when it reads any (kept for explanations)."""
     shadow: tuple[str, float, float, str] | None = None
     """The shadow model's (version, model_risk, risk, decision): stored, never acted on."""
 
@@ -65,6 +70,36 @@ class DeadLetter:
     subject: str
     reason: str
     size: int
+
+
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes the WAL file is cut back to when it restarts (it otherwise keeps its largest size)."""
+
+
+def encode_features(values: Sequence[float]) -> bytes:
+    """Features as stored: float64 values, native byte order (a third of the JSON's cost)."""
+    return array("d", values).tobytes()
+
+
+def decode_features(value: bytes | str) -> list[float]:
+    """Stored features back as floats: the binary blob, or the JSON text of older rows."""
+    if isinstance(value, bytes):
+        out = array("d")
+        out.frombytes(value)
+        return out.tolist()
+    return _decode_floats.decode(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where a consumer's committed work ends (see schema m001 and m011)."""
+
+    stream_seq: int
+    """Last TX stream sequence whose outcome is committed."""
+    verdict_seq: int
+    """VERDICTS sequence at or below which no uncommitted transaction's verdict lies."""
+    confirmed_seq: int
+    """TX stream sequence up to which every stored verdict is known to be in VERDICTS."""
 
 
 def require_db(db_path: Path) -> None:
@@ -90,6 +125,7 @@ def open_db(path: Path) -> Database:
         # No checkpoints on commit: they fsync, and would stall the batch that triggers one.
         # The scorer checkpoints from its own thread instead (Store.checkpoint_wal).
         db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         migrate(db)
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open database: {exc}", field="data_dir", value=str(path),
@@ -131,13 +167,28 @@ class Store:
         finally:
             conn.close()
 
+    def restart_wal(self, wait_ms: int = 250) -> tuple[int, int, int]:
+        """Checkpoint everything and make the next commit write the WAL from its start
+        (``RESTART``), waiting at most ``wait_ms`` for readers; with ``journal_size_limit``
+        the file then shrinks. Only for the writer's thread, and never while Litestream
+        replicates (it restarts the WAL itself, after copying it)."""
+        conn = self.db.conn
+        conn.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+        try:
+            row = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            return int(row[0]), int(row[1]), int(row[2])
+        finally:
+            conn.execute("PRAGMA busy_timeout = 5000")
+
     # --- writes -------------------------------------------------------------------------
 
     def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
-                   last_seq: int) -> int:
-        """Store a batch in one transaction: rows, their alerts (each with its outbox row, for
-        the alert dispatcher), dead letters and the new checkpoint. Idempotent by transaction
-        id and stream sequence. Returns alerts created."""
+                   last_seq: int, verdict_seq: int = 0, confirmed_seq: int = 0) -> int:
+        """Store a batch (or several, for a group commit) in one transaction: rows, their
+        alerts (each with its outbox row, for the alert dispatcher), shadow scores, dead
+        letters and the new checkpoint. Idempotent by transaction id and stream sequence.
+        ``last_seq``, ``verdict_seq`` and ``confirmed_seq`` are the new :class:`Checkpoint`.
+        Returns alerts created."""
         now = time.time()
         rows = []
         alerts = []
@@ -152,58 +203,69 @@ class Store:
                 tx.transaction_id, s.stream_seq, s.branch, tx.account_id, tx.terminal_id,
                 tx.amount, round(tx.amount * MILLI), tx.currency, ts,
                 int(offset.total_seconds()) if offset else 0, tx.channel,
-                tx.merchant_category, tx.location, encode(s.features).decode(),
+                tx.merchant_category, tx.location, array("d", s.features).tobytes(),
                 s.features_version, v.model_risk, v.risk, v.severity, v.decision, reasons,
                 encode(v.details).decode() if v.details else "[]", v.model_version,
-                v.rules_version, now))
+                v.rules_version, now, s.digest,
+                None if s.label_features is None else array("d", s.label_features).tobytes()))
             if v.decision != "approve":
                 alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
                                v.severity, v.risk, reasons, now))
         conn = self.db.conn
         with self.db.atomic():
             conn.executemany(_INSERT_TX, rows)
-            before = conn.total_changes
-            last_alert = (conn.execute("SELECT max(alert_id) FROM alerts").fetchone()[0]
-                          if alerts else None)
-            conn.executemany(_INSERT_ALERT, alerts)
-            created = conn.total_changes - before
-            if created:  # issue 6: each new alert's outbox row, in the same transaction
-                conn.execute(_INSERT_OUTBOX, (last_alert or 0,))
-            conn.executemany(  # issue 3: explanations, with their alerts
-                "INSERT OR IGNORE INTO alert_explanations (transaction_id, explanation, "
-                "created_at) VALUES (?, ?, ?)",
-                [(s.tx.transaction_id, s.explanation, now) for s in scored
-                 if s.explanation is not None])
-            conn.executemany(
-                "INSERT OR IGNORE INTO shadow_scores (transaction_id, model_version, "
-                "model_risk, risk, decision) VALUES (?, ?, ?, ?, ?)",
-                [(s.tx.transaction_id, *s.shadow) for s in scored if s.shadow is not None])
-            conn.executemany(
-                "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
-                "received_at) VALUES (?, ?, ?, ?, ?)",
-                [(d.stream_seq, d.subject, d.reason, d.size, now) for d in dead])
+            created = 0
+            if alerts:
+                before = conn.total_changes
+                last_alert = conn.execute("SELECT max(alert_id) FROM alerts").fetchone()[0]
+                conn.executemany(_INSERT_ALERT, alerts)
+                created = conn.total_changes - before
+                if created:  # issue 6: each new alert's outbox row, in the same transaction
+                    conn.execute(_INSERT_OUTBOX, (last_alert or 0,))
+            shadows = [(s.tx.transaction_id, *s.shadow) for s in scored if s.shadow is not None]
+            if shadows:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO shadow_scores (transaction_id, model_version, "
+                    "model_risk, risk, decision) VALUES (?, ?, ?, ?, ?)", shadows)
+            if dead:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
+                    "received_at) VALUES (?, ?, ?, ?, ?)",
+                    [(d.stream_seq, d.subject, d.reason, d.size, now) for d in dead])
             conn.execute(
-                "INSERT INTO checkpoints (consumer, stream_seq, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (consumer) DO UPDATE SET stream_seq = max(stream_seq, "
-                "excluded.stream_seq), updated_at = excluded.updated_at",
-                (consumer, last_seq, now))
+                "INSERT INTO checkpoints (consumer, stream_seq, verdict_seq, confirmed_seq, "
+                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer) DO UPDATE SET "
+                "stream_seq = max(stream_seq, excluded.stream_seq), "
+                "verdict_seq = excluded.verdict_seq, confirmed_seq = excluded.confirmed_seq, "
+                "updated_at = excluded.updated_at",
+                (consumer, last_seq, verdict_seq, confirmed_seq, now))
         return created
 
     # --- reads used by the pipeline -----------------------------------------------------
 
     def checkpoint(self, consumer: str) -> int:
         """Last committed stream sequence for ``consumer`` (0 when it never ran)."""
-        row = self.reader.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
-                              [consumer]).fetchone()
-        return int(row[0]) if row else 0
+        return self.checkpoint_marks(consumer).stream_seq
+
+    def checkpoint_marks(self, consumer: str) -> Checkpoint:
+        """Where ``consumer``'s committed work ends (all zero when it never ran)."""
+        row = self.reader.execute(
+            "SELECT stream_seq, verdict_seq, confirmed_seq FROM checkpoints WHERE consumer = ?",
+            [consumer]).fetchone()
+        return Checkpoint(*map(int, row)) if row else Checkpoint(0, 0, 0)
 
     def verdicts_for(self, ids: Iterable[str]) -> dict[str, Verdict]:
-        """Stored verdicts of those of ``ids`` already stored (to answer re-sends)."""
+        """Stored verdicts of those of ``ids`` already stored."""
+        return {tid: verdict for tid, (verdict, _) in self.stored_for(ids).items()}
+
+    def stored_for(self, ids: Iterable[str]) -> dict[str, tuple[Verdict, bytes | None]]:
+        """Stored verdicts, with their body digests (None on rows older than issue 16), of
+        those of ``ids`` already stored: to answer re-sends and spot conflicting ones."""
         rows = self.reader.execute(
             "SELECT transaction_id, risk, severity, decision, reasons, details, model_risk, "
-            "model_version, rules_version FROM transactions WHERE transaction_id IN "
-            "(SELECT value FROM json_each(?))", [_json.encode(list(ids)).decode()])
-        return {row[0]: _verdict_from_row(row) for row in rows}
+            "model_version, rules_version, body_digest FROM transactions WHERE transaction_id "
+            "IN (SELECT value FROM json_each(?))", [_json.encode(list(ids)).decode()])
+        return {row[0]: (_verdict_from_row(row), row[9]) for row in rows}
 
     def verdicts_between(self, after_seq: int, upto_seq: int) -> list[tuple[str, str, Verdict]]:
         """(branch, terminal_id, verdict) of rows stored from stream sequences in

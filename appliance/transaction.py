@@ -9,6 +9,7 @@ stop the consumer. ``docs/transactions.md`` is the human-readable version of thi
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from typing import Annotated, Literal
@@ -117,3 +118,10 @@ def parse(subject: str, data: bytes) -> Transaction | Malformed:
 def encode(tx: Transaction) -> bytes:
     """Serialise ``tx`` as a terminal would send it."""
     return _encoder.encode(tx)
+
+
+def digest(tx: Transaction) -> bytes:
+    """blake2b-128 of ``tx``'s canonical body: its fields re-encoded in contract order, so a
+    re-send that differs only in key order or white space has the same digest, and one with
+    another amount, time, account or place has another (stored as ``body_digest``)."""
+    return hashlib.blake2b(_encoder.encode(tx), digest_size=16).digest()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from appliance.store import decode_features
 from appliance.casework.casefile import alert_transaction, case_file
 from appliance.casework.cases import CaseError, Change, change_case
 from appliance.casework.overview import overview, waiting_urgent
@@ -126,7 +127,12 @@ def test_case_file_has_everything(node_db: tuple[Settings, Store]) -> None:  # n
     apply_change(writer, lambda c: change_case(c, alert_id, Change(1, "INVESTIGATING"),
                                                "user:alice"))
     case = case_file(conn, alert_id)
-    assert case is not None and case["explanation"] is None
+    assert case is not None
+    explanation = case["explanation"]  # made now, from the stored row (issue 16)
+    stored_reasons = [r["code"] for r in case["reasons"]]
+    assert [r["reason"] for r in explanation["rules"]] == stored_reasons
+    assert explanation["model_version"] == case["transaction"]["model_version"]
+    assert isinstance(explanation["unusual"], list)
     tid = case["alert"]["transaction_id"]
     with writer.conn:
         writer.conn.execute("INSERT INTO alert_explanations VALUES (?, ?, 0)",
@@ -158,8 +164,8 @@ def test_a_transaction_of_unknown_features_version_or_gone_is_read_without_names
     conn = _conn(settings)
     alert_id, tid = conn.execute("SELECT alert_id, transaction_id FROM alerts "
                                  "WHERE reasons != '[]' LIMIT 1").fetchone()
-    stored = json.loads(conn.execute("SELECT features FROM transactions "
-                                     "WHERE transaction_id = ?", (tid,)).fetchone()[0])
+    stored = decode_features(conn.execute("SELECT features FROM transactions "
+                                          "WHERE transaction_id = ?", (tid,)).fetchone()[0])
     known = alert_transaction(conn, tid)
     assert list(known["features"].values()) == stored and known["reasons"]
     with conn:  # a row written by a features version this code does not know

@@ -66,14 +66,18 @@ def test_the_prometheus_registry_reads_the_figures_from_the_database(tmp_path: P
 
 
 def test_a_message_carries_the_stored_explanation_in_plain_words(tmp_path: Path) -> None:
+    """An alert stored before issue 16 has its explanation in alert_explanations."""
     from appliance.alerts.messages import single
     from appliance.alerts.outbox import Outbox, Route
 
     db = tmp_path / "branchguard.db"
     batch = scored_batch([Spec("c1", "CRITICAL"), Spec("c2", "CRITICAL")])
-    batch[0].explanation = '{"unusual": ["first use of this terminal"], "contributions": []}'
     store = Store.open(db)
-    store.save_batch(batch, [], "scorer", 2)  # as the scorer does: with the alerts
+    store.save_batch(batch, [], "scorer", 2)
+    with store.db.conn:
+        store.db.conn.execute(
+            "INSERT INTO alert_explanations VALUES (?, ?, 0)", (batch[0].tx.transaction_id,
+            '{"unusual": ["first use of this terminal"], "contributions": []}'))
     store.close()
     outbox = Outbox(db)
     try:
@@ -85,3 +89,35 @@ def test_a_message_carries_the_stored_explanation_in_plain_words(tmp_path: Path)
     body = single(explained, "http://console").body
     assert "What was unusual:\n- first use of this terminal" in body
     assert "What was unusual:" not in single(plain, "http://console").body
+
+
+def test_a_message_says_what_was_unusual_from_the_stored_features(tmp_path: Path) -> None:
+    """Explanations are made when read (issue 16): the message's sentences come from the
+    features stored with the row, not from anything the scorer wrote for the alert."""
+    from appliance.alerts.messages import single
+    from appliance.alerts.outbox import Outbox, Route
+    from appliance.scoring.features import FEATURES, INDEX
+
+    db = tmp_path / "branchguard.db"
+    batch = scored_batch([Spec("c1", "CRITICAL"), Spec("c2", "CRITICAL")])
+    usual = [1.0] * len(FEATURES)
+    usual[INDEX["account_prior_count"]] = 10.0
+    usual[INDEX["seconds_since_previous"]] = 86400.0
+    usual[INDEX["account_count_1h"]] = 0.0
+    for name in ("first_time_terminal", "first_time_location", "first_time_category"):
+        usual[INDEX[name]] = 0.0
+    new_terminal = list(usual)
+    new_terminal[INDEX["first_time_terminal"]] = 1.0
+    batch[0].features, batch[1].features = tuple(new_terminal), tuple(usual)
+    store = Store.open(db)
+    store.save_batch(batch, [], "scorer", 2)
+    store.close()
+    outbox = Outbox(db)
+    try:
+        outbox.route([Route("CRITICAL", "d1", False)], 60.0)
+        explained, plain = outbox.pending("d1", False, None, 10)
+    finally:
+        outbox.close()
+    assert explained.unusual == ["first use of this terminal"] and plain.unusual == []
+    assert "What was unusual:\n- first use of this terminal" in single(
+        explained, "http://console").body

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from appliance.scoring.features import FEATURES, feature_state
-from appliance.store import Store
+from appliance.store import Store, decode_features
 from appliance.transaction import Transaction, encode, subject_for
 
 from .support import (START, decode, make_transactions, query, read_stream, send, send_raw,
@@ -58,7 +58,7 @@ def test_whole_path_stores_scores_alerts_and_publishes_verdicts(
     assert not reasons["calm-3"] & {"high_value", "high_deviation", "suspicious_combo"}
     for tid, (_, risk, severity, decision, _, features, model_version) in rows.items():
         assert 0.0 <= risk <= 1.0
-        assert len(msgspec.json.decode(features)) == len(FEATURES)
+        assert len(decode_features(features)) == len(FEATURES)
         assert model_version == "if-v1"
         assert decision == {"CRITICAL": "decline", "HIGH": "review", "WARNING": "review",
                             "INFO": "approve"}[severity]
@@ -94,7 +94,7 @@ def test_the_same_transaction_twice_is_stored_and_counted_once(
     assert len(tx_stream) == 3  # the window dropped one, the late re-send got through
     wait_until(lambda: query(db, "SELECT count(*) FROM transactions")[0][0] == 2)
     assert query(db, "SELECT count(*) FROM transactions WHERE transaction_id = 'dup-1'")[0][0] == 1
-    features = dict(zip(FEATURES, msgspec.json.decode(query(
+    features = dict(zip(FEATURES, decode_features(query(
         db, "SELECT features FROM transactions WHERE transaction_id = 'dup-2'")[0][0])))
     assert features["account_prior_count"] == 1  # the re-send did not count as history
     assert features["account_sum_1h"] == 50.0

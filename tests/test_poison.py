@@ -15,7 +15,7 @@ from appliance.scoring.features import compute_all
 from appliance.scoring.model import Model
 from appliance.scoring.pipeline import Scorer
 from appliance.settings import Settings
-from appliance.store import Store
+from appliance.store import Store, decode_features
 
 from .support import make_transactions, query, read_stream
 
@@ -57,7 +57,7 @@ def test_a_poisonous_transaction_is_dead_lettered_and_the_batch_goes_on(
     stored = query(db, "SELECT transaction_id, features FROM transactions ORDER BY stream_seq")
     assert [r[0] for r in stored] == [t.transaction_id for t in txs if t.transaction_id != poison]
     clean = compute_all(t for t in txs if t.transaction_id != poison)
-    assert [tuple(msgspec.json.decode(r[1])) for r in stored] == [tuple(f) for f in clean]
+    assert [tuple(decode_features(r[1])) for r in stored] == [tuple(f) for f in clean]
     (reason,) = query(db, "SELECT reason FROM dead_letters")[0]
     assert reason == "scoring failed: ValueError: cannot judge this one"
     dlq = read_stream(nats_url, "TX_DLQ", expect=1)

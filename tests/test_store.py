@@ -15,7 +15,7 @@ from appliance.scoring.features import FEATURES_VERSION, FeatureState, feature_s
 from appliance.scoring.rules import RULES_VERSION
 from appliance.scoring.score import judge
 from appliance.settings import Settings
-from appliance.store import DeadLetter, Scored, Store
+from appliance.store import DeadLetter, Scored, Store, decode_features
 from appliance.transaction import Transaction
 from appliance.verdict import Verdict
 from tests.support import make_transactions, query
@@ -275,7 +275,7 @@ def test_transaction_row(store: Store) -> None:
     assert row["ts"] == stamp.timestamp()
     assert row["utc_offset"] == 7200
     assert row["merchant_category"] is None and row["location"] == "Turku"
-    assert tuple(msgspec.json.decode(row["features"])) == s.features
+    assert tuple(decode_features(row["features"])) == s.features
     assert row["features_version"] == FEATURES_VERSION
     assert row["branch"] == "BR001" and row["stream_seq"] == 1
     assert store.transaction("nope") is None

@@ -39,7 +39,7 @@ class CaseView:
 
     @ui.refreshable_method
     def body(self) -> None:
-        case = case_file(self.console.reader(), self.alert_id)
+        case = case_file(self.console.reader(), self.alert_id, self.console.api.explainer)
         if case is None:
             ui.label(f"no alert {self.alert_id}").props("data-testid=missing")
             return

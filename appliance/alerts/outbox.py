@@ -22,7 +22,9 @@ from typing import Any
 
 import msgspec
 
-from ..store import open_db
+from ..scoring.explain import StoredTransaction, unusual
+from ..scoring.features import FEATURES, FEATURES_VERSION
+from ..store import decode_features, open_db
 from .messages import AlertView
 
 DISPATCHER = "alerts"
@@ -37,7 +39,8 @@ _decode_list = msgspec.json.Decoder(list[str])
 
 _VIEW = ("SELECT a.alert_id, a.severity, a.risk, a.created_at, a.ts, a.account_id, "
          "a.terminal_id, t.branch, t.amount, t.currency, a.reasons, t.details, t.decision, "
-         "t.channel, t.location, t.merchant_category, e.explanation FROM alert_deliveries d "
+         "t.channel, t.location, t.merchant_category, e.explanation, t.features, "
+         "t.features_version, t.label_features FROM alert_deliveries d "
          "JOIN alerts a ON a.alert_id = d.alert_id "
          "JOIN transactions t ON t.transaction_id = a.transaction_id "
          "LEFT JOIN alert_explanations e ON e.transaction_id = a.transaction_id ")
@@ -238,9 +241,19 @@ class Outbox:
 
 
 def _view(r: Any) -> AlertView:
-    """A row of ``_VIEW`` (its columns are AlertView's fields, in order)."""
-    values = list(r)
+    """A row of ``_VIEW`` (its first 16 columns are AlertView's fields, in order). The
+    plain-words sentences are made here, from the stored features (explain.unusual); an
+    alert stored before issue 16 has them in its stored explanation."""
+    values = list(r[:17])
     values[10] = _decode_list.decode(values[10])
     values[11] = _decode_list.decode(values[11])
-    values[16] = list(json.loads(values[16]).get("unusual", [])) if values[16] else []
+    stored, features, version, label_features = r[16:20]
+    if stored:
+        values[16] = list(json.loads(stored).get("unusual", []))
+    elif version == FEATURES_VERSION and len(row := decode_features(features)) == len(FEATURES):
+        if label_features is not None:
+            row += decode_features(label_features)
+        values[16] = unusual(StoredTransaction(values[8], values[14], values[15]), row)
+    else:
+        values[16] = []
     return AlertView(*values)

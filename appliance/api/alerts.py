@@ -129,7 +129,7 @@ def get_alert(call: Call) -> dict[str, Any]:
       404: {$ref: '#/components/responses/NotFound'}
     """
     alert = _alert(call.conn, call.path_id("alert_id"))
-    return {"alert": alert, **alert_transaction(call.conn, alert["transaction_id"]),
+    return {"alert": alert, **alert_transaction(call.conn, alert["transaction_id"], call.api.explainer),
             "notes": notes(call.conn, alert["alert_id"])}
 
 

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import logs
+from ..casework.casefile import explainer_for
 from ..casework.cases import CaseError
 from ..casework.keys import KeyVerifier, Principal
 from ..change import apply_change, connect_writer
@@ -57,6 +58,8 @@ class Api:
         self.limiter = RateLimiter(settings)
         self.cache = ResponseCache(settings.cache_dir, settings.api_cache_seconds)
         self.metrics = ApiMetrics(self.reader, settings)
+        self.explainer = explainer_for(settings)
+        """Alerts' explanations, made when read (models read once per process)."""
 
     def reader(self) -> sqlite3.Connection:
         """This thread's read-only connection (autocommit: each call opens its own read

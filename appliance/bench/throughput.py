@@ -21,6 +21,7 @@ It starts a throwaway embedded nats-server and the scorer as its own process (ex
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import itertools
 import json
 import os
@@ -48,7 +49,8 @@ from ..feed.simulate import simulate
 from ..feed.terminal import population, publish_messages, to_message
 from ..operations.node import EmbeddedNats
 from ..scoring.features import FEATURES_VERSION, feature_state
-from ..scoring.ingest import Publisher, Puller, ack_batch, connect, ensure_streams, reset_consumer
+from ..scoring.ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, connect,
+                              ensure_streams, reset_consumer)
 from ..scoring.model import Model, feature_matrix
 from ..scoring.rules import RULES_VERSION
 from ..scoring.score import judge
@@ -111,8 +113,7 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
         await sub_nc.flush()
     first_ns = time.time_ns()
     confirmed = await publish_messages(pub_nc, messages, rate=rate,
-                                       on_publish=on_publish if rate else None,
-                                       confirm_every=1 if rate else 100)
+                                       on_publish=on_publish if rate else None)
     published_ns = time.time_ns()
     verdicts = 0
     if rate:
@@ -183,15 +184,20 @@ async def passthrough(url: str, settings: Settings) -> None:
     await puller.start()
     decode = msgspec.json.Decoder(_VerdictId).decode
     encode = msgspec.json.Encoder().encode
+    pending: deque[tuple[list[Delivery], Ticket]] = deque()
     while True:
-        batch = await puller.take(timeout=1.0)
-        last = len(batch) - 1
-        for i, d in enumerate(batch):
+        batch = await puller.take(timeout=0.05 if pending else 1.0)
+        out = []
+        for d in batch:
             tid = decode(d.data).transaction_id
-            await verdicts.publish(f"verdict.BR001.{d.subject.split('.')[2]}",
-                                   encode({"transaction_id": tid}), tid, confirm=i == last)
-        if batch and await verdicts.confirmed(verdicts.mark(), timeout=10.0):
-            await ack_batch(nc, batch)
+            out.append(Outgoing(f"verdict.BR001.{d.subject.split('.')[2]}",
+                                encode({"transaction_id": tid}), tid))
+        if batch:  # verdicts out at once, acks in order once confirmed: as the scorer does
+            pending.append((batch, await verdicts.publish_many(out)))
+        while pending and pending[0][1].done.done():
+            done, ticket = pending.popleft()
+            if await verdicts.confirm(ticket.items, timeout=10.0, ticket=ticket):
+                await ack_batch(nc, done)
 
 
 class _Scorer:

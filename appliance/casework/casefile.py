@@ -16,7 +16,10 @@ from typing import Any
 import msgspec
 
 from ..audit import entry_dict
-from ..scoring.explain import stored_explanation
+from ..scoring.explain import Explainer
+from ..scoring.registry import Registry
+from ..settings import Settings
+from ..store import decode_features
 from ..scoring.features import HORIZON, VERSIONS
 from .cases import ALERT_SELECT, alert_row
 
@@ -27,10 +30,18 @@ TX_COLUMNS = ("transaction_id", "branch", "account_id", "terminal_id", "amount",
               "features_version", "model_risk", "risk", "severity", "decision", "reasons",
               "details", "model_version", "rules_version", "stored_at")
 _list = msgspec.json.Decoder(list[Any])
+_PLAIN = Explainer(None)
 
 
-def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
-    """The case of ``alert_id`` (see module doc), or None when there is no such alert."""
+def explainer_for(settings: Settings) -> Explainer:
+    """The explainer a reading process keeps: models from the node's registry, read once."""
+    return Explainer(Registry.of(settings))
+
+
+def case_file(conn: sqlite3.Connection, alert_id: int,
+              explainer: Explainer | None = None) -> dict[str, Any] | None:
+    """The case of ``alert_id`` (see module doc), or None when there is no such alert.
+    The explanation is made now, by ``explainer`` (without one: rules and sentences only)."""
     row = conn.execute(ALERT_SELECT + " WHERE a.alert_id = ?", (alert_id,)).fetchone()
     if row is None:
         return None
@@ -42,7 +53,8 @@ def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
         "transaction": tx,
         "reasons": reasons,
         "features": _against_baseline(conn, tx, values, names) if names else [],
-        "explanation": stored_explanation(conn, alert["transaction_id"]) if tx else None,
+        "explanation": ((explainer or _PLAIN).of(conn, alert["transaction_id"]) if tx
+                        else None),
         "timeline": timeline(conn, alert["account_id"]),
         "terminals": terminals_used(conn, alert["account_id"]),
         "related": {scope: related_alerts(conn, alert, scope)
@@ -52,7 +64,8 @@ def case_file(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
     }
 
 
-def alert_transaction(conn: sqlite3.Connection, transaction_id: str) -> dict[str, Any]:
+def alert_transaction(conn: sqlite3.Connection, transaction_id: str,
+                      explainer: Explainer | None = None) -> dict[str, Any]:
     """An alert's transaction as the API shows it: the stored row (without the encoded
     features, reasons and details), its features by name (``{"values": [...]}`` under a
     features version this code does not know), its reasons as code and detail, and the
@@ -63,7 +76,7 @@ def alert_transaction(conn: sqlite3.Connection, transaction_id: str) -> dict[str
     if tx and not names:  # a features version this code does not know: the values as stored
         features = {"values": values}
     return {"transaction": tx, "features": features, "reasons": reasons,
-            "explanation": stored_explanation(conn, transaction_id)}
+            "explanation": (explainer or _PLAIN).of(conn, transaction_id) if tx else None}
 
 
 def _stored_transaction(conn: sqlite3.Connection, transaction_id: str
@@ -76,7 +89,7 @@ def _stored_transaction(conn: sqlite3.Connection, transaction_id: str
         return {}, [], []
     tx = dict(zip(TX_COLUMNS, row))
     codes, details = _list.decode(tx.pop("reasons")), _list.decode(tx.pop("details"))
-    values = _list.decode(tx.pop("features"))
+    values = decode_features(tx.pop("features"))
     return tx, values, [{"code": c, "detail": d} for c, d in zip(codes, details)]
 
 
@@ -84,7 +97,7 @@ def _against_baseline(conn: sqlite3.Connection, tx: dict[str, Any], values: list
                       names: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each feature against its mean over the account's previous rows (of any version that
     has it: every version is a prefix of the next)."""
-    previous = [_list.decode(f) for (f,) in conn.execute(
+    previous = [decode_features(f) for (f,) in conn.execute(
         "SELECT features FROM transactions WHERE account_id = ? AND ts < ? "
         f"AND features_version IN ({', '.join('?' * len(VERSIONS))}) ORDER BY ts DESC LIMIT ?",
         (tx["account_id"], tx["ts"], *VERSIONS, BASELINE_ROWS))]

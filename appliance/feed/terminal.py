@@ -19,7 +19,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from ..nats_auth import client_options
-from ..scoring.ingest import Publisher, connect
+from ..scoring.ingest import Outgoing, Publisher, Ticket, connect
 from ..settings import Settings
 from ..transaction import Transaction, encode, subject_for
 from .replay import replay_csv, write_labels
@@ -51,16 +51,13 @@ async def publish(nc: Client, items: Iterable[Transaction], *, branch: str,
 
 async def publish_messages(nc: Client, messages: Iterable[Message], *,
                            rate: float | None = None, realtime: bool = False,
-                           stop: asyncio.Event | None = None, confirm_every: int = 1,
+                           stop: asyncio.Event | None = None, chunk: int = 256,
                            on_publish: Callable[[str, int], None] | None = None) -> int:
     """Publish ``messages`` until exhausted or ``stop`` is set; returns how many JetStream
     confirmed. Pacing: ``realtime`` publishes each one when the wall clock reaches its event
     time (a backlog in the past goes at once); else ``rate`` per second; else as fast as acks
-    allow.
-
-    ``confirm_every=k`` asks JetStream to ack only every k-th message (and the last): an ack
-    confirms the messages published before it on this connection, and the load generator
-    spends far less on acks. The count returned then only counts what was confirmed.
+    allow. Messages that are due together go out together, up to ``chunk`` in one write;
+    each is confirmed by its own ack (see :class:`Publisher`).
 
     ``on_publish(msg_id, time_ns)`` is called just before each publish (the benchmark's
     clock).
@@ -69,34 +66,35 @@ async def publish_messages(nc: Client, messages: Iterable[Message], *,
     await publisher.start()
     started = time.monotonic()
     sent = 0
-    failed_before = publisher.failed
-    if confirm_every > 1:
-        messages = list(messages)
-    last = len(messages) - 1 if isinstance(messages, list) else -1
+    tickets: list[Ticket] = []
+    due: list[Outgoing] = []
+
+    async def flush() -> None:
+        if due:
+            tickets.append(await publisher.publish_many(list(due)))
+            due.clear()
+
     try:
         for message in messages:
             if stop is not None and stop.is_set():
                 break
+            delay = 0.0
             if realtime:
                 delay = message.event_time - time.time()
-                if delay > 0.001:
-                    await asyncio.sleep(delay)
             elif rate:
                 delay = started + sent / rate - time.monotonic()
-                if delay > 0.001:
-                    await asyncio.sleep(delay)
+            if delay > 0.001 or len(due) >= chunk:
+                await flush()
+                await asyncio.sleep(delay if delay > 0.001 else 0)  # sleep(0): let acks in
             if on_publish is not None:
                 on_publish(message.msg_id, time.time_ns())
-            confirm = confirm_every == 1 or sent % confirm_every == 0 or sent == last
-            await publisher.publish(message.subject, message.data, message.msg_id,
-                                    confirm=confirm)
+            due.append(Outgoing(message.subject, message.data, message.msg_id))
             sent += 1
-            if sent % 1000 == 0:
-                await asyncio.sleep(0)  # let acks in
-        ok = await publisher.confirmed((publisher.sent, failed_before), timeout=30.0)
-        if confirm_every > 1:
-            return sent if ok else 0
-        return publisher.acked - (publisher.failed - failed_before)
+        await flush()
+        confirmed = 0
+        for ticket in tickets:
+            confirmed += len(ticket.items) - len(await ticket.missing(timeout=30.0))
+        return confirmed
     finally:
         await publisher.stop()
 

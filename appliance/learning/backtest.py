@@ -26,6 +26,7 @@ from sqlite_utils import Database
 from .. import logs
 from ..errors import BranchguardError
 from ..scoring.features import FEATURES_VERSION, feature_state
+from ..store import decode_features
 from ..scoring.labels import LabelState, parse_time, rfc3339
 from ..scoring.model import Model, feature_matrix
 from ..scoring.rules import RULES_VERSION
@@ -36,7 +37,6 @@ from ..transaction import Transaction
 from .evaluation import Metric, Scored, compare, evaluate
 
 log = logs.get("appliance.backtest")
-_floats = msgspec.json.Decoder(list[float])
 CHUNK = 20_000
 
 
@@ -81,7 +81,7 @@ def load_rows(db_path: Path, since: float | None = None, until: float | None = N
                                    timestamp=datetime.fromtimestamp(ts, zone),
                                    terminal_id=terminal, channel=channel,
                                    merchant_category=category, location=location))
-            feats.append(tuple(_floats.decode(features)))
+            feats.append(tuple(decode_features(features)))
             risks.append(risk)
             alerts.append(decision != "approve")
             versions.append(version)

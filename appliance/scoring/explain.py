@@ -14,7 +14,11 @@ Each alert gets one JSON object (stored in ``alert_explanations`` with the alert
   (``TreeEnsembleRegressor``), so it explains exactly the served forest (for the supervised
   challenger, the forest it stacks on).
 
-Computed only for the transactions that raise an alert, in one vectorised pass per batch.
+Explanations are made when someone reads an alert (the case page, the API, an alert
+message), never on the scorer's hot path (issue 16): :class:`Explainer` rebuilds one from
+what the scorer stored with the row: the features, the label features the model read, the
+verdict and the model version, whose ONNX file the registry keeps. Alerts stored before
+then have their explanation in ``alert_explanations``, and that one is returned as stored.
 """
 
 from __future__ import annotations
@@ -24,18 +28,24 @@ import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-from ..transaction import Transaction
+from .. import logs
+from ..errors import BranchguardError
+from ..store import decode_features
 from ..verdict import Verdict
-from .features import INDEX as FEATURE_INDEX, LARGE_MULTIPLE
+from .features import FEATURES, FEATURES_VERSION, INDEX as FEATURE_INDEX, LARGE_MULTIPLE
 from .labels import LABEL_FEATURES
 from .model import INPUT_FEATURES, Model
+from .registry import Registry
+
+log = logs.get("appliance.explain")
 
 METHOD = "path-length attribution on the isolation forest (1/h per split, DIFFI-style)"
 _F = FEATURE_INDEX
@@ -116,7 +126,24 @@ class ForestPaths:
         return shares
 
 
-def unusual(tx: Transaction, f: Sequence[float], top: int = 3) -> list[str]:
+class Described(Protocol):
+    """What the sentences quote of a transaction (a Transaction, or a stored row's)."""
+
+    @property
+    def amount(self) -> float: ...
+    @property
+    def location(self) -> str | None: ...
+    @property
+    def merchant_category(self) -> str | None: ...
+
+
+class StoredTransaction(NamedTuple):
+    amount: float
+    location: str | None
+    merchant_category: str | None
+
+
+def unusual(tx: Described, f: Sequence[float], top: int = 3) -> list[str]:
     """Plain sentences on what is least like the account's baseline, strongest first."""
     said: list[tuple[float, str]] = []
     prior, mean, ratio, z = f[_F["account_prior_count"]], f[_F["account_mean_amount"]], \
@@ -165,7 +192,7 @@ def unusual(tx: Transaction, f: Sequence[float], top: int = 3) -> list[str]:
     return [text for _, text in said[:top]]
 
 
-def explain(model: Model, paths: ForestPaths | None, txs: Sequence[Transaction],
+def explain(model: Model, paths: ForestPaths | None, txs: Sequence[Described],
             rows: npt.NDArray[np.float64], verdicts: Sequence[Verdict], top: int = 5
             ) -> list[dict[str, Any]]:
     """Explanations for alerted transactions; ``rows`` are their model input rows
@@ -199,3 +226,68 @@ def stored_explanation(conn: sqlite3.Connection, transaction_id: str) -> dict[st
     row = conn.execute("SELECT explanation FROM alert_explanations WHERE transaction_id = ?",
                        (transaction_id,)).fetchone()
     return dict(json.loads(row[0])) if row else None
+
+
+_ROW = ("SELECT amount, location, merchant_category, features, features_version, "
+        "label_features, transaction_id, risk, severity, decision, reasons, details, model_risk, "
+        "model_version, rules_version FROM transactions WHERE transaction_id = ?")
+_strings = msgspec.json.Decoder(list[str])
+
+
+class Explainer:
+    """Explanations of stored alerts, made on demand (see the module docstring).
+
+    Keeps each model it has read (and its forest's paths), so explaining many alerts of one
+    model reads its ONNX file once. Without a registry, or for a model version the registry
+    no longer has, the explanation still gives the rules and the plain-words sentences,
+    without the model's contributions.
+    """
+
+    def __init__(self, registry: Registry | None) -> None:
+        self.registry = registry
+        self._models: dict[str, tuple[Model, ForestPaths | None] | None] = {}
+
+    def model(self, version: str) -> tuple[Model, ForestPaths | None] | None:
+        if version not in self._models:
+            loaded = None
+            if self.registry is not None:
+                try:
+                    model = self.registry.load(version)
+                    loaded = (model, ForestPaths.of(model))
+                except (BranchguardError, OSError) as exc:
+                    log.warning("explain.model_unavailable", txn_id=None, version=version,
+                                error=str(exc))
+            self._models[version] = loaded
+        return self._models[version]
+
+    def of(self, conn: sqlite3.Connection, transaction_id: str) -> dict[str, Any] | None:
+        """The explanation of the alert on ``transaction_id``; None when the row is gone or
+        its features are of a version this code cannot read."""
+        stored = stored_explanation(conn, transaction_id)
+        if stored is not None:
+            return stored
+        row = conn.execute(_ROW, (transaction_id,)).fetchone()
+        if row is None or row[4] != FEATURES_VERSION:
+            return None
+        tx = StoredTransaction(row[0], row[1], row[2])
+        values = decode_features(row[3])
+        if len(values) != len(FEATURES):
+            return None
+        if row[5] is not None:
+            values += decode_features(row[5])
+        verdict = Verdict(transaction_id=row[6], risk=row[7], severity=row[8], decision=row[9],
+                          reasons=_strings.decode(row[10]), details=_strings.decode(row[11]),
+                          model_risk=row[12], model_version=row[13], rules_version=row[14])
+        loaded = self.model(verdict.model_version)
+        if loaded is None or len(values) <= int(loaded[0].columns.max(initial=-1)):
+            return _without_model(tx, values, verdict)  # e.g. label features not stored
+        model, paths = loaded
+        (out,) = explain(model, paths, [tx], np.asarray([values], dtype=np.float64), [verdict])
+        return out
+
+
+def _without_model(tx: Described, values: Sequence[float], v: Verdict) -> dict[str, Any]:
+    return {"model_version": v.model_version, "rules_version": v.rules_version,
+            "risk": v.risk, "model_risk": v.model_risk, "severity": v.severity,
+            "rules": [{"reason": r, "detail": d} for r, d in zip(v.reasons, v.details)],
+            "unusual": unusual(tx, values), "contributions": [], "method": None}

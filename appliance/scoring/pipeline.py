@@ -1,42 +1,58 @@
 """The scorer: the only code that knows the order of the stages.
 
-For each batch pulled from the TX stream, in stream order:
+For each batch pulled from the TX stream, in stream order, on the event loop:
 
 1. parse each message against the contract; a bad one becomes a dead letter (published to
-   ``TX_DLQ`` with its reason before anything is committed);
-2. drop re-sends: ids already stored (or seen earlier in the batch) are not scored again,
-   their stored verdict is re-published instead;
+   ``TX_DLQ`` with its reason, and confirmed, before its batch is committed);
+2. re-sends: an id already stored (or scored earlier and not yet committed) is not scored
+   again; an identical re-send gets the verdict of record again, a different body under
+   the same id is dead-lettered as a conflicting re-send;
 3. features, from state before each transaction; 4. model risk for the whole batch at once;
-5. rules and verdict; 6. one database transaction for rows, alerts, dead letters and the
-   checkpoint; 7. verdicts published to ``VERDICTS``; 8. acks, once JetStream has confirmed the
-   verdicts.
+5. rules and verdict (or, for a transaction replayed after a crash whose verdict was already
+   published, that verdict: see :meth:`Scorer.prepare`);
+6. verdicts published to ``VERDICTS`` at once, each confirmed by its own ack;
+7. the batch handed to the writer thread (commit.py), which commits groups of batches in
+   stream order while the loop goes on;
+8. acks, strictly in stream order, once the batch is committed *and* every one of its
+   verdicts is confirmed (a refused or lost one is published again first).
 
-A crash anywhere loses nothing: what is not committed is replayed from the checkpoint, and
-feature state is rebuilt from the committed rows, so it is exactly what it would have been.
+The disk is never on the verdict's path: a Litestream checkpoint holding the write lock for
+half a second delays acks, not verdicts. A crash anywhere loses nothing: what is not
+committed is replayed from the checkpoint, feature state is rebuilt from the committed rows,
+and a replayed transaction whose verdict was published before the crash gets that verdict
+again, whatever changed in between (model, lists, labels, retention).
+
+Explanations are not made here: the case file computes them from the stored features and
+the model version when someone asks (casework/casefile.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
+import sqlite3
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client
+from sqlite_utils import Database
 
 from .. import logs
 from ..errors import BranchguardError
 from ..settings import Settings
 from ..store import DeadLetter, Scored, Store
-from ..transaction import Malformed, Transaction, branch_of, parse
+from ..transaction import Malformed, Transaction, branch_of, digest, parse
 from ..verdict import Verdict
-from .explain import ForestPaths, explain
+from .commit import GroupCommit
 from .features import FEATURES, FEATURES_VERSION, FeatureState, feature_state
-from .ingest import (DLQ_SUBJECT, Delivery, Publisher, Puller, ack_batch, dlq_headers,
-                     ensure_streams, reset_consumer)
+from .ingest import (DLQ_SUBJECT, Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch,
+                     dlq_headers, ensure_streams, in_progress, published_verdicts,
+                     reset_consumer)
 from .labels import LabelFeed
 from .lists import ListFilter
 from .model import Model, feature_matrix
@@ -45,10 +61,12 @@ from .rules import RULES_VERSION
 from .score import judge
 
 log = logs.get("appliance.pipeline")
-WRITER_THREAD_MIN_BATCH = 200
-"""Batches at least this large are committed on the writer thread, overlapping the next
-batch's scoring; smaller ones (light load, where latency matters) commit inline."""
+MAX_BATCHES_IN_FLIGHT = 256
+"""Batches published but not yet acked; past this the loop waits (a stalled disk or server)."""
+CONFIRM_TIMEOUT = 5.0
+"""Seconds to wait for a message's JetStream ack before publishing it again."""
 _encode = msgspec.json.Encoder().encode
+_decode_verdict = msgspec.json.Decoder(Verdict).decode
 
 
 @dataclass
@@ -59,13 +77,35 @@ class Counters:
     alerts: int = 0
     dead_letters: int = 0
     duplicates: int = 0
+    conflicts: int = 0
+    """Re-used transaction ids with another body (dead-lettered, counted in dead_letters)."""
+    adopted: int = 0
+    """Replayed transactions given the verdict already published before a crash."""
     batches: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     """Stream-stored to verdict-published latency of recent transactions (cleared by readers)."""
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A batch whose verdicts are out, waiting for its commit and confirmations to be acked."""
+
+    deliveries: list[Delivery]
+    verdicts: Ticket
+    committed: asyncio.Future[int]
+    floor: int
+    """The VERDICTS sequence before this batch's verdicts: none of them is at or below it."""
+    fresh: list[str]
+    """Ids scored in this batch (claimed in ``Scorer._in_flight`` until committed)."""
+    resent: int
+
+    @property
+    def last_seq(self) -> int:
+        return self.deliveries[-1].stream_seq
+
+
 class Scorer:
-    """Consumes TX, scores, stores and publishes verdicts until :meth:`stop` is called."""
+    """Consumes TX, scores, publishes verdicts and stores until :meth:`stop` is called."""
 
     def __init__(self, nc: Client, store: Store, model: Model, settings: Settings,
                  registry: Registry | None = None) -> None:
@@ -79,12 +119,18 @@ class Scorer:
         self.puller = Puller(nc, settings)
         self.verdicts = Publisher(nc)
         self.dlq = Publisher(nc, max_in_flight=1000)
+        self.writer = GroupCommit(store, settings.consumer,
+                                  restart_wal_every=None if settings.replicate else 1.0)
         self._stopping = asyncio.Event()
-        self._acking: set[asyncio.Task[None]] = set()
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._committing: asyncio.Future[None] | None = None
-        self._in_flight: dict[str, Verdict | None] = {}
+        self._pending: deque[InFlight] = deque()
+        self._progress = asyncio.Event()
+        self._acker: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, tuple[Verdict, bytes] | None] = {}
         """Transactions scored but not yet committed: re-sends of them are duplicates too."""
+        self._adopted: dict[str, bytes] = {}
+        """Verdicts published before a crash for transactions not committed (see prepare)."""
+        self.confirmed_upto = 0
+        """TX stream sequence up to which every batch is committed, confirmed and acked."""
         self.ready = asyncio.Event()
         self.lists = ListFilter(store.reader.conn, settings.lists_refresh_seconds)
         """Allow/deny lists in memory (issue 4), re-read every lists_refresh_seconds."""
@@ -92,13 +138,22 @@ class Scorer:
         """When given, the production pointer is watched and a new model swapped in."""
         self.labels = LabelFeed(store.reader.conn)
         self.last_seq = 0
-        """Stream sequence of the last batch handed to the store (the hot-swap point)."""
-        self._paths: dict[str, ForestPaths | None] = {}
+        """Stream sequence of the last batch scored (the hot-swap point)."""
         self.shadow: Model | None = None
         """The registry's shadow model: scores the same batches, stored, never acted on."""
 
     async def prepare(self) -> None:
-        """Streams, state from the database, consumer from the checkpoint, lost verdicts."""
+        """Streams, state from the database, verdicts of record, consumer from the checkpoint.
+
+        Two things a crash can leave, both bounded by what the checkpoint records:
+        - verdicts published for transactions that were never committed: read back from
+          ``VERDICTS`` (from ``verdict_seq``) and adopted when those transactions are
+          replayed, so they keep the verdict already published;
+        - committed transactions whose verdicts may never have reached ``VERDICTS`` (those
+          after ``confirmed_seq``): published again unless ``VERDICTS`` holds them. The
+          consumer's ack floor plays no part, so a new NATS store or a restored database
+          does not re-publish every stored verdict.
+        """
         await ensure_streams(self.js, self.settings)
         started = time.monotonic()
         # The state is large and long-lived and holds no reference cycles: build it with the
@@ -112,25 +167,31 @@ class Scorer:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
 
-        checkpoint = self.store.checkpoint(self.settings.consumer)
-        self.last_seq = checkpoint
-        self._paths[self.model.version] = ForestPaths.of(self.model)
+        marks = self.store.checkpoint_marks(self.settings.consumer)
+        self.last_seq = self.confirmed_upto = marks.stream_seq
         while self.labels.refresh():
             pass
+        published = await published_verdicts(self.js, marks.verdict_seq)
+        stored = self.store.verdicts_for(published)
+        self._adopted = {tid: data for tid, data in published.items() if tid not in stored}
         log.info("state.rebuilt", accounts=len(self.state.accounts),
-                 terminals=len(self.state.terminals), checkpoint=checkpoint,
-                 labels=self.labels.state.count,
+                 terminals=len(self.state.terminals), checkpoint=marks.stream_seq,
+                 labels=self.labels.state.count, adoptable=len(self._adopted),
                  seconds=round(time.monotonic() - started, 3))
-        start = await reset_consumer(self.js, self.settings, checkpoint)
+        await reset_consumer(self.js, self.settings, marks.stream_seq)
         await self.verdicts.start()
         await self.dlq.start()
-        if start.ack_floor < checkpoint:
-            # Committed but possibly never published (crash between commit and ack).
-            again = self.store.verdicts_between(start.ack_floor, checkpoint)
-            await self._publish_verdicts(again)
-            ok = await self.verdicts.confirmed(self.verdicts.mark(), timeout=10.0)
-            log.info("verdicts.republished", txn_id=None, count=len(again), confirmed=ok)
+        self.writer.start()
+        if marks.confirmed_seq < marks.stream_seq:
+            again = [Outgoing(f"verdict.{branch}.{terminal}", _encode(v), v.transaction_id)
+                     for branch, terminal, v in self.store.verdicts_between(
+                         marks.confirmed_seq, marks.stream_seq)
+                     if v.transaction_id not in published]
+            ok = await self.verdicts.confirm(again, CONFIRM_TIMEOUT, self._stopping.is_set)
+            log.info("verdicts.republished", txn_id=None, count=len(again), confirmed=ok,
+                     after_seq=marks.confirmed_seq, upto_seq=marks.stream_seq)
         await self.puller.start()
+        self._acker = asyncio.create_task(self._ack_in_order())
         self.ready.set()
 
     async def run(self) -> None:
@@ -152,14 +213,18 @@ class Scorer:
                 batch = await self.puller.take(timeout=0.25)
                 if batch:
                     await self.process(batch)
-            await self._settle()
-            if self._acking:
-                await asyncio.gather(*self._acking)
+                if self._acker is not None and self._acker.done():
+                    self._acker.result()  # re-raise what stopped it (a failed commit)
+            self._progress.set()
+            if self._acker is not None:
+                await self._acker
         finally:
             checkpoints.cancel()
             for watcher in watchers:
                 watcher.cancel()
-            self.writer.shutdown(wait=True)
+            if self._acker is not None and not self._acker.done():
+                self._acker.cancel()
+            await self.writer.stop()
             self.store.checkpoint_wal()
             await self.puller.stop()
             await self.verdicts.stop()
@@ -167,6 +232,7 @@ class Scorer:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._progress.set()
 
     async def _every(self, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -198,7 +264,6 @@ class Scorer:
             if version == self.model.version:
                 return
             model = await loop.run_in_executor(None, self.registry.load, version)
-            self._paths[version] = await loop.run_in_executor(None, ForestPaths.of, model)
         except BranchguardError as exc:
             log.error("model.swap_failed", txn_id=None, error=str(exc),
                       serving=self.model.version)
@@ -216,62 +281,119 @@ class Scorer:
                 await loop.run_in_executor(pool, self.store.checkpoint_wal)
 
     async def process(self, batch: list[Delivery]) -> None:
-        """Run one batch through every stage (see the module docstring).
-
-        Stages 1-5 run here while the previous batch is still being committed by the writer
-        thread (SQLite releases the GIL while it writes); at most one batch is in flight, and
-        commits happen in stream order.
-        """
-        settings = self.settings
-        accepted: list[tuple[Delivery, Transaction]] = []
+        """Run one batch through every stage (see the module docstring). Returns once its
+        verdicts are published; its commit and ack follow on their own."""
+        while len(self._pending) >= MAX_BATCHES_IN_FLIGHT:
+            self._progress.clear()
+            await self._progress.wait()
+            if self._acker is not None and self._acker.done():
+                self._acker.result()
         dead: list[DeadLetter] = []
-        dlq_failed = self.dlq.failed
+        rejects: list[Outgoing] = []
+        accepted: list[tuple[Delivery, Transaction]] = []
         for d in batch:
             parsed = parse(d.subject, d.data)
             if isinstance(parsed, Malformed):
-                await self._reject(d, parsed.reason, dead)
+                self._reject(d, parsed.reason, dead, rejects)
             else:
                 accepted.append((d, parsed))
 
         in_flight = self._in_flight
-        known = self.store.verdicts_for(
+        known = self.store.stored_for(
             [tx.transaction_id for _, tx in accepted if tx.transaction_id not in in_flight])
         fresh: list[tuple[Delivery, Transaction]] = []
-        resent: list[tuple[Delivery, Transaction]] = []
+        digests: list[bytes] = []
+        repeats: list[tuple[Delivery, Transaction]] = []
         for d, tx in accepted:
             tid = tx.transaction_id
-            if tid in known or tid in in_flight:
-                resent.append((d, tx))
-                verdict = in_flight.get(tid)
-                if verdict is not None:  # scored in an earlier batch, not yet committed
-                    known[tid] = verdict
+            if tid in in_flight or tid in known:
+                repeats.append((d, tx))  # answered once this batch's own are scored
             else:
-                in_flight[tid] = None  # claimed; its verdict follows below
+                in_flight[tid] = None  # claimed: a second copy in this batch is a repeat
                 fresh.append((d, tx))
+                digests.append(digest(tx))
 
         try:
-            scored = self._score(fresh)
+            scored = self._score(fresh, digests)
         except Exception:
-            scored = await self._score_one_by_one(fresh, dead)
+            scored = await self._score_one_by_one(fresh, digests, batch, dead, rejects)
         for s in scored:
-            in_flight[s.tx.transaction_id] = s.verdict
-        if dead and not await self.dlq.confirmed((self.dlq.sent, dlq_failed), timeout=5.0):
-            raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
+            in_flight[s.tx.transaction_id] = (s.verdict, s.digest or b"")
+        outgoing = [Outgoing(f"verdict.{s.branch}.{s.tx.terminal_id}", _encode(s.verdict),
+                             s.tx.transaction_id) for s in scored]
+        resent = 0
+        for d, tx in repeats:
+            tid = tx.transaction_id
+            before = in_flight.get(tid) or known.get(tid)
+            if before is None:  # its first copy, in this batch, was dead-lettered
+                self._reject(d, f"re-send of transaction {tid}, whose first copy was "
+                                "dead-lettered", dead, rejects)
+                continue
+            verdict, first = before
+            received = digest(tx)
+            if first and first != received:
+                self.counters.conflicts += 1
+                self._reject(d, f"conflicting re-send: transaction {tid} is stored with body "
+                                f"digest {first.hex()}, this one has {received.hex()}",
+                             dead, rejects)
+                log.warning("tx.conflicting_resend", txn_id=tid, stream_seq=d.stream_seq,
+                            stored_digest=first.hex(), received_digest=received.hex())
+                continue
+            resent += 1
+            log.info("tx.duplicate", txn_id=tid, stream_seq=d.stream_seq)
+            outgoing.append(Outgoing(f"verdict.{branch_of(d.subject)}.{tx.terminal_id}",
+                                     _encode(verdict), tid))
 
-        await self._settle()  # the previous batch is committed and published
+        floor = self.verdicts.last_seq
+        ticket = await self.verdicts.publish_many(outgoing)
+        now_ns = time.time_ns()
+        c = self.counters
+        c.latencies_ms.extend((now_ns - d.stored_ns) / 1e6 for d in batch)
+        if len(c.latencies_ms) > 200000:
+            del c.latencies_ms[:100000]
+        if rejects:  # a dead letter is in TX_DLQ before its row says so
+            if not await self.dlq.confirm(rejects, CONFIRM_TIMEOUT, self._stopping.is_set):
+                raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
+
         self.last_seq = batch[-1].stream_seq
-        loop = asyncio.get_running_loop()
-        if len(batch) >= WRITER_THREAD_MIN_BATCH:
-            commit = loop.run_in_executor(self.writer, self.store.save_batch, scored, dead,
-                                          settings.consumer, batch[-1].stream_seq)
-        else:  # a small batch commits faster than a thread hand-off would take
-            commit = loop.create_future()
-            commit.set_result(self.store.save_batch(scored, dead, settings.consumer,
-                                                    batch[-1].stream_seq))
-        self._committing = asyncio.ensure_future(
-            self._after_commit(commit, batch, scored, resent, known, len(dead)))
+        verdict_seq = self._pending[0].floor if self._pending else floor
+        committed = self.writer.submit(scored, dead, self.last_seq, verdict_seq,
+                                       self.confirmed_upto)
+        self._pending.append(InFlight(batch, ticket, committed, floor,
+                                      [s.tx.transaction_id for s in scored], resent))
+        c.transactions += len(scored)
+        c.dead_letters += len(dead)
+        c.duplicates += resent
+        c.batches += 1
+        self._progress.set()
 
-    def _score(self, fresh: list[tuple[Delivery, Transaction]]) -> list[Scored]:
+    async def _ack_in_order(self) -> None:
+        """Ack batches strictly in stream order, each once it is committed and every one of
+        its verdicts is confirmed (see :meth:`Publisher.confirm`). Acking a later batch acks
+        every earlier message too (ack policy ``all``), so none is ever acked over a gap."""
+        pending, in_flight = self._pending, self._in_flight
+        while True:
+            while not pending:
+                if self._stopping.is_set():
+                    return
+                self._progress.clear()
+                await self._progress.wait()
+            b = pending[0]
+            self.counters.alerts += await b.committed
+            for tid in b.fresh:  # committed: the database answers re-sends now
+                in_flight.pop(tid, None)
+            if not await self.verdicts.confirm(b.verdicts.items, CONFIRM_TIMEOUT,
+                                               self._stopping.is_set, ticket=b.verdicts):
+                log.warning("verdicts.unconfirmed_at_stop", txn_id=None,
+                            first_seq=b.deliveries[0].stream_seq)
+                return  # stopping with the server away: the next start re-publishes
+            await ack_batch(self.nc, b.deliveries)
+            pending.popleft()
+            self.confirmed_upto = b.last_seq
+            self._progress.set()
+
+    def _score(self, fresh: list[tuple[Delivery, Transaction]], digests: list[bytes]
+               ) -> list[Scored]:
         """Stages 3-5: features in order, model risk for all at once, rules and verdict."""
         observe = self.state.observe
         features = [observe(tx) for _, tx in fresh]
@@ -287,14 +409,30 @@ class Scorer:
         listed, now = self.lists.apply, time.time()
         scored = [Scored(tx, branch_of(d.subject), d.stream_seq, f, FEATURES_VERSION,
                          listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings),
-                                now))
-                  for (d, tx), f, r in zip(fresh, features, risks)]
-        alerted = [i for i, s in enumerate(scored) if s.verdict.decision != "approve"]
-        if alerted:
-            self._explain(model, scored, alerted, rows)
+                                now), h)
+                  for (d, tx), f, r, h in zip(fresh, features, risks, digests)]
+        if model.uses_labels:
+            width = len(FEATURES)
+            for s, row in zip(scored, rows):
+                s.label_features = row[width:]
+        if self._adopted:
+            self._adopt(scored)
         if self.shadow is not None and scored:
             self._shadow(self.shadow, scored, rows)
         return scored
+
+    def _adopt(self, scored: list[Scored]) -> None:
+        """A replayed transaction whose verdict was published before a crash keeps it."""
+        adopted = self._adopted
+        for s in scored:
+            data = adopted.pop(s.tx.transaction_id, None)
+            if data is not None:
+                verdict = _decode_verdict(data)
+                if verdict != s.verdict:
+                    log.info("verdict.adopted", txn_id=s.tx.transaction_id,
+                             published=verdict.decision, rescored=s.verdict.decision)
+                s.verdict = verdict
+                self.counters.adopted += 1
 
     def _shadow(self, shadow: Model, scored: list[Scored], rows: list[tuple[float, ...]]
                 ) -> None:
@@ -310,112 +448,66 @@ class Scorer:
             v = judge(s.tx, s.features, float(r), version, RULES_VERSION, settings)
             s.shadow = (version, v.model_risk, v.risk, v.decision)
 
-    def _explain(self, model: Model, scored: list[Scored], alerted: list[int],
-                 rows: list[tuple[float, ...]]) -> None:
-        """Explanations for the alerts of a batch only (see explain.py)."""
-        if model.version not in self._paths:  # read once per model, from its ONNX graph
-            self._paths[model.version] = ForestPaths.of(model)
-        paths = self._paths[model.version]
-        known = self.labels.state.features
-        picked = []
-        for i in alerted:
-            row, tx = rows[i], scored[i].tx
-            if len(row) == len(FEATURES):
-                row = row + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
-            picked.append(row)
-        explained = explain(model, paths, [scored[i].tx for i in alerted],
-                            feature_matrix(picked), [scored[i].verdict for i in alerted])
-        for i, e in zip(alerted, explained):
-            scored[i].explanation = _encode(e).decode()
-
     async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],
-                                dead: list[DeadLetter]) -> list[Scored]:
+                                digests: list[bytes], batch: list[Delivery],
+                                dead: list[DeadLetter], rejects: list[Outgoing]
+                                ) -> list[Scored]:
         """After scoring a batch raised: score each transaction alone and dead-letter the
         ones that fail, so one poisonous transaction can never stop the node or come back
-        forever. The feature state is rebuilt from the database (plus this batch's good
-        transactions) after every failure, since the failure may have left it half-updated."""
+        forever.
+
+        The failure may have left the feature state half-updated, so it is rebuilt from the
+        database once, off the event loop, after the batches before this one are committed
+        (their acks keep flowing; this batch's deliveries are kept alive with +WPI). Then
+        each transaction's account and terminal state is copied before it is scored and put
+        back if it fails: a failing transaction leaves no trace in the state, exactly as if
+        it had been rejected on arrival.
+        """
         log.error("batch.scoring_failed", exc_info=True, txn_id=None,
                   first_seq=fresh[0][0].stream_seq if fresh else None)
-        await self._settle()  # the database now holds everything before this batch
-        self.state = feature_state(self.store.reader)
-        good: list[Transaction] = []
+        for b in list(self._pending):
+            await b.committed
+        loop = asyncio.get_running_loop()
+        rebuild = loop.run_in_executor(None, _rebuild_state, str(self.store.path))
+        while not rebuild.done():
+            await in_progress(self.nc, batch)
+            await asyncio.wait([rebuild], timeout=max(1.0, self.settings.ack_wait_seconds / 3))
+        self.state = rebuild.result()
         scored: list[Scored] = []
-        for d, tx in fresh:
+        state = self.state
+        for (d, tx), h in zip(fresh, digests):
+            account = copy.deepcopy(state.accounts.get(tx.account_id))
+            terminal = copy.deepcopy(state.terminals.get(tx.terminal_id))
             try:
-                scored.extend(self._score([(d, tx)]))
+                scored.extend(self._score([(d, tx)], [h]))
             except Exception as exc:
-                self.state = feature_state(self.store.reader)
-                for earlier in good:
-                    self.state.observe(earlier)
+                if account is None:
+                    state.accounts.pop(tx.account_id, None)
+                else:
+                    state.accounts[tx.account_id] = account
+                if terminal is None:
+                    state.terminals.pop(tx.terminal_id, None)
+                else:
+                    state.terminals[tx.terminal_id] = terminal
                 self._in_flight.pop(tx.transaction_id, None)
-                await self._reject(d, f"scoring failed: {type(exc).__name__}: {exc}", dead)
-            else:
-                good.append(tx)
+                self._reject(d, f"scoring failed: {type(exc).__name__}: {exc}", dead, rejects)
         return scored
 
-    async def _reject(self, d: Delivery, reason: str, dead: list[DeadLetter]) -> None:
-        """Dead-letter one message: to TX_DLQ now, to the database with the batch."""
+    def _reject(self, d: Delivery, reason: str, dead: list[DeadLetter],
+                rejects: list[Outgoing]) -> None:
+        """Dead-letter one message: to TX_DLQ (confirmed before the commit), to the database
+        with the batch."""
         dead.append(DeadLetter(d.stream_seq, d.subject, reason, len(d.data)))
-        await self.dlq.publish(DLQ_SUBJECT, d.data, f"dlq-{d.stream_seq}",
-                               dlq_headers(reason, d))
+        rejects.append(Outgoing(DLQ_SUBJECT, d.data, f"dlq-{d.stream_seq}",
+                                dlq_headers(reason, d)))
         log.warning("tx.dead_lettered", txn_id=None, stream_seq=d.stream_seq,
                     subject=d.subject, reason=reason)
 
-    async def _settle(self) -> None:
-        """Wait for the batch in flight (if any); re-raise what stopped it."""
-        if self._committing is not None:
-            committing, self._committing = self._committing, None
-            await committing
 
-    async def _after_commit(self, commit: asyncio.Future[int], batch: list[Delivery],
-                            scored: list[Scored], resent: list[tuple[Delivery, Transaction]],
-                            known: dict[str, Verdict], dead: int) -> None:
-        """Stages 7-8 once the batch is durable: verdicts out, then acks when confirmed."""
-        alerts = await commit
-        in_flight = self._in_flight
-        outgoing = [(s.branch, s.tx.terminal_id, s.verdict) for s in scored]
-        for d, tx in resent:  # a re-send gets the verdict of the transaction it repeats
-            tid = tx.transaction_id
-            verdict = known.get(tid) or in_flight.get(tid)
-            if verdict is not None:
-                outgoing.append((branch_of(d.subject), tx.terminal_id, verdict))
-            log.info("tx.duplicate", txn_id=tid, stream_seq=d.stream_seq)
-        for s in scored:
-            in_flight.pop(s.tx.transaction_id, None)  # committed: the database knows it now
-        verdicts_failed = self.verdicts.failed
-        await self._publish_verdicts(outgoing)
-        mark = (self.verdicts.sent, verdicts_failed)
-
-        now_ns = time.time_ns()
-        c = self.counters
-        c.transactions += len(scored)
-        c.alerts += alerts
-        c.dead_letters += dead
-        c.duplicates += len(resent)
-        c.batches += 1
-        c.latencies_ms.extend((now_ns - d.stored_ns) / 1e6 for d in batch)
-        if len(c.latencies_ms) > 200000:
-            del c.latencies_ms[:100000]
-
-        task = asyncio.create_task(self._ack_when_confirmed(batch, mark))
-        self._acking.add(task)
-        task.add_done_callback(self._acking.discard)
-
-    async def _publish_verdicts(self, outgoing: list[tuple[str, str, Verdict]]) -> None:
-        """Publish (branch, terminal, verdict) triples; only the last asks for an ack, which
-        confirms the ones before it (see Publisher)."""
-        publish = self.verdicts.publish
-        last = len(outgoing) - 1
-        for i, (branch, terminal_id, verdict) in enumerate(outgoing):
-            await publish(f"verdict.{branch}.{terminal_id}", _encode(verdict),
-                          verdict.transaction_id, confirm=i == last)
-
-    async def _ack_when_confirmed(self, batch: list[Delivery], mark: tuple[int, int]) -> None:
-        if not await self.verdicts.confirmed(mark, timeout=self.settings.ack_wait_seconds / 2):
-            # Left unacked: JetStream redelivers, the batch is recognised as stored, and its
-            # verdicts are published again.
-            log.warning("verdicts.unconfirmed", txn_id=None, first_seq=batch[0].stream_seq)
-            return
-        await ack_batch(self.nc, batch)
-
-
+def _rebuild_state(path: str) -> FeatureState:
+    """Feature state from the committed rows, on a connection of this thread's own."""
+    conn = sqlite3.connect(path)
+    try:
+        return feature_state(Database(conn))
+    finally:
+        conn.close()
