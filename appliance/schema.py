@@ -359,8 +359,9 @@ def m011_verdict_of_record(db: Database) -> None:
         -- features and the model version they rebuild the alert's explanation on demand.
         ALTER TABLE transactions ADD COLUMN label_features BLOB;
         -- VERDICTS stream sequence below which every verdict of an uncommitted transaction
-        -- can not be: a restart reads VERDICTS from here and adopts what it finds.
-        ALTER TABLE checkpoints ADD COLUMN verdict_seq INTEGER NOT NULL DEFAULT 0;
+        -- can not be: a restart reads VERDICTS from here and adopts what it finds. NULL: a
+        -- node older than issue 16, which published only what it had committed.
+        ALTER TABLE checkpoints ADD COLUMN verdict_seq INTEGER;
         -- TX stream sequence up to which every verdict is known to be in VERDICTS.
         ALTER TABLE checkpoints ADD COLUMN confirmed_seq INTEGER NOT NULL DEFAULT 0;
         -- Before issue 16 a verdict was published only after its commit, and a stop waited

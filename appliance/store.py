@@ -96,8 +96,9 @@ class Checkpoint:
 
     stream_seq: int
     """Last TX stream sequence whose outcome is committed."""
-    verdict_seq: int
-    """VERDICTS sequence at or below which no uncommitted transaction's verdict lies."""
+    verdict_seq: int | None
+    """VERDICTS sequence at or below which no uncommitted transaction's verdict lies (None:
+    written by a node older than issue 16, which published only what it had committed)."""
     confirmed_seq: int
     """TX stream sequence up to which every stored verdict is known to be in VERDICTS."""
 
@@ -252,7 +253,9 @@ class Store:
         row = self.reader.execute(
             "SELECT stream_seq, verdict_seq, confirmed_seq FROM checkpoints WHERE consumer = ?",
             [consumer]).fetchone()
-        return Checkpoint(*map(int, row)) if row else Checkpoint(0, 0, 0)
+        if row is None:
+            return Checkpoint(0, 0, 0)
+        return Checkpoint(int(row[0]), None if row[1] is None else int(row[1]), int(row[2]))
 
     def verdicts_for(self, ids: Iterable[str]) -> dict[str, Verdict]:
         """Stored verdicts of those of ``ids`` already stored."""

@@ -117,11 +117,15 @@ def test_one_alert_has_its_transaction_features_reasons_and_notes(
                               "alerts WHERE reasons != '[]' LIMIT 1")
     client.post(f"/api/v1/alerts/{alert_id}/notes", json={"text": "called the customer"},
                 headers=role_keys.header("analyst"))
-    assert get(client, role_keys, f"/api/v1/alerts/{alert_id}")["explanation"] is None
+    made = get(client, role_keys, f"/api/v1/alerts/{alert_id}")["explanation"]
+    # made when read, from the stored row (issue 16): its rules are the stored reasons
+    stored = json.loads(query(node_db[0].db_path, "SELECT reasons FROM transactions WHERE "
+                                                  "transaction_id = ?", [tid])[0][0])
+    assert [r["reason"] for r in made["rules"]] == stored and "unusual" in made
     explained = {"unusual": ["amount 4.8x the account's mean"], "contributions": [
         {"feature": "amount", "value": 5100.0, "share": 0.6}], "model_version": "if-v1"}
     conn = sqlite3.connect(node_db[0].db_path)
-    with conn:  # as the scorer stores it, in the alert's transaction
+    with conn:  # as a node older than issue 16 stored it, in the alert's transaction
         conn.execute("INSERT INTO alert_explanations VALUES (?, ?, 0)",
                      (tid, json.dumps(explained)))
     conn.close()

@@ -182,7 +182,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             replicator.stop()  # after the last commit, which it then replicates
         if status:
             sys.stdout.write("\n")
-        log.info("node.stopped", txn_id=None, scored=scorer.counters.transactions)
+        c = scorer.counters
+        log.info("node.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
+                 dead_letters=c.dead_letters, duplicates=c.duplicates, conflicts=c.conflicts,
+                 adopted=c.adopted)
 
 
 # --- issue 6: the alert dispatcher, a child process next to the scorer -------------------------

@@ -462,12 +462,12 @@ def dlq_headers(reason: str, delivery: Delivery) -> dict[str, str]:
     }
 
 
-async def published_verdicts(js: JetStreamContext, after_seq: int) -> dict[str, bytes]:
+async def published_verdicts(js: JetStreamContext, after_seq: int | None) -> dict[str, bytes]:
     """The verdicts in ``VERDICTS`` after stream sequence ``after_seq``, by transaction id
     (their JSON, as published): what a restart adopts for transactions it replays, so a
-    published verdict stays the verdict of record. ``after_seq`` 0 reads nothing (a node
+    published verdict stays the verdict of record. ``after_seq`` None reads nothing (a node
     older than issue 16 published only what it had committed)."""
-    if after_seq <= 0:
+    if after_seq is None:
         return {}
     try:
         state = (await js.stream_info(VERDICT_STREAM)).state

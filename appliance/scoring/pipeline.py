@@ -224,6 +224,9 @@ class Scorer:
                 watcher.cancel()
             if self._acker is not None and not self._acker.done():
                 self._acker.cancel()
+            # the last word on what is published, so a clean restart re-publishes nothing
+            self.writer.submit([], [], self.last_seq, self._pending[0].floor if self._pending
+                               else self.verdicts.last_seq, self.confirmed_upto)
             await self.writer.stop()
             self.store.checkpoint_wal()
             await self.puller.stop()
