@@ -8,9 +8,17 @@ import logging
 import time
 from pathlib import Path
 
+import pytest
+
+from appliance.errors import BranchguardError
 from appliance.logs import JsonFormatter
 from appliance.operations.looplag import EVENT, LagWindow, LoopLag, log_window, read_windows, \
     summarise, worst
+from appliance.settings import load
+
+from .support import wait_until
+
+Node = type
 
 
 def test_a_loop_blocked_for_50_ms_shows_a_stall_of_at_least_40_ms() -> None:
@@ -87,3 +95,22 @@ def test_logged_windows_are_read_back_and_the_worst_of_a_span_is_taken(tmp_path:
     # the span 100.5-101.8 overlaps the windows ending at 101 and 102 (each 1 s long)
     assert worst(windows, 100.5, 101.8) == {"max_ms": 55.0, "p99_ms": 9.0, "windows": 2}
     assert worst(windows, 200.0, 300.0) == {"max_ms": None, "p99_ms": None, "windows": 0}
+
+
+def test_the_node_logs_its_loop_lag_only_when_asked(tmp_path: Path, nats_url: str,
+                                                    node_factory: Node) -> None:
+    watched = node_factory(tmp_path / "watched", nats_url,
+                           {"BRANCHGUARD_LOOP_LAG_WINDOW_SECONDS": "0.2"}).start()
+    wait_until(lambda: len(read_windows(watched.log_path)) >= 2,
+               message="loop.lag lines in the node's log")
+    assert all(w.wakeups > 0 for w in read_windows(watched.log_path))
+    assert watched.stop() == 0
+    plain = node_factory(tmp_path / "plain", nats_url, {}).start()
+    time.sleep(0.5)  # long enough for two windows, had it been on
+    assert plain.stop() == 0
+    assert read_windows(plain.log_path) == []
+
+
+def test_a_negative_window_is_refused() -> None:
+    with pytest.raises(BranchguardError, match="loop_lag_window_seconds"):
+        load(None, env={"BRANCHGUARD_LOOP_LAG_WINDOW_SECONDS": "-1"})
