@@ -93,8 +93,8 @@ class Settings:
     summary_interval_seconds: float = 2.0
     """Seconds between status lines of ``branchguard run``."""
     loop_lag_window_seconds: float = 0.0
-    """Above 0: the scorer's process watches its event loop (a 5 ms sleep, and how late it
-    woke) and logs one ``loop.lag`` line (INFO) per this many seconds with the window's
+    """Above 0: the scorer's process watches its event loop (a timer every 5 ms, and how late
+    it ran) and logs one ``loop.lag`` line (INFO) per this many seconds with the window's
     largest stall and p99, in ms. 0 (the default) turns it off; ``branchguard bench`` uses 1."""
 
     # --- issue 6: alerts to chat and email (``branchguard alerts``; see docs/alerts.md)

@@ -32,7 +32,7 @@ def test_a_loop_blocked_for_50_ms_shows_a_stall_of_at_least_40_ms() -> None:
             seen = monitor.take()
             emptied = monitor.take()  # nothing in between: the first take reset the window
         finally:
-            await monitor.stop()
+            monitor.stop()
         return seen, emptied
 
     seen, emptied = asyncio.run(scenario())
@@ -53,7 +53,7 @@ def test_each_window_is_handed_over_as_it_ends() -> None:
             while len(windows) < 3:
                 await asyncio.sleep(0.02)
         finally:
-            await monitor.stop()
+            monitor.stop()
 
     asyncio.run(scenario())
     assert max(w.max_ms for w in windows) >= 40.0

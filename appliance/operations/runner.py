@@ -173,7 +173,7 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             with contextlib.suppress(Exception):
                 await scoring
         if lag is not None:
-            await lag.stop()
+            lag.stop()
         alerts.stop()
         stop_api(api)
         for task in tasks:
