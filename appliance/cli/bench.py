@@ -86,7 +86,7 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
         click.echo(json.dumps(report, indent=2))
         return
     if json_to is not None:
-        Path(json_to).write_text(json.dumps(report, indent=2) + "\n")
+        Path(json_to).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     click.echo(format_report(report))
 
 
