@@ -92,6 +92,10 @@ class Settings:
     """Log level: DEBUG, INFO, WARNING or ERROR. Logs are one JSON object per line on stderr."""
     summary_interval_seconds: float = 2.0
     """Seconds between status lines of ``branchguard run``."""
+    loop_lag_window_seconds: float = 0.0
+    """Above 0: the scorer's process watches its event loop (a timer every 5 ms, and how late
+    it ran) and logs one ``loop.lag`` line (INFO) per this many seconds with the window's
+    largest stall and p99, in ms. 0 (the default) turns it off; ``branchguard bench`` uses 1."""
 
     # --- issue 6: alerts to chat and email (``branchguard alerts``; see docs/alerts.md)
     alerts_critical: tuple[str, ...] = ()
@@ -293,6 +297,8 @@ class Settings:
              "use > 0"),
             (self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              self.log_level, "use DEBUG, INFO, WARNING or ERROR"),
+            (self.loop_lag_window_seconds >= 0, "loop_lag_window_seconds",
+             self.loop_lag_window_seconds, "use >= 0 (0 turns the loop-lag monitor off)"),
             # issue 6: alerts
             (self.alerts_group_wait_seconds >= 0, "alerts_group_wait_seconds",
              self.alerts_group_wait_seconds, "use >= 0"),

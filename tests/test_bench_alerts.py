@@ -9,11 +9,12 @@ from .test_cli import branchguard
 
 
 def test_bench_with_a_dead_smtp_destination_reports_all_three_phases() -> None:
-    result = branchguard("bench", "--count", "2000", "--rates", "", "--dead-smtp", "--json",
+    result = branchguard("bench", "--count", "2000", "--rates", "", "--dead-smtp", "--no-baseline",
+                         "--json",
                          timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     before, alerts, after = json.loads(result.stdout)["phases"]
-    assert [p.get("consumer") for p in (before, alerts, after)] == [None, "+alerts", None]
+    assert [p["consumer"] for p in (before, alerts, after)] == ["scorer", "+alerts", "scorer"]
     assert before["verdicts"] == alerts["verdicts"] == after["verdicts"] == 2000
     metrics = alerts["alert_metrics"]
     assert alerts["alerts_to"] == "mailto://..."
@@ -41,11 +42,11 @@ def test_bench_with_a_dead_smtp_destination_reports_all_three_phases() -> None:
 
 def test_bench_alert_rounds_alternate_dispatcher_and_plain_phases() -> None:
     result = branchguard("bench", "--count", "1000", "--rates", "", "--dead-smtp",
-                         "--alert-rounds", "2", "--json", timeout=600)
+                         "--alert-rounds", "2", "--no-baseline", "--json", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     phases = report["phases"]
-    assert [p.get("consumer") for p in phases] == [None, "+alerts", None, "+alerts", None]
+    assert [p["consumer"] for p in phases] == ["scorer", "+alerts", "scorer", "+alerts", "scorer"]
     assert all(p["verdicts"] == 1000 for p in phases)
     # each dispatcher phase is compared with its own neighbours, the second with 3rd and 5th
     rounds = report["alerts_comparison"]["rounds"]

@@ -90,22 +90,6 @@ def test_bad_settings_exit_2_with_the_field_and_a_hint(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "model not found" in missing.stderr
 
 
-def test_bench_runs_every_phase_and_reports_numbers() -> None:
-    result = branchguard("bench", "--count", "2000", "--rates", "500", "--rate-seconds", "2",
-                         "--restart-rows", "2000", "--baseline", "--json", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
-    base_full, base_fixed, full, fixed = report["phases"]
-    assert [p.get("consumer") for p in report["phases"]] == ["baseline", "baseline", None, None]
-    assert base_full["verdicts"] == 2000 and base_fixed["verdicts"] == 1000
-    assert full["verdicts"] == 2000 and full["tx_per_second"] > 0
-    assert fixed["verdicts"] == 1000 and fixed["offered_rate"] == 500.0
-    assert 0 < fixed["latency_ms"]["p50"] <= fixed["latency_ms"]["p99"]
-    assert report["scorer_peak_rss_mib"] > 0
-    assert report["restart"]["verdicts"] == 1
-    assert report["restart"]["stored_transactions"] == 2000 + 2000 + 1000 + 2000
-
-
 def test_status_of_a_missing_database_is_an_error_not_zeros(tmp_path: Path) -> None:
     result = branchguard("status", "--data-dir", str(tmp_path / "typo"))
     assert result.returncode == 2 and "no node database here" in result.stderr

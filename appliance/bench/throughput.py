@@ -12,10 +12,15 @@ It starts a throwaway embedded nats-server and the scorer as its own process (ex
 - peak memory of the scorer (VmHWM);
 - restart: with ``restart_rows`` more transactions stored, the time from starting the scorer
   to the verdict of a new transaction;
-- baseline (``baseline=True``): the same full-speed load against a pass-through consumer that
-  does only the message path (pull, one verdict per transaction, confirm, ack) with no
+- the pass-through (``baseline=True``, the default): the same phases against a consumer
+  that does only the message path (pull, one verdict per transaction, confirm, ack) with no
   validation, features, model or database: the ceiling this machine, nats-server and nats-py
-  put on any scorer, measured in the same run.
+  put on any scorer, measured in the same run;
+- in every phase: the CPU each process spent per transaction (the consumer, its children
+  such as Litestream, nats-server, the load generator) and the consumer's largest
+  event-loop stall (:mod:`appliance.operations.looplag`, read back from its log).
+
+:mod:`.report` turns the phases into one table with issue 16's targets beside the figures.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +53,7 @@ from ..alerts.metrics import figures
 from ..alerts.outbox import UNROUTED, Outbox
 from ..feed.simulate import simulate
 from ..feed.terminal import population, publish_messages, to_message
+from ..operations.looplag import LoopLag, read_windows, worst
 from ..operations.node import EmbeddedNats
 from ..scoring.features import FEATURES_VERSION, feature_state
 from ..scoring.ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, connect,
@@ -57,9 +64,13 @@ from ..scoring.score import judge
 from ..settings import Settings, load
 from ..store import Scored, Store
 from ..transaction import Transaction
+from .proc import CpuMeter, cpu_seconds, peak_rss_mib
+from .report import kept_up, table, targets
 
 EVENT_RATE = 50.0
 """Event-time rate of the generated load: what a busy branch sees; publish rate is separate."""
+LAG_WINDOW_SECONDS = 1.0
+"""The consumers' loop-lag windows: a phase's stall is the worst window overlapping it."""
 
 
 class _VerdictId(msgspec.Struct):
@@ -76,7 +87,9 @@ def _transactions(seed: int, count: int, start: datetime) -> list[Transaction]:
 async def generate_load(url: str, count: int, rate: float | None, seed: int,
                         timeout: float = 300.0) -> dict[str, Any]:
     """The load generator: publish ``count`` transactions (at ``rate``/s, or full speed),
-    wait for their verdicts, and report throughput and latency percentiles.
+    wait for their verdicts, and report throughput and latency percentiles, the phase's
+    first publish and last verdict (``started_at``, ``ended_at``, epoch seconds) and its own
+    CPU seconds in between.
 
     Messages are generated and encoded before the clock starts (terminals are other
     machines). Verdicts are received in this same process: a second receiving process was
@@ -111,6 +124,7 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
         await sub_nc.subscribe("verdict.>", cb=on_verdict, pending_msgs_limit=-1,
                                pending_bytes_limit=-1)
         await sub_nc.flush()
+    cpu_started = time.process_time()
     first_ns = time.time_ns()
     confirmed = await publish_messages(pub_nc, messages, rate=rate,
                                        on_publish=on_publish if rate else None)
@@ -128,9 +142,10 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
             verdicts = (await js.stream_info("VERDICTS")).state.messages - baseline
             last_ns = time.time_ns()
             await asyncio.sleep(0.01)
+    cpu = time.process_time() - cpu_started
     await pub_nc.drain()
     await sub_nc.drain()
-    lat = np.array(latencies) if latencies else np.array([np.nan])
+    lat = np.array(latencies)
     elapsed = max((last_ns or time.time_ns()) - first_ns, 1) / 1e9
     return {
         "offered_rate": rate or "full speed",
@@ -138,11 +153,17 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
         "verdicts": verdicts,
         "seconds": round(elapsed, 3),
         "publish_seconds": round((published_ns - first_ns) / 1e9, 3),
+        "published_tx_per_second": round(confirmed / max(published_ns - first_ns, 1) * 1e9, 1),
         "tx_per_second": round(verdicts / elapsed, 1),
-        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 3),
-                       "p95": round(float(np.percentile(lat, 95)), 3),
-                       "p99": round(float(np.percentile(lat, 99)), 3),
-                       "max": round(float(np.max(lat)), 3)},
+        "started_at": first_ns / 1e9,
+        "ended_at": (last_ns or time.time_ns()) / 1e9,
+        "load_generator_cpu_seconds": round(cpu, 4),
+        # none at full speed: that phase measures throughput only (and valid JSON has no NaN)
+        "latency_ms": ({"p50": round(float(np.percentile(lat, 50)), 3),
+                        "p95": round(float(np.percentile(lat, 95)), 3),
+                        "p99": round(float(np.percentile(lat, 99)), 3),
+                        "max": round(float(np.max(lat)), 3)} if latencies else
+                       {"p50": None, "p95": None, "p99": None, "max": None}),
     }
 
 
@@ -174,7 +195,10 @@ def bulk_load(settings: Settings, rows: int, seed: int = 99) -> float:
 
 async def passthrough(url: str, settings: Settings) -> None:
     """The baseline consumer: the scorer's message path (the same :class:`Puller`,
-    :class:`Publisher` and acks) with every stage in between removed. Runs until killed."""
+    :class:`Publisher` and acks) with every stage in between removed. Runs until killed;
+    logs its event loop's lag as the scorer does in the benchmark."""
+    lag = LoopLag(LAG_WINDOW_SECONDS)
+    lag.start()
     nc = await connect(url, "bench-passthrough")
     js = nc.jetstream()
     await ensure_streams(js, settings)
@@ -202,23 +226,38 @@ async def passthrough(url: str, settings: Settings) -> None:
 
 class _Scorer:
     """The scorer as a child process, as `branchguard run --nats-url` starts it (or, for the
-    baseline, the pass-through consumer)."""
+    baseline, the pass-through consumer), logging its loop lag every second."""
 
-    def __init__(self, data_dir: Path, url: str, baseline: bool = False) -> None:
+    def __init__(self, data_dir: Path, url: str, baseline: bool = False,
+                 replicate: bool = True) -> None:
+        self.name = "pass-through" if baseline else "scorer"
         self.log_path = data_dir / "scorer.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         command = (["bench-passthrough", "--url", url] if baseline else
                    ["run", "--quiet", "--data-dir", str(data_dir), "--nats-url", url])
+        env = {**os.environ, "BRANCHGUARD_LOG_LEVEL": "INFO", "BRANCHGUARD_RUN_API": "false",
+               "BRANCHGUARD_LOOP_LAG_WINDOW_SECONDS": str(LAG_WINDOW_SECONDS)}
+        if not replicate:
+            env["BRANCHGUARD_REPLICATE"] = "false"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", *command], stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING",
-                     "BRANCHGUARD_RUN_API": "false"})
+                stderr=subprocess.STDOUT, env=env)
         self.started = time.monotonic()
 
     def peak_rss_mib(self) -> float:
-        return _peak_rss_mib(self.process.pid)
+        return peak_rss_mib(self.process.pid)
+
+    def loop_lag(self, start: float, end: float, timeout: float = 5.0
+                 ) -> dict[str, float | int | None]:
+        """The largest stall and worst window p99 of this process's event loop between
+        ``start`` and ``end`` (epoch seconds), once the window holding ``end`` is logged."""
+        deadline = time.monotonic() + timeout
+        windows = read_windows(self.log_path)
+        while (not windows or windows[-1].ended_at < end) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            windows = read_windows(self.log_path)
+        return worst(windows, start, end)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -228,64 +267,6 @@ class _Scorer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of one process so far (0 once it has gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    """Child processes of any of ``pid``'s threads (litestream is started from one)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def _process_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return str(pid)
-
-
-class CpuMeter:
-    """CPU seconds spent during a phase by the scorer, each of its children (Litestream,
-    the alert dispatcher) and nats-server, as microseconds per transaction. Unlike tx/s this
-    hardly depends on what else the machine is doing, so two configurations can be compared
-    on a busy machine too."""
-
-    def __init__(self, scorer: int, others: dict[str, int]) -> None:
-        self.scorer, self.others = scorer, others
-        self.start = self._read()
-
-    def _read(self) -> dict[str, float]:
-        seen = {"scorer": _cpu_seconds(self.scorer)}
-        for child in _children(self.scorer):
-            seen[_process_name(child)] = _cpu_seconds(child)
-        for name, pid in self.others.items():
-            seen[name] = _cpu_seconds(pid)
-        return seen
-
-    def per_transaction(self, transactions: int) -> dict[str, float]:
-        end = self._read()
-        return {name: round((end[name] - self.start.get(name, 0.0)) * 1e6 / max(1, transactions))
-                for name in end}
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def _run_load(url: str, count: int, rate: float | None, seed: int) -> dict[str, Any]:
@@ -313,24 +294,49 @@ async def _wait_consumer(url: str, timeout: float = 60.0) -> None:
         await nc.drain()
 
 
+def _measured(consumer: _Scorer, others: dict[str, int],
+              phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a phase and add what it cost each process in CPU µs per transaction (see
+    :class:`CpuMeter`; the load generator measures itself, from its first publish to its
+    last verdict) and the consumer's largest event-loop stall during it."""
+    meter = CpuMeter(consumer.process.pid, consumer.name, others)
+    result = phase()
+    verdicts = max(1, int(result["verdicts"]))
+    result["cpu_us_per_tx"] = {**meter.per_transaction(verdicts), "load-generator": round(
+        result.pop("load_generator_cpu_seconds") * 1e6 / verdicts)}
+    result.setdefault("consumer", consumer.name)
+    result["loop_lag_ms"] = consumer.loop_lag(result["started_at"], result["ended_at"])
+    return result
+
+
+def _fixed_rates(consumer: _Scorer, others: dict[str, int], url: str, rates: list[float],
+                 rate_seconds: float) -> list[dict[str, Any]]:
+    """One phase per offered rate, each ``rate_seconds`` long, and whether it kept up."""
+    results = []
+    for i, rate in enumerate(rates):
+        count = int(rate * rate_seconds)
+        result = _measured(consumer, others, partial(_run_load, url, count, rate, 3 + i))
+        result["kept_up"] = kept_up(result, rate, count)
+        results.append(result)
+    return results
+
+
 def _run_baseline(root: Path, count: int, rates: list[float], rate_seconds: float,
                   sync_policy: str) -> list[dict[str, Any]]:
     """The same phases through the pass-through consumer, on a nats-server of its own."""
     server = EmbeddedNats(load(None, env={}, data_dir=root / "baseline-nats", nats_port=0,
                                sync_policy=sync_policy))
     url = server.start()
+    others = {"nats-server": server.process.pid if server.process is not None else 0}
     consumer = _Scorer(root / "baseline", url, baseline=True)
     try:
         asyncio.run(_wait_consumer(url))
         _run_load(url, 2000, None, seed=1)
-        results = [_run_load(url, count, None, seed=2)]
-        for i, rate in enumerate(rates):
-            results.append(_run_load(url, int(rate * rate_seconds), rate, seed=3 + i))
+        results = [_measured(consumer, others, lambda: _run_load(url, count, None, seed=2))]
+        results += _fixed_rates(consumer, others, url, rates, rate_seconds)
     finally:
         consumer.stop()
         server.stop()
-    for result in results:
-        result["consumer"] = "baseline"
     return results
 
 
@@ -360,12 +366,12 @@ def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str, seed
             if dispatcher.poll() is not None:
                 raise RuntimeError(f"dispatcher exited: see {log_path}")
             time.sleep(0.1)
-        before = _cpu_seconds(dispatcher.pid)  # started, imports done, backlog routed
+        before = cpu_seconds(dispatcher.pid)  # started, imports done, backlog routed
         result = _run_load(url, count, None, seed=seed)
         result["consumer"] = "+alerts"
         result["alerts_to"] = alerts_to.split("://")[0] + "://..."
-        result["dispatcher_peak_rss_mib"] = _peak_rss_mib(dispatcher.pid)
-        result["dispatcher_cpu_seconds"] = round(_cpu_seconds(dispatcher.pid) - before, 2)
+        result["dispatcher_peak_rss_mib"] = peak_rss_mib(dispatcher.pid)
+        result["dispatcher_cpu_seconds"] = round(cpu_seconds(dispatcher.pid) - before, 2)
         outbox = Outbox(settings.db_path)
         try:
             result["alert_metrics"] = figures(outbox.counts())
@@ -387,10 +393,10 @@ def alerts_comparison(phases: list[dict[str, Any]]) -> dict[str, Any]:
     mean of those differences; with the scorer's CPU per transaction, which does not depend
     on how busy the machine is."""
     full = [p for p in phases if p["offered_rate"] == "full speed"
-            and p.get("consumer") in (None, "+alerts")]
+            and p["consumer"] in ("scorer", "+alerts")]
     rounds = []
     for k, phase in enumerate(full):
-        if phase.get("consumer") != "+alerts" or not 0 < k < len(full) - 1:
+        if phase["consumer"] != "+alerts" or not 0 < k < len(full) - 1:
             continue
         before, after = full[k - 1], full[k + 1]
         plain = (before["tx_per_second"] + after["tx_per_second"]) / 2
@@ -414,112 +420,65 @@ def _unrouted(settings: Settings) -> int:
         conn.close()
 
 
-def _metered(scorer: int, others: dict[str, int]
-             ) -> Callable[[Callable[[], dict[str, Any]]], dict[str, Any]]:
-    """Run a phase and add its CPU microseconds per transaction (see :class:`CpuMeter`)."""
-    def run(phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        meter = CpuMeter(scorer, others)
-        result = phase()
-        result["cpu_us_per_tx"] = meter.per_transaction(int(result["verdicts"]))
-        return result
-    return run
-
-
 def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
-              sync_policy: str, baseline: bool = False, alerts_to: str | None = None,
-              alert_rounds: int = 1) -> dict[str, Any]:
-    """Run every phase on a throwaway node; return the figures. With ``alerts_to`` (an
-    Apprise URL) the full-speed phase is followed by ``alert_rounds`` pairs of a phase with
-    the alert dispatcher delivering to it (see :func:`dead_smtp_url`) and a plain one, so
-    every dispatcher phase has a plain phase on either side (see :func:`alerts_comparison`)."""
+              sync_policy: str, baseline: bool = True, alerts_to: str | None = None,
+              alert_rounds: int = 1, replicate: bool = True) -> dict[str, Any]:
+    """Run every phase on a throwaway node (Litestream replicating unless ``replicate`` is
+    False), and first on the pass-through consumer unless ``baseline`` is False; return the
+    figures, the table of both consumers side by side and the targets (see :mod:`.report`).
+    With ``alerts_to`` (an Apprise URL) the scorer's full-speed phase is followed by
+    ``alert_rounds`` pairs of a phase with the alert dispatcher delivering to it (see
+    :func:`dead_smtp_url`) and a plain one, so every dispatcher phase has a plain phase on
+    either side (see :func:`alerts_comparison`)."""
     root = Path(tempfile.mkdtemp(prefix="branchguard-bench-"))
     settings = load(None, env={}, data_dir=root / "node", nats_port=0,
                     sync_policy=sync_policy)
     server = EmbeddedNats(load(None, env={}, data_dir=root / "nats", nats_port=0,
                                sync_policy=sync_policy))
-    url = server.start()
-    nats_pid = server.process.pid if server.process is not None else 0
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()},
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "replicate": replicate,
                               "sync_policy": sync_policy, "phases": []}
-    if baseline:
-        report["phases"].extend(_run_baseline(root, count, rates, rate_seconds, sync_policy))
-    scorer = _Scorer(settings.data_dir, url)
     try:
-        asyncio.run(_wait_consumer(url))
-        _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
-        metered = _metered(scorer.process.pid, {"nats-server": nats_pid})
-        report["phases"].append(metered(lambda: _run_load(url, count, None, seed=2)))
-        if alerts_to:
-            target = alerts_to
-            for i in range(alert_rounds):  # a plain phase on either side of each
-                report["phases"].append(metered(
-                    lambda: _alerts_phase(settings, url, count, target, seed=90 + 2 * i)))
-                report["phases"].append(metered(
-                    lambda: _run_load(url, count, None, seed=91 + 2 * i)))
-            report["alerts_comparison"] = alerts_comparison(report["phases"])
-        for i, rate in enumerate(rates):
-            report["phases"].append(metered(
-                lambda: _run_load(url, int(rate * rate_seconds), rate, seed=3 + i)))
-        report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
-        scorer.stop()
-        if restart_rows:
-            loaded = bulk_load(settings, restart_rows)
-            stored = Store.open(settings.db_path)
-            total = stored.counts()["transactions"]
-            stored.close()
-            scorer = _Scorer(settings.data_dir, url)
-            first = _run_load(url, 1, None, seed=50)
-            report["restart"] = {
-                "stored_transactions": total,
-                "bulk_load_seconds": round(loaded, 1),
-                "seconds_to_first_verdict": round(time.monotonic() - scorer.started, 2),
-                "verdicts": first["verdicts"],
-            }
-            report["restart"]["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
+        if baseline:
+            report["phases"].extend(_run_baseline(root, count, rates, rate_seconds,
+                                                  sync_policy))
+        url = server.start()
+        others = {"nats-server": server.process.pid if server.process is not None else 0}
+        scorer = _Scorer(settings.data_dir, url, replicate=replicate)
+        try:
+            asyncio.run(_wait_consumer(url))
+            _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
+            phases = report["phases"]
+            phases.append(_measured(scorer, others, lambda: _run_load(url, count, None, seed=2)))
+            if alerts_to:
+                target = alerts_to
+                for i in range(alert_rounds):  # a plain phase on either side of each
+                    phases.append(_measured(scorer, others, partial(
+                        _alerts_phase, settings, url, count, target, 90 + 2 * i)))
+                    phases.append(_measured(scorer, others, partial(
+                        _run_load, url, count, None, 91 + 2 * i)))
+                report["alerts_comparison"] = alerts_comparison(phases)
+            phases += _fixed_rates(scorer, others, url, rates, rate_seconds)
+            report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
+            scorer.stop()
+            if restart_rows:
+                loaded = bulk_load(settings, restart_rows)
+                stored = Store.open(settings.db_path)
+                total = stored.counts()["transactions"]
+                stored.close()
+                scorer = _Scorer(settings.data_dir, url, replicate=replicate)
+                first = _run_load(url, 1, None, seed=50)
+                report["restart"] = {
+                    "stored_transactions": total,
+                    "bulk_load_seconds": round(loaded, 1),
+                    "seconds_to_first_verdict": round(time.monotonic() - scorer.started, 2),
+                    "verdicts": first["verdicts"],
+                }
+                report["restart"]["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
+        finally:
+            scorer.stop()
     finally:
-        scorer.stop()
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+    report["table"] = table(report["phases"])
+    report["targets"] = targets(report["table"], report.get("restart"))
     return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    lines = [f"sync_policy={report['sync_policy']}  cpus={report['machine']['cpus']}",
-             f"{'consumer':>9} {'offered':>12} {'verdicts':>9} {'tx/s':>9} {'p50 ms':>8} {'p95 ms':>8} "
-             f"{'p99 ms':>8} {'max ms':>8}"]
-    for p in report["phases"]:
-        lat = p["latency_ms"]
-        offered = p["offered_rate"]
-        lines.append(f"{p.get('consumer', 'scorer'):>9} {offered if isinstance(offered, str) else f'{offered:.0f}/s':>12} "
-                     f"{p['verdicts']:>9} {p['tx_per_second']:>9.0f} {lat['p50']:>8.2f} "
-                     f"{lat['p95']:>8.2f} {lat['p99']:>8.2f} {lat['max']:>8.2f}")
-    for p in report["phases"]:
-        if "cpu_us_per_tx" in p:
-            cpu, offered = p["cpu_us_per_tx"], p["offered_rate"]
-            where = offered if isinstance(offered, str) else f"{offered:.0f}/s"
-            lines.append(f"CPU µs per transaction, {p.get('consumer', 'scorer')} at {where}: "
-                         + ", ".join(f"{name} {us:.0f}" for name, us in cpu.items())
-                         + f"; total {sum(cpu.values()):.0f}")
-    for p in report["phases"]:
-        if "alert_metrics" in p:
-            m = p["alert_metrics"]
-            lines.append(f"alerts to {p['alerts_to']}: {m['branchguard_alerts_queue_depth']} "
-                         f"undelivered, {m['branchguard_alerts_retried']} failed attempts, "
-                         f"{m['branchguard_alerts_sent']} sent; dispatcher CPU during the phase "
-                         f"{p['dispatcher_cpu_seconds']} s, peak memory "
-                         f"{p['dispatcher_peak_rss_mib']} MiB")
-    if "alerts_comparison" in report:
-        c = report["alerts_comparison"]
-        for r in c["rounds"]:
-            lines.append(f"with the dispatcher {r['with_dispatcher_tx_per_second']} tx/s "
-                         f"(scorer {r['with_dispatcher_scorer_cpu_us']} µs/tx) against "
-                         f"{r['plain_tx_per_second']} tx/s (scorer {r['plain_scorer_cpu_us']} "
-                         f"µs/tx) on either side: {r['difference_percent']:+.1f} %")
-        lines.append(f"mean difference: {c['mean_difference_percent']:+.1f} %")
-    lines.append(f"scorer peak memory: {report.get('scorer_peak_rss_mib')} MiB")
-    if "restart" in report:
-        r = report["restart"]
-        lines.append(f"restart with {r['stored_transactions']} stored transactions: first "
-                     f"verdict after {r['seconds_to_first_verdict']} s "
-                     f"(peak memory {r['scorer_peak_rss_mib']} MiB)")
-    return "\n".join(lines)

@@ -25,9 +25,13 @@ from .options import friendly_errors
               help="Also measure restart time with this many stored transactions.")
 @click.option("--sync-policy", type=click.Choice(["always", "interval"]), default="interval",
               show_default=True)
-@click.option("--baseline", is_flag=True,
-              help="Also run the full-speed load through a pass-through consumer (message "
-                   "path only, no scoring or storage): the ceiling any scorer has here.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="First run the same phases through a pass-through consumer (message path "
+                   "only, no scoring or storage): the ceiling any scorer has here, and what "
+                   "the scorer's figures are compared with.")
+@click.option("--replicate/--no-replicate", default=True, show_default=True,
+              help="Litestream replicating the scorer's database, as `branchguard run` does "
+                   "by default (issue 16's targets are with it on).")
 @click.option("--alerts-to", default=None,
               help="Also run the full-speed load with the alert dispatcher delivering every "
                    "alert to this Apprise URL (compare with the phase before it).")
@@ -36,18 +40,26 @@ from .options import friendly_errors
 @click.option("--alert-rounds", type=int, default=1, show_default=True,
               help="With --alerts-to/--dead-smtp: alternate the dispatcher phase and a plain "
                    "phase this many times, and compare their means.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--json", "json_to", is_flag=False, flag_value="-", default=None,
+              metavar="[FILE]",
+              help="Also write the report as JSON to FILE; `--json` alone prints only the "
+                   "JSON, instead of the table.")
 @click.pass_context
 @friendly_errors
 def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, restart_rows: int,
-          sync_policy: str, baseline: bool, alerts_to: str | None, dead_smtp: bool,
-          alert_rounds: int, as_json: bool) -> None:
-    """Start a throwaway node and measure it: sustained tx/s, publish-to-verdict latency
-    p50/p95/p99 at fixed offered rates, peak memory, and restart time.
+          sync_policy: str, baseline: bool, replicate: bool, alerts_to: str | None,
+          dead_smtp: bool, alert_rounds: int, json_to: str | None) -> None:
+    """Start a throwaway node and measure it against the pass-through consumer, in one run:
+    sustained tx/s of both and the scorer's share, publish-to-verdict latency p50/p95/p99 at
+    each offered rate beside the pass-through's p99 and whether it kept up, CPU µs per
+    transaction of each process, the largest event-loop stall, peak memory and restart
+    time; then issue 16's targets, each met or missed.
 
     \b
     Example:
       branchguard bench --count 200000 --rates 2000,10000 --restart-rows 1000000
+      branchguard bench --count 50000 --rates 2000,10000 --rate-seconds 8 --json bench.json
+      branchguard bench --count 50000 --rates 2000 --no-replicate   # Litestream's share
       branchguard bench --count 200000 --rates '' --dead-smtp   # alerts cost, one run
       branchguard bench --count 100000 --rates '' --dead-smtp --alert-rounds 3
       branchguard bench api --transactions 1000000 --alerts 20000
@@ -57,15 +69,25 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..bench.throughput import dead_smtp_url, format_report, run_bench
+    from ..bench.report import format_report
+    from ..bench.throughput import dead_smtp_url, run_bench
 
     logs.configure("WARNING")
-    report = run_bench(count=count, rates=[float(r) for r in rates.split(",") if r],
-                       rate_seconds=rate_seconds, restart_rows=restart_rows,
-                       sync_policy=sync_policy, baseline=baseline,
+    try:
+        offered = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        raise BranchguardError("not a list of rates", field="rates", value=rates,
+                               hint="tx/s, comma-separated: --rates 2000,10000") from None
+    report = run_bench(count=count, rates=offered, rate_seconds=rate_seconds,
+                       restart_rows=restart_rows, sync_policy=sync_policy, baseline=baseline,
                        alerts_to=dead_smtp_url() if dead_smtp else alerts_to,
-                       alert_rounds=alert_rounds)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+                       alert_rounds=alert_rounds, replicate=replicate)
+    if json_to == "-":
+        click.echo(json.dumps(report, indent=2))
+        return
+    if json_to is not None:
+        Path(json_to).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    click.echo(format_report(report))
 
 
 @click.command("bench-load", hidden=True)
@@ -86,6 +108,7 @@ def bench_passthrough(url: str) -> None:
     """The benchmark's baseline consumer: the message path with no scoring (runs until killed)."""
     from ..bench.throughput import passthrough
 
+    logs.configure("INFO")  # its loop.lag lines, read back by the benchmark
     asyncio.run(passthrough(url, load(None, env={})))
 
 

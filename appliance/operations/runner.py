@@ -35,6 +35,7 @@ from ..settings import Settings
 from ..store import Store
 from ..transaction import Transaction
 from .child import terminate
+from .looplag import LoopLag
 from .node import EmbeddedNats, die_with_parent
 from .replication import Litestream
 
@@ -121,12 +122,15 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    lag = LoopLag(settings.loop_lag_window_seconds) if settings.loop_lag_window_seconds else None
     scorer = Scorer(nc, store, model, settings, registry)
     tasks: list[asyncio.Task[object]] = []
     alerts = AlertsChild(settings)
     api: subprocess.Popen[bytes] | None = None
     scoring: asyncio.Task[None] | None = None
     try:
+        if lag is not None:  # from the start: the state rebuild's stall is part of the story
+            lag.start()
         if alerts.start():
             tasks.append(asyncio.create_task(alerts.watch(stop)))
         scoring = asyncio.create_task(scorer.run())
@@ -168,6 +172,8 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             scorer.stop()
             with contextlib.suppress(Exception):
                 await scoring
+        if lag is not None:
+            lag.stop()
         alerts.stop()
         stop_api(api)
         for task in tasks:
