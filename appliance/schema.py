@@ -340,6 +340,20 @@ def m010_terminals(db: Database) -> None:
     )
 
 
+# --- issue 17: amounts sent in another currency than the node's ----------------------------
+@migrations()
+def m011_sent_amount(db: Database) -> None:
+    """A transaction sent in another currency is stored converted (``amount``, ``currency``
+    are the node's: what the rules judged and the features summed); what the terminal sent
+    is kept beside it. Both NULL: it was sent in the node's currency."""
+    db.executescript(
+        """
+        ALTER TABLE transactions ADD COLUMN sent_amount REAL;
+        ALTER TABLE transactions ADD COLUMN sent_currency TEXT;
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

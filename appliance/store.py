@@ -31,7 +31,8 @@ _decode_list = msgspec.json.Decoder(list[str])
 _TX_COLUMNS = ("transaction_id", "stream_seq", "branch", "account_id", "terminal_id", "amount",
                "amount_milli", "currency", "ts", "utc_offset", "channel", "merchant_category",
                "location", "features", "features_version", "model_risk", "risk", "severity",
-               "decision", "reasons", "details", "model_version", "rules_version", "stored_at")
+               "decision", "reasons", "details", "model_version", "rules_version", "stored_at",
+               "sent_amount", "sent_currency")
 _INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
               f"VALUES ({', '.join('?' * len(_TX_COLUMNS))})")
 _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
@@ -155,7 +156,7 @@ class Store:
                 tx.merchant_category, tx.location, encode(s.features).decode(),
                 s.features_version, v.model_risk, v.risk, v.severity, v.decision, reasons,
                 encode(v.details).decode() if v.details else "[]", v.model_version,
-                v.rules_version, now))
+                v.rules_version, now, tx.sent_amount, tx.sent_currency))
             if v.decision != "approve":
                 alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
                                v.severity, v.risk, reasons, now))

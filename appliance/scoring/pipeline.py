@@ -31,7 +31,7 @@ from .. import logs
 from ..errors import BranchguardError
 from ..settings import Settings
 from ..store import DeadLetter, Scored, Store
-from ..transaction import Malformed, Transaction, branch_of, parse
+from ..transaction import Admission, Malformed, Transaction, branch_of
 from ..verdict import Verdict
 from .explain import ForestPaths, explain
 from .features import FEATURES, FEATURES_VERSION, FeatureState, feature_state
@@ -74,6 +74,7 @@ class Scorer:
         self.store = store
         self.model = model
         self.settings = settings
+        self.admission = Admission.of(settings)  # issue 17: event-time window, currencies
         self.counters = Counters()
         self.state = FeatureState()
         self.puller = Puller(nc, settings)
@@ -227,7 +228,7 @@ class Scorer:
         dead: list[DeadLetter] = []
         dlq_failed = self.dlq.failed
         for d in batch:
-            parsed = parse(d.subject, d.data)
+            parsed = self.admission.parse(d.subject, d.data, d.stored_ns / 1e9)
             if isinstance(parsed, Malformed):
                 await self._reject(d, parsed.reason, dead)
             else:
