@@ -227,14 +227,15 @@ def parse(subject: str, data: bytes) -> Transaction | Malformed:
         return Malformed(f"oversize: {len(data)} bytes > {MAX_MESSAGE_BYTES}", subject, data)
     try:
         tx = _decoder.decode(data)
+        repeated = _repeated_key(data) if _may_repeat_a_key(tx, data) else None
     except msgspec.ValidationError as exc:
         return Malformed(f"invalid: {exc}", subject, data)
     except msgspec.DecodeError as exc:
         return Malformed(f"bad json: {exc}", subject, data)
-    if _may_repeat_a_key(tx, data):
-        repeated = _repeated_key(data)
-        if repeated is not None:
-            return Malformed(f"invalid: duplicate key `{repeated[:64]}`", subject, data)
+    except RecursionError:  # junk nested a thousand deep: both decoders recurse
+        return Malformed("bad json: nested too deeply", subject, data)
+    if repeated is not None:
+        return Malformed(f"invalid: duplicate key `{repeated[:64]}`", subject, data)
     if tx.version != CONTRACT_VERSION:
         return Malformed(f"unsupported contract version {tx.version}", subject, data)
     for name in ("transaction_id", "account_id", "terminal_id"):

@@ -546,3 +546,22 @@ def test_a_terminal_cannot_claim_a_conversion() -> None:
     tx = parse(SUBJECT, body(sent_amount=1.0, sent_currency="USD"))
     assert type(tx) is Transaction
     assert tx.sent_amount is None and tx.sent_currency is None
+
+
+@pytest.mark.parametrize("depth", [1000, 3000])
+@pytest.mark.parametrize(("open_", "close"), [("[", "]"), ('{"a":', "}")])
+def test_deeply_nested_junk_is_refused_not_raised(depth: int, open_: str, close: str) -> None:
+    """Nesting that exhausts the decoder's recursion once made parse raise RecursionError,
+    which stopped the scorer on the same message at every restart (issue 17)."""
+    inner = open_ * depth + ("1" if open_ != "[" else "") + close * depth
+    data = body()[:-1] + f', "junk": {inner}}}'.encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        data = body()[:-1] + f', "junk": {"[" * 3000 + "]" * 3000}}}'.encode()
+    assert malformed(SUBJECT, data).reason == "bad json: nested too deeply"
+
+
+def test_nesting_within_reach_of_the_exact_duplicate_check_never_raises() -> None:
+    for depth in range(900, 1000, 7):
+        inner = '{"a":' * depth + "1" + "}" * depth
+        data = body()[:-1] + f', "junk": {inner}}}'.encode()
+        assert isinstance(parse(SUBJECT, data), (Transaction, Malformed))
