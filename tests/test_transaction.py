@@ -565,3 +565,26 @@ def test_nesting_within_reach_of_the_exact_duplicate_check_never_raises() -> Non
         inner = '{"a":' * depth + "1" + "}" * depth
         data = body()[:-1] + f', "junk": {inner}}}'.encode()
         assert isinstance(parse(SUBJECT, data), (Transaction, Malformed))
+
+
+@settings(max_examples=400, deadline=None)
+@given(now=st.floats(1e9, 4e9), ahead=st.floats(-10 * 86400, 86400), tz=offsets,
+       lag=st.sampled_from([1.0, 3600.0, 7 * 86400.0]), skew=st.sampled_from([0.0, 300.0]))
+def test_the_windows_fast_path_decides_as_the_exact_check(now: float, ahead: float,
+                                                           tz: timezone, lag: float,
+                                                           skew: float) -> None:
+    stamp = datetime.fromtimestamp(now + ahead, tz)
+    data = body(timestamp=stamp.isoformat())
+    exact = parse(SUBJECT, data)
+    assert isinstance(exact, Transaction)
+    admission = Admission(max_lag=lag, max_skew=skew)
+    for at in (now, now + 0.5, now):  # the same second twice: its bounds are kept
+        result = admission.parse(SUBJECT, data, at)
+        assert isinstance(result, Transaction) == (
+            check_event_time(exact, at, lag, skew) is None), (stamp, at, result)
+
+
+def test_a_window_reaching_beyond_the_calendar_still_decides() -> None:
+    admission = Admission(max_lag=1e13, max_skew=1e13)
+    assert isinstance(admission.parse(SUBJECT, body(timestamp="0001-01-01T00:00:00+14:00"),
+                                      NOW), Transaction)
