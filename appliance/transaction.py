@@ -366,6 +366,9 @@ class Admission:
 
 _FIRST = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
 _LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+CALENDAR = (_FIRST + 86400.0, _LAST + 1 - 86400.0)
+"""Epoch seconds [from, to) a datetime holds whatever its UTC offset: a stored event time
+outside it (possible before the event-time window) cannot be made a Transaction again."""
 
 
 def event_time_text(ts: float | None) -> str:

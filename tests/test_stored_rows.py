@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from appliance.alerts.messages import AlertView, digest, single
 from appliance.api.app import create_app
 from appliance.casework.overview import overview
+from appliance.learning.backtest import load_rows
 from appliance.scoring.features import FEATURES_VERSION, feature_state
 from appliance.scoring.rules import RULES_VERSION
 from appliance.scoring.score import judge
@@ -122,6 +123,16 @@ def test_api_routes_answer_for_stored_rows_of_any_time(
             assert response.status_code < 500, (path, response.text[:300])
         case = client.get(f"/api/v1/alerts/{alerts['year-10000']}", headers=header).json()
         assert case["transaction"]["ts"] == FAR["year-10000"].timestamp()
+        for sort in ("-ts", "ts"):  # keyset pages over the far times, cursor by cursor
+            seen: list[int] = []
+            url: str | None = f"/api/v1/alerts?account_id={ACCOUNT}&sort={sort}&limit=1"
+            while url is not None:
+                page = client.get(url, headers=header).json()
+                seen.extend(a["alert_id"] for a in page["alerts"])
+                url = (f"/api/v1/alerts?account_id={ACCOUNT}&sort={sort}&limit=1&cursor="
+                       f"{page['next_cursor']}" if page["next_cursor"] else None)
+            expected = [alerts[k] for k in ("year-10000", "2099", "year-0")]
+            assert seen == (expected if sort == "-ts" else expected[::-1])
 
 
 def test_alert_messages_render_stored_rows_of_any_time(
@@ -137,3 +148,15 @@ def test_alert_messages_render_stored_rows_of_any_time(
 
 
 
+
+
+def test_learning_reads_past_rows_beyond_the_calendar(
+        node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    """Backtests, retraining and drift read every stored row as a Transaction: a time a
+    datetime cannot hold is left out instead of stopping them with a ValueError."""
+    settings, store = node_db
+    store_far_rows(store)
+    rows = load_rows(settings.db_path)
+    ids = {tx.transaction_id for tx in rows.txs}
+    assert "far-2099" in ids and not {"far-year-10000", "far-year-0"} & ids
+    assert len(rows) == 301
