@@ -340,9 +340,23 @@ def m010_terminals(db: Database) -> None:
     )
 
 
+# --- issue 17: amounts sent in another currency than the node's ----------------------------
+@migrations()
+def m011_sent_amount(db: Database) -> None:
+    """A transaction sent in another currency is stored converted (``amount``, ``currency``
+    are the node's: what the rules judged and the features summed); what the terminal sent
+    is kept beside it. Both NULL: it was sent in the node's currency."""
+    db.executescript(
+        """
+        ALTER TABLE transactions ADD COLUMN sent_amount REAL;
+        ALTER TABLE transactions ADD COLUMN sent_currency TEXT;
+        """
+    )
+
+
 # --- issue 16: the hot path (verdicts published before the commit) -------------------------
 @migrations()
-def m011_verdict_of_record(db: Database) -> None:
+def m012_verdict_of_record(db: Database) -> None:
     """What the scorer needs to keep a published verdict the verdict of record across a crash
     between publishing and committing (see scoring/pipeline.py), and to tell a re-send from a
     conflicting one (a re-used transaction id with another body).

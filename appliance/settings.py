@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 import typing
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .errors import SettingsError
+from .transaction import iso_4217
 
 ENV_PREFIX = "BRANCHGUARD_"
 DEFAULT_CONFIG_FILE = "branchguard.toml"
@@ -237,6 +239,24 @@ class Settings:
     """Days of stored transactions ``branchguard retrain`` trains on."""
     drift_psi_threshold: float = 0.2
     """Population stability index above which ``branchguard drift run`` logs a WARNING."""
+    # --- issue 17: what the node accepts beyond the contract's shape (docs/transactions.md)
+    event_time_check: bool = True
+    """Dead-letter a transaction whose event time is more than ``max_event_lag_days`` behind,
+    or more than ``max_clock_skew_seconds`` ahead of, the time the TX stream stored it. Turn
+    it off only while loading history (``simulate --csv``, the Handbook protocol, a new node
+    loading its past): the scorer logs a WARNING at start while it is off."""
+    max_event_lag_days: float = 7.0
+    """How late an event may arrive: store-and-forward from a terminal that was offline."""
+    max_clock_skew_seconds: float = 300.0
+    """How far ahead of the node's clock an event time may be (a terminal's fast clock)."""
+    currency: str = "EUR"
+    """The node's currency (ISO 4217): amounts are judged, summed and stored in it, and the
+    rules' thresholds (``high_value_amount``) are amounts of it."""
+    currency_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Rates into ``currency`` of the other currencies the node accepts: ``{USD = 0.92}``
+    in TOML, ``USD=0.92,GBP=1.17`` in the environment, means 1 USD is 0.92 of ``currency``.
+    A transaction in a currency with no rate is dead-lettered as ``currency not accepted``;
+    a converted one keeps the amount and currency it was sent in beside it."""
 
     @property
     def db_path(self) -> Path:
@@ -369,6 +389,19 @@ class Settings:
                 and all(p in self.console_map_tiles for p in ("{z}", "{x}", "{y}"))),
              "console_map_tiles", self.console_map_tiles,
              "use an http(s) URL with {z}, {x} and {y}, or leave it empty for no tiles"),
+            # issue 17: what the node accepts
+            (self.max_event_lag_days > 0, "max_event_lag_days", self.max_event_lag_days,
+             "use a positive number of days"),
+            (self.max_clock_skew_seconds >= 0, "max_clock_skew_seconds",
+             self.max_clock_skew_seconds, "use 0 or more seconds"),
+            (self.currency in iso_4217(), "currency", self.currency,
+             "use an ISO 4217 code such as EUR"),
+            (all(code in iso_4217() and code != self.currency for code in self.currency_rates),
+             "currency_rates", format_value(self.currency_rates),
+             f"use ISO 4217 codes other than the node's currency ({self.currency})"),
+            (all(math.isfinite(rate) and rate > 0 for rate in self.currency_rates.values()),
+             "currency_rates", format_value(self.currency_rates),
+             "use positive rates: 1 unit of the code is that much of the node's currency"),
         ]
         for ok, name, value, hint in checks:
             if not ok:
@@ -399,6 +432,17 @@ def _convert(name: str, kind: Any, raw: object) -> object:
             if raw == "":
                 raise ValueError("an empty path")
             return Path(str(raw))
+        if origin is dict:  # CODE=RATE pairs: a TOML table, or comma-separated text
+            if isinstance(raw, str):
+                pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError("use CODE=RATE pairs, comma-separated")
+                table: dict[object, object] = {k.strip(): v.strip() for k, v in pairs}
+            elif isinstance(raw, dict):
+                table = cast(dict[object, object], raw)
+            else:
+                raise ValueError("use a table of CODE = RATE")
+            return {str(k): float(cast(float, v)) for k, v in table.items()}
         if origin is tuple:
             items = raw.split(",") if isinstance(raw, str) else list(cast(list[object], raw))
             return tuple(str(i).strip() for i in items if str(i).strip())
@@ -484,6 +528,8 @@ def format_value(value: object) -> str:
     """A setting's value as it would be written in a BRANCHGUARD_* variable."""
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" for k, v in value.items())
     return "(unset)" if value is None else str(value)
 
 

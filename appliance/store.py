@@ -34,7 +34,7 @@ _TX_COLUMNS = ("transaction_id", "stream_seq", "branch", "account_id", "terminal
                "amount_milli", "currency", "ts", "utc_offset", "channel", "merchant_category",
                "location", "features", "features_version", "model_risk", "risk", "severity",
                "decision", "reasons", "details", "model_version", "rules_version", "stored_at",
-               "body_digest", "label_features")
+               "body_digest", "label_features", "sent_amount", "sent_currency")
 _INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
               f"VALUES ({', '.join('?' * len(_TX_COLUMNS))})")
 _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
@@ -208,7 +208,8 @@ class Store:
                 s.features_version, v.model_risk, v.risk, v.severity, v.decision, reasons,
                 encode(v.details).decode() if v.details else "[]", v.model_version,
                 v.rules_version, now, s.digest,
-                None if s.label_features is None else array("d", s.label_features).tobytes()))
+                None if s.label_features is None else array("d", s.label_features).tobytes(),
+                tx.sent_amount, tx.sent_currency))
             if v.decision != "approve":
                 alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
                                v.severity, v.risk, reasons, now))

@@ -17,6 +17,7 @@ import pytest
 
 from appliance.operations.node import EmbeddedNats
 from appliance.settings import Settings, load
+from tests.support import HISTORY
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(tmp_path: Path, nats_url: str) -> Settings:
-    return load(None, env={}, data_dir=tmp_path / "node", nats_url=nats_url)
+    return load(None, env=HISTORY, data_dir=tmp_path / "node", nats_url=nats_url)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class NodeProcess:
         """Run ``branchguard <args>``; wait until its log shows ``ready``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / f"{args[0]}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "BRANCHGUARD_RUN_API": "false", **self.extra_env}
+        env = {**os.environ, "BRANCHGUARD_RUN_API": "false", **HISTORY, **self.extra_env}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "appliance", *args],
                                             stdout=log, stderr=subprocess.STDOUT, env=env)

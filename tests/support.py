@@ -20,6 +20,11 @@ from appliance.feed.terminal import Message, population, publish, publish_messag
 from appliance.transaction import Transaction
 
 START = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+HISTORY = {"BRANCHGUARD_EVENT_TIME_CHECK": "false"}
+"""The suite's simulated transactions are dated from START, long before the node's clock:
+history, so the nodes the fixtures start (tests/conftest.py) load them the documented way
+for history, with the event-time window off (docs/transactions.md). Tests of the window
+pass ``BRANCHGUARD_EVENT_TIME_CHECK=true``."""
 
 
 def make_transactions(n: int, seed: int = 11, rate: float = 5.0) -> list[Labelled]:

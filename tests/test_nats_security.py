@@ -29,7 +29,7 @@ from appliance.scoring.ingest import ensure_streams
 from appliance.settings import Settings, load
 from appliance.transaction import encode
 
-from .support import make_transactions, stored_count, wait_until
+from .support import HISTORY, make_transactions, stored_count, wait_until
 
 
 def _certificate(folder: Path) -> tuple[Path, Path]:
@@ -164,7 +164,8 @@ def test_no_credential_or_no_tls_means_no_connection(secure: Settings) -> None:
 
 def test_the_node_scores_over_auth_and_tls(secure: Settings, tmp_path: Path) -> None:
     """``branchguard run`` with its embedded nats-server, authenticated and over TLS."""
-    env = {**os.environ, "BRANCHGUARD_NATS_PORT": "0", "BRANCHGUARD_REPLICATE": "false",
+    env = {**os.environ, **HISTORY, "BRANCHGUARD_NATS_PORT": "0",
+           "BRANCHGUARD_REPLICATE": "false",
            "BRANCHGUARD_NATS_AUTH_FILE": str(secure.nats_auth_file),
            "BRANCHGUARD_NATS_TLS_CERT": str(secure.nats_tls_cert),
            "BRANCHGUARD_NATS_TLS_KEY": str(secure.nats_tls_key),

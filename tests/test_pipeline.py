@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
@@ -298,3 +298,56 @@ def test_sigkill_between_publish_and_commit_keeps_the_published_verdicts(
     assert len(verdicts) == len(set(verdicts)) == 800
     # a deny entry declines: re-scored, these approvals would have changed
     assert any(published[t.transaction_id]["decision"] == "approve" for t in txs[500:])
+
+
+def test_event_time_window_and_currencies_on_a_real_node(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    """Issue 17: with the window on (the default), an event time a clock got wrong is
+    dead-lettered with its own reason, a late one inside the window is scored; USD is
+    converted at the configured rate (the rules judge the converted amount, the row keeps
+    what was sent), a currency with no rate is dead-lettered; the node keeps scoring."""
+    node_factory(tmp_path / "node", nats_url, {
+        "BRANCHGUARD_EVENT_TIME_CHECK": "true", "BRANCHGUARD_CURRENCY_RATES": "USD=0.92"
+    }).start()
+    db = tmp_path / "node" / "branchguard.db"
+    now = datetime.now(timezone.utc)
+
+    def at(tid: str, stamp: datetime, amount: float = 20.0, currency: str = "EUR",
+           account: str = "A-CLOCK") -> Transaction:
+        return Transaction(transaction_id=tid, account_id=account, amount=amount,
+                           currency=currency, timestamp=stamp, terminal_id="T0001",
+                           channel="POS", location="Espoo")
+
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-14)))
+    first = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))
+    bad = [at("future-9999", far), at("future-2099", datetime(2099, 1, 1, tzinfo=timezone.utc)),
+           at("ahead-1h", now + timedelta(hours=1)), at("year-1", first),
+           at("old-2018", datetime(2018, 4, 1, tzinfo=timezone.utc)),
+           at("old-8d", now - timedelta(days=8)),
+           at("yen", now, amount=5000, currency="JPY")]
+    good = [at("late-3d", now - timedelta(days=3)), at("ahead-1min", now + timedelta(minutes=1)),
+            at("usd", now, amount=9000, currency="USD", account="A-USD"),
+            *(at(f"burst-{i}", now + timedelta(seconds=i - 30)) for i in range(15))]
+    send(nats_url, [bad[0], good[0], *bad[1:], *good[1:]])
+    wait_until(lambda: stored_count(db) == len(good), message="the good ones stored")
+    wait_until(lambda: query(db, "SELECT count(*) FROM dead_letters")[0][0] == len(bad))
+
+    reasons = {decode(m.data)["transaction_id"]: m.headers["Branchguard-Reason"]
+               for m in read_stream(nats_url, "TX_DLQ", expect=len(bad))}
+    for tid in ("future-9999", "future-2099", "ahead-1h"):
+        assert reasons[tid].startswith("event time too far in the future: "), reasons[tid]
+    for tid in ("year-1", "old-2018", "old-8d"):
+        assert reasons[tid].startswith("event time too old: "), reasons[tid]
+    assert reasons["yen"].startswith("currency not accepted: JPY")
+    assert query(db, "SELECT count(*) FROM transactions WHERE transaction_id IN "
+                     f"({', '.join('?' * len(bad))})", [t.transaction_id for t in bad]) == [(0,)]
+
+    usd = query(db, "SELECT amount, amount_milli, currency, sent_amount, sent_currency, "
+                    "reasons, details FROM transactions WHERE transaction_id = 'usd'")[0]
+    assert usd[:5] == (8280.0, 8280000, "EUR", 9000.0, "USD")
+    assert "high_value" in usd[5] and "amount 8280.00 >= 5000.00" in usd[6]
+    assert query(db, "SELECT sent_amount, sent_currency FROM transactions "
+                     "WHERE transaction_id = 'late-3d'") == [(None, None)]
+    # the burst is seen as one: no far-future event blinded the account's velocity
+    last = query(db, "SELECT features FROM transactions WHERE transaction_id = 'burst-14'")
+    assert decode_features(last[0][0])[FEATURES.index("account_count_1h")] >= 14

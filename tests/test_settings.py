@@ -349,3 +349,36 @@ def test_describe_pairs_each_field_with_its_own_docstring() -> None:
     assert "high_value" in docs["high_value_amount"]
     assert "ml_anomaly" in docs["ml_risk_threshold"]
     assert "CRITICAL" in docs["critical_risk"]
+
+
+# --- issue 17: the node's currency and its rates ----------------------------------------------
+
+
+def test_currency_rates_from_a_toml_table_and_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "b.toml"
+    path.write_text('currency = "EUR"\ncurrency_rates = {USD = 0.92, GBP = 1.17}\n')
+    assert load(path, env={}).currency_rates == {"USD": 0.92, "GBP": 1.17}
+    env = {"BRANCHGUARD_CURRENCY": "SEK", "BRANCHGUARD_CURRENCY_RATES": "EUR=11.2, NOK=0.98"}
+    s = load(None, env=env)
+    assert s.currency == "SEK" and s.currency_rates == {"EUR": 11.2, "NOK": 0.98}
+    assert load(None, env={}).currency_rates == {}
+
+
+@pytest.mark.parametrize(("env", "field"), [
+    ({"BRANCHGUARD_CURRENCY": "XYZ"}, "currency"),
+    ({"BRANCHGUARD_CURRENCY": "eur"}, "currency"),
+    ({"BRANCHGUARD_CURRENCY_RATES": "XYZ=1.0"}, "currency_rates"),
+    ({"BRANCHGUARD_CURRENCY_RATES": "EUR=1.0"}, "currency_rates"),  # the node's own
+    ({"BRANCHGUARD_CURRENCY_RATES": "USD=0"}, "currency_rates"),
+    ({"BRANCHGUARD_CURRENCY_RATES": "USD=-1"}, "currency_rates"),
+    ({"BRANCHGUARD_CURRENCY_RATES": "USD=nan"}, "currency_rates"),
+    ({"BRANCHGUARD_CURRENCY_RATES": "USD"}, "currency_rates"),
+    ({"BRANCHGUARD_CURRENCY_RATES": "USD=cheap"}, "currency_rates"),
+    ({"BRANCHGUARD_MAX_EVENT_LAG_DAYS": "0"}, "max_event_lag_days"),
+    ({"BRANCHGUARD_MAX_CLOCK_SKEW_SECONDS": "-1"}, "max_clock_skew_seconds"),
+])
+def test_a_currency_or_window_that_cannot_work_is_refused(env: dict[str, str],
+                                                          field: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(None, env=env)
+    assert caught.value.field == field

@@ -25,8 +25,10 @@ from .terminal_map import terminal_map
 from .triage import act
 
 TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
-             "channel", "merchant_category", "location", "model_risk", "risk", "severity",
-             "decision", "model_version", "rules_version")
+             "sent_amount", "sent_currency", "channel", "merchant_category", "location",
+             "model_risk", "risk", "severity", "decision", "model_version", "rules_version")
+"""``sent_amount`` and ``sent_currency`` are empty unless the terminal sent another currency
+than the node's, which ``amount`` and ``currency`` are in."""
 NOTE_LIMIT = 4000
 
 

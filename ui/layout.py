@@ -3,13 +3,12 @@ for urgent alerts nobody has started on, and the idle check."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from nicegui import app, ui
 
 from appliance.casework.keys import role_at_least
 from appliance.casework.overview import waiting_urgent
 from appliance.casework.users import User
+from appliance.transaction import event_time_text
 
 from .session import MOUNT, Console, sign_out
 
@@ -20,10 +19,9 @@ ROLE_OF_PAGE = {"/models": "supervisor"}
 
 
 def when(ts: float | None) -> str:
-    """Epoch seconds as UTC text (the console shows UTC everywhere)."""
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    """Epoch seconds as UTC text (the console shows UTC everywhere); any stored value,
+    even one beyond what a datetime holds, renders (see event_time_text)."""
+    return event_time_text(ts)
 
 
 def frame(console: Console, user: User, title: str) -> None:

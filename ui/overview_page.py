@@ -64,7 +64,8 @@ def overview_page(console: Console) -> None:
                            rows=[], row_key="reason")
 
     def refresh() -> None:
-        o = overview(console.reader(), time.time())
+        o = overview(console.reader(), time.time(),
+                     ahead_seconds=console.settings.max_clock_skew_seconds)
         series = o["series"]
         throughput.options["series"][0]["data"] = [[p["at"] * 1000, p["transactions"]]
                                                    for p in series]

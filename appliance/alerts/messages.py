@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+
+from ..transaction import event_time_text
 
 ACCOUNT_VISIBLE = 8
 """Account ids up to this long are shown whole; longer ones as ``****`` plus the last four."""
@@ -85,7 +86,7 @@ def _money(amount: float, currency: str) -> str:
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{event_time_text(ts)} UTC"  # any stored time, even beyond a datetime's range
 
 
 def _worst(alerts: Sequence[AlertView]) -> str:

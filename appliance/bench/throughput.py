@@ -242,7 +242,11 @@ class _Scorer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", *command], stdout=log,
-                stderr=subprocess.STDOUT, env=env)
+                stderr=subprocess.STDOUT,
+                # its simulated streams are dated 2025-2026 (see _transactions): history,
+                # loaded with the event-time window off (docs/transactions.md)
+                env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING",
+                     "BRANCHGUARD_RUN_API": "false", "BRANCHGUARD_EVENT_TIME_CHECK": "false"})
         self.started = time.monotonic()
 
     def peak_rss_mib(self) -> float:

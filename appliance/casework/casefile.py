@@ -21,6 +21,7 @@ from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import decode_features
 from ..scoring.features import HORIZON, VERSIONS
+from ..transaction import UNSAFE_TEXT
 from .cases import ALERT_SELECT, alert_row
 
 BASELINE_ROWS = 100
@@ -28,7 +29,10 @@ TIMELINE_ROWS = 50
 TX_COLUMNS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
               "ts", "utc_offset", "channel", "merchant_category", "location", "features",
               "features_version", "model_risk", "risk", "severity", "decision", "reasons",
-              "details", "model_version", "rules_version", "stored_at")
+              "details", "model_version", "rules_version", "stored_at", "sent_amount",
+              "sent_currency")
+"""``amount`` and ``currency`` are the node's; ``sent_amount`` and ``sent_currency`` what the
+terminal sent, when it was another currency (else None): schema m011."""
 _list = msgspec.json.Decoder(list[Any])
 _PLAIN = Explainer(None)
 
@@ -165,9 +169,13 @@ def history(conn: sqlite3.Connection, alert_id: int) -> list[dict[str, Any]]:
 
 def value_text(value: Any) -> str:
     """A stored value as the console shows it: floats to 4 significant digits, None as
-    nothing."""
+    nothing, and in text every control or bidirectional formatting character shown as its
+    code (``<U+202E>``): rows stored before the contract refused them would otherwise show
+    reversed or hidden text."""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, str):
+        return UNSAFE_TEXT.sub(lambda m: f"<U+{ord(m.group()):04X}>", value)
     return "" if value is None else str(value)
 
 

@@ -19,17 +19,21 @@ URGENT = ("HIGH", "CRITICAL")
 
 
 def overview(conn: sqlite3.Connection, now: float, window_seconds: float = 3600.0,
-             bucket_seconds: float = 60.0) -> dict[str, Any]:
+             bucket_seconds: float = 60.0, ahead_seconds: float = 300.0) -> dict[str, Any]:
     """Per-bucket throughput, alerts and latency since ``now - window_seconds``, and the
-    window's totals, severity mix, top terminals and reasons."""
-    since = now - window_seconds
+    window's totals, severity mix, top terminals and reasons. Event times more than
+    ``ahead_seconds`` (the clock skew the node admits) ahead of ``now`` are left out: rows
+    stored before the event-time window existed may be dated years ahead, and would
+    stretch every chart to them and read as a latency of minus those years."""
+    since, until = now - window_seconds, now + ahead_seconds
+    window = (since, until)
     buckets: dict[int, dict[str, float]] = {}
     for b, n, latency in conn.execute(
             "SELECT CAST(ts / ? AS INTEGER), count(*), avg(stored_at - ts) FROM transactions "
-            "WHERE ts >= ? GROUP BY 1", (bucket_seconds, since)):
+            "WHERE ts >= ? AND ts < ? GROUP BY 1", (bucket_seconds, *window)):
         buckets[int(b)] = {"transactions": n, "alerts": 0, "latency_seconds": latency}
     for b, n in conn.execute("SELECT CAST(ts / ? AS INTEGER), count(*) FROM alerts "
-                             "WHERE ts >= ? GROUP BY 1", (bucket_seconds, since)):
+                             "WHERE ts >= ? AND ts < ? GROUP BY 1", (bucket_seconds, *window)):
         buckets.setdefault(int(b), {"transactions": 0, "alerts": 0,
                                     "latency_seconds": 0.0})["alerts"] = n
     series = [{"at": b * bucket_seconds, **v} for b, v in sorted(buckets.items())]
@@ -44,13 +48,15 @@ def overview(conn: sqlite3.Connection, now: float, window_seconds: float = 3600.
         "alerts": alerts,
         "alert_rate": alerts / transactions if transactions else 0.0,
         "by_severity": {s: n for s, n in conn.execute(
-            "SELECT severity, count(*) FROM alerts WHERE ts >= ? GROUP BY 1", (since,))},
+            "SELECT severity, count(*) FROM alerts WHERE ts >= ? AND ts < ? GROUP BY 1",
+            window)},
         "top_terminals": [{"terminal_id": t, "alerts": n} for t, n in conn.execute(
-            "SELECT terminal_id, count(*) FROM alerts WHERE ts >= ? GROUP BY 1 "
-            "ORDER BY 2 DESC, 1 LIMIT 10", (since,))],
+            "SELECT terminal_id, count(*) FROM alerts WHERE ts >= ? AND ts < ? GROUP BY 1 "
+            "ORDER BY 2 DESC, 1 LIMIT 10", window)],
         "top_reasons": [{"reason": r, "alerts": n} for r, n in conn.execute(
             "SELECT j.value, count(*) FROM alerts, json_each(alerts.reasons) AS j "
-            "WHERE alerts.ts >= ? GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10", (since,))],
+            "WHERE alerts.ts >= ? AND alerts.ts < ? GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10",
+            window)],
         "waiting_urgent": waiting_urgent(conn),
         "dead_letters": int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]),
         "model_version": latest[0] if latest else None,

@@ -49,7 +49,9 @@ def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: 
               help="Simulator seed; the same seed gives the same transactions and ids "
                    "(default: a new one each run, so re-runs are not re-sends).")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, exists=True), default=None,
-              help="Replay this CSV (reference-system or Fraud Handbook columns) instead.")
+              help="Replay this CSV (reference-system or Fraud Handbook columns) instead. "
+                   "Its times are history: the node must run with event_time_check = false "
+                   "while it loads them (docs/transactions.md).")
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
               help="Write the ground-truth labels to this CSV (they never travel with the "
                    "transactions).")

@@ -33,7 +33,7 @@ from ..scoring.rules import RULES_VERSION
 from ..scoring.score import judge
 from ..settings import Settings
 from ..store import open_db, require_db
-from ..transaction import Transaction
+from ..transaction import CALENDAR, Transaction
 from .evaluation import Metric, Scored, compare, evaluate
 
 log = logs.get("appliance.backtest")
@@ -60,14 +60,18 @@ class StoredRows:
 
 def load_rows(db_path: Path, since: float | None = None, until: float | None = None
               ) -> StoredRows:
-    """Stored transactions with ``since <= ts < until`` (epoch seconds), by (ts, rowid)."""
+    """Stored transactions with ``since <= ts < until`` (epoch seconds), by (ts, rowid).
+    Rows dated beyond what a datetime holds (stored before the event-time window existed:
+    year 0 or 10000 UTC) are left out: no Transaction can hold them."""
+    first, last = CALENDAR
     db = open_db(db_path)
     try:
         cursor = db.execute(
             "SELECT transaction_id, account_id, terminal_id, amount, currency, ts, utc_offset, "
             "channel, merchant_category, location, features, risk, decision, model_version, "
             "features_version FROM transactions WHERE ts >= ? AND ts < ? ORDER BY ts, rowid",
-            [since if since is not None else -1e18, until if until is not None else 1e18])
+            [max(since, first) if since is not None else first,
+             min(until, last) if until is not None else last])
         txs: list[Transaction] = []
         feats: list[tuple[float, ...]] = []
         risks, alerts, versions, older = [], [], [], []

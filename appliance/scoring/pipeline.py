@@ -46,7 +46,7 @@ from .. import logs
 from ..errors import BranchguardError
 from ..settings import Settings
 from ..store import DeadLetter, Scored, Store
-from ..transaction import Malformed, Transaction, branch_of, digest, parse
+from ..transaction import Admission, Malformed, Transaction, branch_of, digest
 from ..verdict import Verdict
 from .commit import GroupCommit
 from .features import FEATURES, FEATURES_VERSION, FeatureState, feature_state
@@ -114,6 +114,7 @@ class Scorer:
         self.store = store
         self.model = model
         self.settings = settings
+        self.admission = Admission.of(settings)  # issue 17: event-time window, currencies
         self.counters = Counters()
         self.state = FeatureState()
         self.puller = Puller(nc, settings)
@@ -295,7 +296,7 @@ class Scorer:
         rejects: list[Outgoing] = []
         accepted: list[tuple[Delivery, Transaction]] = []
         for d in batch:
-            parsed = parse(d.subject, d.data)
+            parsed = self.admission.parse(d.subject, d.data, d.stored_ns / 1e9)
             if isinstance(parsed, Malformed):
                 self._reject(d, parsed.reason, dead, rejects)
             else:
