@@ -235,18 +235,17 @@ class _Scorer:
         data_dir.mkdir(parents=True, exist_ok=True)
         command = (["bench-passthrough", "--url", url] if baseline else
                    ["run", "--quiet", "--data-dir", str(data_dir), "--nats-url", url])
+        # its simulated streams are dated 2025-2026 (see _transactions): history, loaded
+        # with the event-time window off (docs/transactions.md)
         env = {**os.environ, "BRANCHGUARD_LOG_LEVEL": "INFO", "BRANCHGUARD_RUN_API": "false",
-               "BRANCHGUARD_LOOP_LAG_WINDOW_SECONDS": str(LAG_WINDOW_SECONDS)}
+               "BRANCHGUARD_LOOP_LAG_WINDOW_SECONDS": str(LAG_WINDOW_SECONDS),
+               "BRANCHGUARD_EVENT_TIME_CHECK": "false"}
         if not replicate:
             env["BRANCHGUARD_REPLICATE"] = "false"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", *command], stdout=log,
-                stderr=subprocess.STDOUT,
-                # its simulated streams are dated 2025-2026 (see _transactions): history,
-                # loaded with the event-time window off (docs/transactions.md)
-                env={**os.environ, "BRANCHGUARD_LOG_LEVEL": "WARNING",
-                     "BRANCHGUARD_RUN_API": "false", "BRANCHGUARD_EVENT_TIME_CHECK": "false"})
+                stderr=subprocess.STDOUT, env=env)
         self.started = time.monotonic()
 
     def peak_rss_mib(self) -> float:

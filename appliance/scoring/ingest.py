@@ -427,15 +427,23 @@ class Publisher:
         own ``Nats-Msg-Id``. False only when ``stopping()`` says to give up first."""
         if ticket is None:
             ticket = await self.publish_many(items)
+        rounds = 0
         while True:
             missing = await ticket.missing(timeout)
             if not missing:
+                if rounds:
+                    log.info("publish.confirmed_after_retry", txn_id=None, rounds=rounds,
+                             first=ticket.items[0].msg_id)
                 return True
             self.forget(ticket)
-            log.warning("publish.unconfirmed", txn_id=None, count=len(missing),
-                        first=ticket.items[missing[0]].msg_id)
+            if rounds % 20 == 0:  # one line, then one every 20 rounds while it lasts
+                log.warning("publish.unconfirmed", txn_id=None, count=len(missing),
+                            first=ticket.items[missing[0]].msg_id, rounds=rounds)
             if stopping():
                 return False
+            # a refusal comes back at once: wait before asking again (0.1 s doubling to 2 s)
+            await asyncio.sleep(min(2.0, 0.1 * 2 ** min(rounds, 5)))
+            rounds += 1
             ticket = await self.publish_many([ticket.items[i] for i in missing])
 
 
