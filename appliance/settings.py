@@ -98,6 +98,12 @@ class Settings:
     """Above 0: the scorer's process watches its event loop (a timer every 5 ms, and how late
     it ran) and logs one ``loop.lag`` line (INFO) per this many seconds with the window's
     largest stall and p99, in ms. 0 (the default) turns it off; ``branchguard bench`` uses 1."""
+    child_restart_initial_seconds: float = 0.25
+    """Seconds ``branchguard run`` waits before starting again a child that exited by itself
+    (nats-server, litestream, the API, the alert dispatcher); doubled for each further exit
+    of a child that had not stayed up ``child_restart_max_seconds``..."""
+    child_restart_max_seconds: float = 30.0
+    """...up to this many seconds between restarts."""
 
     # --- issue 6: alerts to chat and email (``branchguard alerts``; see docs/alerts.md)
     alerts_critical: tuple[str, ...] = ()
@@ -292,6 +298,11 @@ class Settings:
             (self.batch_size >= 1, "batch_size", self.batch_size, "use 1 or more"),
             (self.max_deliver >= 2, "max_deliver", self.max_deliver, "use 2 or more"),
             (self.ack_wait_seconds > 0, "ack_wait_seconds", self.ack_wait_seconds, "use > 0"),
+            (self.child_restart_initial_seconds >= 0, "child_restart_initial_seconds",
+             self.child_restart_initial_seconds, "use >= 0"),
+            (self.child_restart_max_seconds >= self.child_restart_initial_seconds,
+             "child_restart_max_seconds", self.child_restart_max_seconds,
+             f"use >= child_restart_initial_seconds ({self.child_restart_initial_seconds})"),
             (0 <= self.nats_port < 65536, "nats_port", self.nats_port, "use 0..65535"),
             (self.sync_policy in SYNC_POLICIES, "sync_policy", self.sync_policy,
              f"use one of {', '.join(SYNC_POLICIES)}"),

@@ -66,7 +66,10 @@ def test_alerts_from_the_scorer_arrive_routed_by_severity(
     os.kill(started["pid"], signal.SIGKILL)
     wait_for(lambda: node.log().count('"alerts.dispatcher_started"') == 2, timeout=30,
              message="dispatcher restarted")
-    assert '"alerts.dispatcher_died"' in node.log()
+    (exited,) = [json.loads(line) for line in node.log().splitlines()
+                 if '"child.exited"' in line]
+    assert exited["child"] == "alerts" and exited["pid"] == started["pid"]
+    assert exited["exit_code"] == -signal.SIGKILL and exited["level"] == "ERROR"
     late = [Transaction(transaction_id="late", account_id="A-LATE", amount=8000.0,
                         currency="EUR", timestamp=txs[-1].timestamp + timedelta(minutes=5),
                         terminal_id="T0009", channel="ATM")]

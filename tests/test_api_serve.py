@@ -42,7 +42,8 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
         assert http.get("/healthz").json() == {"status": "ok"}
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"] == {"database": "ok", "nats": "ok", "model": "ok"}
+        assert ready.json()["checks"] == {"database": "ok", "nats": "ok", "model": "ok",
+                                          "scorer": "ok", "api": "ok", "litestream": "ok"}
         assert ready.json()["consumer_lag"] == 0
         h = {"Authorization": f"Bearer {key}"}
         for _ in range(3):
@@ -131,7 +132,8 @@ def test_readyz_says_what_failed_and_nothing_more(tmp_path: Path) -> None:
         r = httpx.get(server.url + "/readyz", timeout=10)
         assert r.status_code == 503
         assert r.json() == {"ready": False, "consumer_lag": None,
-                            "checks": {"database": "ok", "nats": "failed", "model": "failed"}}
+                            "checks": {"database": "ok", "nats": "failed", "model": "failed",
+                                       "scorer": "not running"}}
         assert httpx.get(server.url + "/healthz").status_code == 200
         missing = httpx.get(server.url + "/api/v1/nothing")
         assert missing.status_code == 404 and missing.json()["error"]["status"] == 404

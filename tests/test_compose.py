@@ -47,6 +47,7 @@ def test_every_reference_resolves_and_every_command_exists() -> None:
         for secret in service.get("secrets", []):
             assert secret in spec["secrets"], f"{name}: {secret}"
         assert service["command"][0] in cli.cli.commands, f"{name}: {service['command']}"
+        assert service["restart"] == "unless-stopped", name  # a dead service comes back
     assert services["node"]["environment"]["BRANCHGUARD_REPLICATE"] == "false"
     assert services["node"]["volumes"] == services["litestream"]["volumes"][:1]
     assert "BRANCHGUARD_NATS_URL" in services["node"]["environment"]

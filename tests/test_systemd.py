@@ -97,3 +97,19 @@ def test_each_oneshot_has_its_timer() -> None:
         if dict(_settings_of(unit)).get("Type") == "oneshot":
             timer = UNITS / unit.name.replace(".service", ".timer")
             assert timer.exists() and f"Unit={unit.name}" in timer.read_text()
+
+
+def test_every_long_running_service_is_restarted_whatever_ended_it_and_never_given_up() -> None:
+    long_running = [u for u in _services() if dict(_settings_of(u)).get("Type") != "oneshot"]
+    assert len(long_running) == 5
+    for unit in long_running:
+        pairs = dict(_settings_of(unit))
+        assert pairs.get("Restart") == "always", unit.name  # a kill -9 or a clean exit alike
+        assert pairs.get("StartLimitIntervalSec") == "0", unit.name  # no start limit
+
+
+def test_the_scorer_leaves_the_api_to_the_web_unit() -> None:
+    """Otherwise ``run`` starts an API child on the port branchguard-web serves."""
+    scorer = [v for k, v in _settings_of(UNITS / "branchguard-scorer.service")
+              if k == "Environment"]
+    assert "BRANCHGUARD_RUN_API=false" in scorer and "BRANCHGUARD_REPLICATE=false" in scorer

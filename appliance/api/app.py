@@ -125,10 +125,12 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings) -> None:
-    """Run the API until SIGINT/SIGTERM (uvicorn's graceful shutdown)."""
+def serve(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Run the API until SIGINT/SIGTERM (uvicorn's graceful shutdown), on ``sock`` when
+    given: ``branchguard run`` binds the port itself and hands it to each API child it
+    starts, so connections wait in the socket's backlog while a dead child is replaced."""
     open_db(settings.db_path).close()  # create and migrate before opening read-only
-    sock = bind(settings)
+    sock = sock if sock is not None else bind(settings)
     host, port = sock.getsockname()[:2]
     app = create_app(settings)
     if settings.console_enabled:  # issue 5: the analyst console under /console

@@ -1,5 +1,6 @@
 """Routes without a key: ``/healthz`` (the process answers), ``/readyz`` (database, NATS,
-model file; consumer lag when NATS answers) and ``/metrics``. They are rate-limited by
+model file, and what ``branchguard run`` says of the scorer and each child it supervises;
+consumer lag when NATS answers) and ``/metrics``. They are rate-limited by
 client address and never show internal error text: a failed check says only ``failed``
 (the log has the reason)."""
 
@@ -12,7 +13,7 @@ import nats
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from .. import logs
+from .. import logs, node_health
 from .endpoint import Call, Routes
 
 routes = Routes()
@@ -47,11 +48,12 @@ async def _stream_last_seq(url: str) -> int:
 @routes.route("GET", "/readyz", None)
 def readyz(call: Call) -> tuple[int, dict[str, Any]]:
     """
-    summary: Ready to serve (the database answers, NATS answers, the model file is present).
+    summary: Ready to serve (the database answers, NATS answers, the model file is present,
+      the scorer and every child of the node run).
     security: []
     responses:
       200: {description: '{"ready": true, "checks": {...}, "consumer_lag": N}'}
-      503: {description: 'not ready; checks say which part failed'}
+      503: {description: 'not ready; checks name each part that is down and what it is doing'}
     """
     settings = call.api.settings
     checks: dict[str, str] = {}
@@ -75,6 +77,7 @@ def readyz(call: Call) -> tuple[int, dict[str, Any]]:
         checks["nats"] = "failed"
     model = settings.models_dir / f"{settings.model_version}.onnx"
     checks["model"] = "ok" if model.is_file() else "failed"
+    checks.update(node_health.read(settings))  # scorer, nats-server, litestream, alerts
     ready = all(v == "ok" for v in checks.values())
     return (200 if ready else 503), {"ready": ready, "checks": checks, "consumer_lag": lag}
 

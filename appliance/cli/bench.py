@@ -64,6 +64,7 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
       branchguard bench --count 100000 --rates '' --dead-smtp --alert-rounds 3
       branchguard bench api --transactions 1000000 --alerts 20000
       branchguard bench replication --seconds 30
+      branchguard bench children
 
     `branchguard bench api` measures the analyst API instead (see its --help).
     """
@@ -178,6 +179,35 @@ def bench_replication(seconds: float, rate: float, sync_interval: float, as_json
     logs.configure("WARNING")
     report = measure_lag(seconds=seconds, rate=rate, sync_interval=sync_interval)
     click.echo(json.dumps(report, indent=2) if as_json else format_lag(report))
+
+
+@bench.command("children")
+@click.option("--rate", type=float, default=50.0, show_default=True,
+              help="Transactions per second of the demo stream during the drill.")
+@click.option("--only", default=",".join(("api", "alerts", "litestream", "nats-server")),
+              show_default=True, help="Children to kill, comma-separated, in this order.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds each child gets to come back before it counts as not back.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> None:
+    """The kill -9 drill: SIGKILL each child of `branchguard run --demo` in turn and time it
+    back to serving; then a clean stop, and every stream message accounted for.
+
+    \b
+    Example:
+      branchguard bench children --rate 50
+    """
+    from ..bench.children import format_drill, run_drill
+
+    logs.configure("WARNING")
+    try:
+        report = run_drill(rate=rate, children=[c for c in only.split(",") if c],
+                           timeout=timeout)
+    except ValueError as exc:
+        raise BranchguardError(str(exc), field="only", value=only) from None
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "log_tail"}, indent=2)
+               if as_json else format_drill(report))
 
 
 COMMANDS = (bench, bench_load, bench_passthrough, bench_api_load)

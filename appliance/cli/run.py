@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -118,9 +119,11 @@ def settings_doc() -> None:
 @settings_options
 @click.option("--host", default=None, help="Address to listen on (default: api_host).")
 @click.option("--port", type=int, default=None, help="Port (default: api_port; 0 = any free).")
+@click.option("--fd", type=int, default=None, hidden=True,
+              help="Serve on this inherited listening socket (how `branchguard run` starts it).")
 @friendly_errors
 def serve(config: Path | None, data_dir: Path | None, nats_url: str | None,
-          host: str | None, port: int | None) -> None:
+          host: str | None, port: int | None, fd: int | None) -> None:
     """Serve the analyst API (uvicorn) on the node's database until Ctrl-C.
 
     \b
@@ -133,7 +136,7 @@ def serve(config: Path | None, data_dir: Path | None, nats_url: str | None,
     settings = load(config, data_dir=data_dir, nats_url=nats_url, api_host=host,
                     api_port=port)
     logs.configure(settings.log_level)
-    run_server(settings)
+    run_server(settings, socket.socket(fileno=fd) if fd is not None else None)
 
 
 @click.command("nats-server")

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
 DAY = 86400.0
 METRICS = ("roc_auc", "average_precision", "card_precision_at_k", "recall_at_budget",
@@ -106,6 +105,11 @@ def daily_budget_hits(s: Scored, budget: int) -> list[tuple[int, int]]:
 
 def point_metrics(s: Scored, k: int, budget: int) -> dict[str, float | None]:
     """Every metric of :data:`METRICS` on ``s`` (None where undefined, e.g. AUC of one class)."""
+    # scikit-learn is imported here, not at the top: the console imports this module for
+    # its headings, and importing scikit-learn would add seconds to every API start.
+    from sklearn.metrics import (average_precision_score, precision_recall_fscore_support,
+                                 roc_auc_score)
+
     both = 0 < s.label.sum() < len(s.label)
     precision, recall, f1, _ = precision_recall_fscore_support(
         s.label, s.alert, average="binary", zero_division=0.0)
@@ -128,6 +132,9 @@ def _bootstrap(s: Scored, k: int, budget: int, resamples: int, seed: int
     alerts/day is not resampled). The draws depend only on ``seed`` and on the numbers of
     transactions and days, so two models scored on the same transactions get the same draws:
     that is what makes :func:`compare`'s difference paired. No draws for no transactions."""
+    from sklearn.metrics import (average_precision_score, precision_recall_fscore_support,
+                                 roc_auc_score)  # see point_metrics
+
     n = len(s.ts)
     resamples = max(resamples, 0) if n else 0
     samples = {name: np.full(resamples, np.nan) for name in METRICS}

@@ -42,7 +42,7 @@ from typing import Any
 from .. import logs
 from ..errors import NodeError, StoreError
 from ..settings import Settings
-from .node import binary, die_with_parent, stop_child, wait_ready
+from .child import Child, binary, wait_ready
 
 log = logs.get("appliance.replication")
 
@@ -87,14 +87,17 @@ def litestream_env() -> dict[str, str]:
     return env
 
 
-class Litestream:
+class Litestream(Child):
     """``litestream replicate`` as a child process: start, wait until it watches the
-    database, stop (SIGTERM lets it finish the sync in hand)."""
+    database, stop (SIGTERM lets it finish the sync in hand). Started again after it died,
+    it picks up from its own state beside the database."""
+
+    name = "litestream"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.dir = (settings.data_dir / "litestream").resolve()
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
@@ -103,29 +106,27 @@ class Litestream:
     def start(self, timeout: float = 15.0) -> None:
         conf = write_config(self.settings, self.dir / "litestream.yml")
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                [str(litestream_binary()), "replicate", "-config", str(conf)],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=die_with_parent, env=litestream_env())
+        process = self.spawn([str(litestream_binary()), "replicate", "-config", str(conf)],
+                             output=self.log_path, env=litestream_env())
+
         def replicating() -> bool | None:
             with self.log_path.open("rb") as f:
                 f.seek(offset)
                 return True if b'"replicating to"' in f.read() else None
 
-        if wait_ready(self.process, replicating, timeout, lambda code: NodeError(
+        if wait_ready(process, replicating, timeout, lambda code: NodeError(
                 f"litestream exited with code {code}", field="replica_url",
                 value=self.settings.replica, hint=f"see {self.log_path}")) is None:
             self.stop()
             raise NodeError("litestream did not start replicating", hint=f"see {self.log_path}")
-        log.info("litestream.started", txn_id=None, pid=self.process.pid,
+        log.info("litestream.started", txn_id=None, pid=process.pid,
                  replica=self.settings.replica)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        process, self.process = self.process, None
-        code = stop_child(process, timeout)
+    def stop(self, timeout: float = 10.0) -> int | None:
+        code = super().stop(timeout)
         if code is not None:
             log.info("litestream.stopped", txn_id=None, code=code)
+        return code
 
 
 def exec_litestream(settings: Settings) -> None:

@@ -1,43 +1,46 @@
-"""``branchguard run``: the embedded server, the scorer, the demo feed and the status line.
+"""``branchguard run``: the embedded server, the scorer, the demo feed and the status line,
+and the children it supervises (nats-server, litestream, the API, the alert dispatcher).
 
-Ctrl-C (SIGINT) or SIGTERM stops the feed, lets the scorer finish and ack the batch in hand,
-closes the database and stops nats-server: every process it started, cleanly.
+Ctrl-C (SIGINT) or SIGTERM stops the restarts and the feed, lets the scorer finish and ack
+the batch in hand, stops the API and the dispatcher, closes the connections and the
+database and stops nats-server, then litestream: every process it started, cleanly, also
+after a child or the NATS server has died and come back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import dataclasses
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from multiprocessing.process import BaseProcess
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 
 from .. import logs
-from ..alerts import dispatch, routing
+from ..alerts import routing
+from ..errors import NodeError
 from ..feed.simulate import simulate
 from ..feed.terminal import population, publish
 from ..nats_auth import client_options
 from ..scoring.ingest import connect
-from ..scoring.pipeline import Counters, Scorer
+from ..scoring.pipeline import Counters
 from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import Store
 from ..transaction import Transaction
-from .child import terminate
 from .looplag import LoopLag
-from .node import EmbeddedNats, die_with_parent
+from .node import EmbeddedNats
 from .replication import Litestream
+from .scoring import ScorerRun
+from .services import AlertDispatcher, ApiServer
+from .supervisor import Supervisor
 
 log = logs.get("appliance.runner")
 
@@ -109,9 +112,11 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     store = Store.open(settings.db_path)                                # anything
     embedded = EmbeddedNats(settings) if settings.nats_url is None else None
     replicator = Litestream(settings) if settings.replicate else None  # issue 7
+    reconnected = asyncio.Event()
     try:
         url = embedded.start() if embedded is not None else str(settings.nats_url)
-        nc = await connect(url, "branchguard-scorer", **client_options(settings))
+        nc = await connect(url, "branchguard-scorer", on_reconnected=reconnected.set,
+                           **client_options(settings))
     except BaseException:
         store.close()
         if embedded is not None:
@@ -122,133 +127,116 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    scoring = ScorerRun(nc, store, model, settings, registry, reconnected)
+    supervisor = Supervisor(settings, lambda: {"scorer": scoring.health})
+    if embedded is not None:
+        supervisor.adopt(embedded)
+    api = ApiServer(dataclasses.replace(settings, nats_url=url)) if settings.run_api else None
+    feed: asyncio.Task[int] | None = None
+    tasks: list[asyncio.Task[None]] = []
+    code = 1
     lag = LoopLag(settings.loop_lag_window_seconds) if settings.loop_lag_window_seconds else None
-    scorer = Scorer(nc, store, model, settings, registry)
-    tasks: list[asyncio.Task[object]] = []
-    alerts = AlertsChild(settings)
-    api: subprocess.Popen[bytes] | None = None
-    scoring: asyncio.Task[None] | None = None
+    watching = asyncio.create_task(supervisor.watch())
     try:
         if lag is not None:  # from the start: the state rebuild's stall is part of the story
             lag.start()
-        if alerts.start():
-            tasks.append(asyncio.create_task(alerts.watch(stop)))
-        scoring = asyncio.create_task(scorer.run())
-        ready = asyncio.create_task(scorer.ready.wait())
-        await asyncio.wait([scoring, ready], return_when=asyncio.FIRST_COMPLETED)
-        if scoring.done():
-            scoring.result()  # raises what stopped it
+        if routing.configured(settings):
+            supervisor.launch(AlertDispatcher(settings))
+        else:
+            log.info("alerts.not_dispatched", txn_id=None,
+                     hint="no alert destinations configured (alerts_critical, alerts_high, "
+                          "alerts_warning); alerts stay in the outbox")
+        await scoring.start()
         if replicator is not None:
             # Only now: rebuilding the state writes nothing, and litestream's first sync of
             # a large database would take the CPU the rebuild needs (2 cores; see
             # docs/replication.md). It replicates whatever was written before it, WAL included.
             await loop.run_in_executor(None, replicator.start)
+            supervisor.adopt(replicator)
         log.info("node.ready", txn_id=None, nats_url=url, db=str(settings.db_path),
                  model_version=model.version, demo=demo)
-        api = start_api(dataclasses.replace(settings, nats_url=url))
+        if api is not None:
+            with contextlib.suppress(NodeError):  # then the supervisor keeps trying
+                api.bind()
+            supervisor.launch(api)
         if demo:
-            announce_demo_user(settings)
+            announce_demo_user(settings, port=api.port if api is not None else None)
             load_demo_terminals(settings, demo_rate)  # issue 5: the case page's map
             feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
             warmup = demo_warmup(store.newest_ts(), time.time())
             log.info("demo.feed", txn_id=None, history_seconds=round(warmup, 1), rate=demo_rate)
-            tasks.append(asyncio.create_task(
+            feed = asyncio.create_task(
                 publish(feed_nc, demo_stream(demo_rate, settings.branch, warmup),
-                        branch=settings.branch, realtime=True, stop=stop)))
+                        branch=settings.branch, realtime=True, stop=stop))
         if status:
-            line = StatusLine(scorer.counters)
+            line = StatusLine(scoring.counters)
             tasks.append(asyncio.create_task(_every(settings.summary_interval_seconds,
                                                     line.show, stop)))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait([scoring, stopping], return_when=asyncio.FIRST_COMPLETED)
-        scorer.stop()
-        stop.set()
-        for task in tasks:
-            await task
-        await scoring
-        return 0
+        with contextlib.suppress(Exception):  # logged by scoring.stop below, exit code 1
+            await scoring.keep(stop)  # until stopped, or a scorer failed while connected
+            code = 0
     finally:
-        if scoring is not None and not scoring.done():  # failed while scoring had started
-            scorer.stop()
-            with contextlib.suppress(Exception):
-                await scoring
+        stop.set()
+        await supervisor.close()
+        if feed is not None:
+            await _end(feed, grace=2.0 if feed_nc is not None and feed_nc.is_connected else 0)
+        if await scoring.stop(grace=STOP_GRACE_SECONDS) is not None:
+            code = 1
         if lag is not None:
             lag.stop()
-        alerts.stop()
-        stop_api(api)
+        await asyncio.gather(*(loop.run_in_executor(None, child.stop)  # side by side
+                               for child in supervisor.children
+                               if child is not embedded and child is not replicator))
+        if api is not None:
+            api.close()
         for task in tasks:
-            task.cancel()
-        if feed_nc is not None:
-            await feed_nc.drain()
-        await nc.drain()
+            await _end(task, grace=1.0)
+        for connection in (feed_nc, nc):
+            if connection is not None:
+                await close(connection)
         store.close()
         if embedded is not None:
             embedded.stop()
         if replicator is not None:
             replicator.stop()  # after the last commit, which it then replicates
+        await _end(watching, grace=1.0)
         if status:
             sys.stdout.write("\n")
-        c = scorer.counters
+        c = scoring.counters
         log.info("node.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
                  dead_letters=c.dead_letters, duplicates=c.duplicates, conflicts=c.conflicts,
-                 adopted=c.adopted)
+                 adopted=c.adopted, exit_code=code)
+    return code
 
 
-# --- issue 6: the alert dispatcher, a child process next to the scorer -------------------------
-
-def run_dispatcher_child(settings: Settings) -> None:
-    """Entry point of the dispatcher started by ``branchguard run`` (a spawned process):
-    dies with its parent, logs as the node does, exits with the dispatcher's code."""
-    die_with_parent()
-    logs.configure(settings.log_level)
-    raise SystemExit(dispatch.run_dispatcher(settings))
+STOP_GRACE_SECONDS = 10.0
+"""How long a stop lets the scorer finish the batch in hand and its acks."""
 
 
-class AlertsChild:
-    """``branchguard alerts run`` as a spawned child with these exact settings, started when
-    any alert destination is configured (otherwise alerts wait in the outbox), restarted if
-    it dies: alerts must not stop for good because of one bad moment, and scoring never
-    waits for them."""
+async def _end(task: asyncio.Task[Any], grace: float) -> None:
+    """Give ``task`` ``grace`` seconds to finish by itself, then cancel it; never raises."""
+    if not task.done():
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), grace)
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await task
 
-    RESTART_CHECK_SECONDS = 2.0
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.process: BaseProcess | None = None
-
-    def start(self) -> bool:
-        if not routing.configured(self.settings):
-            log.info("alerts.not_dispatched", txn_id=None,
-                     hint="no alert destinations configured (alerts_critical, alerts_high, "
-                          "alerts_warning); alerts stay in the outbox")
-            return False
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=run_dispatcher_child, args=(self.settings,), name="branchguard-alerts")
-        self.process.start()
-        return True
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Until ``stop``: restart the dispatcher whenever it has exited."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.RESTART_CHECK_SECONDS)
-            except TimeoutError:
-                if self.process is not None and not self.process.is_alive():
-                    log.error("alerts.dispatcher_died", txn_id=None,
-                              exitcode=self.process.exitcode)
-                    self.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, then wait: the dispatcher marks what it sent and exits."""
-        process, self.process = self.process, None
-        if process is None:
+async def close(nc: Client, timeout: float = 5.0) -> None:
+    """Drain a connection that is up (what it published is flushed first); close one that
+    is not (a drain while reconnecting raises, and would wait for a server that is gone)."""
+    if nc.is_closed:
+        return
+    try:
+        if nc.is_connected:
+            await asyncio.wait_for(nc.drain(), timeout)
             return
-        if process.is_alive():
-            process.terminate()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
+    except (TimeoutError, NatsError):
+        pass
+    with contextlib.suppress(NatsError):
+        await nc.close()
 
 
 async def _every(seconds: float, fn: Callable[[], None], stop: asyncio.Event) -> None:
@@ -259,36 +247,13 @@ async def _every(seconds: float, fn: Callable[[], None], stop: asyncio.Event) ->
             fn()
 
 
-# --- the analyst API as a child process (issue 4) -------------------------------------------
-
-def start_api(settings: Settings) -> subprocess.Popen[bytes] | None:
-    """``branchguard serve`` as a child process with exactly these settings (passed as
-    ``BRANCHGUARD_*`` variables), so its requests never compete with the scorer's event loop
-    and the API stays up if the scorer restarts. None when ``run_api`` is off."""
-    if not settings.run_api:
-        return None
-    env = dict(os.environ)
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        env[f"BRANCHGUARD_{field.name.upper()}"] = (
-            "" if value is None else ",".join(value) if isinstance(value, tuple) else str(value))
-    env.pop("BRANCHGUARD_CONFIG", None)  # every value is in the environment already
-    # Like nats-server: dies with the node even if the node is SIGKILLed, and is kept out of
-    # the terminal's process group, so the node stops it in order.
-    return subprocess.Popen([sys.executable, "-m", "appliance", "serve"], env=env,
-                            start_new_session=True, preexec_fn=die_with_parent)
-
-
-def stop_api(process: subprocess.Popen[bytes] | None) -> None:
-    terminate(process)
-
-
 # --- the analyst console's demo user (issue 5) ----------------------------------------------
 
 DEMO_USER = "demo"
 
 
-def announce_demo_user(settings: Settings, out: TextIO = sys.stdout) -> str | None:
+def announce_demo_user(settings: Settings, out: TextIO = sys.stdout,
+                       port: int | None = None) -> str | None:
     """Give the ``demo`` user (a supervisor) a fresh password and print it once with the
     console's address; a password from an earlier run stops working. None (and nothing
     printed) when the console is not served."""
@@ -305,8 +270,8 @@ def announce_demo_user(settings: Settings, out: TextIO = sys.stdout) -> str | No
             password = users.create(db, DEMO_USER, "supervisor", "runner:demo")
     finally:
         db.close()
-    port = settings.api_port or "<api port>"
-    out.write(f"console: http://{settings.api_host}:{port}/console/  user: {DEMO_USER}  "
+    shown = port or settings.api_port or "<api port>"
+    out.write(f"console: http://{settings.api_host}:{shown}/console/  user: {DEMO_USER}  "
               f"password: {password}  (shown once; new on every --demo start)\n")
     out.flush()
     return password

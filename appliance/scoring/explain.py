@@ -33,8 +33,6 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 import numpy as np
 import numpy.typing as npt
-import onnx
-from onnx import numpy_helper
 
 from .. import logs
 from ..errors import BranchguardError
@@ -69,6 +67,9 @@ class ForestPaths:
     @classmethod
     def of(cls, model: Model) -> ForestPaths | None:
         """The forest inside ``model``'s ONNX graph, or None when it has none."""
+        import onnx  # here, not at the top: the API imports this module and needs no onnx
+        from onnx import numpy_helper
+
         proto = onnx.load(str(model.onnx_path))
         node = next((n for n in proto.graph.node if n.op_type == "TreeEnsembleRegressor"), None)
         if node is None:

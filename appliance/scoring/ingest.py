@@ -53,26 +53,35 @@ MAX_ACK_PENDING = 20000
 log = logs.get("appliance.ingest")
 
 
-async def connect(url: str, name: str, timeout: float = 10.0, **options: Any) -> Client:
+async def connect(url: str, name: str, timeout: float = 10.0,
+                  on_reconnected: Callable[[], None] | None = None, **options: Any) -> Client:
     """A NATS connection that, once up, keeps reconnecting (the node outlives server
-    restarts), logging each disconnect as one line; but that gives up on the first connect
-    after ``timeout`` seconds with a :class:`NodeError`, rather than hanging.
+    restarts), logging each disconnect as one line (a WARNING, or INFO for the close we
+    asked for: a drain at a clean stop is no trouble), and calling ``on_reconnected`` each
+    time it is back; but that gives up on the first connect after ``timeout`` seconds with a
+    :class:`NodeError`, rather than hanging.
 
     Client-side subject validation is off: every subject the node publishes is built from
     identifiers the contract has already validated, and the check costs per message.
     """
+    clients: list[Client] = []  # the one connection, once made
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats.error", txn_id=None, url=url, error=f"{type(exc).__name__}: {exc}")
 
     async def on_disconnect() -> None:
-        log.warning("nats.disconnected", txn_id=None, url=url)
+        if clients and clients[0].is_closed:  # by our drain or close (a refusal: nats.error)
+            log.info("nats.disconnected", txn_id=None, url=url, closed=True)
+        else:
+            log.warning("nats.disconnected", txn_id=None, url=url, closed=False)
 
     async def on_reconnect() -> None:
         log.info("nats.reconnected", txn_id=None, url=url)
+        if on_reconnected is not None:
+            on_reconnected()
 
     try:
-        return await asyncio.wait_for(nats.connect(
+        nc = await asyncio.wait_for(nats.connect(
             url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, pending_size=64 * 1024 * 1024, skip_subject_validation=True,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
@@ -82,6 +91,8 @@ async def connect(url: str, name: str, timeout: float = 10.0, **options: Any) ->
         raise NodeError(f"cannot connect to NATS at {url}", field="nats_url", value=url,
                         hint="is the server running and the URL nats://host:port? "
                              "Without --nats-url, `branchguard run` embeds its own") from exc
+    clients.append(nc)
+    return nc
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
