@@ -14,8 +14,9 @@ from appliance.casework.users import User
 from .session import Console, sign_out
 
 IDLE_CHECK_SECONDS = 15.0
-PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"), ("Models", "/models"))
-ROLE_OF_PAGE = {"/models": "supervisor"}
+PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"), ("Models", "/models"),
+         ("Dead letters", "/dead-letters"))
+ROLE_OF_PAGE = {"/models": "supervisor", "/dead-letters": "analyst"}
 """Pages whose link only users of at least this role see (the page itself checks too)."""
 
 

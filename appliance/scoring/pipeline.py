@@ -355,7 +355,7 @@ class Scorer:
 
     async def _reject(self, d: Delivery, reason: str, dead: list[DeadLetter]) -> None:
         """Dead-letter one message: to TX_DLQ now, to the database with the batch."""
-        dead.append(DeadLetter(d.stream_seq, d.subject, reason, len(d.data)))
+        dead.append(DeadLetter(d.stream_seq, d.subject, reason, len(d.data), d.data))
         await self.dlq.publish(DLQ_SUBJECT, d.data, f"dlq-{d.stream_seq}",
                                dlq_headers(reason, d))
         log.warning("tx.dead_lettered", txn_id=None, stream_seq=d.stream_seq,
