@@ -385,6 +385,34 @@ def m012_verdict_of_record(db: Database) -> None:
     )
 
 
+# --- issue 17: dead letters you can read and re-submit (see casework/deadletters.py) ---------
+@migrations()
+def m013_dead_letter_bodies(db: Database) -> None:
+    """The body of each dead letter, kept with its reason (the database is the record: the
+    ``TX_DLQ`` stream keeps bodies 30 days and is not replicated with the database), and
+    each re-submission of one, so that none is re-submitted twice by accident."""
+    db.executescript(
+        """
+        -- The message as received, up to transaction.MAX_MESSAGE_BYTES (anything longer was
+        -- refused as oversize; ``size`` says how long it was). NULL: dead-lettered before
+        -- bodies were kept.
+        ALTER TABLE dead_letters ADD COLUMN body BLOB;
+
+        CREATE TABLE dead_letter_resubmissions (
+            stream_seq INTEGER NOT NULL REFERENCES dead_letters (stream_seq),
+            attempt INTEGER NOT NULL,       -- 1, 2, ... (a second one needs --again)
+            at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            body_sha256 TEXT NOT NULL,      -- of what was published
+            edited INTEGER NOT NULL,        -- 1: a corrected body, not the stored one
+            tx_stream_seq INTEGER,          -- its new place in TX, once JetStream stored it
+            error TEXT,                     -- why publishing failed; both NULL: not known
+            PRIMARY KEY (stream_seq, attempt)
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

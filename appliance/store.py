@@ -23,7 +23,7 @@ from sqlite_utils import Database
 
 from .errors import StoreError
 from .schema import migrate
-from .transaction import MILLI, Transaction
+from .transaction import MAX_MESSAGE_BYTES, MILLI, Transaction
 from .verdict import SEVERITIES, Verdict
 
 _json = msgspec.json.Encoder()
@@ -70,6 +70,8 @@ class DeadLetter:
     subject: str
     reason: str
     size: int
+    body: bytes | None = None
+    """The message as received; stored up to MAX_MESSAGE_BYTES (casework/deadletters.py)."""
 
 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -232,8 +234,9 @@ class Store:
             if dead:
                 conn.executemany(
                     "INSERT OR IGNORE INTO dead_letters (stream_seq, subject, reason, size, "
-                    "received_at) VALUES (?, ?, ?, ?, ?)",
-                    [(d.stream_seq, d.subject, d.reason, d.size, now) for d in dead])
+                    "received_at, body) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(d.stream_seq, d.subject, d.reason, d.size, now,
+                      None if d.body is None else d.body[:MAX_MESSAGE_BYTES]) for d in dead])
             conn.execute(
                 "INSERT INTO checkpoints (consumer, stream_seq, verdict_seq, confirmed_seq, "
                 "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer) DO UPDATE SET "

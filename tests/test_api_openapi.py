@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from appliance.api.app import OPENAPI_PATH, create_app, specs
 from appliance.casework import keys
 from appliance.change import connect_writer
-from appliance.store import Store
+from appliance.store import DeadLetter, Store
 from tests.api_support import api_settings, client, fill, node_db  # noqa: F401
 
 
@@ -45,6 +45,10 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
                             api_rate_burst=1_000_000)
     store = Store.open(settings.db_path)
     fill(store, 200)
+    store.save_batch([], [DeadLetter(300 + i, "tx.BR001.T1.A1", f"bad json: {i}", len(body),
+                                     body)
+                          for i, body in enumerate((b"{", b"\xff\x00", b"z" * 9000))],
+                     "scorer", 302)
     writer = connect_writer(settings.db_path)
     admin = keys.create(writer, "fuzz", "admin", "test")[1]
     writer.close()

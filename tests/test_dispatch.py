@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from appliance import cli
 from appliance.alerts.metrics import figures, health, status
 from appliance.alerts.outbox import Outbox
-from appliance.settings import load
+from appliance.settings import Settings, load
 
 from .alerting import Dispatcher, Spec, store_alerts, unrouted
 from .receivers import HttpReceiver, SmtpReceiver, free_port, wait_for
@@ -337,3 +337,43 @@ def test_outbox_counts_read_while_nothing_is_configured(tmp_path: Path) -> None:
     assert health(counts, 600, later, routing=False) == []
     assert status(load(None, env={}, data_dir=tmp_path))["metrics"][
         "branchguard_alerts_queue_depth"] == 0
+
+
+def test_deliveries_to_a_destination_no_longer_configured_are_owed_to_nobody(
+        tmp_path: Path) -> None:
+    """Alerts routed while a destination was configured, which was then removed: nothing
+    will ever deliver them, so on a node with no destination (or only another one) they
+    are no queue, no age and no warning, and NotificationsUndelivered stays quiet."""
+    from starlette.testclient import TestClient
+
+    from appliance.alerts.outbox import Route
+    from appliance.alerts.routing import destinations
+    from appliance.api.app import create_app
+
+    def node(*urls: str) -> Settings:
+        return load(None, env={}, data_dir=tmp_path, nats_url="nats://127.0.0.1:1",
+                    alerts_critical=urls, alerts_high=urls)
+
+    db = tmp_path / "branchguard.db"
+    store_alerts(db, [Spec("c1", "CRITICAL"), Spec("h1", "HIGH", "A-2", "T2")])
+    gone = destinations(node("json://127.0.0.1:9/gone"))[0].key
+    outbox = Outbox(db)
+    try:
+        outbox.route([Route(s, gone, False) for s in ("CRITICAL", "HIGH")], 60)
+    finally:
+        outbox.close()
+    assert states(db) == {"pending": 2} and unrouted(db) == 0
+    time.sleep(1.1)  # so that an age counted shows as one
+
+    owed = status(node("json://127.0.0.1:9/gone"))["metrics"]  # still configured: owed
+    assert owed["branchguard_alerts_queue_depth"] == 2
+    assert owed["branchguard_alerts_oldest_undelivered_seconds"] >= 1
+    for settings in (node(), node("json://127.0.0.1:9/elsewhere")):
+        shown = status(settings)
+        assert shown["metrics"]["branchguard_alerts_queue_depth"] == 0, shown
+        assert shown["metrics"]["branchguard_alerts_oldest_undelivered_seconds"] == 0, shown
+        assert shown["health"] == []
+        with TestClient(create_app(settings)) as api:
+            text = api.get("/metrics").text
+        assert "\nbranchguard_alerts_oldest_undelivered_seconds 0.0\n" in text, text
+        assert "\nbranchguard_alerts_queue_depth 0.0\n" in text

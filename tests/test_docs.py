@@ -103,3 +103,34 @@ def test_readme_quick_start_is_the_two_make_commands() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert "branchguard run --demo" in makefile
+
+
+ACTIVATE = ". .venv/bin/activate"
+"""The one way the docs give to reach the ``branchguard`` command in a checkout."""
+
+
+def shell_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```sh block of a Markdown text, in order."""
+    return [block.strip().splitlines() for block in re.findall(r"```sh\n(.*?)```", text, re.S)]
+
+
+def test_the_readme_says_how_to_reach_the_command_before_using_it() -> None:
+    """`make run` puts ``branchguard`` in .venv/bin, which is not on a user's PATH: the
+    README's first command after it must come after the activation it needs, in the same
+    block (tests/test_quickstart.py runs that block in a fresh clone)."""
+    blocks = shell_blocks((ROOT / "README.md").read_text())
+    using = [b for b in blocks if any(line.startswith("branchguard ") for line in b)]
+    assert using, "the README shows no branchguard command"
+    first = using[0]
+    assert first[0].split("#")[0].strip() == ACTIVATE, first
+    assert any(line.startswith("branchguard status") for line in first), first
+
+
+def test_every_doc_says_the_same_way() -> None:
+    cli_doc = (DOCS / "cli.md").read_text()
+    assert f"`{ACTIVATE}`" in cli_doc
+    for doc in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = doc.read_text()
+        for other in ("source .venv/bin/activate", ".venv/bin/branchguard",
+                      "$(VENV)/bin/branchguard"):
+            assert other not in text, f"{doc.name} says {other!r}; the docs say {ACTIVATE!r}"

@@ -75,6 +75,7 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
     assert survivors.stdout == b"", "nats-server outlived make run"
     db = clone / "var" / "branchguard.db"
     assert query(db, "SELECT count(*) FROM transactions")[0][0] > 100
+    _readme_commands_work_as_written(clone, db)
     newest = _newest(db)
     assert newest is not None
     covered = _count_up_to(db, newest)
@@ -102,6 +103,22 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
     assert feed["history_seconds"] < 600, feed  # not the 1,800 s of a new node
     # nothing was slipped in behind what the accounts already had
     assert _count_up_to(db, newest) == covered
+
+
+def _readme_commands_work_as_written(clone: Path, db: Path) -> None:
+    """The README's first block of ``branchguard`` commands after ``make run``, run as
+    written in a new shell whose PATH has no virtualenv on it, as a user's would."""
+    text = (clone / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", text, re.S)
+                 if re.search(r"^branchguard ", b, re.M))
+    env = _clean_env()
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if "venv" not in p)
+    done = subprocess.run(["sh", "-e", "-c", block], cwd=clone, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"{block}\n{done.stdout}\n{done.stderr}"
+    counts = json.loads(done.stdout[done.stdout.index("{"):])
+    assert counts["transactions"] == query(db, "SELECT count(*) FROM transactions")[0][0]
 
 
 def _newest(db: Path) -> float | None:

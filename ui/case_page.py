@@ -20,7 +20,7 @@ from appliance.casework.users import User
 
 from .layout import signed_in, when
 from .queue_page import COLUMNS, table_row
-from .session import MOUNT, Console
+from .session import Console
 from .terminal_map import terminal_map
 from .triage import act
 
@@ -233,5 +233,5 @@ def case_page(console: Console, alert_id: int) -> None:
     if user is None:
         return
     with ui.row():
-        ui.link("← back to the queue", f"{MOUNT}/")
+        ui.link("← back to the queue", "/")  # NiceGUI adds the mount path
     CaseView(console, user, alert_id).body()

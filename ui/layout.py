@@ -10,11 +10,12 @@ from appliance.casework.overview import waiting_urgent
 from appliance.casework.users import User
 from appliance.transaction import event_time_text
 
-from .session import MOUNT, Console, sign_out
+from .session import Console, sign_out
 
 IDLE_CHECK_SECONDS = 15.0
-PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"), ("Models", "/models"))
-ROLE_OF_PAGE = {"/models": "supervisor"}
+PAGES = (("Queue", "/"), ("Overview", "/overview"), ("Lists", "/lists"), ("Models", "/models"),
+         ("Dead letters", "/dead-letters"))
+ROLE_OF_PAGE = {"/models": "supervisor", "/dead-letters": "analyst"}
 """Pages whose link only users of at least this role see (the page itself checks too)."""
 
 
@@ -32,7 +33,9 @@ def frame(console: Console, user: User, title: str) -> None:
         for name, path in PAGES:
             if not role_at_least(user.role, ROLE_OF_PAGE.get(path, "viewer")):
                 continue
-            ui.link(name, MOUNT + path).classes("text-white")
+            # NiceGUI puts its mount path (/console) in front of a link's target itself
+            ui.link(name, path).classes("text-white").props(
+                f"data-testid=nav-{name.lower().replace(' ', '-')}")
         ui.space()
         ui.label(f"{user.username} ({user.role})").props("data-testid=whoami")
 

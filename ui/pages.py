@@ -6,6 +6,7 @@ from __future__ import annotations
 from nicegui import app, ui
 
 from .case_page import case_page
+from .deadletters_page import deadletters_page
 from .lists_page import lists_page
 from .login_page import login_page
 from .models_page import models_page
@@ -22,6 +23,7 @@ def setup(console: Console) -> None:
     ui.page("/overview")(lambda: overview_page(console))
     ui.page("/lists")(lambda: lists_page(console))
     ui.page("/models")(lambda: models_page(console))
+    ui.page("/dead-letters")(lambda: deadletters_page(console))
 
     @ui.page("/case/{alert_id}")
     def case(alert_id: int) -> None:

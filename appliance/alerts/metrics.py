@@ -10,7 +10,7 @@ at collection time: the same in every process that asks, and monotonic across re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -57,17 +57,19 @@ COUNTERS = ("branchguard_alerts_sent", "branchguard_alerts_failed", "branchguard
 
 
 class OutboxCollector(Collector):
-    """Collects the alert figures from the node database at ``path`` (``routing``: see
-    :func:`figures`)."""
+    """Collects the alert figures from the node database at ``path``. ``destinations``: the
+    keys of the destinations configured (``routing.destinations``); only what is owed to
+    them counts as undelivered (:func:`figures`, ``Outbox.counts``). None: every one."""
 
-    def __init__(self, path: Path, routing: bool = True) -> None:
+    def __init__(self, path: Path, destinations: Collection[str] | None = None) -> None:
         self.path = path
-        self.routing = routing
+        self.destinations = None if destinations is None else frozenset(destinations)
 
     def collect(self) -> Iterator[Metric]:
         outbox = Outbox(self.path)
         try:
-            values = figures(outbox.counts(), routing=self.routing)
+            values = figures(outbox.counts(self.destinations),
+                             routing=self.destinations is None or bool(self.destinations))
         finally:
             outbox.close()
         for name, value in values.items():
@@ -113,13 +115,13 @@ def health(counts: OutboxCounts, max_age: float, now: float | None = None,
 
 def status(settings: Settings) -> dict[str, object]:
     """``branchguard alerts status``: the metrics, health warnings and destinations."""
+    dests = destinations(settings)
     outbox = Outbox(settings.db_path)
     try:
-        counts = outbox.counts()
+        counts = outbox.counts([d.key for d in dests])
     finally:
         outbox.close()
     now = time.time()
-    dests = destinations(settings)
     return {"metrics": figures(counts, now, routing=bool(dests)),
             "health": health(counts, settings.alerts_max_age_seconds, now, routing=bool(dests)),
             "destinations": [{"label": d.label, "severities": sorted(d.severities)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,12 @@ class Outbox:
 
     # --- reads for people and metrics ---------------------------------------------------
 
-    def counts(self) -> OutboxCounts:
+    def counts(self, owed_to: Collection[str] | None = None) -> OutboxCounts:
+        """The totals. ``owed_to``: the destination keys configured now, when known. Pending
+        deliveries to any other destination (one configured once and since removed) are
+        owed to nobody, since no dispatcher will ever make them: they are left out of the
+        queue and its age. The counters (sent, failed, retried) stay totals over every
+        destination, so they never go down."""
         conn = self.conn
         after = self.routed_upto()
         unrouted = conn.execute(
@@ -221,12 +226,15 @@ class Outbox:
                 retried += int(attempts or 0)
             elif state == "sent":
                 retried += int(attempts or 0) - int(n)
-        pending_at = conn.execute("SELECT min(created_at) FROM alert_deliveries "
-                                  "WHERE state = 'pending'").fetchone()[0]
+        owed = (None if owed_to is None else json.dumps(sorted(owed_to)),)
+        pending, pending_at = conn.execute(
+            "SELECT count(*), min(created_at) FROM alert_deliveries WHERE state = 'pending' "
+            "AND (?1 IS NULL OR destination IN (SELECT value FROM json_each(?1)))",
+            owed).fetchone()
         unrouted_at = conn.execute(
             "SELECT min(a.created_at) FROM alert_outbox o JOIN alerts a "
             "ON a.alert_id = o.alert_id WHERE o.alert_id > ?", (after,)).fetchone()[0]
-        return OutboxCounts(int(unrouted), by_state["pending"], by_state["sent"],
+        return OutboxCounts(int(unrouted), int(pending), by_state["sent"],
                             by_state["failed"], retried, pending_at, unrouted_at)
 
     def failed(self, limit: int = 100) -> list[FailedDelivery]:

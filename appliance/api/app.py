@@ -26,13 +26,13 @@ from starlette.types import ASGIApp
 from .. import logs
 from ..store import open_db
 from ..settings import Settings
-from . import alerts, audit, health, keys, lists, stats
+from . import alerts, audit, deadletters, health, keys, lists, stats
 from .endpoint import Api, Spec, starlette_route
 from .errors import error_response, json_response
 
 log = logs.get("appliance.api")
 RESOURCES = (alerts.routes, stats.routes, lists.routes, audit.routes, keys.routes,
-             health.routes)
+             deadletters.routes, health.routes)
 OPENAPI_PATH = "/api/v1/openapi.json"
 
 BASE_SCHEMA: dict[str, Any] = {

@@ -145,7 +145,8 @@ class ApiMetrics:
                                   "TX messages not yet committed (last_seq - checkpoint), "
                                   "refreshed by each /metrics and /readyz.", registry=r)
         r.register(StoreCollector(reader, settings))
-        r.register(OutboxCollector(settings.db_path, routing=bool(destinations(settings))))
+        r.register(OutboxCollector(settings.db_path,
+                                   [d.key for d in destinations(settings)]))
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
         async def measured(scope: Scope, receive: Receive, send: Send) -> None:

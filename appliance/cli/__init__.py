@@ -4,14 +4,15 @@ library function and prints the result; errors exit non-zero with their hint.
 One module per command group, each listing what it adds in ``COMMANDS``: ``run`` (the node,
 the API, the feed, status and settings), ``models`` (train, retrain, evaluate, the registry,
 labels, drift), ``alerts``, ``access`` (keys, users, audit), ``data`` (replication,
-retention, the terminal directory) and ``bench``. ``options`` holds what they share.
+retention, the terminal directory), ``deadletters`` and ``bench``. ``options`` holds what
+they share.
 """
 
 from __future__ import annotations
 
 import click
 
-from . import access, alerts, bench, data, models, run
+from . import access, alerts, bench, data, deadletters, models, run
 
 
 @click.group()
@@ -26,7 +27,7 @@ def cli() -> None:
     """
 
 
-for _group in (run, models, alerts, access, data, bench):
+for _group in (run, models, alerts, access, data, deadletters, bench):
     for _command in _group.COMMANDS:
         cli.add_command(_command)
 

@@ -56,11 +56,23 @@ def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: 
 @click.option("--labels", type=click.Path(path_type=Path), default=None,
               help="Write the ground-truth labels to this CSV (they never travel with the "
                    "transactions).")
+@click.option("--ack-timeout", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True,
+              help="Seconds to wait for JetStream to acknowledge a transaction before it "
+                   "counts as not published; publishing stops when nothing is acknowledged "
+                   "for this long.")
+@click.option("--unpublished", type=click.Path(path_type=Path), default=None,
+              help="Write the id and reason of every transaction not published to this CSV.")
 @friendly_errors
 def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None,
              count: int | None, rate: float, seed: int | None, csv_path: Path | None,
-             labels: Path | None) -> None:
+             labels: Path | None, ack_timeout: float, unpublished: Path | None) -> None:
     """Publish simulated (or replayed) transactions to a running node.
+
+    Prints how many JetStream stored; when any was not (the server died, refused it, or
+    never answered), names how many and why, and exits 1. Simulated event times are never
+    ahead of the clock: at --rate R the stream is live, and at --rate 0 it is a backlog at
+    50 tx/s of event time that ends before now.
 
     \b
     Example:
@@ -69,16 +81,23 @@ def simulate(config: Path | None, data_dir: Path | None, nats_url: str | None,
     Without --nats-url it publishes to nats://127.0.0.1:<nats_port>, the embedded server's
     default address.
     """
-    from ..feed.terminal import publish_simulation
+    from ..feed.terminal import publish_simulation, write_unpublished
 
     settings = settings_from(config, data_dir, nats_url)
     if count is None:
         count = 0 if csv_path is not None else 1000
-    confirmed = asyncio.run(publish_simulation(
+    report = asyncio.run(publish_simulation(
         settings, count=count or None, rate=rate or None,
         seed=int(time.time()) if seed is None else seed, csv_path=csv_path,
-        labels_path=labels))
-    click.echo(f"published {confirmed} transactions")
+        labels_path=labels, ack_timeout=ack_timeout))
+    for line in report.lines():
+        click.echo(line)
+    if unpublished is not None:
+        write_unpublished(report, unpublished)
+    if report.not_published:
+        click.echo(f"error: {report.not_published} of {report.offered} transactions were "
+                   "not published", err=True)
+        sys.exit(1)
 
 
 @click.command()

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from ..errors import SettingsError
 from ..transaction import Channel, Transaction, require_identifier
 
-__all__ = ["TYPOLOGIES", "TYPOLOGY_SHARES", "Labelled", "simulate"]
+__all__ = ["TYPOLOGIES", "TYPOLOGY_SHARES", "Labelled", "simulate", "span_bound"]
 
 UTC: Final = timezone.utc
 
@@ -469,6 +469,25 @@ def terminal_layout(seed: int = 7, *, accounts: int = 2000, terminals: int = 200
     world = _world_of(seed, accounts, terminals)
     return [(tid, str(channel), _TOWNS[town]) for tid, channel, town in
             zip(world.term_ids, world.term_channel, world.term_town)]
+
+
+def span_bound(count: int, rate: float, fraud_rate: float = 0.01) -> float:
+    """Seconds of event time that the first ``count`` transactions of
+    ``simulate(..., rate=rate, fraud_rate=fraud_rate, diurnal=False)`` span, at most (all
+    but certainly: beyond it with a probability below 1e-9).
+
+    Why: a stream published faster than its event times advance (a backlog, ``simulate
+    --rate 0``) must start this far in the past to end before the clock, because a node
+    dead-letters events from the future. Every fraud event is emitted at or before the
+    legitimate arrival that follows it, so the span is that of at most ``count`` legitimate
+    arrivals: a Poisson process at the legitimate rate, whose ``count``-th arrival is a
+    Gamma time, bounded here by its mean plus 8 standard deviations plus 40 mean gaps
+    (Bernstein's inequality for the Gamma tail puts the excess below exp(-23)).
+    """
+    if count < 0 or not (math.isfinite(rate) and rate > 0):
+        raise SettingsError("need count >= 0 and a positive rate", field="rate", value=rate)
+    legit_rate = rate * (1.0 - fraud_rate * sum(TYPOLOGY_SHARES[k] for k in _EPISODES))
+    return (count + 8.0 * math.sqrt(count) + 40.0) / legit_rate
 
 
 def simulate(seed: int = 7, *, start: datetime, rate: float = 50.0, count: int | None = None,

@@ -222,9 +222,9 @@ class Puller:
     a batch, at once.
 
     Pull requests live on the server: when it restarts they are gone and no status message
-    says so. A request owes its messages for at most ``expires_seconds``, so when nothing at
-    all has come back for longer than that, the count of outstanding messages is reset and
-    new requests are made.
+    says so. They are not simply asked again: a delivery lost with the server, followed by
+    an ack of a later one (ack policy ``all``), would ack it unseen. The node starts a fresh
+    scorer, consumer and puller from the checkpoint instead (operations/scoring.py).
     """
 
     def __init__(self, nc: Client, settings: Settings, expires_seconds: float = 5.0) -> None:
@@ -236,7 +236,6 @@ class Puller:
         self.buffer: deque[tuple[bytes, bytes, bytes]] = deque()
         self.arrived = asyncio.Event()
         self.outstanding = 0
-        self.heard_at = time.monotonic()
         self._request = json.dumps({"batch": self.batch,
                                     "expires": int(expires_seconds * 1e9)}).encode()
         self._sub: Subscription | None = None
@@ -254,7 +253,6 @@ class Puller:
             self._sub = None
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        self.heard_at = time.monotonic()
         if headers and not data and headers[8:9] == b" ":  # "NATS/1.0 408 ...": a status
             if headers[9:12] == b"100":  # heartbeat
                 return
@@ -272,9 +270,6 @@ class Puller:
         self.arrived.set()
 
     async def _top_up(self) -> None:
-        if self.outstanding and time.monotonic() - self.heard_at > self.expires_seconds + 1:
-            self.outstanding = 0  # the server forgot our requests (restarted): ask again
-            self.heard_at = time.monotonic()
         while self.outstanding < self.batch * 2:
             await self.nc.publish(self.subject, self._request, reply=self.inbox)
             self.outstanding += self.batch

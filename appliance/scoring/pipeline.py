@@ -501,7 +501,7 @@ class Scorer:
                 rejects: list[Outgoing]) -> None:
         """Dead-letter one message: to TX_DLQ (confirmed before the commit), to the database
         with the batch."""
-        dead.append(DeadLetter(d.stream_seq, d.subject, reason, len(d.data)))
+        dead.append(DeadLetter(d.stream_seq, d.subject, reason, len(d.data), d.data))
         rejects.append(Outgoing(DLQ_SUBJECT, d.data, f"dlq-{d.stream_seq}",
                                 dlq_headers(reason, d)))
         log.warning("tx.dead_lettered", txn_id=None, stream_seq=d.stream_seq,
