@@ -382,3 +382,18 @@ def test_a_currency_or_window_that_cannot_work_is_refused(env: dict[str, str],
     with pytest.raises(SettingsError) as caught:
         load(None, env=env)
     assert caught.value.field == field
+
+
+def test_every_setting_reaches_a_child_process_unchanged(tmp_path: Path) -> None:
+    """A child of `branchguard run` (the API, the alert dispatcher) gets the node's settings
+    as BRANCHGUARD_* variables (operations/child.py): each must read back as it was,
+    including the tuples and the currency rates (a dict)."""
+    import dataclasses
+
+    from appliance.operations.child import settings_env
+
+    for rates in ({}, {"USD": 0.92, "GBP": 1.17}):
+        node = dataclasses.replace(load(None, env={}, data_dir=tmp_path), currency_rates=rates)
+        env = {k: v for k, v in settings_env(node).items() if k.startswith("BRANCHGUARD_")}
+        child = load(None, env=env)
+        assert child == node

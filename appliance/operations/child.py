@@ -100,11 +100,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
     one of our own commands then runs on exactly the node's settings."""
     env = dict(os.environ)
     for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        env[f"BRANCHGUARD_{field.name.upper()}"] = (
-            "" if value is None else ",".join(value) if isinstance(value, tuple) else str(value))
+        env[f"BRANCHGUARD_{field.name.upper()}"] = _env_value(getattr(settings, field.name))
     env.pop("BRANCHGUARD_CONFIG", None)  # every value is in the environment already
     return env
+
+
+def _env_value(value: object) -> str:
+    """A setting as its environment variable spells it (settings.load reads it back)."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):  # currency_rates: CODE=RATE pairs
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def describe_exit(code: int) -> str:
