@@ -9,6 +9,7 @@ through the installed compiled module and a copy executed from the ``.py``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import random
 import shutil
@@ -26,6 +27,8 @@ import pytest
 from appliance import compiled
 from appliance.feed.simulate import simulate
 from appliance.transaction import MILLI, Transaction, encode, parse, subject_for
+
+from .support import make_transactions, send, stored_count, wait_until
 
 NAME = "appliance.scoring.features"
 
@@ -172,3 +175,16 @@ def test_the_extension_is_used_only_when_built_from_the_source_beside_it(
     _layout(tmp_path, "x = 1\n", built, stamped_from)
     monkeypatch.setattr(compiled, "_PACKAGE_ROOT", tmp_path)
     assert compiled.decide(NAME, env) == expected
+
+
+def test_a_node_on_the_pure_path_scores_and_says_so(tmp_path: Path, nats_url: str,
+                                                     node_factory: type) -> None:
+    node = node_factory(tmp_path / "node", nats_url, {compiled.PURE_ENV: "1"}).start()
+    txs = [item.tx for item in make_transactions(200)]
+    assert send(nats_url, txs) == len(txs)
+    db = tmp_path / "node" / "branchguard.db"
+    wait_until(lambda: stored_count(db) == len(txs), message="all 200 scored and stored")
+    ready = next(json.loads(line) for line in node.log().splitlines()
+                 if '"node.ready"' in line)
+    assert ready["compiled"] == {NAME: compiled.ASKED}
+    assert '"compiled.not_used"' not in node.log()  # asked for: no warning

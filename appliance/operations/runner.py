@@ -23,7 +23,7 @@ from typing import TextIO
 import numpy as np
 from nats.aio.client import Client
 
-from .. import logs
+from .. import compiled, logs
 from ..alerts import dispatch, routing
 from ..feed.simulate import simulate
 from ..feed.terminal import population, publish
@@ -140,7 +140,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             # docs/replication.md). It replicates whatever was written before it, WAL included.
             await loop.run_in_executor(None, replicator.start)
         log.info("node.ready", txn_id=None, nats_url=url, db=str(settings.db_path),
-                 model_version=model.version, demo=demo)
+                 model_version=model.version, demo=demo, compiled=compiled.status)
+        for module, how in compiled.status.items():
+            if how in (compiled.NOT_BUILT, compiled.STALE):  # slower than it could be
+                log.warning("compiled.not_used", txn_id=None, module=module, reason=how)
         api = start_api(dataclasses.replace(settings, nats_url=url))
         if demo:
             announce_demo_user(settings)
