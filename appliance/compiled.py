@@ -43,7 +43,8 @@ SHA-256 of the source it was compiled from."""
 
 COMPILED = "compiled"
 ASKED = "pure: BRANCHGUARD_PURE_PYTHON is set"
-NOT_BUILT = "pure: not compiled at install (no C compiler, or the compile failed)"
+NOT_BUILT = ("pure: not compiled at install (no C compiler, mypyc failed, or BRANCHGUARD_PURE_PYTHON"
+             " was set then)")
 STALE = "pure: compiled from another version of the source (pip install -e . again)"
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
