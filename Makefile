@@ -6,15 +6,23 @@ PYTEST_ARGS ?=
 
 .PHONY: run test bench lint clean tools
 
-$(VENV)/.installed: pyproject.toml
+# The install compiles the hot modules with mypyc (setup.py; appliance/compiled.py lists them),
+# so it is redone when they change: an editable install would otherwise run their source
+# (appliance/compiled.py refuses a stale build). One install per target: each `pip install -e`
+# compiles anew, so the test install also stands for the plain one.
+BUILD := pyproject.toml setup.py appliance/compiled.py appliance/scoring/features.py
+
+$(VENV)/.installed: $(BUILD)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(BUILD)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed
 
 ## run: the embedded single node with its own nats-server and a demo transaction stream
 run: $(VENV)/.installed
@@ -39,4 +47,5 @@ tools:
 	@.ci/install-tools
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache build appliance/_compiled.json
+	find appliance -name '*.so' -delete

@@ -1,4 +1,4 @@
-"""``branchguard bench``: the throughput, API and replication benchmarks, and their hidden
+"""``branchguard bench``: the throughput, API, replication and features benchmarks, and their hidden
 load-generator commands."""
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
       branchguard bench api --transactions 1000000 --alerts 20000
       branchguard bench replication --seconds 30
       branchguard bench children
+      branchguard bench features
 
     `branchguard bench api` measures the analyst API instead (see its --help).
     """
@@ -208,6 +209,28 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
         raise BranchguardError(str(exc), field="only", value=only) from None
     click.echo(json.dumps({k: v for k, v in report.items() if k != "log_tail"}, indent=2)
                if as_json else format_drill(report))
+@bench.command("features")
+@click.option("--count", type=int, default=50_000, show_default=True,
+              help="Transactions timed in each round.")
+@click.option("--warm", type=int, default=200_000, show_default=True,
+              help="Transactions observed untimed first, so accounts have a history.")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Pure and compiled runs, alternately; the medians are reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_features(count: int, warm: int, rounds: int, as_json: bool) -> None:
+    """Measure FeatureState.observe's CPU per transaction, compiled by mypyc against its
+    pure-Python source, on the throughput benchmark's simulated stream (no node needed).
+
+    \b
+    Example:
+      branchguard bench features --count 50000 --warm 200000 --rounds 3
+    """
+    from ..bench.features import format_features, measure_features
+
+    report = measure_features(count=count, warm=warm, rounds=rounds)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json
+               else format_features(report))
 
 
 COMMANDS = (bench, bench_load, bench_passthrough, bench_api_load)

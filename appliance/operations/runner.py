@@ -23,7 +23,7 @@ import numpy as np
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
-from .. import logs
+from .. import compiled, logs
 from ..alerts import routing
 from ..errors import NodeError
 from ..feed.simulate import simulate
@@ -154,7 +154,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             await loop.run_in_executor(None, replicator.start)
             supervisor.adopt(replicator)
         log.info("node.ready", txn_id=None, nats_url=url, db=str(settings.db_path),
-                 model_version=model.version, demo=demo)
+                 model_version=model.version, demo=demo, compiled=compiled.status)
+        for module, how in compiled.status.items():
+            if how in (compiled.NOT_BUILT, compiled.STALE):  # slower than it could be
+                log.warning("compiled.not_used", txn_id=None, module=module, reason=how)
         if api is not None:
             with contextlib.suppress(NodeError):  # then the supervisor keeps trying
                 api.bind()

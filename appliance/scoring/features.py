@@ -28,7 +28,7 @@ from bisect import bisect_right, insort
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import count, islice
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -93,6 +93,19 @@ the next, so an older row's values are read by name; backtest.load_rows recomput
 missing ones when a model needs them."""
 LARGE_MULTIPLE = 3
 """An amount at least this many times the account's median counts as large."""
+
+
+_MILLI_F: Final = float(MILLI)
+"""For dividing sums of thousandths: an int over a float, never an int over an int.
+
+Compiled by mypyc (appliance/compiled.py), ``/`` between two ints of up to 62 bits divides
+their conversions to double, which rounds twice once one passes 2**53, where Python's own
+division rounds once: the compiled module's features would then differ from the source's in
+the last bit (an account's squared sum of thousandths passes 2**53 after about 95,000 of
+spending). So :meth:`FeatureState.observe` divides an int only by a float (one conversion,
+one division: the same in both, and up to 2**53 the same as int over int) or as ``Any``,
+which mypyc leaves to Python. tests/test_compiled.py holds them to bit-identical features.
+"""
 
 
 def epoch(ts: datetime) -> float:
@@ -231,14 +244,15 @@ class FeatureState:
         milli = round(amount * MILLI)
         t = epoch(tx.timestamp)
         n = len(account.sorted_milli)
+        total: Any = account.sum_milli  # Any: Python's own int division, compiled too (_MILLI_F)
         if n:
-            mean = account.sum_milli / n / MILLI
+            mean: float = total / n / MILLI
             deviation = amount - mean
             ratio = amount / mean if mean > 0 else 1.0
         else:
             mean, deviation, ratio = amount, 0.0, 1.0
         if n >= 2:
-            var_milli = (account.sumsq_milli - account.sum_milli * account.sum_milli / n) / (n - 1)
+            var_milli: float = (account.sumsq_milli - total * total / n) / (n - 1)
             std = math.sqrt(var_milli) / MILLI if var_milli > 0 else 0.0
             zscore = deviation / std if std > 0 else 0.0
         else:
@@ -263,10 +277,11 @@ class FeatureState:
             top = max(week) if week else 0
             large_at = LARGE_MULTIPLE * median
             large = len([v for v in week if v >= large_at]) if top >= large_at else 0
+            # (int over int, but one amount's thousandths: below 1e12 < 2**53, by the contract)
             to_median, max_to_median = milli / median, top / median
         else:
             to_median, max_to_median, large = 1.0, 0.0, 0
-        to_mean_7d = milli * acc_w[4] / acc_w[5] if acc_w[4] and acc_w[5] > 0 else 1.0
+        to_mean_7d = milli * acc_w[4] / float(acc_w[5]) if acc_w[4] and acc_w[5] > 0 else 1.0
 
         location, category = tx.location, tx.merchant_category
         new_terminal = tx.terminal_id not in account.terminals
@@ -284,13 +299,13 @@ class FeatureState:
 
         return (
             amount, mean, deviation, ratio, zscore, float(n),
-            float(acc_w[0]), acc_w[1] / MILLI, float(acc_w[2]), acc_w[3] / MILLI,
-            float(acc_w[4]), acc_w[5] / MILLI,
+            float(acc_w[0]), acc_w[1] / _MILLI_F, float(acc_w[2]), acc_w[3] / _MILLI_F,
+            float(acc_w[4]), acc_w[5] / _MILLI_F,
             since_previous,
             float(tx.timestamp.hour),
             float(new_terminal), float(new_location), float(new_category),
-            float(term_w[0]), term_w[1] / MILLI, float(term_w[2]), term_w[3] / MILLI,
-            float(term_w[4]), term_w[5] / MILLI,
+            float(term_w[0]), term_w[1] / _MILLI_F, float(term_w[2]), term_w[3] / _MILLI_F,
+            float(term_w[4]), term_w[5] / _MILLI_F,
             to_median, max_to_median, float(large), to_mean_7d,
         )
 
