@@ -170,7 +170,7 @@ class Store:
         finally:
             conn.close()
 
-    def restart_wal(self, wait_ms: int = 250) -> tuple[int, int, int]:
+    def restart_wal(self, wait_ms: int = 50) -> tuple[int, int, int]:
         """Checkpoint everything and make the next commit write the WAL from its start
         (``RESTART``), waiting at most ``wait_ms`` for readers; with ``journal_size_limit``
         the file then shrinks. Only for the writer's thread, and never while Litestream

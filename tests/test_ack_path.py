@@ -177,29 +177,66 @@ def test_a_missing_consumer_at_start_republishes_nothing_already_published(
     assert len(verdicts) == 50
 
 
-def test_without_replication_the_wal_stays_bounded(settings: Settings) -> None:
-    """Defect 5: with ``replicate = false`` nothing else restarts the WAL; the writer does,
-    so it cannot grow without bound under steady load."""
-    settings = dataclasses.replace(settings, replicate=False)
-    txs = [i.tx for i in make_transactions(30_000, seed=5, rate=2000.0)]
-    wal = settings.db_path.with_name(settings.db_path.name + "-wal")
-    largest = 0
+def test_without_replication_the_writer_keeps_the_wal_bounded(tmp_path: object) -> None:
+    """Defect 5: with ``replicate = false`` nothing else restarts the WAL, so it grows with
+    every commit (the issue saw 224 MB after 10 s at 2,000/s). The writer thread restarts
+    it itself (``restart_wal_every``). Same commits, a reader polling as the API does: with
+    the restart the WAL stays small; without it (the control) it grows with the writes."""
+    import threading
+    from pathlib import Path
 
-    async def run() -> None:
-        nonlocal largest
-        async with scoring(settings) as scorer:
-            feed = await nats.connect(settings.nats_url)
-            sending = asyncio.create_task(publish(feed, txs, branch="BR001"))
-            while scorer.counters.transactions < len(txs):
+    from appliance.scoring.commit import GroupCommit
+    from appliance.scoring.features import FEATURES, FEATURES_VERSION
+    from appliance.store import Scored
+    from appliance.verdict import Verdict
+
+    txs = [i.tx for i in make_transactions(20_000, seed=5)]
+
+    def largest_wal(directory: Path, restart_every: float | None) -> int:
+        store = Store.open(directory / "branchguard.db")
+        wal = directory / "branchguard.db-wal"
+        stop = threading.Event()
+
+        def reader() -> None:
+            import sqlite3
+            conn = sqlite3.connect(directory / "branchguard.db")
+            while not stop.is_set():
+                conn.execute("SELECT count(*) FROM checkpoints").fetchone()
+                time.sleep(0.002)
+            conn.close()
+
+        async def run() -> int:
+            writer = GroupCommit(store, "scorer", restart_wal_every=restart_every)
+            writer.start()
+            largest, done = 0, []
+            for at in range(0, len(txs), 50):
+                scored = [Scored(tx, "BR001", at + k + 1, (1.0,) * len(FEATURES),
+                                 FEATURES_VERSION, Verdict(tx.transaction_id, 0.1, "INFO",
+                                                           "approve", [], [], 0.1, "m", "r"))
+                          for k, tx in enumerate(txs[at:at + 50])]
+                done.append(writer.submit(scored, [], at + 50, 0, 0))
+                await asyncio.sleep(0.001)
                 largest = max(largest, wal.stat().st_size if wal.exists() else 0)
-                await asyncio.sleep(0.05)
-            await sending
-            await feed.drain()
+            await asyncio.gather(*done)
+            await writer.stop()
+            return largest
 
-    asyncio.run(run())
-    # 30,000 transactions write ~120 MB of WAL frames; restarted every second, the WAL holds
-    # a second's worth at most, and is cut back to the journal size limit.
-    assert largest < 64 * 1024 * 1024, f"WAL grew to {largest / 2**20:.0f} MiB"
+        polling = threading.Thread(target=reader)
+        polling.start()
+        try:
+            return asyncio.run(run())
+        finally:
+            stop.set()
+            polling.join()
+            store.close()
+
+    base = Path(str(tmp_path))
+    (base / "restarted").mkdir()
+    (base / "control").mkdir()
+    restarted = largest_wal(base / "restarted", restart_every=0.05)
+    control = largest_wal(base / "control", restart_every=None)
+    # the control's WAL holds every commit's frames; the restarted one about one commit's
+    assert restarted * 4 < control, f"{restarted / 2**20:.2f} against {control / 2**20:.2f} MiB"
 
 
 def test_a_failing_batch_rebuilds_state_once_and_off_the_event_loop(

@@ -203,7 +203,11 @@ class Scorer:
         power cut. Nothing half-done is ever committed.
         """
         await self.prepare()
-        checkpoints = asyncio.create_task(self._checkpoint_wal())
+        # With Litestream, PASSIVE checkpoints from a thread of their own keep its WAL short
+        # (docs/operations.md); without it the writer thread checkpoints and restarts the
+        # WAL itself (commit.py), and nothing else needs to.
+        checkpoints = (asyncio.create_task(self._checkpoint_wal()) if self.settings.replicate
+                       else None)
         watchers = [asyncio.create_task(self._every(self.settings.label_refresh_seconds,
                                                     self._refresh_labels))]
         if self.registry is not None:
@@ -220,7 +224,8 @@ class Scorer:
             if self._acker is not None:
                 await self._acker
         finally:
-            checkpoints.cancel()
+            if checkpoints is not None:
+                checkpoints.cancel()
             for watcher in watchers:
                 watcher.cancel()
             if self._acker is not None and not self._acker.done():
