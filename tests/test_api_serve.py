@@ -166,8 +166,9 @@ def test_with_a_certificate_it_serves_https_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("allowed", "second_address"), [
-    (None, [401]),  # the default believes a proxy on the same host: its own budget
+    (None, [429]),  # the default believes no proxy: the header is ignored, one address
     ("10.255.0.1", [429]),  # another proxy listed: loopback's header is not believed
+    ("127.0.0.1", [401]),  # a proxy on this host listed: each client its own budget
 ])
 def test_limits_count_by_the_address_a_believed_proxy_forwards(
         tmp_path: Path, allowed: str | None, second_address: list[int]) -> None:
@@ -189,6 +190,24 @@ def test_limits_count_by_the_address_a_believed_proxy_forwards(
         assert codes("10.0.0.2", 1) == second_address
     finally:
         assert server.stop() == 0
+
+
+def test_a_rotating_forwarded_for_does_not_dodge_the_limits(tmp_path: Path) -> None:
+    """The issue's attack, on the default settings: a new X-Forwarded-For on every wrong
+    key, from loopback (the key ids are made up, so only the address's limit applies)."""
+    settings = api_settings(tmp_path)
+    Store.open(settings.db_path).close()
+    server = ServeProcess.start(settings, {"BRANCHGUARD_API_VERIFICATIONS_PER_MINUTE": "5",
+                                           "BRANCHGUARD_CONSOLE_ENABLED": "false"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            codes = [client.get("/api/v1/alerts", headers={
+                "Authorization": f"Bearer bg_{n:012x}_{'x' * 43}",
+                "X-Forwarded-For": f"10.{n // 250}.{n % 250}.1"}).status_code
+                for n in range(20)]
+    finally:
+        assert server.stop() == 0
+    assert codes == [401] * 5 + [429] * 15
 
 
 def test_serve_refuses_bad_settings_with_the_field(tmp_path: Path) -> None:
