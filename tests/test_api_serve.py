@@ -240,6 +240,28 @@ def test_bench_api_smoke(tmp_path: Path) -> None:
         store.close()
 
 
+def test_bench_api_beside_a_wrong_secret_flood_smoke(tmp_path: Path) -> None:
+    """The flood's figures are there, it is answered 401 then 429 (never anything that
+    passes, never a 5xx), and the valid requests beside it all succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "bench", "api", "--transactions", "2000",
+         "--alerts", "150", "--requests", "200", "--concurrency", "1",
+         "--wrong-secret-flood", "4", "--data-dir", str(tmp_path / "bench"), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = json.loads(result.stdout)["phases"]
+    assert [(p["mode"], p["flood"] is not None) for p in phases] == [
+        ("cached", False), ("cached", True), ("uncached", False), ("uncached", True)]
+    for phase in phases:
+        assert phase["statuses"] == {"200": 200}
+        flood = phase["flood"]
+        if flood is not None:
+            assert flood["clients"] == 4 and flood["requests"] > 0
+            assert set(flood["statuses"]) <= {"401", "429"}, flood
+            assert flood["statuses"]["429"] > 0
+            assert int(flood["statuses"].get("401", 0)) <= 10  # api_key_attempts_per_minute
+
+
 def test_fill_helper_makes_alerts_for_the_api_tests(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "x.db")
     try:
