@@ -88,7 +88,7 @@ def create_app(settings: Settings) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         message = exc.detail if isinstance(exc, HTTPException) else "internal error"
-        headers = exc.headers if isinstance(exc, HTTPException) else None
+        headers = dict(exc.headers) if isinstance(exc, HTTPException) and exc.headers else None
         field = {404: "path", 413: "body"}.get(status)
         return error_response(status, str(message), field, headers)
 
