@@ -115,3 +115,29 @@ def test_the_console_is_covered_too(served: tuple[ServeProcess, str]) -> None:
     r = httpx.post(server.url + "/console/_nicegui_ws/socket.io/?EIO=4&transport=polling",
                    content=b"x" * (LIMIT + 1), timeout=30)
     assert r.status_code == 413
+
+
+def test_a_request_head_over_64_kib_is_431_before_it_is_all_read(
+        served: tuple[ServeProcess, str]) -> None:
+    """Headers are not a way round the body limit: a 20 MB header is refused once 64 KiB of
+    it have arrived (the server closes the connection), and a normal head is served."""
+    server, _ = served
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        try:
+            for _ in range(20 * 16):  # 20 MB, 64 KiB at a time, never the end of the head
+                sock.sendall(b"v" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            answer = sock.recv(4096)
+        except ConnectionResetError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 431"), (sent, answer[:200])
+    assert sent < 20 * 1024 * 1024  # it stopped reading well before the end
+    ok = httpx.get(server.url + "/healthz", headers={"X-Fine": "v" * 8000}, timeout=30)
+    assert ok.status_code == 200

@@ -265,3 +265,17 @@ def test_a_patch_that_changes_nothing_is_a_no_op(client: TestClient, role_keys: 
     assert query(db, "SELECT count(*) FROM audit_log WHERE subject = 'alert:2'") == [(1,)]
     # a no-op against a stale version is still a 409: the caller's view is out of date
     assert patch(client, role_keys, 2, version=1, status="NEW").status_code == 409
+
+
+@pytest.mark.parametrize("raw", [b'{"version": 1, "status": "INVESTIGATING", "status": "NEW"}',
+                                 b'{"version": 1, "version": 1}',
+                                 b'{"version": 1, "assignee": "ana", "assignee": null}'])
+def test_a_body_with_a_key_twice_is_400_naming_it(client: TestClient, role_keys: Keys,
+                                                  node_db: tuple[Settings, Store],
+                                                  raw: bytes) -> None:
+    """Which of two values was meant cannot be known: neither wins."""
+    r = client.patch("/api/v1/alerts/2", content=raw,
+                     headers={**role_keys.header("analyst"), "Content-Type": "application/json"})
+    assert r.status_code == 400 and "more than once" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["field"] in ("status", "version", "assignee")
+    assert query(node_db[0].db_path, "SELECT version FROM alerts WHERE alert_id = 2") == [(1,)]

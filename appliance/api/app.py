@@ -28,6 +28,7 @@ from ..store import open_db
 from ..settings import Settings
 from . import alerts, audit, health, keys, lists, stats
 from .body_limit import BodyLimit
+from .head_limit import HeadLimitedProtocol
 from .endpoint import Api, Spec, starlette_route
 from .errors import error_response, json_response
 
@@ -150,7 +151,7 @@ def serve(settings: Settings) -> None:
                             lifespan="on", timeout_graceful_shutdown=5,
                             ssl_certfile=settings.api_tls_cert, ssl_keyfile=settings.api_tls_key,
                             proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
-                            ws_max_size=settings.api_max_body_bytes)
+                            http=HeadLimitedProtocol, ws_max_size=settings.api_max_body_bytes)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
     # handler that was there before; make that one a no-op, so a clean stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
