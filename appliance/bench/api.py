@@ -104,10 +104,12 @@ class _Server:
 
 
 async def generate_api_load(url: str, key: str, mode: str, requests: int,
-                            concurrency: int) -> dict[str, Any]:
+                            concurrency: int, seed: int = 7) -> dict[str, Any]:
     """The load generator: ``requests`` GETs of the alert list, ``concurrency`` at a time
-    over keep-alive connections (aiohttp); latency percentiles in ms and the statuses seen."""
-    rng = random.Random(7)
+    over keep-alive connections (aiohttp); latency percentiles in ms and the statuses seen.
+    ``seed`` picks the uncached filters: a phase that must miss the cache needs one no
+    phase before it used."""
+    rng = random.Random(seed)
     paths = (["/api/v1/alerts?status=NEW&limit=50"] * requests if mode == "cached" else
              [f"/api/v1/alerts?min_risk={rng.uniform(0.0, 0.95):.9f}&limit=50"
               f"&sort={rng.choice(['-created_at', '-risk'])}" for _ in range(requests)])
@@ -157,7 +159,7 @@ def run_api_bench(transactions: int, alerts: int, requests: int, concurrency: li
         out = subprocess.run(
             [sys.executable, "-m", "appliance", "bench-api-load", "--url", server.url,
              "--key", key, "--mode", mode, "--requests", str(requests),
-             "--concurrency", str(in_flight)],
+             "--concurrency", str(in_flight), "--seed", str(7 + len(phases))],
             check=True, capture_output=True, text=True, env={**os.environ})
         phase: dict[str, Any] = json.loads(out.stdout)
         return phase

@@ -133,12 +133,14 @@ def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
 @click.option("--mode", type=click.Choice(["cached", "uncached"]), required=True)
 @click.option("--requests", type=int, required=True)
 @click.option("--concurrency", type=int, required=True)
-def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: int) -> None:
+@click.option("--seed", type=int, default=7)
+def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: int,
+                   seed: int) -> None:
     """The API benchmark's load generator (a separate process)."""
     from ..bench.api import generate_api_load
 
     click.echo(json.dumps(asyncio.run(generate_api_load(url, key, mode, requests,
-                                                        concurrency))))
+                                                        concurrency, seed))))
 
 
 @click.command("bench-api-flood", hidden=True)
