@@ -148,6 +148,12 @@ class Settings:
     """Argon2 verifications one key id may cause per minute, from any address (a flood of
     wrong secrets with a real key id), counted before the hash check; over it: 429 at once.
     The key's holder is not held back once their key has passed in this process."""
+    api_refusal_delay_seconds: float = 1.0
+    """How long a request the rate limits refuse waits before its 429 is sent. The refusal
+    is decided at once, from memory, and waiting costs the server only a timer, but it
+    holds each flooding connection to one request per delay: without it, a flood of
+    refusals from a few clients keeps the API's event loop and the machine's cores busy
+    (measured in docs/benchmarks.md). 0 sends the 429 at once."""
     api_key_cache_seconds: float = 30.0
     """How long a verified key skips argon2 (revocation is still checked on every request)."""
     api_cache_dir: Path | None = None
@@ -330,6 +336,8 @@ class Settings:
             (self.api_rate_burst >= 1, "api_rate_burst", self.api_rate_burst, "use 1 or more"),
             (self.api_verifications_per_minute >= 1, "api_verifications_per_minute",
              self.api_verifications_per_minute, "use 1 or more"),
+            (0 <= self.api_refusal_delay_seconds <= 60, "api_refusal_delay_seconds",
+             self.api_refusal_delay_seconds, "use 0 to 60 seconds"),
             (self.api_key_attempts_per_minute >= 1, "api_key_attempts_per_minute",
              self.api_key_attempts_per_minute, "use 1 or more"),
             (self.api_max_body_bytes >= 1024, "api_max_body_bytes", self.api_max_body_bytes,

@@ -3,10 +3,12 @@ requests pass again once the window has moved on."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -150,3 +152,41 @@ def test_guesses_at_one_key_id_from_many_addresses_stop_at_the_default_limit(
             "/api/v1/alerts", headers={"Authorization": f"Bearer {key[:-3]}{n:03d}"}
         ).status_code for n in range(12)]
     assert codes == [401] * 10 + [429] * 2
+
+
+def test_a_refusal_is_held_without_holding_up_anyone_else(tmp_path: Path) -> None:
+    """A 429 waits api_refusal_delay_seconds before it is sent (that is what paces a
+    flood), on a timer: a request from someone else made meanwhile is answered first."""
+    settings = api_settings(tmp_path, api_rate_burst=1, api_rate_per_second=0.02,
+                            api_refusal_delay_seconds=2.0)
+    Store.open(settings.db_path).close()
+    key = keys.create(connect_writer(settings.db_path), "k", "viewer", "test")[1]
+    app = create_app(settings)
+    answered: list[tuple[str, int, float]] = []
+
+    async def scenario() -> None:
+        flood = httpx.AsyncClient(transport=httpx.ASGITransport(app, client=("10.0.0.1", 1)),
+                                  base_url="http://node")
+        analyst = httpx.AsyncClient(transport=httpx.ASGITransport(app,
+                                                                  client=("10.0.0.2", 1)),
+                                    base_url="http://node")
+        async with flood, analyst:
+            assert (await flood.get("/healthz")).status_code == 200  # its one request
+
+            async def timed(name: str, client: httpx.AsyncClient, path: str,
+                            headers: dict[str, str]) -> None:
+                started = time.monotonic()
+                response = await client.get(path, headers=headers)
+                answered.append((name, response.status_code, time.monotonic() - started))
+
+            async def later() -> None:
+                await asyncio.sleep(0.3)
+                await timed("analyst", analyst, "/api/v1/alerts",
+                            {"Authorization": f"Bearer {key}"})
+
+            await asyncio.gather(timed("flood", flood, "/healthz", {}), later())
+
+    asyncio.run(scenario())
+    assert [(name, status) for name, status, _ in answered] == [("analyst", 200),
+                                                                ("flood", 429)]
+    assert answered[1][2] >= 2.0  # held for the delay (a lower bound: sleep guarantees it)

@@ -3,7 +3,9 @@ cache or call the route's function, answer JSON; one read transaction around it 
 
 The rate limits come first, on the event loop, from memory alone (:func:`admit`): a request
 they refuse (a flood, wrong secrets past their limit) costs neither a thread, nor a database
-read, nor argon2, nor reading its body. Everything after runs in the thread pool.
+read, nor argon2, nor reading its body, and its 429 is held for
+``api_refusal_delay_seconds`` (a timer), which paces each flooding connection to one
+request per delay. Everything after runs in the thread pool.
 
 Route functions are plain synchronous functions of a :class:`Call`; they run in Starlette's
 thread pool, each thread with its own read-only SQLite connection (WAL readers never block
@@ -15,6 +17,7 @@ carries its OpenAPI description.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sqlite3
 import threading
@@ -159,6 +162,8 @@ def starlette_route(api: Api, spec: Spec) -> Route:
         try:
             counted = admit(api, spec, request)
         except ApiError as exc:
+            if exc.status == 429:  # held, not worked on: see api_refusal_delay_seconds
+                await asyncio.sleep(api.settings.api_refusal_delay_seconds)
             return from_api_error(exc)
         body = await request.body() if request.method in ("POST", "PATCH", "PUT") else b""
         return await run_in_threadpool(run, api, spec, request, body, counted)
