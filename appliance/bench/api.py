@@ -153,7 +153,7 @@ def run_api_bench(transactions: int, alerts: int, requests: int, concurrency: li
     settings = load(None, env={}, data_dir=root)
     key_id, key = keys.create(connect_writer(settings.db_path), "bench", "viewer", "bench")
     server = _Server(root)
-    phases = []
+    phases: list[dict[str, Any]] = []
 
     def measure(mode: str, in_flight: int) -> dict[str, Any]:
         out = subprocess.run(
