@@ -151,10 +151,21 @@ class Settings:
     api_rate_burst: int = 200
     """...counted over a moving window of ``round(api_rate_burst / api_rate_per_second)``
     seconds (at least 1): up to this many requests may come at once."""
-    api_verifications_per_minute: int = 300
+    api_verifications_per_minute: int = 60
     """Argon2 key verifications one client address may cause per minute (wrong keys, and
-    keys not verified in the last ``api_key_cache_seconds``); over it: 429. Behind a proxy
-    every client shares its address: allow a few per active key and minute."""
+    keys not verified in the last ``api_key_cache_seconds``), counted before the hash check;
+    over it: 429 at once. Keys that have passed before in this process do not count. Behind
+    a proxy every client shares its address: allow a couple per active key and minute."""
+    api_key_attempts_per_minute: int = 10
+    """Argon2 verifications one key id may cause per minute, from any address (a flood of
+    wrong secrets with a real key id), counted before the hash check; over it: 429 at once.
+    The key's holder is not held back once their key has passed in this process."""
+    api_refusal_delay_seconds: float = 1.0
+    """How long a request the rate limits refuse waits before its 429 is sent. The refusal
+    is decided at once, from memory, and waiting costs the server only a timer, but it
+    holds each flooding connection to one request per delay: without it, a flood of
+    refusals from a few clients keeps the API's event loop and the machine's cores busy
+    (measured in docs/benchmarks.md). 0 sends the 429 at once."""
     api_key_cache_seconds: float = 30.0
     """How long a verified key skips argon2 (revocation is still checked on every request)."""
     api_cache_dir: Path | None = None
@@ -168,12 +179,17 @@ class Settings:
     HTTPS only. Unset: plain HTTP (keep ``api_host`` on loopback then)."""
     api_tls_key: Path | None = None
     """PEM private key of ``api_tls_cert`` (a secret: a file only the node's user reads)."""
-    api_forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
-    """Proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` headers are believed:
-    addresses or networks (``10.0.0.0/8``), or ``*`` for any. The API's rate limits and the
-    console's sign-in throttle count by the client address these give; a reverse proxy on
-    another host must be listed here, or every client behind it shares the proxy's address.
-    Empty: believe none (a node reached directly, with no proxy)."""
+    api_forwarded_allow_ips: tuple[str, ...] = ()
+    """Reverse proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` headers are
+    believed: addresses or networks (``10.0.0.0/8``), or ``*`` for any. Empty (the
+    default): believe none, so a client cannot pick its own address with the header. The
+    API's rate limits and the console's sign-in throttle count by the client address; behind
+    a proxy (on this host too: list ``127.0.0.1``) list it here, or every client behind it
+    shares the proxy's address."""
+    api_max_body_bytes: int = 1_048_576
+    """Largest request body the API and the console accept; a larger one is refused with
+    413 before it is read (by its Content-Length, or counted as a chunked body arrives). Also
+    the largest console websocket message."""
     # --- replication and retention (issue 7: operating a fleet)
     replicate: bool = True
     """Start litestream as a child of ``branchguard run``, replicating the database to
@@ -357,6 +373,12 @@ class Settings:
             (self.api_rate_burst >= 1, "api_rate_burst", self.api_rate_burst, "use 1 or more"),
             (self.api_verifications_per_minute >= 1, "api_verifications_per_minute",
              self.api_verifications_per_minute, "use 1 or more"),
+            (0 <= self.api_refusal_delay_seconds <= 60, "api_refusal_delay_seconds",
+             self.api_refusal_delay_seconds, "use 0 to 60 seconds"),
+            (self.api_key_attempts_per_minute >= 1, "api_key_attempts_per_minute",
+             self.api_key_attempts_per_minute, "use 1 or more"),
+            (self.api_max_body_bytes >= 1024, "api_max_body_bytes", self.api_max_body_bytes,
+             "use 1024 or more (bytes)"),
             (self.api_key_cache_seconds >= 0, "api_key_cache_seconds",
              self.api_key_cache_seconds, "use 0 or more"),
             (self.api_cache_seconds > 0, "api_cache_seconds", self.api_cache_seconds,

@@ -190,3 +190,92 @@ def test_a_busy_database_waits_instead_of_failing(node_db: tuple[Settings, Store
         t.join(10)
         assert done == [200]
         fill(store, 10, seed=5, first_seq=1000)  # and the scorer's next batch still commits
+
+
+@pytest.mark.parametrize("text", ["   ", "\t\n  \r\n", "\u00a0\u2003"])
+def test_a_blank_note_is_422_and_stores_nothing(client: TestClient, role_keys: Keys,
+                                               node_db: tuple[Settings, Store],
+                                               text: str) -> None:
+    before = query(node_db[0].db_path, "SELECT count(*) FROM audit_log")
+    r = client.post("/api/v1/alerts/4/notes", json={"text": text},
+                    headers=role_keys.header("analyst"))
+    assert r.status_code == 422 and r.json()["error"]["field"] == "text", r.text
+    assert query(node_db[0].db_path, "SELECT count(*) FROM alert_notes") == [(0,)]
+    assert query(node_db[0].db_path, "SELECT count(*) FROM audit_log") == before
+
+
+@pytest.mark.parametrize("text", ["bell \x07 in a note", "reversed \u202eetoN",
+                                  "escape \x1b[31m red"])
+def test_a_note_with_control_or_bidi_characters_is_422(client: TestClient, role_keys: Keys,
+                                                      text: str) -> None:
+    r = client.post("/api/v1/alerts/4/notes", json={"text": text},
+                    headers=role_keys.header("analyst"))
+    assert r.status_code == 422 and r.json()["error"]["field"] == "text", r.text
+
+
+def test_a_note_keeps_its_lines_and_tabs(client: TestClient, role_keys: Keys) -> None:
+    r = client.post("/api/v1/alerts/4/notes", json={"text": "called the customer\n\tno answer"},
+                    headers=role_keys.header("analyst"))
+    assert r.status_code == 201 and r.json()["text"] == "called the customer\n\tno answer"
+
+
+BAD_ASSIGNEES = ["<script>alert(1)</script>", "ana<b>", "ana\x07", "ana\nbob", "\u202eana",
+                 "ana\u200b", " ana", "ana  lima", "a&b", "ana\"", "ana;drop"]
+
+
+@pytest.mark.parametrize("assignee", BAD_ASSIGNEES)
+def test_an_assignee_with_markup_or_control_characters_is_422(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store],
+        assignee: str) -> None:
+    r = patch(client, role_keys, 2, version=1, assignee=assignee)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "assignee", r.text
+    bulk = client.post("/api/v1/alerts/2/bulk", headers=role_keys.header("analyst"),
+                       json={"version": 1, "scope": "account", "assignee": assignee})
+    assert bulk.status_code == 422 and bulk.json()["error"]["field"] == "assignee", bulk.text
+    assert query(node_db[0].db_path, "SELECT version, assignee FROM alerts WHERE alert_id = 2"
+                 ) == [(1, None)]
+
+
+@pytest.mark.parametrize("assignee", ["ana", "ana.lima", "ana_lima-2", "ana@bank.example",
+                                      "Ana Lima", "José Núñez", "d'Arcy"])
+def test_an_assignee_may_be_a_username_an_address_or_a_name(
+        client: TestClient, role_keys: Keys, assignee: str) -> None:
+    r = patch(client, role_keys, 2, version=1, assignee=assignee)
+    assert r.status_code == 200 and r.json()["assignee"] == assignee, r.text
+
+
+def test_a_patch_that_changes_nothing_is_a_no_op(client: TestClient, role_keys: Keys,
+                                                 node_db: tuple[Settings, Store]) -> None:
+    db = node_db[0].db_path
+    audit_before = query(db, "SELECT count(*) FROM audit_log")
+    row_before = query(db, "SELECT version, updated_at, updated_by FROM alerts "
+                           "WHERE alert_id = 2")
+    for body in ({"status": "NEW"}, {"assignee": None}, {}, {"status": "NEW", "assignee": None}):
+        r = patch(client, role_keys, 2, version=1, **body)
+        assert r.status_code == 200, (body, r.text)
+        assert r.json()["version"] == 1 and r.json()["status"] == "NEW", body
+        assert r.json()["updated_at"] == row_before[0][1] and r.json()["assignee"] is None
+    assert query(db, "SELECT version, updated_at, updated_by FROM alerts WHERE alert_id = 2"
+                 ) == row_before
+    assert query(db, "SELECT count(*) FROM audit_log") == audit_before
+    # once assigned, assigning the same person again changes nothing either
+    assert patch(client, role_keys, 2, version=1, assignee="ana").json()["version"] == 2
+    again = patch(client, role_keys, 2, version=2, status="NEW", assignee="ana")
+    assert again.status_code == 200 and again.json()["version"] == 2
+    assert query(db, "SELECT count(*) FROM audit_log WHERE subject = 'alert:2'") == [(1,)]
+    # a no-op against a stale version is still a 409: the caller's view is out of date
+    assert patch(client, role_keys, 2, version=1, status="NEW").status_code == 409
+
+
+@pytest.mark.parametrize("raw", [b'{"version": 1, "status": "INVESTIGATING", "status": "NEW"}',
+                                 b'{"version": 1, "version": 1}',
+                                 b'{"version": 1, "assignee": "ana", "assignee": null}'])
+def test_a_body_with_a_key_twice_is_400_naming_it(client: TestClient, role_keys: Keys,
+                                                  node_db: tuple[Settings, Store],
+                                                  raw: bytes) -> None:
+    """Which of two values was meant cannot be known: neither wins."""
+    r = client.patch("/api/v1/alerts/2", content=raw,
+                     headers={**role_keys.header("analyst"), "Content-Type": "application/json"})
+    assert r.status_code == 400 and "more than once" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["field"] in ("status", "version", "assignee")
+    assert query(node_db[0].db_path, "SELECT version FROM alerts WHERE alert_id = 2") == [(1,)]

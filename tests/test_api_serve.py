@@ -168,8 +168,9 @@ def test_with_a_certificate_it_serves_https_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("allowed", "second_address"), [
-    (None, [401]),  # the default believes a proxy on the same host: its own budget
+    (None, [429]),  # the default believes no proxy: the header is ignored, one address
     ("10.255.0.1", [429]),  # another proxy listed: loopback's header is not believed
+    ("127.0.0.1", [401]),  # a proxy on this host listed: each client its own budget
 ])
 def test_limits_count_by_the_address_a_believed_proxy_forwards(
         tmp_path: Path, allowed: str | None, second_address: list[int]) -> None:
@@ -191,6 +192,24 @@ def test_limits_count_by_the_address_a_believed_proxy_forwards(
         assert codes("10.0.0.2", 1) == second_address
     finally:
         assert server.stop() == 0
+
+
+def test_a_rotating_forwarded_for_does_not_dodge_the_limits(tmp_path: Path) -> None:
+    """The issue's attack, on the default settings: a new X-Forwarded-For on every wrong
+    key, from loopback (the key ids are made up, so only the address's limit applies)."""
+    settings = api_settings(tmp_path)
+    Store.open(settings.db_path).close()
+    server = ServeProcess.start(settings, {"BRANCHGUARD_API_VERIFICATIONS_PER_MINUTE": "5",
+                                           "BRANCHGUARD_CONSOLE_ENABLED": "false"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            codes = [client.get("/api/v1/alerts", headers={
+                "Authorization": f"Bearer bg_{n:012x}_{'x' * 43}",
+                "X-Forwarded-For": f"10.{n // 250}.{n % 250}.1"}).status_code
+                for n in range(20)]
+    finally:
+        assert server.stop() == 0
+    assert codes == [401] * 5 + [429] * 15
 
 
 def test_serve_refuses_bad_settings_with_the_field(tmp_path: Path) -> None:
@@ -221,6 +240,28 @@ def test_bench_api_smoke(tmp_path: Path) -> None:
         assert store.counts()["transactions"] == 2000
     finally:
         store.close()
+
+
+def test_bench_api_beside_a_wrong_secret_flood_smoke(tmp_path: Path) -> None:
+    """The flood's figures are there, it is answered 401 then 429 (never anything that
+    passes, never a 5xx), and the valid requests beside it all succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "bench", "api", "--transactions", "2000",
+         "--alerts", "150", "--requests", "200", "--concurrency", "1",
+         "--wrong-secret-flood", "4", "--data-dir", str(tmp_path / "bench"), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = json.loads(result.stdout)["phases"]
+    assert [(p["mode"], p["flood"] is not None) for p in phases] == [
+        ("cached", False), ("cached", True), ("uncached", False), ("uncached", True)]
+    for phase in phases:
+        assert phase["statuses"] == {"200": 200}
+        flood = phase["flood"]
+        if flood is not None:
+            assert flood["clients"] == 4 and flood["requests"] > 0
+            assert set(flood["statuses"]) <= {"401", "429"}, flood
+            assert flood["statuses"]["429"] > 0
+            assert int(flood["statuses"].get("401", 0)) <= 10  # api_key_attempts_per_minute
 
 
 def test_fill_helper_makes_alerts_for_the_api_tests(tmp_path: Path) -> None:

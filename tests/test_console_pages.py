@@ -42,12 +42,17 @@ def simulate(settings: Settings, scenario: Callable[[User], Awaitable[None]],
             os.environ.pop(name, None)
 
 
+CHECKED = 100
+"""``should_see`` retries (0.1 s apart) after a sign-in: the password check (argon2) runs in
+a worker thread, so its answer comes a moment after the click."""
+
+
 async def sign_in(user: User, name: str, password: str) -> None:
     await user.open("/login")
     user.find("Username").type(name)
     user.find("Password").type(password)
     user.find("Sign in").click()
-    await user.should_see(f"{name} (")
+    await user.should_see(f"{name} (", retries=CHECKED)
 
 
 def table_with(user: User, testid: str) -> ui.table:
@@ -91,7 +96,7 @@ def test_wrong_password_is_refused(node_db: tuple[Settings, Store]) -> None:  # 
         user.find("Username").type("alice")
         user.find("Password").type("not-the-password")
         user.find("Sign in").click()
-        await user.should_see("wrong username or password")
+        await user.should_see("wrong username or password", retries=CHECKED)
         await user.open("/")
         await user.should_see("Branchguard console")
 

@@ -14,7 +14,7 @@ from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import node_db  # noqa: F401
 from tests.console_support import add_user
-from tests.test_console_pages import sign_in, simulate
+from tests.test_console_pages import CHECKED, sign_in, simulate
 
 
 async def try_password(user: User, name: str, password: str) -> None:
@@ -40,9 +40,9 @@ def test_lockout_refuses_the_right_password_until_it_ends(node_db: tuple[Setting
     async def scenario(user: User) -> None:
         for _ in range(2):
             await try_password(user, "alice", "wrong")
-            await user.should_see("wrong username or password")
+            await user.should_see("wrong username or password", retries=CHECKED)
         await try_password(user, "alice", "wrong")
-        await user.should_see("too many failed sign-ins; try again after")
+        await user.should_see("too many failed sign-ins; try again after", retries=CHECKED)
         await try_password(user, "alice", password)  # the right one, refused while locked
         await user.should_see("too many failed sign-ins; try again after")
         await user.should_not_see("alice (")
@@ -53,6 +53,24 @@ def test_lockout_refuses_the_right_password_until_it_ends(node_db: tuple[Setting
 
     simulate(settings, scenario, console_login_max_failures="3",
              console_login_lockout_minutes="0.02")
+
+
+def test_one_users_lockout_leaves_the_others_at_that_address_alone(
+        node_db: tuple[Settings, Store]) -> None:  # noqa: F811
+    """Analysts behind one proxy share an address: alice's typos must not lock bob out."""
+    settings = node_db[0]
+    add_user(settings, "alice", "analyst")
+    bob = add_user(settings, "bob", "analyst")
+
+    async def scenario(user: User) -> None:
+        for _ in range(2):
+            await try_password(user, "alice", "wrong")
+            await user.should_see("wrong username or password", retries=CHECKED)
+        await try_password(user, "alice", "wrong")
+        await user.should_see("too many failed sign-ins; try again after", retries=CHECKED)
+        await sign_in(user, "bob", bob)  # same browser, same address
+
+    simulate(settings, scenario, console_login_max_failures="3")
 
 
 def test_session_id_is_rotated_at_sign_in(node_db: tuple[Settings, Store]  # noqa: F811

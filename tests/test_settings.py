@@ -228,6 +228,9 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("log_level", {"log_level": "TRACE"}, "use DEBUG, INFO, WARNING or ERROR"),
     ("api_forwarded_allow_ips", {"api_forwarded_allow_ips": ("10.0.0.1", "proxy.example")},
      "use addresses or networks"),
+    ("api_key_attempts_per_minute", {"api_key_attempts_per_minute": 0}, "use 1 or more"),
+    ("api_max_body_bytes", {"api_max_body_bytes": 1000}, "use 1024 or more"),
+    ("api_refusal_delay_seconds", {"api_refusal_delay_seconds": -1}, "use 0 to 60 seconds"),
 ]
 
 

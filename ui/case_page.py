@@ -12,6 +12,7 @@ from typing import Any
 
 from nicegui import ui
 
+from appliance.casework.case_text import NOTE_MAX
 from appliance.casework.casefile import case_file, plain_value, value_text
 from appliance.casework.cases import (CLOSED_STATUSES, OPEN_STATUSES, CaseError, add_note,
                                       bulk_change)
@@ -29,7 +30,7 @@ TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", 
              "model_risk", "risk", "severity", "decision", "model_version", "rules_version")
 """``sent_amount`` and ``sent_currency`` are empty unless the terminal sent another currency
 than the node's, which ``amount`` and ``currency`` are in."""
-NOTE_LIMIT = 4000
+NOTE_LIMIT = NOTE_MAX
 
 
 class CaseView:
@@ -211,7 +212,12 @@ class CaseView:
             body = (text.value or "").strip()
             if user is None or not body or len(body) > NOTE_LIMIT:
                 return
-            self.console.change(lambda conn: add_note(conn, self.alert_id, body, user.actor))
+            try:
+                self.console.change(lambda conn: add_note(conn, self.alert_id, body,
+                                                          user.actor))
+            except CaseError as exc:  # control characters: case_text says what is allowed
+                ui.notify(exc.message, type="warning")
+                return
             self.body.refresh()
 
         ui.button("Add note", on_click=save).props("data-testid=note-add")

@@ -27,6 +27,8 @@ from .. import logs
 from ..store import open_db
 from ..settings import Settings
 from . import alerts, audit, deadletters, health, keys, lists, stats
+from .body_limit import BodyLimit
+from .head_limit import HeadLimitedProtocol
 from .endpoint import Api, Spec, starlette_route
 from .errors import error_response, json_response
 
@@ -87,7 +89,9 @@ def create_app(settings: Settings) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         message = exc.detail if isinstance(exc, HTTPException) else "internal error"
-        return error_response(status, str(message), "path" if status == 404 else None)
+        headers = dict(exc.headers) if isinstance(exc, HTTPException) and exc.headers else None
+        field = {404: "path", 413: "body"}.get(status)
+        return error_response(status, str(message), field, headers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -98,7 +102,8 @@ def create_app(settings: Settings) -> Starlette:
     routes.append(Route(OPENAPI_PATH, openapi, include_in_schema=False))
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: http_error},
-                    middleware=[Middleware(_Measured, api=api)])
+                    middleware=[Middleware(_Measured, api=api),  # 413s are counted too
+                                Middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)])
     app.state.api = api
     return app
 
@@ -140,10 +145,15 @@ def serve(settings: Settings, sock: socket.socket | None = None) -> None:
     tls = settings.api_tls_cert is not None
     log.info("api.listening", txn_id=None, host=host, port=port,
              url=f"{'https' if tls else 'http'}://{host}:{port}", db=str(settings.db_path))
+    # X-Forwarded-For is believed only from the proxies named in the settings (none by
+    # default): uvicorn's own default believes loopback, which would let any local client,
+    # or anything relayed through a local process, choose its address for the rate limits.
+    proxies = list(settings.api_forwarded_allow_ips)
     config = uvicorn.Config(app, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5,
                             ssl_certfile=settings.api_tls_cert, ssl_keyfile=settings.api_tls_key,
-                            forwarded_allow_ips=list(settings.api_forwarded_allow_ips))
+                            proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
+                            http=HeadLimitedProtocol, ws_max_size=settings.api_max_body_bytes)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
     # handler that was there before; make that one a no-op, so a clean stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

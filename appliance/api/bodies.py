@@ -1,10 +1,12 @@
-"""Request bodies: JSON objects decoded into typed structs; unknown fields are refused and
-every error names the field."""
+"""Request bodies: JSON objects decoded into typed structs; unknown fields, and a field
+given twice (JSON allows it and the last would win; which one was meant cannot be known),
+are refused, and every error names the field."""
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -52,10 +54,22 @@ def decode(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise ApiError(400, "expected a JSON object body", "body")
     try:
-        return msgspec.json.decode(body, type=kind)
+        decoded = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _AT.search(text) or _MISSING.search(text) or _UNKNOWN.search(text)
         raise ApiError(400, text, match.group(1) if match else "body") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"not valid JSON: {exc}", "body") from None
+    json.loads(body, object_pairs_hook=_no_key_twice)  # valid JSON: msgspec has read it
+    return decoded
+
+
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' hook for each object: a 400 naming a key given twice."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ApiError(400, f"`{key}` is given more than once", key)
+        seen.add(key)
+    return dict(pairs)

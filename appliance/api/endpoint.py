@@ -1,6 +1,12 @@
 """How every API request runs: rate limit, authenticate, check the role, serve from the
 cache or call the route's function, answer JSON; one read transaction around it all.
 
+The rate limits come first, on the event loop, from memory alone (:func:`admit`): a request
+they refuse (a flood, wrong secrets past their limit) costs neither a thread, nor a database
+read, nor argon2, nor reading its body, and its 429 is held for
+``api_refusal_delay_seconds`` (a timer), which paces each flooding connection to one
+request per delay. Everything after runs in the thread pool.
+
 Route functions are plain synchronous functions of a :class:`Call`; they run in Starlette's
 thread pool, each thread with its own read-only SQLite connection (WAL readers never block
 the scorer, and the scorer never blocks them) and its own writer connection for the small
@@ -11,6 +17,7 @@ carries its OpenAPI description.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sqlite3
 import threading
@@ -27,7 +34,7 @@ from starlette.routing import Route
 from .. import logs
 from ..casework.casefile import explainer_for
 from ..casework.cases import CaseError
-from ..casework.keys import KeyVerifier, Principal
+from ..casework.keys import KeyVerifier, Principal, key_id_of
 from ..change import apply_change, connect_writer
 from ..scoring.lists import ListError
 from ..settings import Settings
@@ -151,21 +158,61 @@ class Routes:
 
 
 def starlette_route(api: Api, spec: Spec) -> Route:
-    """The Starlette route of ``spec``: read the body on the event loop, then everything
-    else in the thread pool."""
+    """The Starlette route of ``spec``: rate limits and the body on the event loop, then
+    everything else in the thread pool."""
     @functools.wraps(spec.fn)
     async def endpoint(request: Request) -> Response:
+        try:
+            counted = admit(api, spec, request)
+        except ApiError as exc:
+            if exc.status == 429:  # held, not worked on: see api_refusal_delay_seconds
+                await asyncio.sleep(api.settings.api_refusal_delay_seconds)
+            return from_api_error(exc)
         body = await request.body() if request.method in ("POST", "PATCH", "PUT") else b""
-        return await run_in_threadpool(run, api, spec, request, body)
+        return await run_in_threadpool(run, api, spec, request, body, counted)
 
     endpoint.role = spec.role  # type: ignore[attr-defined]
     return Route(spec.path, endpoint, methods=[spec.method])
 
 
-def run(api: Api, spec: Spec, request: Request, body: bytes) -> Response:
+def admit(api: Api, spec: Spec, request: Request) -> bool:
+    """The rate limits, in the order that keeps both them and authentication cheap to
+    attack; raises a 429 (or the 401 of a malformed Authorization header) ApiError.
+    Returns whether the request was counted against its key (else it is, once verified).
+
+    Public routes count against the client address. A key that has passed argon2 in this
+    process (its sha256 matches: KeyVerifier.known_good) counts against that key only, so
+    nobody can spend another key's budget by sending its non-secret id, and a flood on its
+    id or from its address does not hold it back. Anything else (no key, a malformed one,
+    or one that needs argon2) counts against the client address; one that needs argon2
+    also counts a verification against the address and against its key id, before the hash
+    check (ratelimit.py).
+    """
+    address = f"addr:{request.client.host if request.client else 'unknown'}"
+    if spec.role is None:
+        api.limiter.check(address)
+        return False
+    try:
+        token = bearer(request)
+    except ApiError:
+        api.limiter.check(address)
+        raise
+    key_id = None if token is None else key_id_of(token)
+    if token is not None and key_id is not None and api.verifier.known_good(token):
+        api.limiter.check(f"key:{key_id}")
+        return True
+    api.limiter.check(address)
+    if key_id is not None:
+        api.limiter.check_verification(address, key_id)
+    return False
+
+
+def run(api: Api, spec: Spec, request: Request, body: bytes, counted: bool) -> Response:
     conn = api.reader()
     try:
-        principal = _admit(api, spec, request, conn)
+        principal = _authenticate(api, spec, request, conn)
+        if principal is not None and not counted:  # its first verification: now it counts
+            api.limiter.check(f"key:{principal.key_id}")
         call = Call(api, request, body, principal, conn, spec.params)
         if not spec.cached:
             return _respond(spec.fn(call))
@@ -201,33 +248,14 @@ def run(api: Api, spec: Spec, request: Request, body: bytes) -> Response:
             conn.execute("COMMIT")
 
 
-def _admit(api: Api, spec: Spec, request: Request, conn: sqlite3.Connection
-           ) -> Principal | None:
-    """Rate limits and authentication, in the order that keeps both cheap to attack.
-
-    Public routes count against the client address. A request with a key the verifier
-    confirmed recently counts against that key only (after it is verified, so nobody can
-    spend another key's budget by sending its non-secret id). Anything else (no key, a
-    malformed one, or one that needs argon2) counts against the client address, and the
-    argon2 verifications an address may cause are limited more tightly still.
-    """
-    address = f"addr:{request.client.host if request.client else 'unknown'}"
+def _authenticate(api: Api, spec: Spec, request: Request, conn: sqlite3.Connection
+                  ) -> Principal | None:
+    """Open the request's read transaction; the caller's principal (None on a public
+    route). The rate limits have had their say already (:func:`admit`)."""
     conn.execute("BEGIN")
     if spec.role is None:
-        api.limiter.check(address)
         return None
-    try:
-        token = bearer(request)
-    except ApiError:
-        api.limiter.check(address)
-        raise
-    if token is None or not api.verifier.recently_verified(token):
-        api.limiter.check(address)
-        if token is not None:
-            api.limiter.check_verification(address)
-    principal = authenticate(conn, api.verifier, token, spec.role)
-    api.limiter.check(f"key:{principal.key_id}")
-    return principal
+    return authenticate(conn, api.verifier, bearer(request), spec.role)
 
 
 def _respond(result: Any) -> Response:

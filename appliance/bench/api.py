@@ -14,6 +14,12 @@ request on an idle server; more show queueing once the two cores are busy.
 - uncached: every request a different filter (a ``min_risk`` never asked before), so each is
   a cache miss that runs the count and the page query.
 
+With ``flood`` (``--wrong-secret-flood N``), each phase runs twice, idle and beside a
+flood of wrong secrets from N more clients (flood.py) with the bench key's own id, and the
+report gives how much slower the valid requests got and what the flood was answered. The
+server keeps its default limits on key checks (the request rate limits are lifted, so that
+every flood request reaches the key checks and the valid load is not refused by them).
+
 Latency is measured by the load generator from just before sending to the end of the
 response body, so it includes HTTP and the event loop, on the same two cores as the server.
 """
@@ -37,6 +43,7 @@ import aiohttp
 import numpy as np
 
 from ..casework import keys
+from .flood import Flood
 from ..change import connect_writer
 from ..operations.child import terminate
 from ..settings import load
@@ -97,10 +104,12 @@ class _Server:
 
 
 async def generate_api_load(url: str, key: str, mode: str, requests: int,
-                            concurrency: int) -> dict[str, Any]:
+                            concurrency: int, seed: int = 7) -> dict[str, Any]:
     """The load generator: ``requests`` GETs of the alert list, ``concurrency`` at a time
-    over keep-alive connections (aiohttp); latency percentiles in ms and the statuses seen."""
-    rng = random.Random(7)
+    over keep-alive connections (aiohttp); latency percentiles in ms and the statuses seen.
+    ``seed`` picks the uncached filters: a phase that must miss the cache needs one no
+    phase before it used."""
+    rng = random.Random(seed)
     paths = (["/api/v1/alerts?status=NEW&limit=50"] * requests if mode == "cached" else
              [f"/api/v1/alerts?min_risk={rng.uniform(0.0, 0.95):.9f}&limit=50"
               f"&sort={rng.choice(['-created_at', '-risk'])}" for _ in range(requests)])
@@ -134,25 +143,39 @@ async def generate_api_load(url: str, key: str, mode: str, requests: int,
 
 
 def run_api_bench(transactions: int, alerts: int, requests: int, concurrency: list[int],
-                  data_dir: Path | None = None) -> dict[str, Any]:
-    """Build or reuse the database, start the server, run both load phases; the figures."""
+                  data_dir: Path | None = None, flood: int = 0) -> dict[str, Any]:
+    """Build or reuse the database, start the server, run both load phases (each idle and
+    beside a wrong-secret flood of ``flood`` clients, when ``flood``); the figures."""
     root = data_dir or Path(tempfile.mkdtemp(prefix="branchguard-bench-api-"))
     built_at = time.monotonic()
     counts = build_database(root, transactions, alerts)
     build_seconds = round(time.monotonic() - built_at, 1)
     settings = load(None, env={}, data_dir=root)
-    _, key = keys.create(connect_writer(settings.db_path), "bench", "viewer", "bench")
+    key_id, key = keys.create(connect_writer(settings.db_path), "bench", "viewer", "bench")
     server = _Server(root)
-    phases = []
+    phases: list[dict[str, Any]] = []
+
+    def measure(mode: str, in_flight: int) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "appliance", "bench-api-load", "--url", server.url,
+             "--key", key, "--mode", mode, "--requests", str(requests),
+             "--concurrency", str(in_flight), "--seed", str(7 + len(phases))],
+            check=True, capture_output=True, text=True, env={**os.environ})
+        phase: dict[str, Any] = json.loads(out.stdout)
+        return phase
+
     try:
         for in_flight in concurrency:
             for mode in ("cached", "uncached"):
-                out = subprocess.run(
-                    [sys.executable, "-m", "appliance", "bench-api-load", "--url", server.url,
-                     "--key", key, "--mode", mode, "--requests", str(requests),
-                     "--concurrency", str(in_flight)],
-                    check=True, capture_output=True, text=True, env={**os.environ})
-                phases.append(json.loads(out.stdout))
+                phases.append({**measure(mode, in_flight), "flood": None})
+                if flood:
+                    flooding = Flood(server.url, key_id, flood)
+                    try:
+                        time.sleep(0.5)  # the flood in full swing before measuring
+                        measured = measure(mode, in_flight)
+                    finally:
+                        answered = flooding.stop()
+                    phases.append({**measured, "flood": answered})
     finally:
         server.stop()
     return {"database": {**counts, "dir": str(root), "build_seconds": build_seconds},
@@ -165,9 +188,19 @@ def format_api_report(report: dict[str, Any]) -> str:
              f"({db['dir']}, built/reused in {db['build_seconds']} s)",
              f"{'alert list':>12} {'requests':>9} {'in flight':>9} {'req/s':>8} {'p50 ms':>8} "
              f"{'p95 ms':>8} {'p99 ms':>8}  statuses"]
+    idle: dict[tuple[str, int], float] = {}
     for p in report["phases"]:
         lat = p["latency_ms"]
-        lines.append(f"{p['mode']:>12} {p['requests']:>9} {p['concurrency']:>9} "
+        flood = p.get("flood")
+        name = p["mode"] if flood is None else f"+flood {flood['clients']}"
+        lines.append(f"{name:>12} {p['requests']:>9} {p['concurrency']:>9} "
                      f"{p['requests_per_second']:>8.0f} {lat['p50']:>8.2f} {lat['p95']:>8.2f} "
                      f"{lat['p99']:>8.2f}  {p['statuses']}")
+        if flood is None:
+            idle[(p["mode"], p["concurrency"])] = lat["p50"]
+            continue
+        ratio = lat["p50"] / idle[(p["mode"], p["concurrency"])]
+        lines.append(f"{'':>12} valid p50 {ratio:.2f}x idle (target <= 2x); the flood: "
+                     f"{flood['requests']} requests, {flood['requests_per_second']:.0f}/s, "
+                     f"statuses {flood['statuses']}")
     return "\n".join(lines)

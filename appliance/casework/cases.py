@@ -20,6 +20,7 @@ import msgspec
 
 from .. import audit
 from ..scoring.labels import record_disposition
+from . import case_text
 
 ALERT_COLUMNS = ("alert_id", "transaction_id", "created_at", "ts", "account_id",
                  "terminal_id", "severity", "risk", "reasons", "status", "assignee",
@@ -60,6 +61,15 @@ class CaseError(Exception):
         self.current = current
 
 
+def _checked(check: Any, value: str) -> str:
+    """``value`` through one of case_text's checks, a refusal as a 422 CaseError."""
+    try:
+        result: str = check(value)
+    except case_text.TextRefused as exc:
+        raise CaseError(422, exc.message, exc.field) from None
+    return result
+
+
 class StaleVersion(CaseError):
     def __init__(self, current: dict[str, Any]) -> None:
         super().__init__(409, "the alert was changed since that version; reload it and retry",
@@ -89,26 +99,30 @@ def case_of(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any] | None:
 def change_case(conn: sqlite3.Connection, alert_id: int, change: Change,
                 actor: str) -> dict[str, Any]:
     """Apply ``change`` to one alert inside the caller's transaction; returns the new case
-    state. Raises CaseError (404 unknown alert, 409 stale version, 422 not allowed)."""
+    state. Raises CaseError (404 unknown alert, 409 stale version, 422 not allowed or an
+    assignee case_text refuses). A change that leaves status and assignee as they are is a
+    no-op: the case is returned as it is, with no version bump and no audit entry."""
+    assignee = None if change.assignee is None else _checked(case_text.assignee,
+                                                             change.assignee)
     before = case_of(conn, alert_id)
     if before is None:
         raise CaseError(404, "no such alert", "alert_id")
     if before["version"] != change.version:
         raise StaleVersion(before)
-    after = dict(before)
+    status = before["status"] if change.status is None else change.status
+    assigned = None if change.unassign else assignee or before["assignee"]
+    if status == before["status"] and assigned == before["assignee"]:
+        return dict(before)
+    after = dict(before, assignee=assigned)
     now = time.time()
-    if change.status is not None and change.status != before["status"]:
-        if change.status not in TRANSITIONS[before["status"]]:
-            raise CaseError(422, f"{before['status']} cannot become {change.status}; allowed: "
+    if status != before["status"]:
+        if status not in TRANSITIONS[before["status"]]:
+            raise CaseError(422, f"{before['status']} cannot become {status}; allowed: "
                             f"{', '.join(TRANSITIONS[before['status']])}", "status")
-        after["status"] = change.status
-        closing = change.status in CLOSED_STATUSES
+        after["status"] = status
+        closing = status in CLOSED_STATUSES
         after["disposed_at"] = now if closing else None
         after["disposed_by"] = actor if closing else None
-    if change.unassign:
-        after["assignee"] = None
-    elif change.assignee is not None:
-        after["assignee"] = change.assignee
     after.update(version=before["version"] + 1, updated_at=now, updated_by=actor)
     cursor = conn.execute(
         "UPDATE alerts SET status = ?, assignee = ?, version = ?, updated_at = ?, "
@@ -129,7 +143,9 @@ def _audited(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_note(conn: sqlite3.Connection, alert_id: int, text: str, actor: str) -> dict[str, Any]:
-    """Append a note to an alert (notes are never edited); audited."""
+    """Append a note to an alert (notes are never edited); audited. A note case_text
+    refuses (blank, control characters) is a 422 CaseError."""
+    text = _checked(case_text.note, text)
     if conn.execute("SELECT 1 FROM alerts WHERE alert_id = ?", (alert_id,)).fetchone() is None:
         raise CaseError(404, "no such alert", "alert_id")
     now = time.time()
@@ -154,7 +170,10 @@ def bulk_change(conn: sqlite3.Connection, alert_id: int, anchor_version: int, sc
                 status: str | None, assignee: str | None, actor: str) -> dict[str, Any]:
     """Apply one change to ``alert_id`` (at ``anchor_version``) and every other open alert
     on the same account or terminal, in one transaction with one audit entry per alert.
-    Alerts the transition does not apply to are left alone and listed as skipped."""
+    Alerts the transition does not apply to, or that already are as asked, are left alone
+    and listed as skipped."""
+    if assignee is not None:
+        assignee = _checked(case_text.assignee, assignee)
     anchor = case_of(conn, alert_id)
     if anchor is None:
         raise CaseError(404, "no such alert", "alert_id")
@@ -177,5 +196,9 @@ def bulk_change(conn: sqlite3.Connection, alert_id: int, anchor_version: int, sc
             continue
         after = change_case(conn, target, Change(current["version"], status, assignee),
                             actor)
+        if after["version"] == current["version"]:
+            skipped.append({"alert_id": target, "status": current["status"],
+                            "reason": "nothing to change"})
+            continue
         changed.append({"alert_id": target, **after})
     return {"changed": changed, "skipped": skipped}

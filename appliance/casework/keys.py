@@ -19,18 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlite_utils import Database
 
 from .. import audit
 from ..change import apply_change
 from ..errors import BranchguardError
+from .secret_hash import hash_secret, verify_secret
 
 ROLES = ("viewer", "analyst", "supervisor", "admin")
 """In increasing order of power: each role may do everything the ones before it may."""
 _KEY = re.compile(r"^bg_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
-_hasher = PasswordHasher()
 
 
 class KeysError(BranchguardError):
@@ -63,7 +61,7 @@ def create(db: Database, name: str, role: str, created_by: str) -> tuple[str, st
         raise KeysError("a key needs a name of 1 to 100 characters", field="name", value=name)
     key_id = secrets.token_hex(6)
     key = f"bg_{key_id}_{secrets.token_urlsafe(32)}"
-    digest = _hasher.hash(key)
+    digest = hash_secret(key)
 
     def insert(conn: sqlite3.Connection) -> None:
         now = time.time()
@@ -103,45 +101,62 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                                   "revoked_at, revoked_by FROM api_keys ORDER BY created_at")]
 
 
+def key_id_of(key: str) -> str | None:
+    """The (non-secret) key id of a well-formed key, or None."""
+    match = _KEY.match(key)
+    return None if match is None else match.group(1)
+
+
 class KeyVerifier:
     """Checks ``Authorization: Bearer`` keys: one indexed lookup per request, one argon2
-    verification per key per ``cache_seconds``."""
+    verification per key per ``cache_seconds``.
+
+    It remembers, per key id, the sha256 of the key that last passed argon2 in this process
+    (never the key) and until when that pass counts. :meth:`recently_verified` (the pass
+    still counts) and :meth:`known_good` (it passed at some time) let the API decide which
+    limits a request counts against without a database read or argon2: a wrong secret sent
+    with a real key id matches neither."""
 
     def __init__(self, cache_seconds: float) -> None:
         self.cache_seconds = cache_seconds
         self._verified: dict[str, tuple[bytes, float]] = {}
         self._lock = threading.Lock()
 
+    def _remembered(self, key: str) -> tuple[bytes, float] | None:
+        """The remembered pass of this exact key, or None."""
+        key_id = key_id_of(key)
+        if key_id is None:
+            return None
+        with self._lock:
+            cached = self._verified.get(key_id)
+        return cached if cached is not None and \
+            cached[0] == hashlib.sha256(key.encode()).digest() else None
+
     def recently_verified(self, key: str) -> bool:
         """Whether this exact key passed argon2 within ``cache_seconds`` (no database read:
         this only decides which rate limit a request counts against)."""
-        match = _KEY.match(key)
-        if match is None:
-            return False
-        with self._lock:
-            cached = self._verified.get(match.group(1))
-        return cached is not None and cached[1] >= time.monotonic() and \
-            cached[0] == hashlib.sha256(key.encode()).digest()
+        cached = self._remembered(key)
+        return cached is not None and cached[1] >= time.monotonic()
+
+    def known_good(self, key: str) -> bool:
+        """Whether this exact key ever passed argon2 in this process (it may need argon2
+        again, but is not one of a flood's guesses)."""
+        return self._remembered(key) is not None
 
     def verify(self, conn: sqlite3.Connection, key: str) -> Principal | None:
-        """The key's principal, or None when it is malformed, unknown, wrong or revoked."""
-        match = _KEY.match(key)
-        if match is None:
+        """The key's principal, or None when it is malformed, unknown, wrong or revoked.
+        Spends at most one argon2 verification (in a bounded slot: secret_hash.py)."""
+        key_id = key_id_of(key)
+        if key_id is None:
             return None
-        key_id = match.group(1)
         row = conn.execute("SELECT name, role, hash, revoked_at FROM api_keys WHERE key_id = ?",
                            (key_id,)).fetchone()
         if row is None or row[3] is not None:
             return None
-        fingerprint = hashlib.sha256(key.encode()).digest()
-        now = time.monotonic()
-        with self._lock:
-            cached = self._verified.get(key_id)
-        if cached is None or cached[0] != fingerprint or cached[1] < now:
-            try:
-                _hasher.verify(row[2], key)
-            except (VerificationError, InvalidHashError):
+        if not self.recently_verified(key):
+            if not verify_secret(row[2], key):
                 return None
             with self._lock:
-                self._verified[key_id] = (fingerprint, now + self.cache_seconds)
+                self._verified[key_id] = (hashlib.sha256(key.encode()).digest(),
+                                          time.monotonic() + self.cache_seconds)
         return Principal(key_id, row[0], row[1])

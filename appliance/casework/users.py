@@ -15,19 +15,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlite_utils import Database
 
 from .. import audit
 from ..change import apply_change
 from ..errors import BranchguardError
 from .keys import ROLES
+from .secret_hash import hash_secret, verify_secret
 
 MIN_PASSWORD = 12
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_hasher = PasswordHasher()
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+_DUMMY_HASH = hash_secret(secrets.token_urlsafe(16))
 
 
 class UsersError(BranchguardError):
@@ -63,13 +61,18 @@ def _check(username: str, role: str | None, password: str | None) -> None:
                          field="password")
 
 
+def check_username(username: str) -> None:
+    """Raise UsersError (field ``username``) unless ``username`` is a valid one."""
+    _check(username, None, None)
+
+
 def create(db: Database, username: str, role: str, created_by: str,
            password: str | None = None) -> str:
     """Create a user; returns the password (generated when not given). Audited without
     the password or its hash."""
     _check(username, role, password)
     password = password or generate_password()
-    digest = _hasher.hash(password)
+    digest = hash_secret(password)
 
     def insert(conn: sqlite3.Connection) -> None:
         if conn.execute("SELECT 1 FROM console_users WHERE username = ?",
@@ -93,7 +96,7 @@ def set_password(db: Database, username: str, actor: str, password: str | None =
     new password. Audited without the password."""
     _check(username, None, password)
     password = password or generate_password()
-    digest = _hasher.hash(password)
+    digest = hash_secret(password)
 
     def update(conn: sqlite3.Connection) -> None:
         cursor = conn.execute("UPDATE console_users SET hash = ?, password_changed_at = ?, "
@@ -146,12 +149,11 @@ def active(conn: sqlite3.Connection, username: str) -> User | None:
 
 
 def authenticate(conn: sqlite3.Connection, username: str, password: str) -> User | None:
-    """The user when the password is right and the user is active, else None."""
+    """The user when the password is right and the user is active, else None. Spends one
+    argon2 verification (in a bounded slot: secret_hash.py); call it off the event loop."""
     row = conn.execute("SELECT role, hash, password_changed_at, disabled_at FROM "
                        "console_users WHERE username = ?", (username,)).fetchone()
-    try:
-        _hasher.verify(row[1] if row else _DUMMY_HASH, password)
-    except (VerificationError, InvalidHashError):
+    if not verify_secret(row[1] if row else _DUMMY_HASH, password):
         return None
     if row is None or row[3] is not None:
         return None

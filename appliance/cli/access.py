@@ -129,13 +129,14 @@ def audit_verify(config: Path | None, data_dir: Path | None, nats_url: str | Non
 
 @click.group("users")
 def users_group() -> None:
-    """Console users: create (password shown once), list, disable.
+    """Console users: create (password shown once), list, disable, unlock.
 
     \b
     Example:
       branchguard users create --username alice --role analyst
       branchguard users list
       branchguard users disable alice
+      branchguard users unlock alice --address 10.0.0.7
     """
 
 
@@ -200,6 +201,28 @@ def users_disable(config: Path | None, data_dir: Path | None, nats_url: str | No
     settings = settings_from(config, data_dir, nats_url)
     disable(_writer(settings), username, actor())
     click.echo(json.dumps({"username": username, "disabled": True}))
+
+
+@users_group.command("unlock")
+@settings_options
+@click.argument("username")
+@click.option("--address", default=None,
+              help="Only the lock from this client address (default: from every address).")
+@friendly_errors
+def users_unlock(config: Path | None, data_dir: Path | None, nats_url: str | None,
+                 username: str, address: str | None) -> None:
+    """End a user's sign-in lockout early (and forget their failed attempts); audited.
+
+    \b
+    Example:
+      branchguard users unlock alice                      # from every address
+      branchguard users unlock alice --address 10.0.0.7   # only from that one
+    """
+    from ..casework.login_throttle import unlock
+
+    settings = settings_from(config, data_dir, nats_url)
+    cleared = unlock(settings, _writer(settings), username, address, actor())
+    click.echo(json.dumps({"username": username.lower(), "unlocked": cleared}))
 
 
 COMMANDS = (keys_group, audit_group, users_group)

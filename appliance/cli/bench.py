@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -123,15 +124,21 @@ def bench_passthrough(url: str) -> None:
               help="Requests in flight, comma-separated: each phase runs at each.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Build the database here, or reuse the one here (default: a temp dir).")
+@click.option("--wrong-secret-flood", "flood", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="Also run each phase beside this many clients sending the bench key's id "
+                   "with wrong secrets as fast as they are answered.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
 def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
-              data_dir: Path | None, as_json: bool) -> None:
-    """Measure the analyst API: p50/p95/p99 of cached and uncached alert lists.
+              data_dir: Path | None, flood: int, as_json: bool) -> None:
+    """Measure the analyst API: p50/p95/p99 of cached and uncached alert lists, idle and,
+    with --wrong-secret-flood, beside a flood of wrong secrets.
 
     \b
     Example:
       branchguard bench api --transactions 1000000 --alerts 20000 --data-dir /tmp/bench-api
+      branchguard bench api --transactions 100000 --concurrency 1 --wrong-secret-flood 16
     """
     from ..bench.api import format_api_report, run_api_bench
 
@@ -141,7 +148,7 @@ def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
     except ValueError:
         raise BranchguardError("not a list of whole numbers", field="concurrency",
                                value=concurrency) from None
-    report = run_api_bench(transactions, alerts, requests, in_flight, data_dir)
+    report = run_api_bench(transactions, alerts, requests, in_flight, data_dir, flood)
     click.echo(json.dumps(report, indent=2) if as_json else format_api_report(report))
 
 
@@ -151,12 +158,29 @@ def bench_api(transactions: int, alerts: int, requests: int, concurrency: str,
 @click.option("--mode", type=click.Choice(["cached", "uncached"]), required=True)
 @click.option("--requests", type=int, required=True)
 @click.option("--concurrency", type=int, required=True)
-def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: int) -> None:
+@click.option("--seed", type=int, default=7)
+def bench_api_load(url: str, key: str, mode: str, requests: int, concurrency: int,
+                   seed: int) -> None:
     """The API benchmark's load generator (a separate process)."""
     from ..bench.api import generate_api_load
 
     click.echo(json.dumps(asyncio.run(generate_api_load(url, key, mode, requests,
-                                                        concurrency))))
+                                                        concurrency, seed))))
+
+
+@click.command("bench-api-flood", hidden=True)
+@click.option("--url", required=True)
+@click.option("--key-id", required=True)
+@click.option("--clients", type=int, required=True)
+def bench_api_flood(url: str, key_id: str, clients: int) -> None:
+    """The API benchmark's wrong-secret flood (a separate process, until SIGTERM)."""
+    from ..bench.flood import wrong_secret_flood
+
+    def started() -> None:
+        click.echo("started")  # the benchmark waits for this line (stdout is a pipe)
+        sys.stdout.flush()
+
+    click.echo(json.dumps(asyncio.run(wrong_secret_flood(url, key_id, clients, started))))
 
 
 @bench.command("replication")
@@ -233,5 +257,5 @@ def bench_features(count: int, warm: int, rounds: int, as_json: bool) -> None:
                else format_features(report))
 
 
-COMMANDS = (bench, bench_load, bench_passthrough, bench_api_load)
+COMMANDS = (bench, bench_load, bench_passthrough, bench_api_load, bench_api_flood)
 """What this module adds to ``branchguard``."""

@@ -258,11 +258,13 @@ DEMO_USER = "demo"
 def announce_demo_user(settings: Settings, out: TextIO = sys.stdout,
                        port: int | None = None) -> str | None:
     """Give the ``demo`` user (a supervisor) a fresh password and print it once with the
-    console's address; a password from an earlier run stops working. None (and nothing
-    printed) when the console is not served."""
+    console's address; a password from an earlier run stops working. Any sign-in lock on
+    ``demo`` ends too: the operator expects the password just printed to work at once (other
+    users' locks stay). None (and nothing printed) when the console is not served."""
     if not (settings.run_api and settings.console_enabled):
         return None
     from ..casework import users
+    from ..casework.login_throttle import unlock
     from ..change import connect_writer
 
     db = connect_writer(settings.db_path)
@@ -271,6 +273,7 @@ def announce_demo_user(settings: Settings, out: TextIO = sys.stdout,
             password = users.set_password(db, DEMO_USER, "runner:demo")
         else:
             password = users.create(db, DEMO_USER, "supervisor", "runner:demo")
+        unlock(settings, db, DEMO_USER, None, "runner:demo")
     finally:
         db.close()
     shown = port or settings.api_port or "<api port>"
