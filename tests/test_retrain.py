@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from sklearn.ensemble import IsolationForest
 
+from appliance.store import decode_features
 from appliance.errors import ModelError
 from appliance.feed.simulate import Labelled
 from appliance.learning.backtest import backtest, label_state, load_rows
@@ -223,7 +224,7 @@ def test_rows_stored_under_an_older_feature_version_get_todays_features(
         for (rowid, stored) in conn.execute(
                 "SELECT rowid, features FROM transactions WHERE rowid % 3 = 0").fetchall():
             conn.execute("UPDATE transactions SET features = ?, features_version = ? "
-                         "WHERE rowid = ?", (json.dumps(json.loads(stored)[:len(
+                         "WHERE rowid = ?", (json.dumps(decode_features(stored)[:len(
                              VERSIONS["features-v1"])]), "features-v1", rowid))
     conn.close()
     since = few[1000].tx.timestamp.timestamp()

@@ -14,6 +14,7 @@ Moves compare (count, SHA-256 over the sorted canonical lines) of source and des
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -43,8 +44,16 @@ class Digest:
 
 
 def canonical(table: str, row: dict[str, Any]) -> bytes:
-    return json.dumps({"table": table, "row": row}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    """One row as one line of JSON; a BLOB (stored features, a body digest, a dead
+    letter's body) as ``{"base64": ...}``."""
+    return json.dumps({"table": table, "row": row}, sort_keys=True, separators=(",", ":"),
+                      default=_blob).encode()
+
+
+def _blob(value: object) -> dict[str, str]:
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    raise TypeError(f"{type(value).__name__} in a row")
 
 
 def digest(lines: Iterable[bytes]) -> Digest:
