@@ -40,6 +40,9 @@ def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
     _, key = keys.create(writer, "ops", "viewer", "test")
     with httpx.Client(base_url=url, timeout=10) as http:
         assert http.get("/healthz").json() == {"status": "ok"}
+        # the node's health file says the API child is up within a second of it serving
+        wait_until(lambda: http.get("/readyz").status_code == 200, timeout=15,
+                   message="ready")
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"] == {"database": "ok", "nats": "ok", "model": "ok",
