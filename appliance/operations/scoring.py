@@ -35,6 +35,10 @@ from ..store import Store
 log = logs.get("appliance.runner")
 
 
+CANCEL_SECONDS = 5.0
+"""How long a cancelled scorer may take to commit what it holds and close."""
+
+
 class ScorerRun:
     """Start the scorer, replace it after each reconnect, stop it."""
 
@@ -113,9 +117,9 @@ class ScorerRun:
         task, self.task = self.task, None
         if task is not None and not task.done():
             task.cancel()
-        if task is not None:
+        if task is not None:  # its cleanup gets a few seconds, never a stop's whole time
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
+                await asyncio.wait_for(task, CANCEL_SECONDS)
 
     async def stop(self, grace: float) -> BaseException | None:
         """Let the scorer finish the batch in hand and its acks for up to ``grace`` seconds

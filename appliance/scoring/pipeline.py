@@ -29,6 +29,7 @@ the model version when someone asks (casework/casefile.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import sqlite3
@@ -235,9 +236,9 @@ class Scorer:
                                else self.verdicts.last_seq, self.confirmed_upto)
             await self.writer.stop()
             self.store.checkpoint_wal()
-            await self.puller.stop()
-            await self.verdicts.stop()
-            await self.dlq.stop()
+            for part in (self.puller, self.verdicts, self.dlq):  # NATS may be away: bounded
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(part.stop(), 2.0)
 
     def stop(self) -> None:
         self._stopping.set()
