@@ -35,14 +35,35 @@ _TX_COLUMNS = ("transaction_id", "stream_seq", "branch", "account_id", "terminal
                "location", "features", "features_version", "model_risk", "risk", "severity",
                "decision", "reasons", "details", "model_version", "rules_version", "stored_at",
                "body_digest", "label_features", "sent_amount", "sent_currency")
+_PARAMS = ", ".join("?" * len(_TX_COLUMNS))
 _INSERT_TX = (f"INSERT OR IGNORE INTO transactions ({', '.join(_TX_COLUMNS)}) "
-              f"VALUES ({', '.join('?' * len(_TX_COLUMNS))})")
+              f"VALUES ({_PARAMS})")
+_CHUNKS = (500, 50)
+"""Rows per multi-row INSERT, largest first (the rest go one statement a row). One
+statement of 500 rows (14,000 parameters, under SQLite's 32,766) costs 10.5 µs a row
+against 14.4 for 500 executions of one row, and the writer thread gives up and takes
+back the GIL once per statement rather than once per row: with the event loop holding
+the GIL, each take-back can wait up to the 5 ms switch interval (issue 16)."""
+_INSERT_TX_ROWS = {n: f"{_INSERT_TX}{f', ({_PARAMS})' * (n - 1)}" for n in _CHUNKS}
 _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, account_id, "
                  "terminal_id, severity, risk, reasons, status, updated_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'NEW', ?)")
 _INSERT_OUTBOX = ("INSERT INTO alert_outbox (alert_id) SELECT alert_id FROM alerts "
                   "WHERE alert_id > ?")
 """The alerts just inserted are exactly those above the largest id before the insert."""
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """``_INSERT_TX`` for every row, as few statements as :data:`_CHUNKS` allow."""
+    start = 0
+    for n in _CHUNKS:
+        whole = start + (len(rows) - start) // n * n
+        if whole > start:
+            conn.executemany(_INSERT_TX_ROWS[n], [
+                [value for row in rows[i:i + n] for value in row] for i in range(start, whole, n)])
+            start = whole
+    if start < len(rows):
+        conn.executemany(_INSERT_TX, rows[start:])
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs 5x, and this is per message
@@ -193,7 +214,7 @@ class Store:
         ``last_seq``, ``verdict_seq`` and ``confirmed_seq`` are the new :class:`Checkpoint`.
         Returns alerts created."""
         now = time.time()
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         alerts = []
         encode = _json.encode
         for s in scored:
@@ -217,7 +238,7 @@ class Store:
                                v.severity, v.risk, reasons, now))
         conn = self.db.conn
         with self.db.atomic():
-            conn.executemany(_INSERT_TX, rows)
+            _insert_rows(conn, rows)
             created = 0
             if alerts:
                 before = conn.total_changes
