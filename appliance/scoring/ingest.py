@@ -43,6 +43,7 @@ from nats.js.errors import NotFoundError
 from .. import logs
 from ..errors import NodeError
 from ..settings import Settings
+from .wire import drop_raw, take_raw
 
 TX_STREAM = "TX"
 VERDICT_STREAM = "VERDICTS"
@@ -172,44 +173,6 @@ def parse_ack_subject(reply: str) -> tuple[int, int]:
         return int(tokens[5]), int(tokens[7])
     # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...
     return int(tokens[7]), int(tokens[9])
-
-
-RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]
-"""(subject, reply, payload, raw headers or None): a message as the protocol parser read it."""
-
-
-def take_raw(nc: Client, sid: int, handler: RawHandler) -> None:
-    """Deliver subscription ``sid``'s messages to ``handler`` straight from nats-py's protocol
-    parser: no ``Msg`` object, no header dict, no callback task, no queue.
-
-    nats-py's parser hands every message to ``Client._process_msg``; this wraps that method
-    on the one client, once, and passes the other subscriptions' messages on unchanged. It is
-    the measured difference between 13 and 3 µs per delivery (issue 16), and relies on a
-    private method whose signature has not changed since nats-py 2.0 (tests/test_ingest.py
-    fails if it does).
-    """
-    handlers: dict[int, RawHandler] | None = getattr(nc, "_branchguard_raw", None)
-    if handlers is None:
-        handlers = {}
-        original = nc._process_msg
-
-        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes,
-                              headers: bytes | None) -> None:
-            handler = handlers.get(sid)
-            if handler is None:
-                await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-            else:
-                handler(subject, reply, data, headers)
-
-        nc._process_msg = process_msg  # type: ignore[method-assign]
-        nc._branchguard_raw = handlers  # type: ignore[attr-defined]
-    handlers[sid] = handler
-
-
-def drop_raw(nc: Client, sid: int) -> None:
-    handlers: dict[int, RawHandler] | None = getattr(nc, "_branchguard_raw", None)
-    if handlers is not None:
-        handlers.pop(sid, None)
 
 
 async def _ignore(msg: Msg) -> None:  # the raw handler takes every message first
