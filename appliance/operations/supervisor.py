@@ -76,8 +76,8 @@ class Supervisor:
             while not self._closing.is_set():
                 self.check()
                 now = time.monotonic()
-                if now - written >= HEALTH_SECONDS:
-                    self.write_health()
+                if now - written >= HEALTH_SECONDS:  # a file write: off the event loop
+                    await asyncio.get_running_loop().run_in_executor(None, self.write_health)
                     written = now
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), CHECK_SECONDS)
