@@ -39,12 +39,15 @@ from ..transaction import Transaction
 
 log = logs.get("appliance.demo")
 
-DEMO_RATE: Final = 0.5
-"""Default live rate (transactions per second): a branch of 21,600 card customers."""
+DEMO_RATE: Final = 0.25
+"""Default live rate (transactions per second): a branch of 10,800 card customers, whose
+28 days of history (about 600,000 transactions) load in a minute or two."""
 DEMO_WORLD: Final = 18
 """The seed of the demo's world: the same customers and terminals on every start."""
 DEMO_HISTORY_DAYS: Final = 28.0
 """History a new demo node starts with."""
+HISTORY_ROWS_LIMIT: Final = 1_000_000
+"""At most about this many transactions of history: a faster demo gets fewer days."""
 LABEL_EVERY_SECONDS: Final = 600.0
 """How often the demo delivers the labels that became known."""
 _DAY: Final = 86400.0
@@ -53,6 +56,12 @@ _DAY: Final = 86400.0
 def demo_world(rate: float) -> World:
     """The demo's world at ``rate`` transactions per second."""
     return build_world(DEMO_WORLD, customers=customers_for_rate(rate))
+
+
+def history_days(world: World, days: float = DEMO_HISTORY_DAYS) -> float:
+    """``days``, or fewer when they would hold more than :data:`HISTORY_ROWS_LIMIT`
+    transactions (at 3 tx/s, about 4 days)."""
+    return min(days, HISTORY_ROWS_LIMIT / max(world.expected_daily(), 1.0))
 
 
 def load_terminals(settings: Settings, world: World) -> int:
