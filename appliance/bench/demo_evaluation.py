@@ -78,24 +78,25 @@ def evaluate_demo(db_path: Path, budget: float, since: float | None = None,
         if lo is None:
             return DemoEvaluation(0.0, 0, 0, budget, 0, 0)
         lo = float(lo) if since is None else since
-        hi = float(hi) if until is None else until
-        where = "t.ts >= ? AND t.ts < ?" if until is not None else "t.ts >= ? AND t.ts <= ?"
+        hi = float(hi) + 1e-3 if until is None else until  # (the newest one counts)
         total, alerts, labelled, fraud = conn.execute(
             "SELECT count(*), coalesce(sum(t.decision != 'approve'), 0), "
             "coalesce(sum(t.decision != 'approve' AND l.label IS NOT NULL), 0), "
             "coalesce(sum(t.decision != 'approve' AND l.label = 1), 0) "
-            f"FROM transactions t LEFT JOIN labels l USING (transaction_id) WHERE {where}",
+            "FROM transactions t LEFT JOIN labels l USING (transaction_id) "
+            "WHERE t.ts >= ? AND t.ts < ?",
             [lo, hi]).fetchone()
         per_day: dict[int, int] = defaultdict(int)
         for day, n in conn.execute(
-                f"SELECT CAST((t.ts - ?) / {_DAY} AS INTEGER), count(*) FROM transactions t "
-                f"WHERE {where} AND t.decision != 'approve' GROUP BY 1", [lo, lo, hi]):
+                "SELECT CAST((t.ts - ?) / 86400.0 AS INTEGER), count(*) FROM transactions t "
+                "WHERE t.ts >= ? AND t.ts < ? AND t.decision != 'approve' GROUP BY 1",
+                [lo, lo, hi]):
             per_day[int(day)] += int(n)
         whole = int((hi - lo) // _DAY)
         episodes: dict[tuple[str, str], bool] = {}
         for source, flagged in conn.execute(
                 "SELECT l.source, t.decision != 'approve' FROM labels l JOIN transactions t "
-                f"USING (transaction_id) WHERE l.label = 1 AND {where}", [lo, hi]):
+                "USING (transaction_id) WHERE l.label = 1 AND t.ts >= ? AND t.ts < ?", [lo, hi]):
             parsed = parse_source(source)
             if parsed is not None:
                 episodes[parsed] = episodes.get(parsed, False) or bool(flagged)

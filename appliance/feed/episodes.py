@@ -33,6 +33,7 @@ from datetime import date
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from .world import AWAY_TOWNS, HOME_TOWNS, RawEvent, World, atm_amount
 
@@ -58,13 +59,14 @@ def episodes_per_day(world: World) -> float:
     return world.fraud_share * world.expected_daily() / _MEAN_EPISODE
 
 
-def _own_pos(w: World, c: int) -> np.ndarray:  # type: ignore[type-arg]
+def _own_pos(w: World, c: int) -> npt.NDArray[np.int64]:
     s = int(w.usable_start[c])
     return w.usable[s:s + int(w.usable_pos[c])]
 
 
 def _gaps(rng: np.random.Generator, n: int, low: float, high: float) -> list[float]:
-    return np.concatenate(([0.0], np.cumsum(rng.uniform(low, high, n - 1)))).tolist()
+    steps: list[float] = np.cumsum(rng.uniform(low, high, n - 1)).tolist()
+    return [0.0, *steps]
 
 
 def _velocity_burst(w: World, c: int, t: float, rng: np.random.Generator
@@ -94,9 +96,10 @@ def _impossible_travel(w: World, c: int, t: float, rng: np.random.Generator
                        ) -> list[tuple[float, int, float]]:
     mean = float(w.mean_amount[c])
     first = (t, int(rng.choice(_own_pos(w, c))), round(mean * float(rng.uniform(0.8, 2.0)), 2))
-    far_town = str(rng.choice(list(AWAY_TOWNS)))
-    far = w.terminals_of("POS", frozenset({far_town})) + w.terminals_of(
-        "ATM", frozenset({far_town}))
+    away = frozenset(AWAY_TOWNS)
+    anywhere = w.terminals_of("POS", away) + w.terminals_of("ATM", away)
+    far_town = w.town[int(rng.choice(anywhere))]  # a town that has terminals
+    far = [j for j in anywhere if w.town[j] == far_town]
     later = t + float(rng.uniform(600.0, 2400.0))
     out = [first]
     for dt in _gaps(rng, int(rng.integers(1, 3)), 60.0, 600.0):

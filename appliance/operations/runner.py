@@ -32,7 +32,7 @@ from ..scoring.pipeline import Counters
 from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import Store
-from . import demo
+from . import demo as demo_world
 from .looplag import LoopLag
 from .node import EmbeddedNats
 from .replication import Litestream
@@ -42,7 +42,7 @@ from .supervisor import Supervisor
 
 log = logs.get("appliance.runner")
 
-DEMO_RATE = demo.DEMO_RATE
+DEMO_RATE = demo_world.DEMO_RATE
 
 
 class StatusLine:
@@ -74,7 +74,7 @@ class StatusLine:
 
 
 async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DEMO_RATE,
-                   status: bool = True, demo_days: float = demo.DEMO_HISTORY_DAYS) -> int:
+                   status: bool = True, demo_days: float = demo_world.DEMO_HISTORY_DAYS) -> int:
     """Run the node until SIGINT/SIGTERM. Returns the process exit code. With ``demo``, the
     demo world (operations/demo.py) at ``demo_rate`` tx/s with up to ``demo_days`` of
     history."""
@@ -98,12 +98,12 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    world = demo.demo_world(demo_rate) if demo else None
-    start: demo.DemoStart | None = None
+    world = demo_world.demo_world(demo_rate) if demo else None
+    start: demo_world.DemoStart | None = None
     if world is not None:  # before the scorer rebuilds its state from the stored rows
         try:
-            start = await loop.run_in_executor(None, lambda: demo.prepare_demo(
-                settings, store, model, world, demo.history_days(world, demo_days)))
+            start = await loop.run_in_executor(None, lambda: demo_world.prepare_demo(
+                settings, store, model, world, demo_world.history_days(world, demo_days)))
         except BaseException:
             await close(nc)
             store.close()
@@ -151,10 +151,10 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             log.info("demo.feed", txn_id=None, rate=demo_rate, customers=world.customers,
                      history_rows=start.history.rows)
             feed = asyncio.create_task(
-                publish(feed_nc, demo.live_stream(world, start.live_from),
+                publish(feed_nc, demo_world.live_stream(world, start.live_from),
                         branch=settings.branch, realtime=True, stop=stop))
             tasks.append(asyncio.create_task(
-                demo.deliver_labels(settings, world, start.labels_until, stop)))
+                demo_world.deliver_labels(settings, world, start.labels_until, stop)))
         if status:
             line = StatusLine(scoring.counters)
             tasks.append(asyncio.create_task(_every(settings.summary_interval_seconds,
