@@ -86,6 +86,7 @@ def load_history(store: Store, model: Model, settings: Settings,
             for s, row in zip(scored, inputs):
                 s.label_features = row[width:]
         store.save_batch(scored, [], settings.consumer, 0, history=True)
+        store.checkpoint_wal()  # the node's WAL is not auto-checkpointed: keep it short
         rows += len(scored)
         flagged += sum(1 for s in scored if s.verdict.decision != "approve")
     result = HistoryLoad(rows, flagged, round(time.monotonic() - started, 3))
