@@ -71,6 +71,8 @@ ONLINE_CATEGORIES: Final = ("Retail", "Electronics", "Travel", "Retail", "Digita
                             "Retail", "Electronics", "Digital goods")
 MEAN_DAILY_TX: Final = 2.0
 """Mean of ``U(0, 4)``: transactions per customer per day, on average."""
+MAX_RATE: Final = 10.0
+"""The demo world is a branch: 432,000 customers at most (it is built customer by customer)."""
 ATM_SHARE: Final = 0.08
 ONLINE_SHARE: Final = 0.12
 _DAY: Final = 86400.0
@@ -133,9 +135,11 @@ class World:
 def customers_for_rate(rate: float) -> int:
     """Customers whose Handbook activity (2 transactions a day on average) makes ``rate``
     transactions per second: the live rate of the demo *is* its world's size."""
-    if not (math.isfinite(rate) and rate > 0):
-        raise SettingsError("the demo rate must be a positive number of transactions per "
-                            "second", field="demo_rate", value=rate)
+    if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
+        raise SettingsError(f"the demo rate must be above 0 and at most {MAX_RATE:g} "
+                            "transactions per second (a branch)", field="demo_rate", value=rate,
+                            hint="for load, publish the load simulator: branchguard simulate "
+                                 "--rate R")
     return max(10, round(rate * _DAY / MEAN_DAILY_TX))
 
 
