@@ -207,11 +207,14 @@ class Store:
     # --- writes -------------------------------------------------------------------------
 
     def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
-                   last_seq: int, verdict_seq: int = 0, confirmed_seq: int = 0) -> int:
+                   last_seq: int, verdict_seq: int = 0, confirmed_seq: int = 0,
+                   history: bool = False) -> int:
         """Store a batch (or several, for a group commit) in one transaction: rows, their
         alerts (each with its outbox row, for the alert dispatcher), shadow scores, dead
         letters and the new checkpoint. Idempotent by transaction id and stream sequence.
         ``last_seq``, ``verdict_seq`` and ``confirmed_seq`` are the new :class:`Checkpoint`.
+        ``history`` (the demo's past, feed/history.py): rows and verdicts only, no alert and
+        no checkpoint, since they were never in the stream and are no one's work now.
         Returns alerts created."""
         now = time.time()
         rows: list[tuple[Any, ...]] = []
@@ -233,7 +236,7 @@ class Store:
                 v.rules_version, now, s.digest,
                 None if s.label_features is None else array("d", s.label_features).tobytes(),
                 tx.sent_amount, tx.sent_currency))
-            if v.decision != "approve":
+            if v.decision != "approve" and not history:
                 alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
                                v.severity, v.risk, reasons, now))
         conn = self.db.conn
@@ -258,6 +261,8 @@ class Store:
                     "received_at, body) VALUES (?, ?, ?, ?, ?, ?)",
                     [(d.stream_seq, d.subject, d.reason, d.size, now,
                       None if d.body is None else d.body[:MAX_MESSAGE_BYTES]) for d in dead])
+            if history:
+                return 0
             conn.execute(
                 "INSERT INTO checkpoints (consumer, stream_seq, verdict_seq, confirmed_seq, "
                 "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer) DO UPDATE SET "

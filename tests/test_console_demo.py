@@ -1,5 +1,5 @@
 """``branchguard run --demo`` gives the console a demo user and prints its password once; a
-restarted demo publishes only the history it missed."""
+restarted demo's history is tested in tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 
 from appliance.casework import users
 from appliance.change import connect_writer
-from appliance.operations.runner import (DEMO_USER, DEMO_WARMUP_SECONDS, announce_demo_user,
-                                         demo_stream, demo_warmup)
+from appliance.operations.runner import DEMO_USER, announce_demo_user
 from appliance.settings import load
 from appliance.store import open_db
 
@@ -41,16 +40,3 @@ def test_no_demo_user_without_the_console(tmp_path: Path) -> None:
     out = io.StringIO()
     assert announce_demo_user(settings, out) is None and out.getvalue() == ""
     assert not users.exists(connect_writer(settings.db_path).conn, DEMO_USER)
-
-
-def test_a_restarted_demo_publishes_only_the_gap_since_its_newest_transaction() -> None:
-    now = 1_800_000_000.0
-    assert demo_warmup(None, now) == DEMO_WARMUP_SECONDS            # a new node
-    assert demo_warmup(now - 90.0, now) == 90.0                    # restarted 90 s later
-    assert demo_warmup(now - 86_400.0, now) == DEMO_WARMUP_SECONDS  # a day later: capped
-    assert demo_warmup(now + 30.0, now) == 0.0                      # stored ahead of the clock
-    started = time.time()
-    first = [tx.timestamp.timestamp() for tx in
-             itertools.islice(demo_stream(50.0, "BR001", demo_warmup(started - 90.0, started)),
-                              200)]
-    assert started - 91.0 <= min(first) <= started - 80.0  # the 90 s missed, not half an hour

@@ -46,7 +46,7 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
         while time.monotonic() < deadline:
             text = out.read_text(errors="replace")
             scored = [line for line in text.splitlines() if " scored | " in line]
-            if scored and int(scored[-1].split("|")[1].split()[0]) > 100:
+            if scored and int(scored[-1].split("|")[1].split()[0]) > 5:  # 0.25 tx/s
                 break
             assert make.poll() is None, text[-3000:]
             time.sleep(1)
@@ -80,7 +80,7 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
     assert newest is not None
     covered = _count_up_to(db, newest)
 
-    # A restart publishes the history it missed since then, not the half hour again.
+    # A restart loads the history it missed since then, not the weeks again.
     again = clone / "again.out"
     with again.open("wb") as sink:
         node = subprocess.Popen([str(clone / ".venv" / "bin" / "branchguard"), "run", "--demo"],
@@ -99,8 +99,8 @@ def test_make_run_starts_the_demo_node_and_ctrl_c_stops_it(clone: Path) -> None:
             node.wait(60)
     feed = json.loads(next(line for line in again.read_text(errors="replace").splitlines()
                            if '"demo.feed"' in line))
-    assert 0 <= feed["history_seconds"] <= restarted - newest + 1, feed
-    assert feed["history_seconds"] < 600, feed  # not the 1,800 s of a new node
+    # the seconds it was away, at 0.25 tx/s: a few rows, not the weeks of a new node
+    assert 0 <= feed["history_rows"] <= (restarted - newest) + 50, feed
     # nothing was slipped in behind what the accounts already had
     assert _count_up_to(db, newest) == covered
 
@@ -138,7 +138,7 @@ def _logged(out: Path, marker: str, process: subprocess.Popen[bytes]) -> bool:
 
 
 def _wait_until_live(db: Path, make: subprocess.Popen[bytes]) -> None:
-    """Until the demo has published its half hour of history and streams in real time."""
+    """Until the demo has loaded its history and streams in real time."""
     def live() -> bool:
         assert make.poll() is None
         newest = _newest(db)

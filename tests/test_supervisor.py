@@ -32,7 +32,7 @@ Node = type  # the node_factory fixture yields a NodeProcess subclass
 
 @pytest.mark.timeout(400)
 def test_each_killed_child_comes_back_and_no_transaction_is_lost_or_stored_twice() -> None:
-    report = run_drill(rate=10.0, timeout=60.0, pause=0.5)
+    report = run_drill(rate=3.0, timeout=60.0, pause=0.5)
     tail = report["log_tail"]
     for name in CHILDREN:
         assert report["children"][name]["back"], f"{name}: {report['children'][name]}\n{tail}"

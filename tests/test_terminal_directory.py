@@ -18,7 +18,6 @@ from appliance.casework.terminal_directory import (TOWN_CENTRES, import_terminal
 from appliance.errors import BranchguardError
 from appliance.feed.simulate import simulate
 from appliance.feed.terminal import population
-from appliance.operations.runner import demo_stream, load_demo_terminals
 from appliance.settings import Settings, load
 from appliance.store import open_db
 from tests.support import query
@@ -130,29 +129,3 @@ def test_simulated_terminals_stand_in_the_town_their_transactions_name() -> None
         assert km < 20, (item.tx.terminal_id, item.tx.location, km)
         seen += 1
     assert seen > 1000
-
-
-def test_demo_loads_its_terminals(settings: Settings) -> None:
-    load_demo_terminals(settings, rate=5.0)
-    rows = directory(settings)
-    assert len(rows) == population(5.0)[1]
-    assert sum(1 for r in rows if r[3] is not None) > len(rows) // 2
-    assert {r[2] for r in rows} == {"BR001"}
-    load_demo_terminals(settings, rate=5.0)  # a restarted demo moves no terminal
-    assert directory(settings) == rows
-
-
-def test_every_demo_run_streams_at_the_terminals_of_the_directory(settings: Settings
-                                                                   ) -> None:
-    load_demo_terminals(settings, rate=5.0)
-    towns = {r[0]: r[1] for r in directory(settings)}
-    accounts: list[set[tuple[str, str]]] = []
-    for seed in (1_796_000_000, 1_796_000_600):  # two starts, ten minutes apart
-        txs = list(itertools.islice(demo_stream(5.0, "BR001", seed=seed), 3000))
-        assert {t.transaction_id.split("-")[0] for t in txs} == {f"S{seed}"}  # fresh ids
-        for t in txs:  # each transaction in the town its terminal stands in
-            assert t.location is None or towns[t.terminal_id].startswith(
-                "online merchant" if t.channel == "ONLINE" else str(t.location)), t
-        accounts.append({(t.account_id, t.terminal_id) for t in txs})
-    # the same customers at the same terminals, not a new population on each start
-    assert len(accounts[0] & accounts[1]) > len(accounts[0]) // 4

@@ -142,7 +142,7 @@ class _Node:
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "run", "--demo", "--demo-rate", f"{rate:g}",
-                 "--quiet", "--data-dir", str(data_dir)],
+                 "--demo-days", "0", "--quiet", "--data-dir", str(data_dir)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def log(self) -> str:
@@ -302,7 +302,8 @@ def _account(settings: Settings) -> dict[str, Any]:
     try:
         counts = store.counts()  # what `branchguard status` prints
         seqs = [int(r[0]) for r in store.reader.execute(
-            "SELECT stream_seq FROM transactions UNION ALL SELECT stream_seq FROM dead_letters")]
+            "SELECT stream_seq FROM transactions WHERE stream_seq > 0 "  # not the demo's history
+            "UNION ALL SELECT stream_seq FROM dead_letters")]
         alerted_twice = int(store.reader.execute(
             "SELECT count(*) - count(DISTINCT transaction_id) FROM alerts").fetchone()[0])
     finally:
@@ -316,7 +317,7 @@ def _account(settings: Settings) -> dict[str, Any]:
     return out
 
 
-def run_drill(rate: float = 50.0, children: Sequence[str] = CHILDREN, timeout: float = 30.0,
+def run_drill(rate: float = 5.0, children: Sequence[str] = CHILDREN, timeout: float = 30.0,
               pause: float = 1.0) -> dict[str, Any]:
     """Kill each of ``children`` (names from :data:`CHILDREN`) of a demo node in turn, with
     ``pause`` seconds between them; each gets ``timeout`` seconds to come back. Returns the

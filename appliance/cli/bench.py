@@ -207,8 +207,8 @@ def bench_replication(seconds: float, rate: float, sync_interval: float, as_json
 
 
 @bench.command("children")
-@click.option("--rate", type=float, default=50.0, show_default=True,
-              help="Transactions per second of the demo stream during the drill.")
+@click.option("--rate", type=float, default=5.0, show_default=True,
+              help="Transactions per second of the demo stream during the drill (at most 10).")
 @click.option("--only", default=",".join(("api", "alerts", "litestream", "nats-server")),
               show_default=True, help="Children to kill, comma-separated, in this order.")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
@@ -221,7 +221,7 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
 
     \b
     Example:
-      branchguard bench children --rate 50
+      branchguard bench children --rate 5
     """
     from ..bench.children import format_drill, run_drill
 

@@ -237,6 +237,9 @@ def _epoch(text: str | None) -> float | None:
 @click.option("--k", type=int, default=100, show_default=True, help="Card precision@k.")
 @click.option("--resamples", type=int, default=200, show_default=True,
               help="Bootstrap resamples for the confidence intervals (0: none).")
+@click.option("--demo", "demo_world", is_flag=True,
+              help="The demo's figures instead: alerts per day against the budget, precision "
+                   "of alerts, and the injected fraud episodes caught per typology.")
 @click.option("--handbook", "handbook_csv", type=click.Path(path_type=Path, exists=True),
               default=None, help="Run the Fraud Detection Handbook protocol on this CSV in "
               "--data-dir (default: a new temporary directory) instead.")
@@ -248,7 +251,8 @@ def _epoch(text: str | None) -> float | None:
 @friendly_errors
 def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ...],
              compare: bool, since: str | None, until: str | None, k: int, resamples: int,
-             handbook_csv: Path | None, label_days: str, training_label_delay: float) -> None:
+             demo_world: bool, handbook_csv: Path | None, label_days: str,
+             training_label_delay: float) -> None:
     """Score stored transactions against their labels: ROC AUC, AP, card precision@k,
     recall at the alert budget, precision/recall/F1 at the threshold, with 95 % intervals.
 
@@ -256,12 +260,19 @@ def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ..
     Example:
       branchguard evaluate --data-dir ./var --model if-v1 --since 2026-11-01
       branchguard evaluate --compare
+      branchguard evaluate --demo --data-dir ./var --since 2026-12-01
       branchguard evaluate --handbook ../shared/data/handbook_days046-066.csv.gz
     """
     from ..learning.evaluation import format_table
 
     settings = settings_from(config, data_dir, None)
     budget = int(settings.alert_budget_per_day)
+    if demo_world:
+        from ..bench.demo_evaluation import evaluate_demo, format_demo
+
+        click.echo(format_demo(evaluate_demo(settings.db_path, settings.alert_budget_per_day,
+                                             since=_epoch(since), until=_epoch(until))))
+        return
     if handbook_csv is not None:
         import tempfile
 

@@ -19,13 +19,20 @@ from .options import existing_db, friendly_errors, settings_from, settings_optio
 
 @click.command()
 @settings_options
-@click.option("--demo", is_flag=True, help="Also publish a simulated stream of transactions.")
-@click.option("--demo-rate", type=float, default=50.0, show_default=True,
-              help="Transactions per second of the demo stream.")
+@click.option("--demo", is_flag=True, help="Also run the demo world: weeks of history, a live "
+              "stream of transactions and late labels (docs/demo.md).")
+@click.option("--demo-rate", type=click.FloatRange(min=0.001), default=0.25,
+              show_default=True,
+              help="Transactions per second of the demo stream; its world has as many "
+                   "customers as make this rate at two transactions a day each.")
+@click.option("--demo-days", type=click.FloatRange(min=0.0), default=28.0,
+              show_default=True,
+              help="Days of history a new demo node starts with (fewer above a million "
+                   "transactions).")
 @click.option("--quiet", is_flag=True, help="No status line.")
 @friendly_errors
 def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: bool,
-        demo_rate: float, quiet: bool) -> None:
+        demo_rate: float, demo_days: float, quiet: bool) -> None:
     """Run the node: nats-server (unless --nats-url), the scorer, and with --demo a feed.
 
     \b
@@ -36,7 +43,7 @@ def run(config: Path | None, data_dir: Path | None, nats_url: str | None, demo: 
 
     settings = settings_from(config, data_dir, nats_url)
     sys.exit(asyncio.run(run_node(settings, demo=demo, demo_rate=demo_rate,
-                                  status=not quiet)))
+                                  demo_days=demo_days, status=not quiet)))
 
 
 @click.command()

@@ -55,12 +55,15 @@ class Labelled(msgspec.Struct, frozen=True):
     """A transaction together with its ground truth, kept apart so the label cannot leak.
 
     ``typology`` names the fraud scenario (one of :data:`TYPOLOGIES`, or the source data set's
-    scenario on replay) and is ``None`` for legitimate transactions.
+    scenario on replay, or of the demo world's episodes.TYPOLOGIES) and is ``None`` for
+    legitimate transactions; ``episode`` names the fraud episode the transaction belongs to
+    (the demo world's; None elsewhere).
     """
 
     tx: Transaction
     fraud: bool
     typology: str | None = None
+    episode: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import dataclasses
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import numpy as np
@@ -26,15 +25,14 @@ from nats.errors import Error as NatsError
 from .. import compiled, logs
 from ..alerts import routing
 from ..errors import NodeError
-from ..feed.simulate import simulate
-from ..feed.terminal import population, publish
+from ..feed.terminal import publish
 from ..nats_auth import client_options
 from ..scoring.ingest import connect
 from ..scoring.pipeline import Counters
 from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import Store
-from ..transaction import Transaction
+from . import demo as demo_world
 from .looplag import LoopLag
 from .node import EmbeddedNats
 from .replication import Litestream
@@ -44,11 +42,7 @@ from .supervisor import Supervisor
 
 log = logs.get("appliance.runner")
 
-DEMO_RATE = 50.0
-DEMO_WORLD = 7
-"""The simulator seed of the demo's accounts and terminals: the same on every start."""
-DEMO_WARMUP_SECONDS = 1800.0
-"""The simulated history a demo publishes on a new node, so accounts have a past."""
+DEMO_RATE = demo_world.DEMO_RATE
 
 
 class StatusLine:
@@ -79,34 +73,11 @@ class StatusLine:
         self.out.flush()
 
 
-def demo_warmup(newest: float | None, now: float, full: float = DEMO_WARMUP_SECONDS) -> float:
-    """How much history a demo start publishes: ``full`` on a node with nothing stored;
-    after a restart only the gap since the newest stored transaction (``newest``, epoch
-    seconds), at most ``full``, as terminals that buffered while the node was down would send
-    it. A restart that published the whole half hour again would put a second half hour of
-    history behind accounts that already have one."""
-    if newest is None:
-        return full
-    return max(0.0, min(full, now - newest))
-
-
-def demo_stream(rate: float, branch: str, warmup_seconds: float = DEMO_WARMUP_SECONDS,
-                seed: int | None = None) -> Iterator[Transaction]:
-    """The demo feed: the last ``warmup_seconds`` of simulated history (published at once,
-    so accounts have a past), then live at ``rate`` tx/s. Fresh ids on every run (the seed
-    is the start time unless given), always the same accounts and terminals
-    (:data:`DEMO_WORLD`), so a restarted demo goes on with the customers it had."""
-    start = datetime.now(timezone.utc) - timedelta(seconds=warmup_seconds)
-    accounts, terminals = population(rate)
-    for item in simulate(int(time.time()) if seed is None else seed, start=start, rate=rate,
-                         branch=branch, diurnal=False, accounts=accounts, terminals=terminals,
-                         world=DEMO_WORLD):
-        yield item.tx
-
-
 async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DEMO_RATE,
-                   status: bool = True) -> int:
-    """Run the node until SIGINT/SIGTERM. Returns the process exit code."""
+                   status: bool = True, demo_days: float = demo_world.DEMO_HISTORY_DAYS) -> int:
+    """Run the node until SIGINT/SIGTERM. Returns the process exit code. With ``demo``, the
+    demo world (operations/demo.py) at ``demo_rate`` tx/s with up to ``demo_days`` of
+    history."""
     registry = Registry.of(settings)
     model = registry.load(registry.production())  # fail before starting
     store = Store.open(settings.db_path)                                # anything
@@ -127,6 +98,18 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    world = demo_world.demo_world(demo_rate) if demo else None
+    start: demo_world.DemoStart | None = None
+    if world is not None:  # before the scorer rebuilds its state from the stored rows
+        try:
+            start = await loop.run_in_executor(None, lambda: demo_world.prepare_demo(
+                settings, store, model, world, demo_world.history_days(world, demo_days)))
+        except BaseException:
+            await close(nc)
+            store.close()
+            if embedded is not None:
+                embedded.stop()
+            raise
     scoring = ScorerRun(nc, store, model, settings, registry, reconnected)
     supervisor = Supervisor(settings, lambda: {"scorer": scoring.health})
     if embedded is not None:
@@ -162,15 +145,16 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
             with contextlib.suppress(NodeError):  # then the supervisor keeps trying
                 api.bind()
             supervisor.launch(api)
-        if demo:
+        if world is not None and start is not None:
             announce_demo_user(settings, port=api.port if api is not None else None)
-            load_demo_terminals(settings, demo_rate)  # issue 5: the case page's map
             feed_nc = await connect(url, "branchguard-demo-feed", **client_options(settings))
-            warmup = demo_warmup(store.newest_ts(), time.time())
-            log.info("demo.feed", txn_id=None, history_seconds=round(warmup, 1), rate=demo_rate)
+            log.info("demo.feed", txn_id=None, rate=demo_rate, customers=world.customers,
+                     history_rows=start.history.rows)
             feed = asyncio.create_task(
-                publish(feed_nc, demo_stream(demo_rate, settings.branch, warmup),
+                publish(feed_nc, demo_world.live_stream(world, start.live_from),
                         branch=settings.branch, realtime=True, stop=stop))
+            tasks.append(asyncio.create_task(
+                demo_world.deliver_labels(settings, world, start.labels_until, stop)))
         if status:
             line = StatusLine(scoring.counters)
             tasks.append(asyncio.create_task(_every(settings.summary_interval_seconds,
@@ -281,14 +265,3 @@ def announce_demo_user(settings: Settings, out: TextIO = sys.stdout,
               f"password: {password}  (shown once; new on every --demo start)\n")
     out.flush()
     return password
-
-
-def load_demo_terminals(settings: Settings, rate: float) -> None:
-    """Put the demo feed's terminals (its world and sizes) in the terminal directory."""
-    from ..casework.terminal_directory import simulated_sites, write_sites
-
-    accounts, terminals = population(rate)
-    write_sites(settings.db_path, simulated_sites(DEMO_WORLD, accounts=accounts,
-                                                  terminals=terminals,
-                                                  branch=settings.branch),
-                "runner:demo", "simulator")
