@@ -89,7 +89,8 @@ def closed_as(case: dict[str, Any]) -> str:
     card_testing``, ``customer_confirmed``; empty while open."""
     if not case.get("disposition"):
         return ""
-    return case["disposition"] + (f": {case['fraud_type']}" if case.get("fraud_type") else "")
+    return str(case["disposition"]) + (f": {case['fraud_type']}" if case.get("fraud_type")
+                                       else "")
 
 
 class CloseDialog:
