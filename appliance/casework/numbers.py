@@ -8,14 +8,34 @@ English (``en``) throughout. The API returns plain JSON numbers: formatting is f
 
 from __future__ import annotations
 
+import decimal
 import math
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
 
-from babel.numbers import format_currency, format_decimal
+from babel import numbers as babel_numbers
 
 LOCALE = "en"
 SIGNIFICANT = 4
 """Significant digits kept of a measured value below 1,000 (above it, whole numbers)."""
 MAX_DECIMALS = 6
+R = TypeVar("R")
+
+
+def _wide(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` with Decimal precision for any float (Babel rounds in Decimal, whose default
+    28 digits fail on amounts from 1e28 up, which a hostile or broken terminal can send)."""
+    @wraps(fn)
+    def call(*args: object, **kwargs: object) -> R:
+        with decimal.localcontext() as context:
+            context.prec = 400
+            return fn(*args, **kwargs)
+    return call
+
+
+format_decimal = _wide(babel_numbers.format_decimal)
+format_currency = _wide(babel_numbers.format_currency)
 
 
 def number_text(value: float | int | None) -> str:
