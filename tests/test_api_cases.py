@@ -393,3 +393,11 @@ def test_the_alert_list_has_the_queue_columns_and_the_age(
         assert alert["age_seconds"] >= 0 and alert["disposition"] is None
     assert {a["currency"] for a in body["alerts"]} and all(
         isinstance(a["amount"], float) for a in body["alerts"])
+
+
+def test_the_api_codes_are_the_casework_codes() -> None:
+    from typing import get_args
+
+    from appliance.api.bodies import DispositionCode, FraudType
+    from appliance.casework.dispositions import CODES, FRAUD_TYPES
+    assert get_args(DispositionCode) == CODES and get_args(FraudType) == FRAUD_TYPES
