@@ -413,6 +413,39 @@ def m013_dead_letter_bodies(db: Database) -> None:
     )
 
 
+# --- issue 18 (E): dispositions, fraud types, and labels an analyst can correct -------------
+@migrations()
+def m014_dispositions(db: Database) -> None:
+    """A closed case's disposition code and, for fraud, its fraud type (see
+    casework/dispositions.py); the typology of a fraud label; and the corrections of labels,
+    in order, so the scorer's label feed can take a corrected label out of its state (see
+    scoring/labels.py)."""
+    db.executescript(
+        """
+        ALTER TABLE alerts ADD COLUMN disposition TEXT;  -- set on close, cleared on reopen
+        ALTER TABLE alerts ADD COLUMN fraud_type TEXT;   -- a typology; only with fraud
+        ALTER TABLE labels ADD COLUMN typology TEXT;     -- what kind of fraud; NULL: not said
+
+        -- One row per label changed after it was first stored (an analyst re-disposing a
+        -- case): what it was and what it became. Append-only; the audit trail has the same
+        -- change as a ``label.correct`` entry.
+        CREATE TABLE label_corrections (
+            correction_id INTEGER PRIMARY KEY,
+            transaction_id TEXT NOT NULL,
+            label_rowid INTEGER NOT NULL,       -- the labels row (its rowid does not change)
+            before_label INTEGER NOT NULL,
+            before_typology TEXT,
+            before_known_at TEXT NOT NULL,
+            after_label INTEGER NOT NULL,
+            after_typology TEXT,
+            after_known_at TEXT NOT NULL,
+            at TEXT NOT NULL,                   -- UTC RFC 3339
+            actor TEXT NOT NULL
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

@@ -87,6 +87,18 @@ def click(driver: WebDriver, testid: str) -> None:
     element.click()
 
 
+def choose(driver: WebDriver, testid: str, option: str) -> None:
+    """Pick ``option`` in a Quasar select as a user does: open its menu, click the item."""
+    click(driver, testid)
+    item = wait_for(driver, lambda d: next(
+        (e for e in d.find_elements(By.CSS_SELECTOR, ".q-menu .q-item")
+         if e.text.strip() == option or e.text.startswith(option + " ")), None),
+        message=f"option {option} of {testid}")
+    item.click()
+    wait_for(driver, lambda d: not d.find_elements(By.CSS_SELECTOR, ".q-menu"),
+             message="menu closed")
+
+
 def text_of(driver: WebDriver, testid: str) -> str:
     elements = driver.find_elements(By.CSS_SELECTOR, f"[data-testid={testid}]")
     return elements[0].text if elements else ""

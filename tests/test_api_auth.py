@@ -56,7 +56,8 @@ def test_reopening_a_closed_case_needs_a_supervisor(client: TestClient,
     analyst, supervisor = role_keys.header("analyst"), role_keys.header("supervisor")
     assert client.patch("/api/v1/alerts/3", json={"version": 1, "status": "INVESTIGATING"},
                         headers=analyst).status_code == 200
-    assert client.patch("/api/v1/alerts/3", json={"version": 2, "status": "FALSE_POSITIVE"},
+    assert client.patch("/api/v1/alerts/3", json={"version": 2, "status": "FALSE_POSITIVE",
+                                                    "disposition": "false_positive"},
                         headers=analyst).status_code == 200
     refused = client.patch("/api/v1/alerts/3", json={"version": 3, "status": "INVESTIGATING"},
                            headers=analyst)

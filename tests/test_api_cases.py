@@ -28,8 +28,11 @@ def test_the_workflow_and_its_disposition(client: TestClient, role_keys: Keys,
     r = patch(client, role_keys, 1, version=1, status="INVESTIGATING", assignee="ana")
     assert r.status_code == 200 and r.json()["version"] == 2
     assert r.json()["assignee"] == "ana" and r.json()["disposed_at"] is None
-    r = patch(client, role_keys, 1, version=2, status="CONFIRMED_FRAUD")
+    r = patch(client, role_keys, 1, version=2, status="CONFIRMED_FRAUD",
+              disposition="confirmed_fraud", fraud_type="card_testing")
     assert r.status_code == 200
+    assert (r.json()["disposition"], r.json()["fraud_type"]) == ("confirmed_fraud",
+                                                                 "card_testing")
     [(status, disposed_at, disposed_by, updated_by)] = query(
         node_db[0].db_path, "SELECT status, disposed_at, disposed_by, updated_by FROM alerts "
                             "WHERE alert_id = 1")
@@ -40,29 +43,38 @@ def test_the_workflow_and_its_disposition(client: TestClient, role_keys: Keys,
     assert r.json()["status"] == "CONFIRMED_FRAUD"
     # the disposition is now the transaction's label, known from the moment it was made
     db = node_db[0].db_path
-    [(label, source)] = query(db, "SELECT l.label, l.source FROM labels l JOIN alerts a "
-                                  "ON a.transaction_id = l.transaction_id WHERE a.alert_id = 1")
-    assert label == 1 and source == f"analyst:{disposed_by}"
+    [(label, typology, source)] = query(
+        db, "SELECT l.label, l.typology, l.source FROM labels l JOIN alerts a "
+            "ON a.transaction_id = l.transaction_id WHERE a.alert_id = 1")
+    assert label == 1 and typology == "card_testing" and source == f"analyst:{disposed_by}"
+    assert query(db, "SELECT disposition, fraud_type FROM alerts WHERE alert_id = 1") == [
+        ("confirmed_fraud", "card_testing")]
     assert patch(client, role_keys, 2, version=1, status="INVESTIGATING").status_code == 200
     assert query(db, "SELECT count(*) FROM labels l JOIN alerts a ON a.transaction_id = "
                      "l.transaction_id WHERE a.alert_id = 2") == [(0,)]  # not a disposition
-    assert patch(client, role_keys, 2, version=2, status="FALSE_POSITIVE").status_code == 200
-    assert query(db, "SELECT l.label FROM labels l JOIN alerts a ON a.transaction_id = "
-                     "l.transaction_id WHERE a.alert_id = 2") == [(0,)]
+    # the status may be left out: the disposition decides it
+    r = patch(client, role_keys, 2, version=2, disposition="customer_confirmed")
+    assert r.status_code == 200 and r.json()["status"] == "FALSE_POSITIVE"
+    assert query(db, "SELECT l.label, l.typology FROM labels l JOIN alerts a ON "
+                     "a.transaction_id = l.transaction_id WHERE a.alert_id = 2") == [(0, None)]
 
 
 def test_every_transition_not_in_the_table_is_refused(client: TestClient,
                                                       role_keys: Keys) -> None:
     # NEW may only become INVESTIGATING
-    for target in ("CONFIRMED_FRAUD", "FALSE_POSITIVE"):
-        r = patch(client, role_keys, 5, version=1, status=target)
-        assert r.status_code == 422 and r.json()["error"]["field"] == "status"
+    for target, code in (("CONFIRMED_FRAUD", "confirmed_fraud"),
+                         ("FALSE_POSITIVE", "false_positive")):
+        r = patch(client, role_keys, 5, version=1, status=target, disposition=code,
+                  **({"fraud_type": "other"} if code == "confirmed_fraud" else {}))
+        assert r.status_code == 422 and r.json()["error"]["field"] == "status", r.text
     assert patch(client, role_keys, 5, version=1, status="INVESTIGATING").status_code == 200
     r = patch(client, role_keys, 5, version=2, status="NEW")
     assert r.status_code == 422
-    assert patch(client, role_keys, 5, version=2, status="FALSE_POSITIVE").status_code == 200
+    assert patch(client, role_keys, 5, version=2, status="FALSE_POSITIVE",
+                 disposition="duplicate").status_code == 200
     r = patch(client, role_keys, 5, role="supervisor", version=3, status="CONFIRMED_FRAUD")
-    assert r.status_code == 422  # a closed case is reopened first, never flipped
+    assert r.status_code == 422  # a status alone never flips a closed case (a disposition
+    # does: test_re_disposing_corrects_the_label)
     assert set(TRANSITIONS["FALSE_POSITIVE"]) == {"INVESTIGATING"}
     [(version,)] = [(v,) for v in [client.get("/api/v1/alerts/5", headers=role_keys.header(
         "viewer")).json()["alert"]["version"]]]
@@ -104,7 +116,8 @@ def test_bulk_changes_related_open_alerts_with_one_audit_entry_each(
     # one of them already closed: it is not "open", so bulk leaves it alone
     closed = others[0]
     patch(client, role_keys, closed, version=1, status="INVESTIGATING")
-    patch(client, role_keys, closed, version=2, status="FALSE_POSITIVE")
+    patch(client, role_keys, closed, version=2, status="FALSE_POSITIVE",
+          disposition="false_positive")
     before = query(db, "SELECT count(*) FROM audit_log")[0][0]
     r = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
                     json={"version": 1, "scope": "terminal", "status": "INVESTIGATING",
@@ -120,9 +133,17 @@ def test_bulk_changes_related_open_alerts_with_one_audit_entry_each(
                              f"({', '.join(map(str, changed))})"))
     assert statuses == {("INVESTIGATING", "ana")}
     # a second bulk to close them: all INVESTIGATING now, so none skipped
+    refused = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
+                          json={"version": 2, "scope": "terminal", "status": "FALSE_POSITIVE"})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "disposition"
     r = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
-                    json={"version": 2, "scope": "terminal", "status": "FALSE_POSITIVE"})
+                    json={"version": 2, "scope": "terminal", "disposition": "confirmed_fraud",
+                          "fraud_type": "velocity_burst"})
     assert r.status_code == 200 and not r.json()["skipped"]
+    assert set(query(db, "SELECT a.status, a.disposition, a.fraud_type, l.label, l.typology "
+                         "FROM alerts a JOIN labels l USING (transaction_id) WHERE a.alert_id "
+                         f"IN ({', '.join(map(str, changed))})")) == {
+        ("CONFIRMED_FRAUD", "confirmed_fraud", "velocity_burst", 1, "velocity_burst")}
     stale = client.post(f"/api/v1/alerts/{anchor}/bulk", headers=role_keys.header("analyst"),
                         json={"version": 2, "scope": "terminal", "assignee": "bob"})
     assert stale.status_code == 409
@@ -279,3 +300,104 @@ def test_a_body_with_a_key_twice_is_400_naming_it(client: TestClient, role_keys:
     assert r.status_code == 400 and "more than once" in r.json()["error"]["message"], r.text
     assert r.json()["error"]["field"] in ("status", "version", "assignee")
     assert query(node_db[0].db_path, "SELECT version FROM alerts WHERE alert_id = 2") == [(1,)]
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"status": "CONFIRMED_FRAUD"}, 422, "disposition"),       # closing needs a disposition
+    ({"status": "FALSE_POSITIVE"}, 422, "disposition"),
+    ({"disposition": "confirmed_fraud"}, 422, "fraud_type"),   # fraud needs its type
+    ({"disposition": "false_positive", "fraud_type": "card_testing"}, 422, "fraud_type"),
+    ({"fraud_type": "card_testing"}, 422, "disposition"),      # a type alone closes nothing
+    ({"disposition": "false_positive", "status": "CONFIRMED_FRAUD"}, 422, "status"),
+    ({"disposition": "confirmed_fraud", "fraud_type": "other", "status": "INVESTIGATING"},
+     422, "status"),
+    ({"disposition": "stolen"}, 400, "disposition"),           # not a code
+    ({"disposition": "confirmed_fraud", "fraud_type": "skimming"}, 400, "fraud_type"),
+    ({"disposition": "CONFIRMED_FRAUD"}, 400, "disposition"),  # codes are lower case
+])
+def test_a_close_without_a_valid_disposition_is_refused_naming_the_field(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store],
+        body: dict[str, Any], status: int, field: str) -> None:
+    assert patch(client, role_keys, 6, version=1, status="INVESTIGATING").status_code == 200
+    r = patch(client, role_keys, 6, version=2, **body)
+    assert r.status_code == status and r.json()["error"]["field"] == field, r.text
+    db = node_db[0].db_path
+    assert query(db, "SELECT status, version, disposition FROM alerts WHERE alert_id = 6") == [
+        ("INVESTIGATING", 2, None)]
+    assert query(db, "SELECT count(*) FROM labels") == [(0,)]
+
+
+def test_re_disposing_corrects_the_label_and_audits_it(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store]) -> None:
+    db = node_db[0].db_path
+    assert patch(client, role_keys, 8, version=1, status="INVESTIGATING").status_code == 200
+    assert patch(client, role_keys, 8, version=2, disposition="confirmed_fraud",
+                 fraud_type="card_testing").status_code == 200
+    [(tid, first_known)] = query(db, "SELECT l.transaction_id, l.known_at FROM labels l JOIN "
+                                     "alerts a USING (transaction_id) WHERE a.alert_id = 8")
+    # an analyst may not re-dispose a closed case; a supervisor may, without reopening it
+    refused = patch(client, role_keys, 8, version=3, disposition="customer_confirmed")
+    assert refused.status_code == 403 and refused.json()["error"]["field"] == "disposition"
+    r = patch(client, role_keys, 8, role="supervisor", version=3,
+              disposition="customer_confirmed")
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["disposition"], r.json()["fraud_type"]) == (
+        "FALSE_POSITIVE", "customer_confirmed", None)
+    [(label, typology, known, source)] = query(
+        db, "SELECT label, typology, known_at, source FROM labels WHERE transaction_id = ?",
+        [tid])
+    assert (label, typology) == (0, None) and known > first_known
+    [(actor, before, after)] = query(db, "SELECT actor, before, after FROM audit_log WHERE "
+                                         "action = 'label.correct' AND subject = ?",
+                                     [f"transaction:{tid}"])
+    assert actor.endswith(":test-supervisor") and source == f"analyst:{actor}"
+    assert '"label":1' in before and '"typology":"card_testing"' in before
+    assert '"label":0' in after and '"typology":null' in after
+    assert query(db, "SELECT before_label, after_label, before_typology, actor FROM "
+                     "label_corrections WHERE transaction_id = ?", [tid]) == [
+        (1, 0, "card_testing", actor)]
+    # the same disposition again is a no-op; another fraud type is a correction too
+    same = patch(client, role_keys, 8, role="supervisor", version=4,
+                 disposition="customer_confirmed")
+    assert same.status_code == 200 and same.json()["version"] == 4
+    assert patch(client, role_keys, 8, role="supervisor", version=4,
+                 disposition="confirmed_fraud", fraud_type="atm_cashout").status_code == 200
+    assert query(db, "SELECT label, typology FROM labels WHERE transaction_id = ?", [tid]) == [
+        (1, "atm_cashout")]
+    assert query(db, "SELECT count(*) FROM label_corrections") == [(2,)]
+    # reopening and closing the same way again changes no label
+    assert patch(client, role_keys, 8, role="supervisor", version=5,
+                 status="INVESTIGATING").status_code == 200
+    assert query(db, "SELECT disposition, fraud_type, disposed_at FROM alerts WHERE "
+                     "alert_id = 8") == [(None, None, None)]
+    assert patch(client, role_keys, 8, version=6, disposition="confirmed_fraud",
+                 fraud_type="atm_cashout").status_code == 200
+    assert query(db, "SELECT count(*) FROM label_corrections") == [(2,)]
+
+
+def test_the_alert_list_has_the_queue_columns_and_the_age(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store]) -> None:
+    r = client.get("/api/v1/alerts?limit=5", headers=role_keys.header("viewer"))
+    assert r.status_code == 200
+    body = r.json()
+    stored = {tid: (amount, currency, channel, merchant, location) for tid, amount, currency,
+              channel, merchant, location in query(
+                  node_db[0].db_path, "SELECT transaction_id, amount, currency, channel, "
+                  "merchant_category, location FROM transactions")}
+    for alert in body["alerts"]:
+        assert (alert["amount"], alert["currency"], alert["channel"],
+                alert["merchant_category"], alert["location"]) == stored[
+                    alert["transaction_id"]]
+        assert alert["age_seconds"] == pytest.approx(body["as_of"] - alert["created_at"],
+                                                     abs=0.01)
+        assert alert["age_seconds"] >= 0 and alert["disposition"] is None
+    assert {a["currency"] for a in body["alerts"]} and all(
+        isinstance(a["amount"], float) for a in body["alerts"])
+
+
+def test_the_api_codes_are_the_casework_codes() -> None:
+    from typing import get_args
+
+    from appliance.api.bodies import DispositionCode, FraudType
+    from appliance.casework.dispositions import CODES, FRAUD_TYPES
+    assert get_args(DispositionCode) == CODES and get_args(FraudType) == FRAUD_TYPES

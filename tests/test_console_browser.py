@@ -1,7 +1,10 @@
 """The console in a real headless Chromium against the real node: log in, watch an alert
-the scorer just produced arrive in the queue without a reload, triage from the keyboard,
-open the case, add a note that is HTML (shown as text), confirm fraud, and find the change
-in the database and in the audit trail. A viewer can look but not change."""
+the scorer just produced arrive in the queue without a reload (its amount, place, channel
+and age in the row, numbers written as people write them), triage from the keyboard, open
+the case, add a note that is HTML (shown as text), close it as fraud through the close
+dialog (disposition and fraud type, confirmed; a cancel changes nothing), and find the
+change, the label and its typology in the database and in the audit trail. A viewer can
+look but not change."""
 
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from appliance.audit import verify
 from appliance.settings import Settings, load
 from tests.api_support import ServeProcess
 from tests.conftest import NodeProcess
-from tests.console_support import (ARTIFACTS, add_user, browser, click, field, find,  # noqa: F401
-                                   log_in, queue_rows, screenshot, text_of, wait_for)
+from tests.console_support import (ARTIFACTS, add_user, browser, choose, click,  # noqa: F401
+                                   field, find, log_in, queue_rows, screenshot, text_of,
+                                   wait_for)
 from tests.support import make_transactions, query, send, stored_count, wait_until
 
 XSS = "<script>window.__xss = 1</script><b>bold</b> & <img src=x onerror=alert(1)>"
@@ -80,6 +84,15 @@ def test_live_queue_case_and_confirm(console: Console, browser: WebDriver,  # no
     wait_for(browser, lambda d: any("A-LIVE-1" in r.text for r in queue_rows(d)),
              message="the new alert in the queue")
     seen_at = time.time()
+    row = next(r for r in queue_rows(browser) if "A-LIVE-1" in r.text)
+    cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+    assert f"9,500.00 {fraud.currency}" in cells, cells  # grouped, in its currency
+    assert fraud.channel in cells and any(c.endswith(" s") or c.endswith(" min")
+                                          for c in cells[1:2]), cells  # the age
+    if fraud.location or fraud.merchant_category:
+        assert any(str(fraud.location or fraud.merchant_category) in c for c in cells), cells
+    assert any(c.endswith(" %") for c in cells), cells  # risk as a percentage
+    assert "e+" not in row.text
     assert browser.execute_script("return window.__same_page") == "yes", "the page reloaded"
     alert_id = _alert_of(settings, "LIVE-FRAUD-1")
     assert alert_id is not None
@@ -106,6 +119,8 @@ def test_live_queue_case_and_confirm(console: Console, browser: WebDriver,  # no
     wait_for(browser, lambda d: d.current_url.endswith(f"/console/case/{alert_id}"),
              message="case page")
     assert text_of(browser, "tx-transaction_id") == "LIVE-FRAUD-1"
+    assert text_of(browser, "tx-amount") == f"9,500.00 {fraud.currency}"
+    assert text_of(browser, "case-risk").endswith(" %")
     assert "9500.00 >= 5000.00" in text_of(browser, "reason-detail")
     assert "features" in browser.page_source
 
@@ -118,10 +133,30 @@ def test_live_queue_case_and_confirm(console: Console, browser: WebDriver,  # no
     assert notes.find_elements(By.TAG_NAME, "img") == []
     assert browser.execute_script("return window.__xss") is None
 
+    # closing asks first: a cancelled dialog changes nothing
     click(browser, "action-confirm")
+    wait_for(browser, lambda d: find(d, "close-dialog").is_displayed(), message="dialog")
+    assert "needs a fraud_type" in text_of(browser, "close-problem")
+    assert not find(browser, "close-confirm").is_enabled()  # no fraud type chosen yet
+    click(browser, "close-cancel")
+    wait_for(browser, lambda d: not d.find_elements(By.CSS_SELECTOR,
+                                                    "[data-testid=close-dialog]"),
+             message="dialog closed")
+    assert _case(settings, alert_id)[0] == "INVESTIGATING" or \
+        _case(settings, alert_id)[0] == "NEW"
+    click(browser, "action-confirm")
+    choose(browser, "close-fraud-type", "amount_spike")
+    wait_for(browser, lambda d: "fraud (amount_spike)" in text_of(d, "close-summary"),
+             message="the summary says what closing does")
+    click(browser, "close-confirm")
     wait_for(browser, lambda d: text_of(d, "case-status") == "CONFIRMED_FRAUD",
              message="confirmed on the page")
+    assert text_of(browser, "case-disposition") == "confirmed_fraud: amount_spike"
     assert _case(settings, alert_id) == ("CONFIRMED_FRAUD", None, "user:alice")
+    assert query(settings.db_path, "SELECT a.disposition, a.fraud_type, l.label, l.typology, "
+                 "l.source FROM alerts a JOIN labels l USING (transaction_id) WHERE "
+                 "a.alert_id = ?", [alert_id]) == [
+        ("confirmed_fraud", "amount_spike", 1, "amount_spike", "analyst:user:alice")]
     trail = query(settings.db_path, "SELECT actor, action, after FROM audit_log "
                   "WHERE subject = ? ORDER BY seq", [f"alert:{alert_id}"])
     assert [(a, act) for a, act, _ in trail] == [("user:alice", "case.note"),

@@ -149,12 +149,21 @@ def test_case_offers_only_allowed_transitions(node_db: tuple[Settings, Store]  #
         await user.should_see("INVESTIGATING")
         await user.should_not_see("Start investigating")
         assert status_of(settings, 4) == "INVESTIGATING"
-        user.find("Dismiss (false positive)").click()
+        user.find("Close as not fraud…").click()
+        await user.should_see("Close alert 4")  # the dialog: nothing changed yet
+        assert status_of(settings, 4) == "INVESTIGATING"
+        user.find("Cancel").click()
+        assert status_of(settings, 4) == "INVESTIGATING"
+        user.find("Close as not fraud…").click()
+        await user.should_see("Only a supervisor can reopen or correct it")
+        user.find("Close case").click()
         await user.should_see("FALSE_POSITIVE")
         assert status_of(settings, 4) == "FALSE_POSITIVE"
-        await user.should_not_see("Confirm fraud")
+        assert query(settings.db_path, "SELECT disposition, fraud_type FROM alerts WHERE "
+                     "alert_id = 4") == [("false_positive", None)]
+        await user.should_not_see("Close as fraud…")
         force_click(user, "Reopen")  # an analyst cannot reopen
-        await user.should_see("reopening a closed alert needs the supervisor role")
+        await user.should_see("reopening or correcting a closed alert needs the supervisor")
         assert status_of(settings, 4) == "FALSE_POSITIVE"
 
     simulate(settings, scenario)
@@ -170,6 +179,9 @@ def test_case_offers_only_allowed_transitions(node_db: tuple[Settings, Store]  #
     ("first_time_location", 0.0, False, "no"),
     ("first_time_location", 0.25, True, "0.25"),  # over a baseline: the share of first uses
     ("amount", 426.35, False, "426.4"),
+    ("amount_sum_24h", 12260.0, False, "12,260"),  # as a person writes it, not 1.226e+04
+    ("amount_max_30d", 999999999.99, False, "1,000,000,000"),
+    ("tx_count_1h", 0.0123456, True, "0.01235"),
 ])
 def test_case_values_are_in_the_units_an_analyst_reads(name: str, value: float, mean: bool,
                                                        shown: str) -> None:
@@ -205,7 +217,7 @@ def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  #
         await sign_in(user, "vera", password)
         await user.open("/case/6")
         await user.should_see("Why it was flagged")
-        force_click(user, "Confirm fraud")
+        force_click(user, "Close as fraud…")
         await user.should_see("needs the analyst role or above; you are viewer")
         assert status_of(settings, 6) == "NEW"
         await user.open("/overview")
@@ -265,8 +277,11 @@ def test_bulk_dismiss_on_a_terminal(node_db: tuple[Settings, Store]) -> None:  #
         await sign_in(user, "alice", password)
         await user.open(f"/case/{ids[0]}")
         await user.should_see(f"Other open alerts on this terminal ({count - 1})")
-        user.find(f"Dismiss all (this and {count - 1} more)").click()
-        await user.should_see(f"{count} alert(s) now FALSE_POSITIVE, 0 skipped")
+        user.find(f"Close all as not fraud… (this and {count - 1} more)").click()
+        await user.should_see(f"these {count} alerts")
+        user.find("Close case").click()
+        await user.should_see(f"{count} alert(s) now FALSE_POSITIVE (false_positive), "
+                              "0 skipped")
         await user.should_see("Other open alerts on this terminal (0)")
 
     simulate(settings, scenario)

@@ -186,8 +186,14 @@ def test_confirm_passes_through_investigating(node_db: tuple[Settings, Store]  #
                                               ) -> None:
     settings = node_db[0]
     writer = connect_writer(settings.db_path)
-    after = apply_change(writer, lambda c: change_status(c, 5, 1, "CONFIRMED_FRAUD", ANALYST))
+    with pytest.raises(CaseError) as no_disposition:  # refused whole: not left INVESTIGATING
+        apply_change(writer, lambda c: change_status(c, 5, 1, "CONFIRMED_FRAUD", ANALYST))
+    assert no_disposition.value.status == 422 and no_disposition.value.field == "disposition"
+    assert case_file(_conn(settings), 5)["alert"]["status"] == "NEW"  # type: ignore[index]
+    after = apply_change(writer, lambda c: change_status(c, 5, 1, "CONFIRMED_FRAUD", ANALYST,
+                                                         "confirmed_fraud", "amount_spike"))
     assert after["status"] == "CONFIRMED_FRAUD" and after["version"] == 3
+    assert (after["disposition"], after["fraud_type"]) == ("confirmed_fraud", "amount_spike")
     history = case_file(_conn(settings), 5)["history"]  # type: ignore[index]
     assert [h["after"]["status"] for h in history] == ["INVESTIGATING", "CONFIRMED_FRAUD"]
     assert {h["actor"] for h in history} == {"user:alice"}

@@ -2,7 +2,10 @@
 map of its terminals (terminal_map.py), related open alerts (with bulk actions), notes, the
 allowed status changes and the case's audit history. Everything comes from
 casefile.case_file in one read; every text from a transaction or a note is shown as text
-(labels and table cells are escaped), never as HTML.
+(labels and table cells are escaped), never as HTML. Closing (one case or in bulk) and
+correcting a closed case's disposition go through the close dialog (triage.CloseDialog),
+which asks for the disposition and fraud type and confirms first. Numbers are written as
+people write them (casework/numbers.py).
 """
 
 from __future__ import annotations
@@ -16,20 +19,34 @@ from appliance.casework.case_text import NOTE_MAX
 from appliance.casework.casefile import case_file, plain_value, value_text
 from appliance.casework.cases import (CLOSED_STATUSES, OPEN_STATUSES, CaseError, add_note,
                                       bulk_change)
+from appliance.casework.dispositions import DISPOSITIONS
 from appliance.casework.keys import role_at_least
+from appliance.casework.numbers import amount_text, number_text, percent_text
 from appliance.casework.users import User
 
 from .layout import signed_in, when
 from .queue_page import COLUMNS, table_row
 from .session import Console
 from .terminal_map import terminal_map
-from .triage import act
+from .triage import CLOSE_ACTIONS, CloseDialog, act, closed_as
 
-TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "currency",
-             "sent_amount", "sent_currency", "channel", "merchant_category", "location",
-             "model_risk", "risk", "severity", "decision", "model_version", "rules_version")
-"""``sent_amount`` and ``sent_currency`` are empty unless the terminal sent another currency
-than the node's, which ``amount`` and ``currency`` are in."""
+TX_FIELDS = ("transaction_id", "branch", "account_id", "terminal_id", "amount", "sent_amount",
+             "channel", "merchant_category", "location", "model_risk", "risk", "severity",
+             "decision", "model_version", "rules_version")
+"""``amount`` is shown with ``currency`` (the node's); ``sent_amount`` with ``sent_currency``
+is empty unless the terminal sent another currency than the node's."""
+MONEY = {"amount": "currency", "sent_amount": "sent_currency"}
+SHARES = ("model_risk", "risk")
+"""Shown as percentages."""
+
+
+def tx_text(tx: dict[str, Any], name: str) -> str:
+    """One transaction field as the case page shows it."""
+    if name in MONEY:
+        return amount_text(tx.get(name), tx.get(MONEY[name]))
+    if name in SHARES:
+        return percent_text(tx.get(name))
+    return value_text(tx.get(name))
 NOTE_LIMIT = NOTE_MAX
 
 
@@ -39,6 +56,7 @@ class CaseView:
         self.user = user
         self.alert_id = alert_id
         self.case: dict[str, Any] = {}
+        self.closer = CloseDialog()
 
     @ui.refreshable_method
     def body(self) -> None:
@@ -51,9 +69,10 @@ class CaseView:
         with ui.row().classes("items-center gap-4"):
             ui.label(f"Alert {alert['alert_id']}").classes("text-2xl")
             ui.badge(alert["severity"]).props("data-testid=case-severity")
-            ui.label(f"risk {alert['risk']:.2f}")
+            ui.label(f"risk {percent_text(alert['risk'])}").props("data-testid=case-risk")
             ui.label(alert["status"]).classes("text-lg font-bold").props(
                 "data-testid=case-status")
+            ui.label(closed_as(alert)).props("data-testid=case-disposition")
             ui.label(f"assignee: {alert['assignee'] or '—'}").props("data-testid=case-assignee")
             ui.label(f"version {alert['version']}").classes("text-gray-500")
         self.actions(alert)
@@ -73,10 +92,12 @@ class CaseView:
         if status == "NEW":
             buttons.append(("Start investigating", "investigate", True))
         if status in OPEN_STATUSES:
-            buttons += [("Confirm fraud", "confirm", True),
-                        ("Dismiss (false positive)", "dismiss", True)]
+            buttons += [("Close as fraud…", "confirm", True),
+                        ("Close as not fraud…", "dismiss", True)]
         if status in CLOSED_STATUSES:
-            buttons.append(("Reopen", "reopen", role_at_least(self.user.role, "supervisor")))
+            supervisor = role_at_least(self.user.role, "supervisor")
+            buttons += [("Reopen", "reopen", supervisor),
+                        ("Correct disposition…", "correct", supervisor)]
         with ui.row().classes("gap-2"):
             for label, action, allowed in buttons:
                 button = ui.button(label, on_click=lambda a=action: self.run(version, a))
@@ -86,8 +107,30 @@ class CaseView:
                     button.tooltip("your role cannot do this")
 
     def run(self, version: int, action: str) -> None:
-        if act(self.console, self.alert_id, version, action) is not None:
+        if action in CLOSE_ACTIONS or action == "correct":
+            self.ask_close(version, action)
+        elif act(self.console, self.alert_id, version, action) is not None:
             self.body.refresh()
+
+    def ask_close(self, version: int, action: str) -> None:
+        if self.console.act("analyst") is None:
+            return
+        alert = self.case["alert"]
+
+        def apply(disposition: str, fraud_type: str | None) -> bool:
+            done = act(self.console, self.alert_id, version, "close", disposition,
+                       fraud_type)
+            if done is not None:
+                self.body.refresh()
+            return done is not None
+
+        if action == "correct":
+            self.closer.open(f"Correct the disposition of alert {self.alert_id}",
+                             alert["disposition"], alert["fraud_type"], apply,
+                             f"alert {self.alert_id}")
+        else:
+            self.closer.open(f"Close alert {self.alert_id}", CLOSE_ACTIONS[action], None,
+                             apply, f"alert {self.alert_id}")
 
     def transaction(self, case: dict[str, Any]) -> None:
         tx = case["transaction"]
@@ -98,7 +141,7 @@ class CaseView:
                 ui.label(when(tx.get("ts")))
                 for name in TX_FIELDS:
                     ui.label(name).classes("text-gray-600")
-                    ui.label(value_text(tx.get(name))).props(f"data-testid=tx-{name}")
+                    ui.label(tx_text(tx, name)).props(f"data-testid=tx-{name}")
 
     def reasons(self, case: dict[str, Any]) -> None:
         with ui.card().classes("grow"):
@@ -115,10 +158,12 @@ class CaseView:
                     ui.label(sentence).props("data-testid=unusual")
                 if explanation["contributions"]:
                     ui.label(f"What drove the model's risk ({explanation['model_version']}, "
-                             f"{explanation['model_risk']:.2f})").classes("font-bold mt-2")
+                             f"{percent_text(explanation['model_risk'])})").classes(
+                        "font-bold mt-2")
                     for c in explanation["contributions"]:
                         ui.label(f"{c['feature']} = {plain_value(c['feature'], c['value'])}: "
-                                 f"{c['share']:.0%}").props("data-testid=contribution")
+                                 f"{percent_text(c['share'], 0)}").props(
+                            "data-testid=contribution")
 
     def features(self, case: dict[str, Any]) -> None:
         rows = [{"name": f["name"], "value": plain_value(f["name"], f["value"]),
@@ -126,8 +171,8 @@ class CaseView:
                  "difference": value_text(f["value"] - f["baseline"])
                  if f["baseline"] is not None else ""} for f in case["features"]]
         n = case["features"][0]["baseline_rows"] if case["features"] else 0
-        ui.label(f"Features against the account's baseline (mean of its previous {n} "
-                 "transactions)").classes("font-bold mt-4")
+        ui.label(f"Features against the account's baseline (mean of its previous "
+                 f"{number_text(n)} transactions)").classes("font-bold mt-4")
         ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"}
                           for k in ("name", "value", "baseline", "difference")],
                  rows=rows, row_key="name").props("dense flat data-testid=features")
@@ -151,38 +196,49 @@ class CaseView:
         ui.table(columns=[{"name": k, "label": k, "field": k, "align": "left"}
                           for k in ("terminal_id", "name", "location", "transactions",
                                     "last")],
-                 rows=[{**t, "last": when(t["last_ts"])} for t in case["terminals"]],
+                 rows=[{**t, "transactions": number_text(t["transactions"]),
+                        "last": when(t["last_ts"])} for t in case["terminals"]],
                  row_key="terminal_id").props("dense flat")
 
     def related(self, case: dict[str, Any]) -> None:
         alert = case["alert"]
         for scope in ("account", "terminal"):
             rows = [table_row(a) for a in case["related"][scope]]
-            ui.label(f"Other open alerts on this {scope} ({len(rows)})").classes(
+            ui.label(f"Other open alerts on this {scope} ({number_text(len(rows))})").classes(
                 "font-bold mt-4")
             if not rows:
                 continue
             ui.table(columns=COLUMNS, rows=rows, row_key="alert_id").props("dense flat")
             if alert["status"] in OPEN_STATUSES:
                 with ui.row():
-                    for label, target in (("Confirm all as fraud", "CONFIRMED_FRAUD"),
-                                          ("Dismiss all", "FALSE_POSITIVE")):
-                        ui.button(f"{label} (this and {len(rows)} more)",
-                                  on_click=lambda s=scope, t=target: self.bulk(s, t)
+                    for label, action, target in (
+                            ("Close all as fraud…", "confirm", "CONFIRMED_FRAUD"),
+                            ("Close all as not fraud…", "dismiss", "FALSE_POSITIVE")):
+                        ui.button(f"{label} (this and {number_text(len(rows))} more)",
+                                  on_click=lambda s=scope, a=action, n=len(rows):
+                                  self.ask_bulk(s, a, n)
                                   ).props(f"outline data-testid=bulk-{scope}-{target}")
 
-    def bulk(self, scope: str, target: str) -> None:
+    def ask_bulk(self, scope: str, action: str, more: int) -> None:
+        if self.console.act("analyst") is None:
+            return
+        self.closer.open(f"Close alert {self.alert_id} and {number_text(more)} more on its "
+                         f"{scope}", CLOSE_ACTIONS[action], None,
+                         lambda d, f: self.bulk(scope, d, f),
+                         f"these {number_text(more + 1)} alerts")
+
+    def bulk(self, scope: str, disposition: str, fraud_type: str | None) -> bool:
         user = self.console.act("analyst")
         if user is None:
-            return
+            return False
         version = self.case["alert"]["version"]
 
         def apply(conn: Any) -> dict[str, Any]:
-            # through INVESTIGATING first, as the workflow requires, then to the target
+            # through INVESTIGATING first, as the workflow requires, then closed
             first = bulk_change(conn, self.alert_id, version, scope, "INVESTIGATING", None,
                                 user.actor)
-            second = bulk_change(conn, self.alert_id, version + 1, scope, target, None,
-                                 user.actor)
+            second = bulk_change(conn, self.alert_id, version + 1, scope, None, None,
+                                 user.actor, disposition, fraud_type)
             return {"changed": second["changed"], "skipped": first["skipped"]
                     + second["skipped"]}
 
@@ -190,10 +246,13 @@ class CaseView:
             result = self.console.change(apply)
         except CaseError as exc:
             ui.notify(exc.message, type="warning")
-            return
-        ui.notify(f"{len(result['changed'])} alert(s) now {target}, "
-                  f"{len(result['skipped'])} skipped", type="positive")
+            return False
+        status = DISPOSITIONS[disposition].status
+        ui.notify(f"{number_text(len(result['changed']))} alert(s) now {status} "
+                  f"({disposition}), {number_text(len(result['skipped']))} skipped",
+                  type="positive")
         self.body.refresh()
+        return True
 
     def notes(self, case: dict[str, Any]) -> None:
         ui.label("Notes").classes("font-bold mt-4")

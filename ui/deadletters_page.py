@@ -11,6 +11,7 @@ from nicegui import ui
 
 from appliance.casework.deadletters import DeadLetter, DeadLetterError, listing, printable, show
 from appliance.casework.keys import role_at_least
+from appliance.casework.numbers import number_text
 
 from .layout import signed_in, when
 from .session import Console
@@ -31,7 +32,8 @@ COLUMNS = [
 def table_row(letter: DeadLetter) -> dict[str, Any]:
     return {"stream_seq": letter.stream_seq, "received": when(letter.received_at),
             "subject": printable(letter.subject), "reason": printable(letter.reason),
-            "size": letter.size, "resubmitted_text": "yes" if letter.resubmitted else ""}
+            "size": number_text(letter.size),
+            "resubmitted_text": "yes" if letter.resubmitted else ""}
 
 
 def body_text(letter: DeadLetter) -> str:
@@ -40,9 +42,10 @@ def body_text(letter: DeadLetter) -> str:
         return "(not recorded: dead-lettered before bodies were kept; TX_DLQ has it 30 days)"
     text = letter.body_text()
     if text is None:
-        return f"(not UTF-8; {len(letter.body)} bytes, shown as escapes)\n" + \
+        return f"(not UTF-8; {number_text(len(letter.body))} bytes, shown as escapes)\n" + \
             printable(letter.body.decode("utf-8", "backslashreplace"))
-    note = (f"\n(the first {len(letter.body)} of {letter.size} bytes)"
+    note = (f"\n(the first {number_text(len(letter.body))} of "
+            f"{number_text(letter.size)} bytes)"
             if letter.truncated else "")
     return printable(text) + note
 
@@ -114,7 +117,8 @@ class DeadLettersView:
                 "data-testid=deadletter-subject")
             ui.label(f"reason: {printable(letter.reason)}").props(
                 "data-testid=deadletter-reason")
-            ui.label(f"received {when(letter.received_at)} UTC · {letter.size} bytes")
+            ui.label(f"received {when(letter.received_at)} UTC · "
+                     f"{number_text(letter.size)} bytes")
             ui.label(body_text(letter)).classes(
                 "whitespace-pre-wrap font-mono bg-gray-100 p-2 w-full break-all").props(
                 "data-testid=deadletter-body")

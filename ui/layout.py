@@ -6,6 +6,7 @@ from __future__ import annotations
 from nicegui import app, ui
 
 from appliance.casework.keys import role_at_least
+from appliance.casework.numbers import number_text
 from appliance.casework.overview import waiting_urgent
 from appliance.casework.users import User
 from appliance.transaction import event_time_text
@@ -49,7 +50,7 @@ def frame(console: Console, user: User, title: str) -> None:
 
     def refresh_banner() -> None:
         waiting = waiting_urgent(console.reader())
-        banner.set_text(f"{waiting} HIGH or CRITICAL alert(s) waiting unreviewed"
+        banner.set_text(f"{number_text(waiting)} HIGH or CRITICAL alert(s) waiting unreviewed"
                         if waiting else "")
         banner.set_visibility(waiting > 0)
 

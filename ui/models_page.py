@@ -18,6 +18,7 @@ from typing import Any
 from nicegui import run, ui
 
 from appliance.casework.keys import role_at_least
+from appliance.casework.numbers import number_text
 from appliance.errors import BranchguardError
 from appliance.learning.backtest import compare_shadow
 from appliance.learning.evaluation import HEADINGS, METRICS, Metric
@@ -41,7 +42,17 @@ CARD_METRICS = ("average_precision", "roc_auc", "precision", "recall", "f1", "al
 
 
 def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+    return number_text(value) if isinstance(value, (int, float)) else \
+        "" if value is None else str(value)
+
+
+def metric_text(metric: Metric) -> str:
+    """A metric with its interval, as people write numbers (Metric.show is for the CLI)."""
+    if metric.value is None:
+        return "n/a"
+    if metric.low is None or metric.high is None:
+        return number_text(metric.value)
+    return f"{number_text(metric.value)} [{number_text(metric.low)}, {number_text(metric.high)}]"
 
 
 def _moved(state: dict[str, Any] | None, entry: dict[str, Any]) -> str:
@@ -61,7 +72,7 @@ def comparison_rows(table: list[tuple[str, dict[str, Metric]]], k: int, budget: 
     columns += [{"name": f"m{i}", "label": name, "field": f"m{i}", "align": "right"}
                 for i, (name, _) in enumerate(table)]
     rows = [{"metric": HEADINGS[m].format(k=k, budget=budget),
-             **{f"m{i}": metrics[m].show() for i, (_, metrics) in enumerate(table)}}
+             **{f"m{i}": metric_text(metrics[m]) for i, (_, metrics) in enumerate(table)}}
             for m in METRICS]
     return columns, rows
 

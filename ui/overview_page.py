@@ -11,6 +11,7 @@ from typing import Any
 
 from nicegui import ui
 
+from appliance.casework.numbers import age_text, number_text, percent_text
 from appliance.casework.overview import drift_status, overview
 from appliance.verdict import SEVERITIES
 
@@ -78,19 +79,19 @@ def overview_page(console: Console) -> None:
                                                  for s in SEVERITIES if s in o["by_severity"]]
         for chart in (throughput, rate, latency, severity):
             chart.update()
-        totals.set_text(f"last hour: {o['transactions']} transactions, {o['alerts']} alerts "
-                        f"({100 * o['alert_rate']:.2f}%)")
+        totals.set_text(f"last hour: {number_text(o['transactions'])} transactions, "
+                        f"{number_text(o['alerts'])} alerts ({percent_text(o['alert_rate'], 2)})")
         versions.set_text(f"model {o['model_version'] or '—'} · rules {o['rules_version']}")
-        dead.set_text(f"dead letters: {o['dead_letters']}")
+        dead.set_text(f"dead letters: {number_text(o['dead_letters'])}")
         last = o["last_stored_at"]
         quiet = None if last is None else time.time() - last
         pulse.set_text("node: nothing scored yet" if quiet is None else
-                       f"node: last transaction stored {quiet:.0f} s ago")
+                       f"node: last transaction stored {age_text(quiet)} ago")
         pulse.classes(replace="text-red-700 font-bold" if quiet is None or
                       quiet > STALE_SECONDS else "")
         show_drift(drift_status(console.reader(), console.settings.drift_psi_threshold))
-        terminals.rows = o["top_terminals"]
-        reasons.rows = o["top_reasons"]
+        terminals.rows = [{**t, "alerts": number_text(t["alerts"])} for t in o["top_terminals"]]
+        reasons.rows = [{**r, "alerts": number_text(r["alerts"])} for r in o["top_reasons"]]
         terminals.update()
         reasons.update()
 
@@ -102,17 +103,19 @@ def overview_page(console: Console) -> None:
         else:
             psi = status["psi"]
             head = (f"drift: checked {when(status['run_at'])} on {status['model_version']}, "
-                    f"{status['rows']} transactions of {when(status['window'][0])} to "
-                    f"{when(status['window'][1])}; score PSI {psi.get('risk', 0.0):.3f}")
+                    f"{number_text(status['rows'])} transactions of {when(status['window'][0])} "
+                    f"to {when(status['window'][1])}; score PSI "
+                    f"{number_text(psi.get('risk', 0.0))}")
             if status["drifted"]:
                 drift.set_text(f"{head} · WARNING: {', '.join(status['drifted'])} above "
-                               f"{status['threshold']:g}")
+                               f"{number_text(status['threshold'])}")
                 drift.classes(replace="font-bold text-red-700")
             else:
-                drift.set_text(f"{head} · stable (all at or below {status['threshold']:g})")
+                drift.set_text(f"{head} · stable (all at or below "
+                               f"{number_text(status['threshold'])})")
                 drift.classes(replace="font-bold text-green-800")
             drift_table.rows = [
-                {"name": "risk score" if name == "risk" else name, "psi": f"{value:.4f}",
+                {"name": "risk score" if name == "risk" else name, "psi": number_text(value),
                  "state": "above threshold" if name in status["drifted"] else ""}
                 for name, value in sorted(psi.items(), key=lambda kv: -kv[1])]
         drift_table.update()

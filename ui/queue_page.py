@@ -4,7 +4,12 @@ Live without reloading: a timer polls queue.marker (newest alert id, change gene
 every ``console_poll_seconds`` and re-reads the page only when it moved, so a freshly
 scored alert shows within one poll interval. Keys (ignored while typing in a field):
 ``j``/``k`` or arrows move the selection, Enter opens the case, ``a`` assigns it to you,
-``i`` starts investigating, ``c`` confirms fraud, ``d`` dismisses it as a false positive.
+``i`` starts investigating, ``c`` (fraud) and ``d`` (not fraud) open the close dialog, which
+asks for the disposition and fraud type and changes nothing until confirmed.
+
+Each row shows what an analyst reads first: the amount in its currency, where (merchant
+category and location), the channel, and the alert's age; numbers are written as people
+write them (casework/numbers.py). Ages are re-read at least every ``AGE_REFRESH_SECONDS``.
 """
 
 from __future__ import annotations
@@ -17,36 +22,52 @@ from nicegui import ui
 from nicegui.events import KeyEventArguments
 
 from appliance.casework.cases import STATUSES
+from appliance.casework.numbers import age_text, amount_text, number_text, percent_text
 from appliance.casework.queue import REASONS, SORTS, UNASSIGNED, QueueQuery, alert_page, marker
 from appliance.casework.users import User
 from appliance.verdict import SEVERITIES
 
 from .layout import signed_in, when
 from .session import Console
-from .triage import act
+from .triage import CLOSE_ACTIONS, CloseDialog, act, closed_as
 
 TIME_RANGES = {"any time": None, "last 15 minutes": 900, "last hour": 3600,
                "last 24 hours": 86400}
 COLUMNS = [
     {"name": "alert_id", "label": "#", "field": "alert_id", "align": "left"},
+    {"name": "age", "label": "age", "field": "age_text", "align": "right"},
     {"name": "when", "label": "event time (UTC)", "field": "when", "align": "left"},
     {"name": "severity", "label": "severity", "field": "severity", "align": "left"},
     {"name": "risk", "label": "risk", "field": "risk_text", "align": "right"},
+    {"name": "amount", "label": "amount", "field": "amount_text", "align": "right"},
+    {"name": "where", "label": "merchant / location", "field": "where", "align": "left"},
+    {"name": "channel", "label": "channel", "field": "channel_text", "align": "left"},
     {"name": "reasons", "label": "reasons", "field": "reasons_text", "align": "left"},
     {"name": "account_id", "label": "account", "field": "account_id", "align": "left"},
     {"name": "terminal_id", "label": "terminal", "field": "terminal_id", "align": "left"},
-    {"name": "status", "label": "status", "field": "status", "align": "left"},
+    {"name": "status", "label": "status", "field": "status_text", "align": "left"},
     {"name": "assignee", "label": "assignee", "field": "assignee", "align": "left"},
 ]
+AGE_REFRESH_SECONDS = 30.0
 NO_RULE = "model risk"
 """The reasons cell of an alert no rule fired on (the case page says the same in full)."""
 KEYS = {"a": "assign_me", "i": "investigate", "c": "confirm", "d": "dismiss"}
+"""``confirm`` and ``dismiss`` open the close dialog (triage.CLOSE_ACTIONS)."""
 
 
-def table_row(alert: dict[str, Any]) -> dict[str, Any]:
-    """One queue row. An alert no rule fired on was raised by the model's risk alone (under
-    ``ml_risk_threshold``, over ``warning_risk``); it says so rather than show no reason."""
-    return {**alert, "when": when(alert["ts"]), "risk_text": f"{alert['risk']:.2f}",
+def table_row(alert: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """One queue row, its numbers as people write them. An alert no rule fired on was
+    raised by the model's risk alone (under ``ml_risk_threshold``, over ``warning_risk``);
+    it says so rather than show no reason. Merchant and location are shown together (either
+    may be missing); a closed case's status says how it was closed."""
+    where = " · ".join(str(alert[k]) for k in ("merchant_category", "location")
+                       if alert.get(k))
+    return {**alert, "when": when(alert["ts"]), "risk_text": percent_text(alert["risk"]),
+            "age_text": age_text((time.time() if now is None else now) - alert["created_at"]),
+            "amount_text": amount_text(alert.get("amount"), alert.get("currency")),
+            "where": where, "channel_text": alert.get("channel") or "",
+            "status_text": alert["status"] + (f" ({closed_as(alert)})"
+                                              if alert.get("disposition") else ""),
             "reasons_text": ", ".join(alert["reasons"]) or NO_RULE,
             "assignee": alert["assignee"] or ""}
 
@@ -65,6 +86,7 @@ class QueueView:
         self.seen = (-1, -1)
         self.total = 0
         self.pages = 1
+        self.read_at = 0.0
 
     def effective_query(self) -> QueueQuery:
         seconds = TIME_RANGES.get(self.time_range)
@@ -116,7 +138,8 @@ class QueueView:
             self.pager = ui.label().props("data-testid=pager")
             ui.button("next", on_click=lambda: self.turn(1)).props("flat data-testid=page-next")
             ui.label("keys: j/k move · Enter open · a assign to me · i investigate · "
-                     "c confirm fraud · d dismiss").classes("text-gray-500 text-sm")
+                     "c close as fraud · d close as not fraud").classes("text-gray-500 text-sm")
+        self.closer = CloseDialog()
         ui.keyboard(on_key=self.key)
         self.refresh()
         ui.timer(self.console.settings.console_poll_seconds, self.poll)
@@ -140,17 +163,19 @@ class QueueView:
             self.refresh()
 
     def poll(self) -> None:
-        if marker(self.console.reader()) != self.seen:
+        if marker(self.console.reader()) != self.seen or \
+                time.time() - self.read_at >= AGE_REFRESH_SECONDS:
             self.refresh()
 
     def refresh(self) -> None:
         conn = self.console.reader()
         self.seen = marker(conn)
+        self.read_at = time.time()
         page = alert_page(conn, self.effective_query())
         self.total = page.total
         self.pages = page.pages(self.query.page_size)
         kept = self.rows[self.selected]["alert_id"] if self.rows else None
-        self.rows = [table_row(a) for a in page.alerts]
+        self.rows = [table_row(a, self.read_at) for a in page.alerts]
         ids = [r["alert_id"] for r in self.rows]
         # the selection follows its alert when new ones arrive above it
         self.selected = ids.index(kept) if kept in ids else \
@@ -162,9 +187,9 @@ class QueueView:
             row["selected"] = i == self.selected
         self.table.rows = self.rows
         self.table.update()
-        self.pager.set_text(f"page {self.query.page + 1} of "
-                            f"{self.pages} · "
-                            f"{self.total} alerts")
+        self.pager.set_text(f"page {number_text(self.query.page + 1)} of "
+                            f"{number_text(self.pages)} · "
+                            f"{number_text(self.total)} alerts")
 
     def open(self, alert_id: int) -> None:
         ui.navigate.to(f"/case/{alert_id}")
@@ -181,8 +206,25 @@ class QueueView:
             self.open(self.rows[self.selected]["alert_id"])
         elif name in KEYS:
             row = self.rows[self.selected]
-            if act(self.console, row["alert_id"], row["version"], KEYS[name]) is not None:
+            if KEYS[name] in CLOSE_ACTIONS:
+                self.ask_close(row, CLOSE_ACTIONS[KEYS[name]])
+            elif act(self.console, row["alert_id"], row["version"], KEYS[name]) is not None:
                 self.refresh()
+
+    def ask_close(self, row: dict[str, Any], code: str) -> None:
+        """The close dialog for the selected row (only for someone who may close it)."""
+        if self.console.act("analyst") is None:
+            return
+        alert_id, version = row["alert_id"], row["version"]
+
+        def apply(disposition: str, fraud_type: str | None) -> bool:
+            done = act(self.console, alert_id, version, "close", disposition, fraud_type)
+            if done is not None:
+                self.refresh()
+            return done is not None
+
+        self.closer.open(f"Close alert {alert_id}", code, None, apply,
+                         f"alert {alert_id}")
 
 
 def queue_page(console: Console) -> None:

@@ -5,13 +5,14 @@ case workflow (status, assignee, notes, bulk changes on related alerts)."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any
 
 import msgspec
 
 from ..casework.casefile import TX_COLUMNS, alert_transaction, notes
 from ..casework.cases import (ALERT_SELECT, STATUSES, CaseError, Change, add_note, alert_row,
-                              bulk_change, change_case, is_reopen)
+                              bulk_change, change_case, needs_supervisor)
 from ..casework.keys import role_at_least
 from ..verdict import SEVERITIES
 from . import bodies
@@ -64,7 +65,12 @@ def _filters(call: Call) -> tuple[list[str], list[Any]]:
 def list_alerts(call: Call) -> dict[str, Any]:
     """
     summary: List alerts, newest first by default, with a total count.
-    description: Filters combine with AND. Pass next_cursor back as cursor for the next page.
+    description: >
+      Filters combine with AND. Pass next_cursor back as cursor for the next page. Each
+      alert carries its transaction's amount, currency, channel, merchant_category and
+      location (null once retention purged the transaction), its disposition and
+      fraud_type once closed, and age_seconds (since the alert was raised, as of the
+      response's as_of, epoch seconds: a cached response keeps the age it was read with).
     parameters:
       - {$ref: '#/components/parameters/status'}
       - {$ref: '#/components/parameters/severity'}
@@ -80,7 +86,7 @@ def list_alerts(call: Call) -> dict[str, Any]:
       - {$ref: '#/components/parameters/limit'}
       - {name: cursor, in: query, schema: {type: string}}
     responses:
-      200: {description: '{"total", "count", "next_cursor", "alerts": [...]}'}
+      200: {description: '{"total", "count", "next_cursor", "as_of", "alerts": [...]}'}
       400: {$ref: '#/components/responses/BadRequest'}
     """
     p = call.params()
@@ -108,7 +114,11 @@ def list_alerts(call: Call) -> dict[str, Any]:
     key = sort.lstrip("-")
     next_cursor = (encode_cursor([sort, rows[-1]["alert_id" if key == "created_at" else key],
                                   rows[-1]["alert_id"]]) if more else None)
-    return {"total": total, "count": len(rows), "next_cursor": next_cursor, "alerts": rows}
+    as_of = time.time()
+    for row in rows:
+        row["age_seconds"] = max(0.0, round(as_of - row["created_at"], 3))
+    return {"total": total, "count": len(rows), "next_cursor": next_cursor, "as_of": as_of,
+            "alerts": rows}
 
 
 def _alert(conn: sqlite3.Connection, alert_id: int) -> dict[str, Any]:
@@ -181,11 +191,18 @@ def account_history(call: Call) -> dict[str, Any]:
 @routes.route("PATCH", "/api/v1/alerts/{alert_id:int}", "analyst")
 def change(call: Call) -> dict[str, Any]:
     """
-    summary: Change an alert's status and/or assignee, at the version you last read.
+    summary: Change an alert's status, assignee or disposition, at the version you last read.
     description: >
-      NEW -> INVESTIGATING -> CONFIRMED_FRAUD | FALSE_POSITIVE; reopening a closed alert
-      (back to INVESTIGATING) needs a supervisor. A stale version gets 409 with the current
-      case state; a transition that is not allowed gets 422.
+      NEW -> INVESTIGATING -> CONFIRMED_FRAUD | FALSE_POSITIVE. Closing takes a disposition
+      (confirmed_fraud, customer_confirmed, false_positive, duplicate, other), which decides
+      the closed status (status may be left out, or must agree), and with confirmed_fraud a
+      fraud_type (velocity_burst, card_testing, amount_spike, impossible_travel,
+      atm_cashout, new_terminal_large, other); both become the transaction's label and its
+      typology. Reopening a closed alert (back to INVESTIGATING) or re-disposing it (a
+      disposition on a closed alert: the label is corrected, and the correction audited)
+      needs a supervisor. A stale version gets 409 with the current case state; a
+      transition that is not allowed, or a disposition missing, unknown or without its
+      fraud type, gets 422 naming the field.
     parameters: [{$ref: '#/components/parameters/alert_id'}]
     requestBody:
       required: true
@@ -199,12 +216,15 @@ def change(call: Call) -> dict[str, Any]:
               version: {type: integer, minimum: 1}
               status: {$ref: '#/components/schemas/Status'}
               assignee: {type: string, nullable: true, minLength: 1, maxLength: 100}
+              disposition: {$ref: '#/components/schemas/Disposition'}
+              fraud_type: {$ref: '#/components/schemas/FraudType'}
     responses:
       200: {description: the new case state}
       400: {$ref: '#/components/responses/BadRequest'}
+      403: {description: reopening or re-disposing needs the supervisor role}
       404: {$ref: '#/components/responses/NotFound'}
       409: {description: stale version (the body has the current state)}
-      422: {description: transition not allowed}
+      422: {description: transition not allowed, or the disposition or fraud type is missing or wrong}
     """
     alert_id = call.path_id("alert_id")
     body = call.decode(bodies.CaseChange)
@@ -216,12 +236,13 @@ def change(call: Call) -> dict[str, Any]:
     def apply(conn: sqlite3.Connection) -> dict[str, Any]:
         row = conn.execute("SELECT status FROM alerts WHERE alert_id = ?",
                            (alert_id,)).fetchone()
-        if row and body.status and is_reopen(row[0], body.status) and principal and \
-                not role_at_least(principal.role, "supervisor"):
-            raise CaseError(403, "reopening a closed alert needs the supervisor role",
-                            "status")
+        if row and needs_supervisor(row[0], body.status, body.disposition) and principal \
+                and not role_at_least(principal.role, "supervisor"):
+            raise CaseError(403, "reopening or re-disposing a closed alert needs the "
+                            "supervisor role", "disposition" if body.disposition else "status")
         return change_case(conn, alert_id, Change(body.version, body.status, assignee,
-                                                  unassign), call.actor)
+                                                  unassign, body.disposition,
+                                                  body.fraud_type), call.actor)
 
     return {"alert_id": alert_id, **call.change(apply)}
 
@@ -270,15 +291,19 @@ def bulk(call: Call) -> dict[str, Any]:
               scope: {type: string, enum: [account, terminal]}
               status: {$ref: '#/components/schemas/Status'}
               assignee: {type: string, minLength: 1, maxLength: 100}
+              disposition: {$ref: '#/components/schemas/Disposition'}
+              fraud_type: {$ref: '#/components/schemas/FraudType'}
     responses:
       200: {description: '{"changed": [...], "skipped": [...]}'}
       400: {$ref: '#/components/responses/BadRequest'}
       404: {$ref: '#/components/responses/NotFound'}
       409: {description: stale version}
+      422: {description: the disposition or fraud type is missing or wrong}
     """
     alert_id = call.path_id("alert_id")
     body = call.decode(bodies.Bulk)
-    if body.status is None and body.assignee is None:
-        raise ApiError(400, "give a status, an assignee or both", "status")
+    if body.status is None and body.assignee is None and body.disposition is None:
+        raise ApiError(400, "give a status, a disposition, an assignee or several", "status")
     return call.change(lambda conn: bulk_change(conn, alert_id, body.version, body.scope,
-                                                body.status, body.assignee, call.actor))
+                                                body.status, body.assignee, call.actor,
+                                                body.disposition, body.fraud_type))

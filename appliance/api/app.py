@@ -27,6 +27,7 @@ from .. import logs
 from ..store import open_db
 from ..settings import Settings
 from . import alerts, audit, deadletters, health, keys, lists, stats
+from ..casework.dispositions import CODES, FRAUD_TYPES
 from .body_limit import BodyLimit
 from .head_limit import HeadLimitedProtocol
 from .endpoint import Api, Spec, starlette_route
@@ -45,7 +46,9 @@ BASE_SCHEMA: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {"Status": {"type": "string", "enum": ["NEW", "INVESTIGATING",
                                                           "CONFIRMED_FRAUD",
-                                                          "FALSE_POSITIVE"]}},
+                                                          "FALSE_POSITIVE"]},
+                    "Disposition": {"type": "string", "enum": list(CODES)},
+                    "FraudType": {"type": "string", "enum": list(FRAUD_TYPES)}},
         "parameters": {
             "alert_id": {"name": "alert_id", "in": "path", "required": True,
                          "schema": {"type": "integer"}},

@@ -14,6 +14,12 @@ from .errors import ApiError
 
 T = TypeVar("T")
 Status = Literal["NEW", "INVESTIGATING", "CONFIRMED_FRAUD", "FALSE_POSITIVE"]
+DispositionCode = Literal["confirmed_fraud", "customer_confirmed", "false_positive",
+                          "duplicate", "other"]
+"""casework/dispositions.CODES (a test checks they agree)."""
+FraudType = Literal["velocity_burst", "card_testing", "amount_spike", "impossible_travel",
+                    "atm_cashout", "new_terminal_large", "other"]
+"""scoring/labels.FRAUD_TYPES (a test checks they agree)."""
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=r"^[^\x00]*$")]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"^[^\x00]*$")]
 Version = Annotated[int, msgspec.Meta(ge=1, le=2**62)]
@@ -27,6 +33,10 @@ class CaseChange(msgspec.Struct, forbid_unknown_fields=True):
     status: Status | None = None
     assignee: Name | None | msgspec.UnsetType = msgspec.UNSET
     """A name assigns; null unassigns; absent leaves the assignee as it is."""
+    disposition: DispositionCode | None = None
+    """Closes the case (its status follows from the code); on a closed case, re-disposes."""
+    fraud_type: FraudType | None = None
+    """With a fraud disposition only, and then required."""
 
 
 class Note(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,6 +48,8 @@ class Bulk(msgspec.Struct, forbid_unknown_fields=True):
     scope: Literal["account", "terminal"]
     status: Status | None = None
     assignee: Name | None = None
+    disposition: DispositionCode | None = None
+    fraud_type: FraudType | None = None
 
 
 class ListEntry(msgspec.Struct, forbid_unknown_fields=True):

@@ -23,6 +23,7 @@ from ..store import decode_features
 from ..scoring.features import HORIZON, VERSIONS
 from ..transaction import UNSAFE_TEXT
 from .cases import ALERT_SELECT, alert_row
+from .numbers import number_text
 
 BASELINE_ROWS = 100
 TIMELINE_ROWS = 50
@@ -168,12 +169,13 @@ def history(conn: sqlite3.Connection, alert_id: int) -> list[dict[str, Any]]:
 
 
 def value_text(value: Any) -> str:
-    """A stored value as the console shows it: floats to 4 significant digits, None as
-    nothing, and in text every control or bidirectional formatting character shown as its
-    code (``<U+202E>``): rows stored before the contract refused them would otherwise show
-    reversed or hidden text."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    """A stored value as the console shows it: numbers as a person writes them
+    (numbers.number_text: ``12,260``, never ``1.226e+04``), None as nothing, and in text
+    every control or bidirectional formatting character shown as its code (``<U+202E>``):
+    rows stored before the contract refused them would otherwise show reversed or hidden
+    text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return number_text(value)
     if isinstance(value, str):
         return UNSAFE_TEXT.sub(lambda m: f"<U+{ord(m.group()):04X}>", value)
     return "" if value is None else str(value)
@@ -190,7 +192,7 @@ def plain_value(name: str, value: Any, mean: bool = False) -> str:
             return "7 d or more"
         for unit, seconds in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
             if value >= 2 * seconds:
-                return f"{value / seconds:.1f} {unit}"
+                return f"{value / seconds:.1f} {unit}"  # under 7 d: never an exponent
         return f"{value:.0f} s"
     if name.startswith("first_time_") and not mean:
         return "yes" if value else "no"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..scoring.rules import RULES
 from ..verdict import SEVERITIES
-from .cases import ALERT_COLUMNS, ALERT_SELECT, STATUSES, alert_row
+from .cases import ALERT_SELECT, STATUSES, alert_row
 
 REASONS = tuple(rule.__name__ for rule in RULES) + ("deny_list",)
 """Reason codes an alert can carry (allow-listed transactions raise no alert)."""
@@ -111,5 +111,4 @@ def newer_than(conn: sqlite3.Connection, alert_id: int, limit: int = 100
                ) -> list[dict[str, Any]]:
     """Alerts stored after ``alert_id``, oldest first (what arrived since the last poll)."""
     return [alert_row(r) for r in conn.execute(
-        f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE alert_id > ? "
-        "ORDER BY alert_id LIMIT ?", (alert_id, limit))]
+        f"{ALERT_SELECT} WHERE a.alert_id > ? ORDER BY a.alert_id LIMIT ?", (alert_id, limit))]
