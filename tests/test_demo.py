@@ -134,6 +134,10 @@ def test_late_labels_arrive_through_labels_import_once_known(world: World,
     assert again is not None and again.imported == 0  # idempotent, as labels import is
     sources = {r[0].split(":")[0] for r in query(db, "SELECT source FROM labels")}
     assert sources == {"demo-chargeback", "demo-settled"}
+    # each fraud label names its typology in the labels table, as an analyst's close does
+    typed = query(db, "SELECT label, typology, source FROM labels")
+    assert all((typology is not None) == (label == 1) for label, typology, _ in typed)
+    assert all(source.split(":")[1] == typology for label, typology, source in typed if label)
 
 
 def _row(tid: str, ts: float, decision: str) -> Scored:
@@ -163,8 +167,8 @@ def test_evaluate_demo_counts_alerts_precision_and_episodes(tmp_path: Path) -> N
               ("c", 1, "demo-chargeback:card_testing:E2"),     # missed
               ("e", 1, "demo-chargeback:card_testing:E3"),     # missed
               ("d", 0, "demo-settled"), ("f", 0, "demo-settled")]
-    conn.executemany("INSERT INTO labels VALUES (?, ?, '2026-03-20T00:00:00Z', ?, "
-                     "'2026-03-20T00:00:00Z')", labels)
+    conn.executemany("INSERT INTO labels (transaction_id, label, known_at, source, imported_at) "
+                     "VALUES (?, ?, '2026-03-20T00:00:00Z', ?, '2026-03-20T00:00:00Z')", labels)
     conn.commit()
     conn.close()
     result = evaluate_demo(settings.db_path, budget=2.0)

@@ -47,6 +47,8 @@ class LateLabel:
     known: float
     """Epoch seconds at which it becomes known."""
     source: str
+    typology: str | None = None
+    """The fraud's typology (the labels table's ``typology``), on fraud labels only."""
 
 
 def fraud_delay_days(episode: str) -> float:
@@ -60,7 +62,8 @@ def late_label(item: Labelled) -> LateLabel:
     if item.fraud:
         episode = item.episode or item.tx.transaction_id
         return LateLabel(item.tx.transaction_id, 1, t + fraud_delay_days(episode) * _DAY,
-                         f"{SOURCE_FRAUD}:{item.typology or 'other'}:{episode}")
+                         f"{SOURCE_FRAUD}:{item.typology or 'other'}:{episode}",
+                         item.typology or "other")
     return LateLabel(item.tx.transaction_id, 0, t + SETTLED_DAYS * _DAY, SOURCE_GENUINE)
 
 
@@ -92,9 +95,10 @@ def write_labels_file(path: Path, labels: Iterable[LateLabel]) -> int:
     n = 0
     with gzip.open(path, "wt", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(("transaction_id", "label", "known_at", "source"))
+        writer.writerow(("transaction_id", "label", "known_at", "source", "typology"))
         for lab in labels:
-            writer.writerow((lab.transaction_id, lab.label, rfc3339(lab.known), lab.source))
+            writer.writerow((lab.transaction_id, lab.label, rfc3339(lab.known), lab.source,
+                             lab.typology or ""))
             n += 1
     return n
 
