@@ -163,10 +163,10 @@ class Challenger:
 
     def predict(self, stacked: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """The probability of fraud: the mean of the two models'."""
-        full = self.full.predict_proba(stacked)[:, 1]
-        behaviour = self.behaviour.predict_proba(stacked[:, self.behaviour_columns])[:, 1]
-        out: npt.NDArray[np.float64] = (np.asarray(full, dtype=np.float64)
-                                        + np.asarray(behaviour, dtype=np.float64)) / 2.0
+        full = np.asarray(self.full.predict_proba(stacked), dtype=np.float64)[:, 1]
+        behaviour = np.asarray(self.behaviour.predict_proba(
+            stacked[:, self.behaviour_columns]), dtype=np.float64)[:, 1]
+        out: npt.NDArray[np.float64] = (full + behaviour) / 2.0
         return out
 
 
