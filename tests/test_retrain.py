@@ -1,5 +1,5 @@
-"""Retraining: the supervised challenger's ONNX graph equals scikit-learn; a candidate is
-promoted when, and only when, the promotion rule is met."""
+"""Retraining: the LightGBM challenger is tuned, exported and registered end to end; a
+candidate is promoted when, and only when, the promotion rule is met."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from appliance.store import decode_features
 from appliance.errors import ModelError
 from appliance.feed.simulate import Labelled
 from appliance.learning.backtest import backtest, label_state, load_rows
-from appliance.learning.challenger import (BOOTSTRAP_SHARE, TREES, Challenger, challenger_to_onnx,
-                                           stacked_input)
 from appliance.learning.retrain import NO_LABELS_YET, decide, retrain
 from appliance.scoring.features import FEATURES, FEATURES_VERSION, VERSIONS, FeatureState
 from appliance.scoring.labels import import_labels, write_label_file
@@ -32,27 +30,8 @@ from .support import make_transactions
 from .test_registry import copy_shipped
 
 
-def test_challenger_graph_matches_scikit_learn() -> None:
-    """The shipped configuration (two forests of TREES trees on half-size bootstrap samples)
-    converts to one graph that gives the mean of scikit-learn's probabilities."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(4000, 7)).astype(np.float32)
-    x[:, 3] = rng.integers(0, 5, 4000)  # a count-like column: values sit on split thresholds
-    y = x[:, 0] + 0.3 * rng.normal(size=4000) > 1.8
-    forest = IsolationForest(n_estimators=50, random_state=1).fit(x[:, [0, 3]])
-    stacked = stacked_input(x, forest, [0, 3])
-    pair = Challenger.fit(stacked, y, 5)  # columns 5 and 6 play the label features
-    for clf in (pair.full, pair.behaviour):
-        assert len(clf.estimators_) == TREES and clf.max_samples == BOOTSTRAP_SHARE
-    assert pair.full.n_features_in_ == 8 and pair.behaviour_columns == [0, 1, 2, 3, 4, 7]
-    session = ort.InferenceSession(challenger_to_onnx(pair, forest, 7, [0, 3])
-                                   .SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"features": x})[0]
-    want = (pair.full.predict_proba(stacked)[:, 1]
-            + pair.behaviour.predict_proba(stacked[:, [0, 1, 2, 3, 4, 7]])[:, 1]) / 2
-    assert np.array_equal(pair.predict(stacked), want)
-    assert got.shape == (4000,)
-    assert np.max(np.abs(got - want)) <= 1e-5
+FAST = {"num_leaves": 15, "min_child_samples": 20, "n_estimators": 60}
+"""A fixed LightGBM configuration for the tests that are about the promotion rule, not tuning."""
 
 
 def test_promotion_rule() -> None:
@@ -96,7 +75,7 @@ def items() -> list[Labelled]:
 def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labelled]) -> None:
     settings = stored_node(tmp_path, items)
     registry = Registry.of(settings)
-    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    result = retrain(settings, supervised=True, holdout_days=0.005)
     assert result.decision.promote, result.decision.reason
     assert NO_LABELS_YET not in result.decision.reason
     assert registry.production() == result.version
@@ -106,11 +85,25 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     assert card["metrics"]["f1"] >= 1.02 * card["metrics"]["production_on_same_period"]["f1"]
     assert card["metrics"]["onnx_vs_sklearn_max_abs_diff"] <= 1e-5
     assert card["training"]["labels_used_for_fitting"] is True
-    assert card["hyperparameters"]["n_estimators"] == 40
-    assert card["hyperparameters"]["max_samples"] == BOOTSTRAP_SHARE
+    assert card["algorithm"].startswith("mean of two lightgbm.LGBMClassifier")
+    # each model's hyperparameters were chosen on the validation fold: every grid point tried,
+    # the winner is the best of them, and the split ended where the held-back period begins
+    validation = card["validation"]
+    for role in ("full", "behaviour"):
+        trials = validation[role]["trials"]
+        assert len(trials) == 8 and validation[role]["chosen_by"].startswith("grid search")
+        best = max(trials, key=lambda t: t["validation_average_precision"])
+        assert card["hyperparameters"][role] == {k: v for k, v in best.items()
+                                                 if k != "validation_average_precision"}
+    split = validation["split"]
+    assert split["fit_rows"] > 0 and split["validation_rows"] > 0
+    assert split["window_end"] <= card["training"]["holdout"]["from"]
+    # labels known a minute late: every label window is longer than that delay
+    assert validation["label_features"]["median_label_delay_seconds"] == pytest.approx(60,
+                                                                                       abs=0.1)
     assert card["features"][-2:] == ["account_known_fraud_count_30d",
                                      "account_known_fraud_share_30d"]
-    assert "terminal_known_fraud_count_1d" not in card["features"]
+    assert "terminal_known_fraud_count_1d" in card["features"]
     assert "risk" in card["reference"] and "amount" in card["reference"]["features"]
     # the card's metrics are what a backtest of the held-back period gives
     rows = load_rows(settings.db_path)
@@ -134,7 +127,7 @@ def test_a_candidate_that_misses_the_rule_stays_a_candidate(
         tmp_path: Path, items: list[Labelled], override: dict[str, float], why: str) -> None:
     settings = stored_node(tmp_path, items, **override)
     registry = Registry.of(settings)
-    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    result = retrain(settings, supervised=True, holdout_days=0.005, gbm_params=FAST)
     assert not result.decision.promote
     assert why in result.decision.reason
     assert registry.production() == "if-v1"
@@ -151,7 +144,7 @@ def test_a_held_back_period_with_no_label_known_yet_is_named_in_the_reason(
     span = items[-1].tx.timestamp.timestamp() - items[0].tx.timestamp.timestamp()
     settings = stored_node(tmp_path, items, label_delay=0.6 * span)
     result = retrain(settings, supervised=True, holdout_days=0.1 * span / 86400,
-                     n_estimators=40)
+                     gbm_params=FAST)
     assert result.decision.reason.endswith(NO_LABELS_YET)
     assert Registry.of(settings).card(result.version)["promotion"]["reason"] == \
         result.decision.reason
@@ -164,7 +157,11 @@ def test_unsupervised_retrain_compares_on_the_same_period(tmp_path: Path,
     result = retrain(settings, holdout_days=0.005, allow_promotion=False)
     card = Registry.of(settings).card(result.version)
     assert card["training"]["labels_used_for_fitting"] is False
-    assert card["features"] == list(Registry.of(settings).card("if-v1")["features"])
+    # its features were chosen on a time-ordered split before the held-back period
+    choice = card["validation"]["forest_features"]
+    assert card["features"] == choice["features"] and choice["chosen_by"].startswith("greedy")
+    assert choice["split"]["window_end"] < card["training"]["holdout"]["from_ts"]
+    assert choice["steps"][0]["added"] == card["features"][0]
     held = card["training"]["holdout"]["rows"]
     assert held > 0 and card["metrics"]["production_on_same_period"]["version"] == "if-v1"
     assert not result.decision.promote and Registry.of(settings).production() == "if-v1"
@@ -191,7 +188,7 @@ def test_the_live_scorer_serves_a_label_model_exactly_as_the_backtest_scores_it(
 
     stream = make_transactions(9000, seed=5, rate=5.0)
     settings = stored_node(tmp_path, stream[:8000])
-    result = retrain(settings, supervised=True, holdout_days=0.005, n_estimators=40)
+    result = retrain(settings, supervised=True, holdout_days=0.005, gbm_params=FAST)
     assert result.decision.promote and Registry.of(settings).load(result.version).uses_labels
     conn = sqlite3.connect(settings.db_path)
     conn.execute("DELETE FROM checkpoints")  # a fresh stream: the stored rows came from elsewhere

@@ -8,8 +8,10 @@ data directory, with an embedded nats-server and the real
    scored by the shipped model);
 2. import the labels of days ``label_first_day``-``label_last_day`` (default 46-52) as known
    ``label_delay_days`` (default 7) after each transaction;
-3. ``retrain`` unsupervised (an Isolation Forest; labels only judge promotion), then
-   ``retrain --supervised`` (the challenger); each is promoted only by the promotion rule;
+3. ``retrain`` unsupervised (an Isolation Forest whose features are chosen by time-ordered
+   validation inside its window; labels known by then only choose them and judge promotion),
+   then ``retrain --supervised`` (the LightGBM challenger, tuned the same way); each is
+   promoted only by the promotion rule;
 4. wait until the scorer serves the production model, replay days 60-66;
 5. evaluate days 60-66 against their labels (taken from the CSV, never imported, so they
    cannot leak): the stored live verdicts, and a backtest of every model on the same
@@ -44,10 +46,6 @@ from ..store import Store
 
 log = logs.get("appliance.handbook")
 DAY0 = datetime(2018, 4, 1, tzinfo=timezone.utc).timestamp()
-PROTOCOL_IF_FEATURES = ("amount", "amount_to_median_ratio")
-"""The forest's features in this protocol: the account's amount against its own typical
-amount (its median; the mean pair gave AP 0.302 before any label against 0.333, and the
-challenger that stacks on it AP 0.587 against 0.599; docs/models.md)."""
 
 
 def day_of(item: Labelled) -> int:
@@ -111,10 +109,11 @@ async def _run(settings: Settings, items: list[Labelled], label_days: tuple[int,
             source="handbook-delayed")
         import_labels(settings.db_path, labels_file)
         loop = asyncio.get_running_loop()
+        # No features are given: each retrain chooses its forest's features by time-ordered
+        # validation inside its window (learning/validation.py), as a node does.
+        retrains.append(await loop.run_in_executor(None, lambda: retrain(settings)))
         retrains.append(await loop.run_in_executor(None, lambda: retrain(
-            settings, if_features=PROTOCOL_IF_FEATURES)))
-        retrains.append(await loop.run_in_executor(None, lambda: retrain(
-            settings, supervised=True, if_features=PROTOCOL_IF_FEATURES,
+            settings, supervised=True,
             training_label_delay_days=training_label_delay_days)))
         await _wait_for_model(scorer, registry)
         await _replay(scorer, store, url, test, settings.branch)

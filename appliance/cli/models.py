@@ -304,12 +304,14 @@ def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ..
 @click.command()
 @dir_options
 @click.option("--supervised", is_flag=True,
-              help="Train the supervised challenger (random forest on features, label "
-                   "features and the Isolation Forest score) instead of an Isolation Forest.")
+              help="Train the supervised challenger (two LightGBM models on features, label "
+                   "features and the Isolation Forest score, tuned on a time-ordered split) "
+                   "instead of an Isolation Forest.")
 @click.option("--holdout-days", type=float, default=2.0, show_default=True,
               help="The last days of labelled transactions, held back to compare models.")
 @click.option("--features", default=None,
-              help="Comma-separated features for the Isolation Forest (default: production's).")
+              help="Comma-separated features for the Isolation Forest (default: chosen by "
+                   "time-ordered validation inside the window, see docs/models.md).")
 @click.option("--training-label-delay", type=float, default=None,
               help="Days after which training rows' labels count as known (training only; "
                    "default: their real known_at).")

@@ -143,6 +143,19 @@ def truth(db_path: Path, as_of: float | None = None) -> dict[str, bool]:
         db.close()
 
 
+def label_delays(db_path: Path, as_of: float | None = None) -> npt.NDArray[np.float64]:
+    """Seconds from each labelled transaction to its label's ``known_at``, for the labels known
+    by ``as_of`` (all without it): how late labels arrive on this node."""
+    db = open_db(db_path)
+    try:
+        out = [parse_time(known_at) - ts for ts, known_at in db.execute(
+            "SELECT t.ts, l.known_at FROM labels l JOIN transactions t USING (transaction_id) "
+            "WHERE l.known_at <= ?", [_known_by(as_of)])]
+    finally:
+        db.close()
+    return np.array(out or [0.0], dtype=np.float64)
+
+
 def model_rows(rows: StoredRows, labels: LabelState, with_labels: bool,
                start: int = 0, stop: int | None = None) -> npt.NDArray[np.float64]:
     """The model input rows (FEATURES, then LABEL_FEATURES if ``with_labels``) of a slice."""

@@ -8,13 +8,17 @@ on the same held-back labelled period, promoted only when it is clearly better.
 2. The held-back period: the last ``holdout_days`` of labelled transactions. Nothing in it is
    used for fitting or calibration.
 3. The candidate, fitted on the window outside that period:
-   - unsupervised (default): an Isolation Forest on ``if_features`` (default: the production
-     model's features if it is a forest, else train.MODEL_FEATURES) over every stored row of
-     the window outside the held-back period; labels are not used;
-   - ``supervised``: the challenger of challenger.py (the mean of two random forests, on
-     FEATURES, the 30-day LABEL_FEATURES and a fresh Isolation Forest's score, and on the
-     same without the label features) on the labelled transactions before the held-back
-     period.
+   - unsupervised (default): an Isolation Forest on ``if_features`` over every stored row of
+     the window outside the held-back period; labels are not used for fitting. Without
+     ``if_features`` its features are chosen by validation.choose_forest_features: a
+     time-ordered split of the labelled rows before the held-back period, with only the
+     labels known by the window's end (when too few are known: the production forest's
+     features, or train.MODEL_FEATURES);
+   - ``supervised``: the challenger of challenger.py (the mean of two LightGBM models, on
+     FEATURES, the label features whose window is longer than the labels' delay and that
+     forest's score, and on the same without the label features) on the labelled
+     transactions before the held-back period, each model's hyperparameters chosen on a
+     time-ordered split of those rows (its last 30 % of time validates).
      Training rows' label features are computed as of each row's time; because the labels of
      the first days of a window only become known after it, ``training_label_delay_days`` can
      re-time them (known that many days after their transaction) *for the training rows only*;
@@ -48,25 +52,33 @@ from .. import __version__, logs
 from ..errors import ModelError
 from ..scoring.features import FEATURES
 from ..scoring.forest import OUTPUT_NAME as FOREST_OUTPUT, anomaly_scores, forest_to_onnx
-from ..scoring.labels import LabelState, LABEL_FEATURES
+from ..scoring.labels import LABEL_FEATURES, LABEL_WINDOWS, LabelState
 from ..scoring.model import INDEX, Model, ModelCard, file_sha256
 from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import require_db
-from .backtest import StoredRows, backtest, label_state, load_rows, model_rows, truth
-from .challenger import (BOOTSTRAP_SHARE, TREES, OUTPUT_NAME as CHALLENGER_OUTPUT, Challenger,
+from .backtest import (StoredRows, backtest, label_delays, label_state, load_rows, model_rows,
+                       truth)
+from .challenger import (FIXED, OUTPUT_NAME as CHALLENGER_OUTPUT, Challenger,
                          challenger_to_onnx, stacked_input)
 from .drift import reference_of
 from .evaluation import DAY, Scored, point_metrics
 from .promotion import on_node, promote
 from .train import CALIBRATION_QUANTILES, MODEL_FEATURES, calibration
+from .validation import choose_forest_features, time_split
 
 log = logs.get("appliance.retrain")
-CHALLENGER_LABEL_FEATURES = tuple(f for f in LABEL_FEATURES if f.endswith("_30d"))
-"""The label features the challenger reads: the 30-day windows. Labels arrive days late, so
-the 1- and 7-day windows are mostly empty when it scores, and a model that learnt from them on
-re-timed training labels would lean on what is not there (on the handbook protocol the 30-day
-windows alone gave AUC 0.869 / AP 0.473 against 0.860 / 0.431 with all six windows)."""
+
+
+def challenger_label_features(delay_seconds: float) -> tuple[str, ...]:
+    """The label features the challenger reads: those whose window is longer than the labels'
+    delay (the median of known_at minus the transaction's time, over the labels known by the
+    window's end). With labels a week late, a window of a week or less holds, when serving,
+    only labels much older than the re-timed ones it was fitted on, or none; a model that
+    learnt from them would lean on what is not there. Chosen from what is known at training
+    time, never from the judged period."""
+    return tuple(f for f in LABEL_FEATURES for name, seconds in LABEL_WINDOWS
+                 if f.endswith(f"_{name}") and seconds > delay_seconds)
 MIN_LABELLED = 200
 
 
@@ -134,8 +146,10 @@ def _version(registry: Registry, prefix: str) -> str:
 def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float = 2.0,
             if_features: Sequence[str] | None = None, version: str | None = None,
             training_label_delay_days: float | None = None, seed: int = 7,
-            n_estimators: int = TREES, allow_promotion: bool = True) -> RetrainResult:
-    """Train, compare and (maybe) promote; see the module docstring. Returns the decision."""
+            gbm_params: dict[str, Any] | None = None, allow_promotion: bool = True
+            ) -> RetrainResult:
+    """Train, compare and (maybe) promote; see the module docstring. Returns the decision.
+    ``gbm_params`` fixes the challenger's LightGBM configuration instead of tuning it."""
     started = time.monotonic()
     registry = Registry.of(settings)
     production_version = registry.production()
@@ -166,15 +180,23 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
                          field="holdout_days", value=holdout_days,
                          hint="import more labels or change --holdout-days")
 
+    behaviour = np.array(rows.features, dtype=np.float64)
     if if_features is None:
-        if_features = (production.card.features
-                       if production.card.raw.get("output", {}).get("name") == FOREST_OUTPUT
-                       and not production.uses_labels else MODEL_FEATURES)
+        fallback = (production.card.features
+                    if production.card.raw.get("output", {}).get("name") == FOREST_OUTPUT
+                    and not production.uses_labels else MODEL_FEATURES)
+        before_held = labelled & fit_rows
+        choice = choose_forest_features(
+            behaviour, FEATURES, ts, {int(i): bool(y[i]) for i in np.flatnonzero(before_held)},
+            float(ts[before_held].max()), fallback, seed=seed)
+        if_features = choice.features
+        forest_choice = choice.describe()
+    else:
+        forest_choice = {"features": list(if_features), "chosen_by": "given (--features)"}
     unknown = [f for f in if_features if f not in FEATURES]
     if unknown:
         raise ModelError("unknown forest features", field="if_features", value=unknown,
                          hint="name features of features.FEATURES")
-    behaviour = np.array(rows.features, dtype=np.float64)
     if_cols = [FEATURES.index(f) for f in if_features]
     x_if = behaviour[:, if_cols].astype(np.float32)
     # The forest never sees labels: it may learn from every row outside the held-back period.
@@ -182,13 +204,14 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
     forest = IsolationForest(n_estimators=200, max_samples=min(2048, int(unheld.sum())),
                              random_state=seed).fit(x_if[unheld])
     labels_now = label_state(db, as_of)
-    name = version or _version(registry, "rf" if supervised else "if")
+    name = version or _version(registry, "gbm" if supervised else "if")
     training: dict[str, Any] = {
         "source": f"node database {db.name}: stored window of {settings.retrain_window_days:g} "
                   "days", "holdout_days": holdout_days,
         "window": {"from": rows.txs[0].timestamp.isoformat(),
                    "to": rows.txs[-1].timestamp.isoformat()},
         "holdout": {"from": datetime.fromtimestamp(cut, timezone.utc).isoformat(),
+                    "from_ts": cut,
                     "rows": int(held.sum()), "frauds": int(y[held].sum())},
     }
     if supervised:
@@ -200,30 +223,44 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
         train_labels = (labels_now if training_label_delay_days is None else
                         _retimed_labels(rows, known, ts, training_label_delay_days))
         idx = np.flatnonzero(train_mask)
-        features: list[str] = [*FEATURES, *CHALLENGER_LABEL_FEATURES]
+        delay = float(np.median(label_delays(db, as_of)))
+        label_features = challenger_label_features(delay)
+        features: list[str] = [*FEATURES, *label_features]
         picked = [INDEX[f] for f in features]
         x_all = model_rows(rows, train_labels, True)[idx][:, picked].astype(np.float32)
         stacked = stacked_input(x_all, forest, if_cols)
-        pair = Challenger.fit(stacked, y[idx], len(FEATURES), seed=seed,
-                              n_estimators=n_estimators)
+        # The split is of the training rows (positions in x_all), all at or before the cut.
+        split = time_split(ts[idx], np.arange(idx.size), cut)
+        pair = Challenger.fit(stacked, y[idx], len(FEATURES), split, seed=seed,
+                              params=gbm_params)
         proto = challenger_to_onnx(pair, forest, len(features), if_cols)
-        oob = pair.out_of_bag()
-        fit_scores = oob[np.isfinite(oob)]
         reference = pair.predict(stacked)
+        fit_scores = reference
         fingerprint_of = x_all
         training.update(rows=int(len(idx)), frauds=int(y[idx].sum()),
                         labels_used_for_fitting=True,
                         training_label_delay_days=training_label_delay_days)
-        algorithm = ("mean of two sklearn.ensemble.RandomForestClassifier (skl2onnx), on "
-                     "FEATURES + LABEL_FEATURES + IsolationForest score and on FEATURES + "
+        algorithm = ("mean of two lightgbm.LGBMClassifier (onnxmltools), on FEATURES + "
+                     "label features + IsolationForest score and on FEATURES + "
                      "IsolationForest score, one ONNX graph")
         output = {"name": CHALLENGER_OUTPUT, "range": "[0, 1]", "direction": "higher is riskier",
                   "definition": "(full.predict_proba(x + [if_score])[:, 1] + behaviour."
                                 "predict_proba(x[FEATURES] + [if_score])[:, 1]) / 2"}
-        hyper: dict[str, Any] = {"n_estimators": n_estimators, "min_samples_leaf": 3,
-                                 "max_samples": BOOTSTRAP_SHARE,
-                                 "class_weight": "balanced_subsample", "random_state": seed,
-                                 "if_features": list(if_features)}
+        hyper: dict[str, Any] = {
+            "full": pair.tuning["full"].params, "behaviour": pair.tuning["behaviour"].params,
+            "fixed": FIXED, "random_state": seed, "if_features": list(if_features)}
+        validation: dict[str, Any] = {
+            "split": {**split.describe(),
+                      "validation_start": datetime.fromtimestamp(
+                          split.validation_start, timezone.utc).isoformat(),
+                      "window_end": datetime.fromtimestamp(cut, timezone.utc).isoformat()},
+            "metric": "average precision on the validation fold",
+            "full": pair.tuning["full"].describe(),
+            "behaviour": pair.tuning["behaviour"].describe(),
+            "label_features": {"chosen": list(label_features),
+                               "rule": "windows longer than the labels' median delay",
+                               "median_label_delay_seconds": round(delay, 1)},
+            "forest_features": forest_choice}
         check_rows = x_all
     else:
         proto = forest_to_onnx(forest, len(if_cols))
@@ -239,6 +276,7 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
                   "definition": "-IsolationForest.score_samples(x)"}
         hyper = {"n_estimators": 200, "max_samples": int(forest.max_samples_),
                  "random_state": seed}
+        validation = {"forest_features": forest_choice}
         check_rows = x_if
     training["data_fingerprint"] = hashlib.sha256(
         np.ascontiguousarray(fingerprint_of).tobytes()).hexdigest()
@@ -254,8 +292,9 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
             "algorithm": algorithm, "hyperparameters": hyper, "features": features,
             "input": {"name": "features", "dtype": "float32", "shape": ["N", len(features)]},
             "output": output,
+            "validation": validation,
             "calibration": {"method": "piecewise linear through training-score quantiles"
-                                      + (" (out-of-bag)" if supervised else ""),
+                                      + (" (in-sample)" if supervised else ""),
                             "quantiles": list(CALIBRATION_QUANTILES), "anomaly_score": cal_x,
                             "risk": cal_y},
             "training": training,
