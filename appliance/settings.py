@@ -298,8 +298,9 @@ class Settings:
     """...and CRITICAL (decision: decline) in the top 1 %, if their risk is also at least
     ``critical_risk``. 0 turns model-only declines off."""
     alert_budget_min_samples: int = 1000
-    """Until this many eligible transactions are in the window (a cold start) the model
-    alone raises only WARNING, and only at ``alert_budget_cold_risk``."""
+    """Until this many eligible transactions are in the window, and a day of event time has
+    been seen (a cold start), the model alone raises only WARNING, and only at
+    ``alert_budget_cold_risk``."""
     alert_budget_cold_risk: float = 0.95
     """The model's alert threshold during a cold start."""
     alert_budget_min_risk: float = 0.5

@@ -25,8 +25,9 @@ How (docs/scoring.md, "The alert budget"):
   comparisons, never a sort or a scan.
 - **Floors**: no model alert below ``alert_budget_min_risk``; no model-only CRITICAL (a
   decline) below ``critical_risk``. Until ``alert_budget_min_samples`` eligible
-  transactions are in the window (a cold start), the model raises only WARNING, and only at
-  ``alert_budget_cold_risk``.
+  transactions are in the window and a day of event time has been seen (a cold start: a
+  day's first hours are not its share), the model raises only WARNING, and only at
+  ``alert_budget_cold_risk`` (and within the budget's share of the span seen).
 - **No flood**: whatever the thresholds say, model alerts per hour of event time stop at
   ``alert_budget_burst`` times the budget's hourly share. A backlog replayed at full speed
   is bucketed by its own event times, so it raises the share of the span it covers.
@@ -103,6 +104,8 @@ class Budget:
         self.min_risk = settings.alert_budget_min_risk
         self.cold_risk = settings.alert_budget_cold_risk
         self.critical_floor = settings.critical_risk
+        self._warm = min(DAY, (self.hours - 1) * HOUR)
+        """Event time the budget must have seen before it leaves its cold start."""
         self.cap = max(1, int(settings.alert_budget_burst * self.per_day / 24))
         """Most model alerts in one hour of event time."""
 
@@ -146,10 +149,17 @@ class Budget:
     def threshold(self, tier: int = _WARNING) -> float:
         """Risk at or above which the budget alerts at ``tier`` (0 WARNING, 1 HIGH, 2
         CRITICAL), floors included; above 1 when it alerts at none. For people and logs."""
-        if self.samples < self.min_samples:
-            return self.cold_risk if tier == _WARNING else math.inf
+        if self.cold:
+            return max(self.index[0] / BINS, self.cold_risk) if tier == _WARNING else math.inf
         floor = self.critical_floor if tier == _CRITICAL else self.min_risk
         return max(self.index[tier] / BINS, floor)
+
+    @property
+    def cold(self) -> bool:
+        """Whether the budget still knows too little to set the threshold: fewer than
+        ``min_samples`` eligible transactions, or less than a day of event time seen (the
+        first hours of a day are not its share: nights are quiet, afternoons busy)."""
+        return self.samples < self.min_samples or self.clock - self.first < self._warm
 
     def eligible(self, prior_count: float) -> bool:
         """Whether the account has enough past for the model alone to alert on it."""
@@ -231,8 +241,8 @@ class Budget:
         if a > target or (i and a + total[i - 1] <= target):
             self._fit(2, target)
 
-        if self.samples < self.min_samples:
-            if risk < self.cold_risk:
+        if self.samples < self.min_samples or self.clock - self.first < self._warm:
+            if risk < self.cold_risk or b < index[0]:
                 return "INFO"
             severity: Severity = "WARNING"
         else:
@@ -284,7 +294,7 @@ class Budget:
                 "high_threshold": _shown(self.threshold(_HIGH)),
                 "critical_threshold": _shown(self.threshold(_CRITICAL)),
                 "model_alerts_today": sum(n for h, n in self.alerts_by_hour.items() if h >= day),
-                "budget_per_day": self.per_day, "cold": self.samples < self.min_samples}
+                "budget_per_day": self.per_day, "cold": self.cold}
 
 
 def _shown(risk: float) -> float | None:
@@ -301,11 +311,27 @@ def is_hard(reasons: list[str]) -> bool:
     return any(r not in SOFT_REASONS and r not in LIST_REASONS for r in reasons)
 
 
+_PLAIN = "reasons = '[]' AND typeof(features) = 'blob'"
+"""Rows SQLite can count by itself: no reason, and the prior count in a blob."""
+_COUNTED = (
+    f"SELECT CAST(ts / {HOUR} AS INTEGER), CAST(risk * {BINS} AS INTEGER), count(*) "  # noqa: S608
+    f"FROM transactions WHERE ts >= ? AND {_PLAIN} AND substr(features, {_PRIOR_AT + 1}, 8) "
+    "NOT IN")
+_OTHERS = ("SELECT ts, risk, severity, reasons, features FROM transactions "  # noqa: S608
+           f"WHERE ts >= ? AND NOT ({_PLAIN})")
+
+
 def rebuild(db_path: Path, settings: Settings) -> Budget:
     """The budget as it stood after the last committed transaction, from the stored rows of
-    the window (their event time, risk, reasons, severity and prior count), on a connection
-    of its own. Rows the lists changed are counted from their reasons: an allow- or
-    deny-listed transaction counts as a model alert when ``ml_anomaly`` is among them."""
+    the window, on a connection of its own.
+
+    Two passes. Most rows have no reason and are eligible, or not, by their prior count
+    alone: SQLite counts those per hour and bin itself (the prior count is a float64 in the
+    features blob; a whole count has exactly one encoding, so "fewer than min_history" is a
+    comparison of 8 bytes). The few others (reasons, JSON features of older rows) are
+    classified here as :meth:`Budget.judge` did. Rows the lists changed are counted from
+    their reasons: an allow- or deny-listed transaction counts as a model alert when
+    ``ml_anomaly`` is among them."""
     started = time.monotonic()
     budget = Budget(settings)
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
@@ -319,13 +345,27 @@ def rebuild(db_path: Path, settings: Settings) -> Budget:
         start = budget.hour - budget.hours + 1
         total, by_hour = budget.total, budget.by_hour
         hard_by_hour, alerts_by_hour = budget.hard_by_hour, budget.alerts_by_hour
-        rows = conn.execute("SELECT ts, risk, severity, reasons, features FROM transactions "
-                            "WHERE ts >= ?", (start * HOUR - 1,))
-        for ts, risk, severity, reasons_json, features in rows:
+
+        def count(hour: int, b: int, n: int) -> None:
+            if b >= BINS:
+                b = BINS - 1
+            counts = by_hour.get(hour)
+            if counts is None:
+                counts = by_hour[hour] = array("I", bytes(4 * BINS))
+            counts[b] += n
+            total[b] += n
+
+        young = [struct.pack("d", float(k)) for k in range(budget.min_history)]
+        counted = f"{_COUNTED} ({', '.join('?' * len(young))}) GROUP BY 1, 2"  # noqa: S608
+        for hour, b, n in conn.execute(counted, (start * HOUR - 1, *young)):
+            if hour >= start:
+                count(hour, b, n)
+        for ts, risk, severity, reasons_json, features in conn.execute(_OTHERS,
+                                                                      (start * HOUR - 1,)):
             hour = int(ts // HOUR)
             if hour < start:
                 continue
-            reasons = _decode_reasons(reasons_json) if reasons_json != "[]" else []
+            reasons = _decode_reasons(reasons_json)
             if reasons and is_hard(reasons):
                 hard_by_hour[hour] = hard_by_hour.get(hour, 0) + 1
                 continue
@@ -333,12 +373,7 @@ def rebuild(db_path: Path, settings: Settings) -> Budget:
                      else decode_features(features)[_PRIOR])
             if not budget.eligible(prior):
                 continue
-            b = min(int(risk * BINS), BINS - 1)
-            counts = by_hour.get(hour)
-            if counts is None:
-                counts = by_hour[hour] = array("I", bytes(4 * BINS))
-            counts[b] += 1
-            total[b] += 1
+            count(hour, int(risk * BINS), 1)
             listed = any(r in LIST_REASONS for r in reasons)
             if (severity != "INFO" and not listed) or (listed and "ml_anomaly" in reasons):
                 alerts_by_hour[hour] = alerts_by_hour.get(hour, 0) + 1

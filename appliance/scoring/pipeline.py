@@ -162,6 +162,9 @@ class Scorer:
         """
         await ensure_streams(self.js, self.settings)
         started = time.monotonic()
+        budget = (asyncio.get_running_loop().run_in_executor(  # beside the state: SQLite
+            None, budget_from_rows, self.store.path, self.settings)  # works off the GIL
+            if self.settings.alert_budget else None)
         # The state is large and long-lived and holds no reference cycles: build it with the
         # cyclic collector off, then move it out of the collector's sight, and collect young
         # objects less often (the hot path allocates a lot but creates no cycles).
@@ -173,8 +176,8 @@ class Scorer:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
 
-        if self.settings.alert_budget:
-            self.budget = budget_from_rows(self.store.path, self.settings)
+        if budget is not None:
+            self.budget = await budget
         marks = self.store.checkpoint_marks(self.settings.consumer)
         self.last_seq = self.confirmed_upto = marks.stream_seq
         while self.labels.refresh():
