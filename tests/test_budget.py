@@ -5,6 +5,7 @@ scorer had."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from appliance.settings import Settings, load
 from appliance.store import Scored, Store
 from appliance.transaction import Transaction
 from appliance.verdict import Verdict
+
+from .support import make_transactions, query, send, stored_count, wait_until
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc)
 S = load(None, env={}, alert_budget_per_day=100.0)
@@ -277,3 +280,81 @@ def test_an_empty_database_rebuilds_a_cold_budget(tmp_path: Path) -> None:
     Store.open(tmp_path / "b.db").close()
     b = rebuild(tmp_path / "b.db", S)
     assert b.samples == 0 and b.cold and b.threshold() >= S.alert_budget_cold_risk
+
+
+# --- a real node: restart, and a backlog at full speed ----------------------------------------
+
+Node = type  # the node_factory fixture yields a NodeProcess subclass
+SMALL_WINDOW = {
+    # a two-hour window (warm after one hour of event time), so that the stream below, four
+    # and a half hours at 0.5 tx/s, exercises thresholds that move and hours that leave it
+    "BRANCHGUARD_ALERT_BUDGET_WINDOW_DAYS": str(2 / 24),
+    "BRANCHGUARD_ALERT_BUDGET_PER_DAY": "720",  # 60 alerts per two hours
+    "BRANCHGUARD_ALERT_BUDGET_MIN_SAMPLES": "300",
+    "BRANCHGUARD_ALERT_BUDGET_MIN_RISK": "0.1",
+}
+
+
+def _verdicts(db: Path) -> list[tuple[object, ...]]:
+    return query(db, "SELECT transaction_id, risk, severity, decision, reasons FROM "
+                     "transactions ORDER BY stream_seq")
+
+
+@pytest.mark.timeout(600)
+def test_a_restarted_node_keeps_its_budget(tmp_path: Path, nats_url: str,
+                                           node_factory: Node) -> None:
+    """A node stopped and started again half-way through a stream decides the second half as
+    a node that never stopped does: its budget is rebuilt from the stored rows."""
+    txs = [item.tx for item in make_transactions(8000, seed=21, rate=0.5)]
+    ref = node_factory(tmp_path / "ref", nats_url,
+                       {**SMALL_WINDOW, "BRANCHGUARD_CONSUMER": "reference"}).start()
+    node = node_factory(tmp_path / "node", nats_url, SMALL_WINDOW).start()
+    ref_db, db = tmp_path / "ref" / "branchguard.db", tmp_path / "node" / "branchguard.db"
+    assert send(nats_url, txs[:5000]) == 5000
+    wait_until(lambda: stored_count(db) == stored_count(ref_db) == 5000, timeout=300,
+               message="first part stored")
+    assert node.stop() == 0
+    node = node_factory(tmp_path / "node", nats_url, SMALL_WINDOW).start()
+    rebuilt = next(json.loads(line) for line in node.log().splitlines()
+                   if '"budget.rebuilt"' in line)
+    assert rebuilt["samples"] > 1000 and not rebuilt["cold"]
+    assert send(nats_url, txs[5000:]) == 3000
+    wait_until(lambda: stored_count(db) == stored_count(ref_db) == 8000, timeout=300,
+               message="second part stored")
+    node.stop()
+    ref.stop()
+    after = _verdicts(db)[5000:]
+    model_alerts = [r for r in after if r[2] != "INFO" and r[4] == '["ml_anomaly"]']
+    assert len(model_alerts) >= 10  # the budget decided these, not a rule
+    assert after == _verdicts(ref_db)[5000:]
+
+
+@pytest.mark.timeout(600)
+def test_a_backlog_at_full_speed_into_a_fresh_node_does_not_flood(
+        tmp_path: Path, nats_url: str, node_factory: Node) -> None:
+    """20,000 transactions (an hour of event time) published as fast as NATS takes them, to
+    a fresh node with the default budget (100 a day), and to one with fixed thresholds: the
+    budget raises a handful of model alerts where the fixed thresholds raise hundreds, and
+    every hard rule hit alerts in both."""
+    txs = [item.tx for item in make_transactions(20000, seed=22, rate=5.0)]
+    fixed = node_factory(tmp_path / "fixed", nats_url, {"BRANCHGUARD_ALERT_BUDGET": "false",
+                                                        "BRANCHGUARD_CONSUMER": "fixed"}).start()
+    node = node_factory(tmp_path / "node", nats_url, {}).start()
+    fixed_db, db = tmp_path / "fixed" / "branchguard.db", tmp_path / "node" / "branchguard.db"
+    assert send(nats_url, txs) == len(txs)
+    wait_until(lambda: stored_count(db) == stored_count(fixed_db) == len(txs), timeout=300,
+               message="all stored")
+    node.stop()
+    fixed.stop()
+
+    def alerts(path: Path) -> dict[str, list[str]]:
+        return {tid: json.loads(reasons) for tid, reasons in query(
+            path, "SELECT transaction_id, reasons FROM alerts")}
+
+    budgeted, flooded = alerts(db), alerts(fixed_db)
+    model_only = [t for t, r in budgeted.items() if set(r) <= {"ml_anomaly"}]
+    cap = int(Settings().alert_budget_burst * Settings().alert_budget_per_day / 24)
+    assert len(model_only) <= 2 * cap  # the span touches two hours of event time
+    assert len([t for t, r in flooded.items() if set(r) <= {"ml_anomaly"}]) > 10 * 2 * cap
+    hard = {t for t, r in flooded.items() if set(r) - {"ml_anomaly"}}
+    assert hard and hard <= set(budgeted)
