@@ -79,15 +79,20 @@ class Settings:
     deviation_min_history: int = 5
     """...and the account has more than this many prior transactions."""
     ml_risk_threshold: float = 0.7
-    """Model risk at or above which the ``ml_anomaly`` reason is given."""
+    """Model risk at or above which the ``ml_anomaly`` reason is given without the alert
+    budget (``alert_budget = false``, backtests); with it, the budget decides."""
 
     # --- severity and decision
     critical_risk: float = 0.9
-    """Risk at or above which severity is CRITICAL (decision: decline)."""
+    """Risk at or above which severity is CRITICAL (decision: decline). With the alert
+    budget: for hard rule hits, and the least model risk that the model alone may decline."""
     high_risk: float = 0.8
-    """Risk at or above which severity is HIGH (decision: review)."""
+    """Risk at or above which severity is HIGH (decision: review); with the alert budget,
+    for hard rule hits only."""
     warning_risk: float = 0.6
-    """Risk at or above which severity is WARNING (decision: review); below it is INFO."""
+    """Risk at or above which severity is WARNING (decision: review); below it is INFO.
+    With the alert budget this applies to nothing: a hard hit is at least WARNING, and the
+    model alerts through the budget."""
 
     # --- operations
     log_level: str = "INFO"
@@ -252,7 +257,8 @@ class Settings:
     label_refresh_seconds: float = 5.0
     """Seconds between the scorer's reads of newly imported labels (label features)."""
     alert_budget_per_day: float = 100.0
-    """Alerts per day the fraud team can work: recall at this budget is reported, and a
+    """Alerts per day the fraud team can work: the scorer keeps model-driven alerts near it
+    (``alert_budget_*`` below, docs/scoring.md), recall at this budget is reported, and a
     candidate raising more alerts per day than this is not promoted."""
     promotion_min_f1_gain: float = 0.02
     """Relative F1 gain (at the operating threshold) a candidate needs over production to be
@@ -279,6 +285,34 @@ class Settings:
     in TOML, ``USD=0.92,GBP=1.17`` in the environment, means 1 USD is 0.92 of ``currency``.
     A transaction in a currency with no rate is dead-lettered as ``currency not accepted``;
     a converted one keeps the amount and currency it was sent in beside it."""
+    # --- issue 18 (B): the alert budget in the scorer (scoring/budget.py, docs/scoring.md)
+    alert_budget: bool = True
+    """Model-driven alerts follow ``alert_budget_per_day`` (hard rule hits always alert).
+    False: the fixed thresholds (``warning_risk``, ``high_risk``, ``critical_risk``) decide
+    every alert, as before issue 18."""
+    alert_budget_window_days: float = 7.0
+    """Days of event time (whole hours) over which the distribution of risk is kept."""
+    alert_budget_high_share: float = 0.2
+    """Share of the model's alerts that are HIGH: those in the top 20 % of its budget..."""
+    alert_budget_critical_share: float = 0.01
+    """...and CRITICAL (decision: decline) in the top 1 %, if their risk is also at least
+    ``critical_risk``. 0 turns model-only declines off."""
+    alert_budget_min_samples: int = 1000
+    """Until this many eligible transactions are in the window, and a day of event time has
+    been seen (a cold start), the model alone raises only WARNING, and only at
+    ``alert_budget_cold_risk``."""
+    alert_budget_cold_risk: float = 0.95
+    """The model's alert threshold during a cold start."""
+    alert_budget_min_risk: float = 0.5
+    """No model alert below this risk, whatever the budget (0.5 is what 1 % of the training
+    traffic exceeds): with little traffic the budget would otherwise alert on ordinary
+    transactions."""
+    alert_budget_min_history: int = 3
+    """Earlier transactions an account needs before the model alone may alert on it (hard
+    rules alert from the first): with no past its features look unusual to the model."""
+    alert_budget_burst: float = 3.0
+    """Most model alerts in one hour of event time, as a multiple of the budget's hourly
+    share: a backlog, a new model or drift cannot flood the queue."""
 
     @property
     def db_path(self) -> Path:
@@ -435,6 +469,25 @@ class Settings:
             (all(math.isfinite(rate) and rate > 0 for rate in self.currency_rates.values()),
              "currency_rates", format_value(self.currency_rates),
              "use positive rates: 1 unit of the code is that much of the node's currency"),
+            # issue 18 (B): the alert budget
+            (self.alert_budget_window_days * 24 >= 1, "alert_budget_window_days",
+             self.alert_budget_window_days, "use at least 1/24 (an hour)"),
+            (0 <= self.alert_budget_high_share <= 1, "alert_budget_high_share",
+             self.alert_budget_high_share, "use a share in [0, 1]"),
+            (0 <= self.alert_budget_critical_share <= self.alert_budget_high_share,
+             "alert_budget_critical_share", self.alert_budget_critical_share,
+             f"use 0 <= alert_budget_critical_share <= alert_budget_high_share "
+             f"({self.alert_budget_high_share})"),
+            (self.alert_budget_min_samples >= 0, "alert_budget_min_samples",
+             self.alert_budget_min_samples, "use 0 or more"),
+            (0 < self.alert_budget_cold_risk <= 1, "alert_budget_cold_risk",
+             self.alert_budget_cold_risk, "use a risk in (0, 1]"),
+            (0 <= self.alert_budget_min_risk <= 1, "alert_budget_min_risk",
+             self.alert_budget_min_risk, "use a risk in [0, 1]"),
+            (self.alert_budget_min_history >= 0, "alert_budget_min_history",
+             self.alert_budget_min_history, "use 0 or more"),
+            (self.alert_budget_burst >= 1, "alert_budget_burst", self.alert_budget_burst,
+             "use 1 or more (a multiple of the budget's hourly share)"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

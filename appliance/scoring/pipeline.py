@@ -49,6 +49,8 @@ from ..settings import Settings
 from ..store import DeadLetter, Scored, Store
 from ..transaction import Admission, Malformed, Transaction, branch_of, digest
 from ..verdict import Verdict
+from .budget import Budget
+from .budget import rebuild as budget_from_rows
 from .commit import GroupCommit
 from .features import FEATURES, FEATURES_VERSION, FeatureState, feature_state
 from .ingest import (DLQ_SUBJECT, Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch,
@@ -143,6 +145,8 @@ class Scorer:
         """Stream sequence of the last batch scored (the hot-swap point)."""
         self.shadow: Model | None = None
         """The registry's shadow model: scores the same batches, stored, never acted on."""
+        self.budget: Budget | None = None
+        """The alert budget (issue 18): rebuilt from the stored rows at start (budget.py)."""
 
     async def prepare(self) -> None:
         """Streams, state from the database, verdicts of record, consumer from the checkpoint.
@@ -158,6 +162,9 @@ class Scorer:
         """
         await ensure_streams(self.js, self.settings)
         started = time.monotonic()
+        budget = (asyncio.get_running_loop().run_in_executor(  # beside the state: SQLite
+            None, budget_from_rows, self.store.path, self.settings)  # works off the GIL
+            if self.settings.alert_budget else None)
         # The state is large and long-lived and holds no reference cycles: build it with the
         # cyclic collector off, then move it out of the collector's sight, and collect young
         # objects less often (the hot path allocates a lot but creates no cycles).
@@ -169,6 +176,8 @@ class Scorer:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
 
+        if budget is not None:
+            self.budget = await budget
         marks = self.store.checkpoint_marks(self.settings.consumer)
         self.last_seq = self.confirmed_upto = marks.stream_seq
         while self.labels.refresh():
@@ -414,12 +423,12 @@ class Scorer:
             rows = [f + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
                     for f, (_, tx) in zip(features, fresh)]
         risks = model.risks(feature_matrix(rows)) if features else ()
-        version, settings = model.version, self.settings
+        version, settings, budget = model.version, self.settings, self.budget
         self.lists.refresh_if_due()
         listed, now = self.lists.apply, time.time()
         scored = [Scored(tx, branch_of(d.subject), d.stream_seq, f, FEATURES_VERSION,
-                         listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings),
-                                now), h)
+                         listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings,
+                                          budget), now), h)
                   for (d, tx), f, r, h in zip(fresh, features, risks, digests)]
         if model.uses_labels:
             width = len(FEATURES)
@@ -483,6 +492,9 @@ class Scorer:
             await in_progress(self.nc, batch)
             await asyncio.wait([rebuild], timeout=max(1.0, self.settings.ack_wait_seconds / 3))
         self.state = rebuild.result()
+        if self.budget is not None:  # it may have counted part of the failed batch
+            self.budget = await loop.run_in_executor(None, budget_from_rows,
+                                                     self.store.path, self.settings)
         scored: list[Scored] = []
         state = self.state
         for (d, tx), h in zip(fresh, digests):
