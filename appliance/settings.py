@@ -279,6 +279,15 @@ class Settings:
     in TOML, ``USD=0.92,GBP=1.17`` in the environment, means 1 USD is 0.92 of ``currency``.
     A transaction in a currency with no rate is dead-lettered as ``currency not accepted``;
     a converted one keeps the amount and currency it was sent in beside it."""
+    # issue 18 (A): typology rules (docs/rules.md)
+    rules_file: Path | None = None
+    """The typology rules file the scorer reads (TOML, docs/rules.md); unset is
+    ``<data_dir>/rules.toml`` once ``branchguard rules deploy`` has installed one there,
+    else the shipped ``appliance/scoring/rules.toml``. Re-read when it changes (checked every
+    ``model_check_seconds``)."""
+    terminals_refresh_seconds: float = 30.0
+    """Seconds between the scorer's reads of the terminal directory's places (for
+    ``impossible_travel``)."""
 
     @property
     def db_path(self) -> Path:
@@ -435,6 +444,9 @@ class Settings:
             (all(math.isfinite(rate) and rate > 0 for rate in self.currency_rates.values()),
              "currency_rates", format_value(self.currency_rates),
              "use positive rates: 1 unit of the code is that much of the node's currency"),
+            # issue 18 (A): typology rules
+            (self.terminals_refresh_seconds > 0, "terminals_refresh_seconds",
+             self.terminals_refresh_seconds, "use > 0"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

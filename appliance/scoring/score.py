@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..settings import Settings
 from ..transaction import Transaction
 from ..verdict import DECISIONS, Severity, Verdict
-from .rules import evaluate
+from .rules import Hit, evaluate
 
 
 def severity_of(risk: float, amount: float, s: Settings) -> Severity:
@@ -29,9 +29,10 @@ def severity_of(risk: float, amount: float, s: Settings) -> Severity:
 
 
 def judge(tx: Transaction, features: Sequence[float], model_risk: float, model_version: str,
-          rules_version: str, settings: Settings) -> Verdict:
-    """The verdict for one transaction, given its features and the model's risk."""
-    hits = evaluate(tx, features, model_risk, settings)
+          rules_version: str, settings: Settings, typology: Sequence[Hit] = ()) -> Verdict:
+    """The verdict for one transaction, given its features, the model's risk and the
+    typology rules' hits (their risk counts like any rule's)."""
+    hits = evaluate(tx, features, model_risk, settings, typology)
     keep = 1.0 - model_risk
     for hit in hits:
         if hit.reason != "ml_anomaly":  # the model's risk is already in `keep`
