@@ -324,3 +324,12 @@ def rules_history(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, A
     return [audit.entry_dict(r) for r in conn.execute(
         "SELECT seq, at, actor, action, subject, before, after, prev_hash, hash FROM audit_log "
         "WHERE action = 'rules.deploy' ORDER BY seq DESC LIMIT ?", (limit,))]
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """``branchguard rules show``: the rules file in force, its version and parameters."""
+    path = rules_path(settings)
+    book = load(path)
+    return {"path": str(path), "version": book.version, "sha256": book.sha256,
+            **{name: {f.name: getattr(getattr(book, name), f.name)
+                      for f in fields(_SECTIONS[name])} for name in TYPOLOGIES}}
