@@ -30,7 +30,7 @@ class Stream:
 
     def __init__(self) -> None:
         self.features = FeatureState()
-        self.state = TypologyState("EUR")
+        self.state = TypologyState(BOOK, PLACES, "EUR")
         self.i = 0
 
     def feed(self, seconds: float, amount: float = 20.0, terminal: str = "HEL",
@@ -41,9 +41,9 @@ class Stream:
                          currency="EUR", timestamp=T0 + timedelta(seconds=seconds),
                          terminal_id=terminal, channel=channel)  # type: ignore[arg-type]
         f = self.features.observe(tx)
-        hits = self.state.check(tx, f, BOOK, PLACES)
+        hits = self.state.check(tx, f)
         self.state.add(tx.account_id, tx.terminal_id, tx.timestamp.timestamp(),
-                       round(tx.amount * 1000), tx.channel, decision, BOOK, PLACES)
+                       round(tx.amount * 1000), tx.channel, decision)
         return hits
 
     def history(self, n: int, amount: float = 20.0, terminal: str = "HEL",
@@ -188,13 +188,13 @@ def test_disabled_typology_does_not_fire(tmp_path: Path) -> None:
     path.write_text(text)
     book = load(path)
     assert not book.velocity_burst.enabled
-    state, feats = TypologyState(), FeatureState()
+    state, feats = TypologyState(book), FeatureState()
     out = []
     for k in range(8):
         tx = Transaction(transaction_id=f"x{k}", account_id="A", amount=20.0, currency="EUR",
                          timestamp=T0 + timedelta(seconds=k), terminal_id="HEL", channel="POS")
-        out += state.check(tx, feats.observe(tx), book, {})
-        state.add("A", "HEL", tx.timestamp.timestamp(), 20000, "POS", "approve", book, {})
+        out += state.check(tx, feats.observe(tx))
+        state.add("A", "HEL", tx.timestamp.timestamp(), 20000, "POS", "approve")
     assert out == []
 
 
@@ -206,7 +206,7 @@ def test_hits_raise_the_verdicts_risk_and_name_their_reason() -> None:
     tx = Transaction(transaction_id="z", account_id="A1", amount=20.0, currency="EUR",
                      timestamp=T0 + timedelta(seconds=50), terminal_id="HEL", channel="POS")
     f = s.features.observe(tx)
-    hits = s.state.check(tx, f, BOOK, PLACES)
+    hits = s.state.check(tx, f)
     plain = judge(tx, f, 0.1, "m", BOOK.version, Settings())
     v = judge(tx, f, 0.1, "m", BOOK.version, Settings(), hits)
     assert v.reasons == plain.reasons + ["velocity_burst"]

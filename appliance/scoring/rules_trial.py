@@ -98,7 +98,7 @@ def replay(conn: sqlite3.Connection, books: Sequence[tuple[Rulebook, str]], curr
     places.refresh_if_due()
     where = places.places
     features = FeatureState()
-    states = [TypologyState(currency) for _ in books]
+    states = [TypologyState(book, where, currency) for book, _ in books]
     figures = [Figures(book.version, source) for book, source in books]
     days: list[str] = []
     count = 0
@@ -111,15 +111,14 @@ def replay(conn: sqlite3.Connection, books: Sequence[tuple[Rulebook, str]], curr
         t = tx.timestamp.timestamp()
         milli = round(tx.amount * MILLI)
         fraud = tx.transaction_id in frauds
-        for (book, _), state, fig in zip(books, states, figures):
-            hits = state.check(tx, f, book, where)
+        for state, fig in zip(states, figures):
+            hits = state.check(tx, f)
             if hits:
                 fig.alerts += 1
                 fig.per_day[day] += 1
                 fig.by_typology.update({h.reason for h in hits})
                 fig.frauds_alerted += fraud
-            state.add(tx.account_id, tx.terminal_id, t, milli, tx.channel, decision, book,
-                      where)
+            state.add(tx.account_id, tx.terminal_id, t, milli, tx.channel, decision)
     if labelled:
         for fig in figures:
             fig.precision = fig.frauds_alerted / fig.alerts if fig.alerts else None

@@ -35,7 +35,7 @@ import math
 import sqlite3
 import time
 from bisect import bisect_right, insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,10 @@ class Places:
                 "WHERE latitude IS NOT NULL AND longitude IS NOT NULL").fetchall()
         except sqlite3.OperationalError:
             return  # keep what we have; the next refresh tries again
-        self.places = {t: (float(lat), float(lon)) for t, lat, lon in rows}
+        fresh = {t: (float(lat), float(lon)) for t, lat, lon in rows}
+        if fresh != self.places:  # in place: the typology state holds this dict
+            self.places.clear()
+            self.places.update(fresh)
 
 
 def _money(milli: float, currency: str) -> str:
@@ -151,113 +154,182 @@ def _span(seconds: float) -> str:
 
 
 class TypologyState:
-    """Every account's :class:`Trail`; in memory, rebuilt from the database at start."""
+    """Every account's :class:`Trail`, judged by ``book`` with the terminals' ``places``;
+    in memory, rebuilt from the database at start.
 
-    def __init__(self, currency: str = "EUR") -> None:
+    :meth:`check` then :meth:`decided`, once each per transaction in processing order. The
+    rulebook's parameters are unpacked into one tuple when it is set (:meth:`use`): this is
+    per transaction, and attribute chains cost more than the checks themselves.
+    """
+
+    def __init__(self, book: Rulebook, places: dict[str, tuple[float, float]] | None = None,
+                 currency: str = "EUR") -> None:
         self.trails: dict[str, Trail] = {}
+        self.places: dict[str, tuple[float, float]] = {} if places is None else places
         self.currency = currency
+        self.book = book
+        self._params: tuple[Any, ...] = ()
+        self._small_milli = 0.0
+        self._pending: tuple[Transaction, float, Trail | None] | None = None
+        self.use(book)
 
-    def check(self, tx: Transaction, f: Sequence[float], book: Rulebook,
-              places: dict[str, tuple[float, float]]) -> list[Hit]:
+    def use(self, book: Rulebook) -> None:
+        """Judge with ``book`` from the next transaction on."""
+        v, c, s, p, a, n = (book.velocity_burst, book.card_testing, book.amount_spike,
+                            book.impossible_travel, book.atm_cashout, book.new_terminal_large)
+        self.book = book
+        self._params = (
+            v.count - 1 if v.enabled else 0, v.seconds,
+            c.enabled, c.small_amount, c.small_count - 1, c.declines, c.seconds,
+            s.multiple if s.enabled else 0.0, s.min_history,
+            p.enabled, a.enabled, n.min_amount if n.enabled else math.inf)
+        self._small_milli = c.small_amount * MILLI
+
+    def check(self, tx: Transaction, f: Sequence[float]) -> list[Hit]:
         """The typologies ``tx`` matches, from the state before it (``f``: its features).
         Changes nothing (see :meth:`decided`)."""
+        t = tx.timestamp.timestamp()
         trail = self.trails.get(tx.account_id)
+        self._pending = (tx, t, trail)
         if trail is None:  # nothing to compare with: a new account's first payment
             return []
+        (v_need, v_seconds, c_on, c_small, c_need, c_declines, c_seconds, s_multiple,
+         s_history, p_on, a_on, n_least) = self._params
         hits: list[Hit] = []
-        t = tx.timestamp.timestamp()
-        currency = self.currency
-        rule = book.velocity_burst
-        if rule.enabled:
-            n = _within(trail.times, t, rule.seconds, rule.count - 1)
-            if n:
-                hits.append(Hit("velocity_burst",
-                                f"{n + 1} transactions from this account within "
-                                f"{_span(rule.seconds)} (threshold: {rule.count} within "
-                                f"{_span(rule.seconds)})", rule.risk, True))
-        card = book.card_testing
-        if card.enabled:
-            hit = None
-            if tx.amount <= card.small_amount:
-                n = _within(trail.small, t, card.seconds, card.small_count - 1)
-                if n:
-                    hit = Hit("card_testing",
-                              f"{n + 1} small amounts of at most "
-                              f"{card.small_amount:,.2f} {currency} within "
-                              f"{_span(card.seconds)}, this one {tx.amount:,.2f} {currency} "
-                              f"(threshold: {card.small_count})", card.risk, True)
-            if hit is None and trail.declines:
-                n = _within(trail.declines, t, card.seconds, card.declines)
-                if n:
-                    hit = Hit("card_testing",
-                              f"{n} earlier transactions of this account declined within "
-                              f"{_span(card.seconds)} (threshold: {card.declines})",
-                              card.risk, True)
+        if v_need:
+            times = trail.times
+            k = len(times)
+            if k >= v_need and (times[k - v_need] > t - v_seconds if times[-1] <= t
+                                else _within(times, t, v_seconds, v_need)):
+                hits.append(self._velocity(trail, t))
+        if c_on:
+            if tx.amount <= c_small and _within(trail.small, t, c_seconds, c_need):
+                hits.append(self._small(trail, tx, t))
+            elif trail.declines and _within(trail.declines, t, c_seconds, c_declines):
+                hits.append(self._declined(trail, t))
+        if s_multiple and trail.max_milli > 0 and f[_PRIOR] >= s_history \
+                and tx.amount * MILLI >= s_multiple * trail.max_milli:
+            hits.append(self._spike(trail, tx, f))
+        if p_on and trail.place is not None:
+            here = self.places.get(tx.terminal_id)
+            if here is not None:
+                hit = self._travel(trail.place, tx.terminal_id, here, t)
+                if hit is not None:
+                    hits.append(hit)
+        if a_on and tx.channel == "ATM" and trail.atms:
+            hit = self._cashout(trail, tx.terminal_id, t)
             if hit is not None:
                 hits.append(hit)
-        spike = book.amount_spike
-        if spike.enabled and trail.max_milli > 0 and f[_PRIOR] >= spike.min_history:
-            top = trail.max_milli
-            milli = tx.amount * MILLI
-            if milli >= spike.multiple * top:
-                hits.append(Hit("amount_spike",
-                                f"amount {tx.amount:,.2f} {currency} is {milli / top:.1f}x "
-                                f"the largest this account paid before "
-                                f"({_money(top, currency)}, over {int(f[_PRIOR])} earlier "
-                                f"transactions; threshold: {spike.multiple:g}x)",
-                                spike.risk, True))
-        travel = book.impossible_travel
-        here = places.get(tx.terminal_id) if travel.enabled else None
-        if here is not None and trail.place is not None:
-            then, lat, lon, where = trail.place
-            if where != tx.terminal_id and t - HORIZON < then <= t:
-                km = km_between(lat, lon, here[0], here[1])
-                hours = (t - then) / 3600.0
-                if km >= travel.min_km and km > travel.max_kmh * hours:
-                    speed = (f"{km / hours:,.0f} km/h" if hours > 0 else "no time at all")
-                    hits.append(Hit("impossible_travel",
-                                    f"{km:,.0f} km from terminal {where} to terminal "
-                                    f"{tx.terminal_id} in {_span(round(t - then))}: "
-                                    f"{speed} (threshold: {travel.max_kmh:,.0f} km/h)",
-                                    travel.risk, True))
-        atm = book.atm_cashout
-        if atm.enabled and tx.channel == "ATM" and trail.atms:
-            since = t - atm.seconds
-            used = sorted(term for term, last in trail.atms.items()
-                          if since < last <= t and term != tx.terminal_id)
-            if len(used) + 1 >= atm.terminals:
-                shown = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
-                hits.append(Hit("atm_cashout",
-                                f"cash at {len(used) + 1} different ATMs within "
-                                f"{_span(atm.seconds)}: {tx.terminal_id} after {shown} "
-                                f"(threshold: {atm.terminals})", atm.risk, True))
-        large = book.new_terminal_large
-        if (large.enabled and f[_NEW_TERMINAL] == 1.0 and f[_PRIOR] >= large.min_history
-                and tx.amount >= large.min_amount and f[_TO_MEDIAN] >= large.multiple):
-            ratio = f[_TO_MEDIAN]
-            hits.append(Hit("new_terminal_large",
-                            f"first use of terminal {tx.terminal_id} by this account, "
-                            f"amount {tx.amount:,.2f} {currency} is {ratio:.1f}x its usual "
-                            f"{tx.amount / ratio:,.2f} {currency} (its median; threshold: "
-                            f"{large.multiple:g}x and at least {large.min_amount:,.2f} "
-                            f"{currency})", large.risk, True))
+        if tx.amount >= n_least and f[_NEW_TERMINAL] == 1.0:
+            hit = self._new_terminal(tx, f)
+            if hit is not None:
+                hits.append(hit)
         return hits
 
-    def decided(self, tx: Transaction, verdict: Verdict, book: Rulebook,
-                places: dict[str, tuple[float, float]]) -> Verdict:
+    # -- each typology's hit, made once it is known to fire (or, for the rarer checks, to
+    #    see whether it does)
+
+    def _velocity(self, trail: Trail, t: float) -> Hit:
+        rule = self.book.velocity_burst
+        n = _within(trail.times, t, rule.seconds, 1) + 1
+        return Hit("velocity_burst",
+                   f"{n} transactions from this account within {_span(rule.seconds)} "
+                   f"(threshold: {rule.count} within {_span(rule.seconds)})", rule.risk, True)
+
+    def _small(self, trail: Trail, tx: Transaction, t: float) -> Hit:
+        card, currency = self.book.card_testing, self.currency
+        n = _within(trail.small, t, card.seconds, 1) + 1
+        return Hit("card_testing",
+                   f"{n} small amounts of at most {card.small_amount:,.2f} {currency} within "
+                   f"{_span(card.seconds)}, this one {tx.amount:,.2f} {currency} "
+                   f"(threshold: {card.small_count})", card.risk, True)
+
+    def _declined(self, trail: Trail, t: float) -> Hit:
+        card = self.book.card_testing
+        n = _within(trail.declines, t, card.seconds, 1)
+        return Hit("card_testing",
+                   f"{n} earlier transactions of this account declined within "
+                   f"{_span(card.seconds)} (threshold: {card.declines})", card.risk, True)
+
+    def _spike(self, trail: Trail, tx: Transaction, f: Sequence[float]) -> Hit:
+        spike, currency, top = self.book.amount_spike, self.currency, trail.max_milli
+        return Hit("amount_spike",
+                   f"amount {tx.amount:,.2f} {currency} is {tx.amount * MILLI / top:.1f}x "
+                   f"the largest this account paid before ({_money(top, currency)}, over "
+                   f"{int(f[_PRIOR])} earlier transactions; threshold: {spike.multiple:g}x)",
+                   spike.risk, True)
+
+    def _travel(self, place: tuple[float, float, float, str], terminal: str,
+                here: tuple[float, float], t: float) -> Hit | None:
+        then, lat, lon, where = place
+        if where == terminal or not t - HORIZON < then <= t:
+            return None
+        travel = self.book.impossible_travel
+        km = km_between(lat, lon, here[0], here[1])
+        hours = (t - then) / 3600.0
+        if km < travel.min_km or km <= travel.max_kmh * hours:
+            return None
+        speed = f"{km / hours:,.0f} km/h" if hours > 0 else "no time at all"
+        return Hit("impossible_travel",
+                   f"{km:,.0f} km from terminal {where} to terminal {terminal} in "
+                   f"{_span(round(t - then))}: {speed} (threshold: {travel.max_kmh:,.0f} "
+                   "km/h)", travel.risk, True)
+
+    def _cashout(self, trail: Trail, terminal: str, t: float) -> Hit | None:
+        atm = self.book.atm_cashout
+        since = t - atm.seconds
+        used = sorted(term for term, last in trail.atms.items()
+                      if since < last <= t and term != terminal)
+        if len(used) + 1 < atm.terminals:
+            return None
+        shown = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
+        return Hit("atm_cashout",
+                   f"cash at {len(used) + 1} different ATMs within {_span(atm.seconds)}: "
+                   f"{terminal} after {shown} (threshold: {atm.terminals})", atm.risk, True)
+
+    def _new_terminal(self, tx: Transaction, f: Sequence[float]) -> Hit | None:
+        large, currency = self.book.new_terminal_large, self.currency
+        ratio = f[_TO_MEDIAN]
+        if f[_PRIOR] < large.min_history or tx.amount < large.min_amount \
+                or ratio < large.multiple:
+            return None
+        return Hit("new_terminal_large",
+                   f"first use of terminal {tx.terminal_id} by this account, amount "
+                   f"{tx.amount:,.2f} {currency} is {ratio:.1f}x its usual "
+                   f"{tx.amount / ratio:,.2f} {currency} (its median; threshold: "
+                   f"{large.multiple:g}x and at least {large.min_amount:,.2f} {currency})",
+                   large.risk, True)
+
+    def decided(self, tx: Transaction, verdict: Verdict) -> Verdict:
         """Add ``tx``, scored ``verdict``, to its account's trail; returns ``verdict``."""
-        self.add(tx.account_id, tx.terminal_id, tx.timestamp.timestamp(),
-                 round(tx.amount * MILLI), tx.channel, verdict.decision, book, places)
+        pending = self._pending
+        if pending is not None and pending[0] is tx:  # what check() just looked up
+            _, t, trail = pending
+            self._pending = None
+        else:
+            t, trail = tx.timestamp.timestamp(), self.trails.get(tx.account_id)
+        if trail is None:
+            trail = self.trails[tx.account_id] = Trail()
+        self._add(trail, tx.terminal_id, t, round(tx.amount * MILLI), tx.channel,
+                  verdict.decision)
         return verdict
 
-    def add(self, account: str, terminal: str, t: float, milli: int, channel: str,
-            decision: str, book: Rulebook, places: dict[str, tuple[float, float]]) -> None:
+    def add(self, account: str, terminal: str, t: float, milli: float, channel: str,
+            decision: str) -> None:
         """Add one transaction (what :meth:`decided` and :meth:`rebuild` share)."""
         trail = self.trails.get(account)
         if trail is None:
             trail = self.trails[account] = Trail()
-        _add(trail.times, t)
-        if milli <= book.card_testing.small_amount * MILLI:
+        self._add(trail, terminal, t, milli, channel, decision)
+
+    def _add(self, trail: Trail, terminal: str, t: float, milli: float, channel: str,
+             decision: str) -> None:
+        times = trail.times
+        if times and (t < times[-1] or times[0] <= t - HORIZON):
+            _add(times, t)
+        else:
+            times.append(t)
+        if milli <= self._small_milli:
             _add(trail.small, t)
         if decision == "decline":
             _add(trail.declines, t)
@@ -268,19 +340,19 @@ class TypologyState:
                 if len(atms) > _TRIM_AT:
                     cutoff = t - HORIZON
                     trail.atms = {k: v for k, v in atms.items() if v > cutoff}
-        here = places.get(terminal)
+        here = self.places.get(terminal)
         if here is not None and (trail.place is None or trail.place[0] <= t):
             trail.place = (t, here[0], here[1], terminal)
         if milli > trail.max_milli:
-            trail.max_milli = milli
+            trail.max_milli = int(milli)
 
-    def rebuild(self, rows: Iterable[tuple[str, str, float, int, str, str]], book: Rulebook,
-                places: dict[str, tuple[float, float]], maxima: dict[str, int]) -> None:
+    def rebuild(self, rows: Iterable[tuple[str, str, float, int, str, str]],
+                maxima: dict[str, int]) -> None:
         """The state after the stored ``rows`` (account_id, terminal_id, ts, amount_milli,
         channel, decision) of the last day, in (ts, processing) order, with each account's
         largest amount ever from ``maxima`` (the feature state's)."""
         for account, terminal, t, milli, channel, decision in rows:
-            self.add(account, terminal, t, milli, channel, decision, book, places)
+            self.add(account, terminal, t, milli, channel, decision)
         for account, top in maxima.items():
             trail = self.trails.get(account)
             if trail is None:
@@ -336,7 +408,7 @@ class Typologies:
         self.book = book if book is not None else load(self.path)
         self._stamp = _stamp(self.path)
         self.places = Places(conn, settings.terminals_refresh_seconds)
-        self.state = TypologyState(settings.currency)
+        self.state = TypologyState(self.book, self.places.places, settings.currency)
         self._next_check = time.monotonic() + settings.model_check_seconds
 
     @property
@@ -346,9 +418,8 @@ class Typologies:
     def rebuild(self, conn: sqlite3.Connection, features: FeatureState) -> None:
         """The trails from the stored rows (see TypologyState.rebuild)."""
         self.places.refresh_if_due()
-        self.state = TypologyState(self.settings.currency)
-        self.state.rebuild(stored_recent(conn), self.book, self.places.places,
-                           maxima_of(features))
+        self.state = TypologyState(self.book, self.places.places, self.settings.currency)
+        self.state.rebuild(stored_recent(conn), maxima_of(features))
 
     def refresh_if_due(self) -> None:
         """Re-read the places and, when its file changed, the rules (between batches)."""
@@ -370,14 +441,19 @@ class Typologies:
             return
         if book.sha256 != self.book.sha256:
             previous, self.book = self.book.version, book
+            self.state.use(book)
             log.info("rules.swapped", txn_id=None, previous=previous, version=book.version,
                      path=str(path))
 
-    def check(self, tx: Transaction, f: Sequence[float]) -> list[Hit]:
-        return self.state.check(tx, f, self.book, self.places.places)
+    @property
+    def check(self) -> Callable[[Transaction, Sequence[float]], list[Hit]]:
+        """The state's :meth:`TypologyState.check` (bound: the scorer takes it per batch)."""
+        return self.state.check
 
-    def decided(self, tx: Transaction, verdict: Verdict) -> Verdict:
-        return self.state.decided(tx, verdict, self.book, self.places.places)
+    @property
+    def decided(self) -> Callable[[Transaction, Verdict], Verdict]:
+        """The state's :meth:`TypologyState.decided`."""
+        return self.state.decided
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
