@@ -250,3 +250,19 @@ def test_rebuilt_trails_equal_the_live_ones(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "branchguard.db")
     assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == len(txs)
     conn.close()
+
+
+def test_an_alert_message_says_each_typology_in_plain_words_with_its_numbers() -> None:
+    from appliance.alerts.messages import AlertView, single
+
+    s = Stream()
+    s.history(10, 150.0)
+    s.feed(0.0, 200.0, "ATM1", "ATM")
+    s.feed(900.0, 200.0, "ATM2", "ATM")
+    hits = s.feed(1800.0, 200.0, "ATM3", "ATM")
+    alert = AlertView(7, "HIGH", 0.9, 0.0, 1_780_000_000.0, "A1", "ATM3", "BR001", 200.0, "EUR",
+                      [h.reason for h in hits], [h.detail for h in hits], "review", "ATM",
+                      None, None)
+    body = single(alert, "http://console").body
+    assert ("- Cash-out across several ATMs: cash at 3 different ATMs within 1 h: ATM3 after "
+            "ATM1, ATM2 (threshold: 3)") in body
