@@ -218,6 +218,14 @@ def test_rebuilt_trails_equal_the_live_ones(tmp_path: Path) -> None:
     """The scorer's state after a restart (last day of rows, largest amounts from the feature
     state) is the state it had built live."""
     txs = [item.tx for item in make_transactions(3000, seed=5, rate=0.5)]
+    # each account's largest amount three days before the rest: beyond the day of rows the
+    # rebuild reads, so it comes from the feature state
+    first = txs[0].timestamp - timedelta(days=3)
+    accounts = sorted({tx.account_id for tx in txs})
+    txs = [Transaction(transaction_id=f"old-{k}", account_id=a, amount=4000.0 + k,
+                       currency="EUR", timestamp=first + timedelta(seconds=k),
+                       terminal_id=txs[0].terminal_id, channel="POS")
+           for k, a in enumerate(accounts)] + txs
     settings = Settings(data_dir=tmp_path)
     store = Store.open(tmp_path / "branchguard.db")
     try:
@@ -245,6 +253,7 @@ def test_rebuilt_trails_equal_the_live_ones(tmp_path: Path) -> None:
         now = max(tx.timestamp.timestamp() for tx in txs)
         assert rebuilt.state.snapshot(now) == live.state.snapshot(now)
         assert any(v[4] is not None for v in live.state.snapshot(now).values())
+        assert live.state.trails[accounts[1]].max_milli == 4_001_000
     finally:
         store.close()
     conn = sqlite3.connect(tmp_path / "branchguard.db")
@@ -266,3 +275,31 @@ def test_an_alert_message_says_each_typology_in_plain_words_with_its_numbers() -
     body = single(alert, "http://console").body
     assert ("- Cash-out across several ATMs: cash at 3 different ATMs within 1 h: ATM3 after "
             "ATM1, ATM2 (threshold: 3)") in body
+
+
+def test_a_changed_rules_file_is_used_from_the_next_batch_and_a_bad_one_is_not(
+        tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(SHIPPED_RULES.read_text())
+    rules = Typologies(None, Settings(data_dir=tmp_path, rules_file=path))
+    assert rules.version == "rules-v2"
+    path.write_text(SHIPPED_RULES.read_text().replace("count = 6", "count = 0"))
+    rules._next_check = 0.0
+    rules.refresh_if_due()
+    assert rules.version == "rules-v2"  # refused: the rules in force stay
+    path.write_text(SHIPPED_RULES.read_text().replace('"rules-v2"', '"rules-v3"')
+                    .replace("count = 6", "count = 2"))
+    rules._next_check = 0.0
+    rules.refresh_if_due()
+    assert rules.version == "rules-v3"
+    # the state judges with the new parameters: two transactions within 60 s are a burst
+    feats = FeatureState()
+    out = []
+    for k in range(2):
+        tx = Transaction(transaction_id=f"r{k}", account_id="A", amount=20.0, currency="EUR",
+                         timestamp=T0 + timedelta(seconds=k), terminal_id="HEL", channel="POS")
+        f = feats.observe(tx)
+        hits = rules.check(tx, f)
+        out.append(codes(hits))
+        rules.decided(tx, judge(tx, f, 0.0, "m", rules.version, Settings(), hits))
+    assert out == [[], ["velocity_burst"]]
