@@ -26,7 +26,9 @@ in-order events (an index into a sorted list; a bisection only when a rule fires
 late event), plus a pass over the ATMs of the last day for an ATM withdrawal. At start the
 state is rebuilt from the stored rows of the last day (:meth:`TypologyState.rebuild`) and
 the largest amounts from the feature state; rebuilt and live states answer every check the
-same (``snapshot`` compares them).
+same (``snapshot`` compares them). One exception, bounded by a crash: a replayed transaction
+that adopts the verdict published before the crash (pipeline.py) counts in the live trail
+with the decision it was scored again with, until the next restart reads the stored one.
 """
 
 from __future__ import annotations
