@@ -312,8 +312,17 @@ class TypologyState:
             t, trail = tx.timestamp.timestamp(), self.trails.get(tx.account_id)
         if trail is None:
             trail = self.trails[tx.account_id] = Trail()
-        self._add(trail, tx.terminal_id, t, round(tx.amount * MILLI), tx.channel,
-                  verdict.decision)
+        times, milli = trail.times, round(tx.amount * MILLI)
+        if (times and (t < times[-1] or times[0] <= t - HORIZON) or milli <= self._small_milli
+                or tx.channel == "ATM" or verdict.decision == "decline"):
+            self._add(trail, tx.terminal_id, t, milli, tx.channel, verdict.decision)
+            return verdict
+        times.append(t)  # the common case, inline: what _add does for it
+        here = self.places.get(tx.terminal_id)
+        if here is not None and (trail.place is None or trail.place[0] <= t):
+            trail.place = (t, here[0], here[1], tx.terminal_id)
+        if milli > trail.max_milli:
+            trail.max_milli = milli
         return verdict
 
     def add(self, account: str, terminal: str, t: float, milli: float, channel: str,
