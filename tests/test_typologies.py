@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timedelta, timezone
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ class Stream:
                          currency="EUR", timestamp=T0 + timedelta(seconds=seconds),
                          terminal_id=terminal, channel=channel)  # type: ignore[arg-type]
         f = self.features.observe(tx)
-        hits = self.state.check(tx, f)
+        hits = list(self.state.check(tx, f))
         self.state.add(tx.account_id, tx.terminal_id, tx.timestamp.timestamp(),
                        round(tx.amount * 1000), tx.channel, decision)
         return hits
@@ -53,7 +54,7 @@ class Stream:
             assert self.feed(start + k * 21600.0, amount, terminal) == []
 
 
-def codes(hits: list[Hit]) -> list[str]:
+def codes(hits: Sequence[Hit]) -> list[str]:
     return [h.reason for h in hits]
 
 

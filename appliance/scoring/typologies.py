@@ -172,7 +172,11 @@ class TypologyState:
         self.book = book
         self._params: tuple[Any, ...] = ()
         self._small_milli = 0.0
-        self._pending: tuple[Transaction, float, Trail | None] | None = None
+        self._last_tx: Transaction | None = None
+        self._last_t = 0.0
+        self._last_trail: Trail | None = None
+        """What :meth:`check` looked up for the transaction it saw last (three attributes
+        rather than a tuple: no allocation per transaction)."""
         self.use(book)
 
     def use(self, book: Rulebook) -> None:
@@ -187,45 +191,45 @@ class TypologyState:
             p.enabled, a.enabled, n.min_amount if n.enabled else math.inf)
         self._small_milli = c.small_amount * MILLI
 
-    def check(self, tx: Transaction, f: Sequence[float]) -> list[Hit]:
+    def check(self, tx: Transaction, f: Sequence[float]) -> Sequence[Hit]:
         """The typologies ``tx`` matches, from the state before it (``f``: its features).
-        Changes nothing (see :meth:`decided`)."""
+        Changes nothing (see :meth:`decided`). Mostly the empty tuple (nothing allocated)."""
         t = tx.timestamp.timestamp()
         trail = self.trails.get(tx.account_id)
-        self._pending = (tx, t, trail)
+        self._last_tx, self._last_t, self._last_trail = tx, t, trail
         if trail is None:  # nothing to compare with: a new account's first payment
-            return []
+            return ()
         (v_need, v_seconds, c_on, c_small, c_need, c_declines, c_seconds, s_multiple,
          s_history, p_on, a_on, n_least) = self._params
-        hits: list[Hit] = []
+        hits: Sequence[Hit] = ()
         if v_need:
             times = trail.times
             k = len(times)
             if k >= v_need and (times[k - v_need] > t - v_seconds if times[-1] <= t
                                 else _within(times, t, v_seconds, v_need)):
-                hits.append(self._velocity(trail, t))
+                hits = [*hits, self._velocity(trail, t)]
         if c_on:
             if tx.amount <= c_small and _within(trail.small, t, c_seconds, c_need):
-                hits.append(self._small(trail, tx, t))
+                hits = [*hits, self._small(trail, tx, t)]
             elif trail.declines and _within(trail.declines, t, c_seconds, c_declines):
-                hits.append(self._declined(trail, t))
+                hits = [*hits, self._declined(trail, t)]
         if s_multiple and trail.max_milli > 0 and f[_PRIOR] >= s_history \
                 and tx.amount * MILLI >= s_multiple * trail.max_milli:
-            hits.append(self._spike(trail, tx, f))
+            hits = [*hits, self._spike(trail, tx, f)]
         if p_on and trail.place is not None:
             here = self.places.get(tx.terminal_id)
             if here is not None:
                 hit = self._travel(trail.place, tx.terminal_id, here, t)
                 if hit is not None:
-                    hits.append(hit)
+                    hits = [*hits, hit]
         if a_on and tx.channel == "ATM" and trail.atms:
             hit = self._cashout(trail, tx.terminal_id, t)
             if hit is not None:
-                hits.append(hit)
+                hits = [*hits, hit]
         if tx.amount >= n_least and f[_NEW_TERMINAL] == 1.0:
             hit = self._new_terminal(tx, f)
             if hit is not None:
-                hits.append(hit)
+                hits = [*hits, hit]
         return hits
 
     # -- each typology's hit, made once it is known to fire (or, for the rarer checks, to
@@ -304,10 +308,9 @@ class TypologyState:
 
     def decided(self, tx: Transaction, verdict: Verdict) -> Verdict:
         """Add ``tx``, scored ``verdict``, to its account's trail; returns ``verdict``."""
-        pending = self._pending
-        if pending is not None and pending[0] is tx:  # what check() just looked up
-            _, t, trail = pending
-            self._pending = None
+        if self._last_tx is tx:  # what check() just looked up
+            t, trail = self._last_t, self._last_trail
+            self._last_tx = None
         else:
             t, trail = tx.timestamp.timestamp(), self.trails.get(tx.account_id)
         if trail is None:
@@ -457,7 +460,7 @@ class Typologies:
                      path=str(path))
 
     @property
-    def check(self) -> Callable[[Transaction, Sequence[float]], list[Hit]]:
+    def check(self) -> Callable[[Transaction, Sequence[float]], Sequence[Hit]]:
         """The state's :meth:`TypologyState.check` (bound: the scorer takes it per batch)."""
         return self.state.check
 
