@@ -313,6 +313,15 @@ class Settings:
     alert_budget_burst: float = 3.0
     """Most model alerts in one hour of event time, as a multiple of the budget's hourly
     share: a backlog, a new model or drift cannot flood the queue."""
+    # issue 18 (A): typology rules (docs/rules.md)
+    rules_file: Path | None = None
+    """The typology rules file the scorer reads (TOML, docs/rules.md); unset is
+    ``<data_dir>/rules.toml`` once ``branchguard rules deploy`` has installed one there,
+    else the shipped ``appliance/scoring/rules.toml``. Re-read when it changes (checked every
+    ``model_check_seconds``)."""
+    terminals_refresh_seconds: float = 30.0
+    """Seconds between the scorer's reads of the terminal directory's places (for
+    ``impossible_travel``)."""
 
     @property
     def db_path(self) -> Path:
@@ -488,6 +497,9 @@ class Settings:
              self.alert_budget_min_history, "use 0 or more"),
             (self.alert_budget_burst >= 1, "alert_budget_burst", self.alert_budget_burst,
              "use 1 or more (a multiple of the budget's hourly share)"),
+            # issue 18 (A): typology rules
+            (self.terminals_refresh_seconds > 0, "terminals_refresh_seconds",
+             self.terminals_refresh_seconds, "use > 0"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

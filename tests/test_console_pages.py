@@ -16,6 +16,7 @@ from nicegui.testing import User
 from nicegui.testing.user_simulation import user_simulation
 
 from appliance.casework.casefile import case_file, plain_value
+from appliance.scoring.rules import RULES_VERSION
 from appliance.settings import Settings
 from appliance.store import Store
 from tests.api_support import node_db  # noqa: F401
@@ -223,7 +224,7 @@ def test_viewer_sees_but_cannot_act(node_db: tuple[Settings, Store]) -> None:  #
         await user.open("/overview")
         await user.should_see("dead letters: 0")
         await user.should_see("node: last transaction stored")
-        await user.should_see("model m-test · rules rules-v1")
+        await user.should_see(f"model m-test · rules {RULES_VERSION}")
         await user.open("/lists")
         await user.should_see("changing the lists needs the supervisor role")
         await user.should_not_see("Add")

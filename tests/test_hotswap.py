@@ -16,6 +16,7 @@ import nats
 from appliance.feed.terminal import publish
 from appliance.scoring.explain import Explainer
 from appliance.scoring.registry import Registry
+from appliance.scoring.rules import RULES_VERSION
 from appliance.settings import SHIPPED_MODELS_DIR
 
 from .support import decode, make_transactions, query, read_stream, stored_count, wait_until
@@ -54,7 +55,7 @@ def test_promotion_swaps_the_model_of_a_running_scorer(tmp_path: Path, nats_url:
     rows = query(db, "SELECT transaction_id, stream_seq, model_version, rules_version FROM "
                      "transactions ORDER BY stream_seq")
     assert len(rows) == len(txs) == len({r[0] for r in rows})       # none lost, none twice
-    assert {r[3] for r in rows} == {"rules-v1"}
+    assert {r[3] for r in rows} == {RULES_VERSION}
     old = [r[1] for r in rows if r[2] == "if-v1"]
     new = [r[1] for r in rows if r[2] == "m-next"]
     assert old and new and len(old) + len(new) == len(rows)

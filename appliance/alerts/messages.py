@@ -26,6 +26,13 @@ PLAIN_REASONS = {
     "suspicious_combo": "Risky merchant category away from the account's usual places",
     "high_deviation": "Far above what this account usually spends",
     "ml_anomaly": "Unusual for this account and terminal (anomaly model)",
+    # the typology rules (docs/rules.md); their details carry the counts and thresholds
+    "velocity_burst": "Burst of transactions",
+    "card_testing": "Card testing",
+    "amount_spike": "Far above the largest this account ever paid",
+    "impossible_travel": "Impossible travel between terminals",
+    "atm_cashout": "Cash-out across several ATMs",
+    "new_terminal_large": "Large amount at a terminal this account never used",
 }
 _RANK = {"CRITICAL": 0, "HIGH": 1, "WARNING": 2, "INFO": 3}
 

@@ -58,6 +58,7 @@ from ..settings import Settings
 from ..store import decode_features
 from ..verdict import Severity
 from .features import INDEX
+from .rules import HARD_REASONS
 
 log = logs.get("appliance.budget")
 
@@ -68,11 +69,6 @@ DAY = 86400.0
 MODEL_SHARE_FLOOR = 0.1
 """The model keeps at least this share of the budget however many hard alerts there are, so
 that it is never silenced by a noisy rule."""
-SOFT_REASONS = frozenset({"ml_anomaly"})
-"""Reason codes that are not hard when the hit does not say (a :class:`~.rules.Hit` without
-a ``hard`` attribute): the model's own. Every other rule of ``rules-v1`` is hard (see
-docs/scoring.md). A rule hit that says ``hard=False`` must have its code here too, so that
-:func:`rebuild` classifies its stored rows as the scorer did."""
 LIST_REASONS = frozenset({"allow_list", "deny_list"})
 """Added after the verdict (lists.py): the budget never saw them."""
 _PRIOR = INDEX["account_prior_count"]
@@ -306,9 +302,9 @@ def _iso(hour: int) -> str:
 
 
 def is_hard(reasons: list[str]) -> bool:
-    """Whether a stored verdict's reasons include a hard rule (lists are not counted: the
-    budget judged before them)."""
-    return any(r not in SOFT_REASONS and r not in LIST_REASONS for r in reasons)
+    """Whether a stored verdict's reasons include a hard rule (``rules.HARD_REASONS``; the
+    lists are not counted: the budget judged before them)."""
+    return any(r in HARD_REASONS for r in reasons)
 
 
 _PLAIN = "reasons = '[]' AND typeof(features) = 'blob'"

@@ -60,8 +60,8 @@ from .labels import LabelFeed
 from .lists import ListFilter
 from .model import Model, feature_matrix
 from .registry import Registry
-from .rules import RULES_VERSION
 from .score import judge
+from .typologies import Typologies
 
 log = logs.get("appliance.pipeline")
 MAX_BATCHES_IN_FLIGHT = 256
@@ -147,6 +147,8 @@ class Scorer:
         """The registry's shadow model: scores the same batches, stored, never acted on."""
         self.budget: Budget | None = None
         """The alert budget (issue 18): rebuilt from the stored rows at start (budget.py)."""
+        self.rules = Typologies(store.reader.conn, settings)
+        """Typology rules (issue 18): the rules file in force, re-read when it changes."""
 
     async def prepare(self) -> None:
         """Streams, state from the database, verdicts of record, consumer from the checkpoint.
@@ -171,6 +173,7 @@ class Scorer:
         gc.disable()
         try:
             self.state = feature_state(self.store.reader)
+            self.rules.rebuild(self.store.reader.conn, self.state)
         finally:
             gc.enable()
         gc.freeze()
@@ -425,10 +428,12 @@ class Scorer:
         risks = model.risks(feature_matrix(rows)) if features else ()
         version, settings, budget = model.version, self.settings, self.budget
         self.lists.refresh_if_due()
-        listed, now = self.lists.apply, time.time()
+        self.rules.refresh_if_due()
+        listed, now, rules = self.lists.apply, time.time(), self.rules
+        check, decided, rules_version = rules.check, rules.decided, rules.version
         scored = [Scored(tx, branch_of(d.subject), d.stream_seq, f, FEATURES_VERSION,
-                         listed(tx, judge(tx, f, float(r), version, RULES_VERSION, settings,
-                                          budget), now), h)
+                         decided(tx, listed(tx, judge(tx, f, float(r), version, rules_version,
+                                                      settings, budget, check(tx, f)), now)), h)
                   for (d, tx), f, r, h in zip(fresh, features, risks, digests)]
         if model.uses_labels:
             width = len(FEATURES)
@@ -464,7 +469,7 @@ class Scorer:
         risks = shadow.risks(feature_matrix(rows))
         version, settings = shadow.version, self.settings
         for s, r in zip(scored, risks):
-            v = judge(s.tx, s.features, float(r), version, RULES_VERSION, settings)
+            v = judge(s.tx, s.features, float(r), version, s.verdict.rules_version, settings)
             s.shadow = (version, v.model_risk, v.risk, v.decision)
 
     async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],
@@ -492,6 +497,7 @@ class Scorer:
             await in_progress(self.nc, batch)
             await asyncio.wait([rebuild], timeout=max(1.0, self.settings.ack_wait_seconds / 3))
         self.state = rebuild.result()
+        self.rules.rebuild(self.store.reader.conn, self.state)
         if self.budget is not None:  # it may have counted part of the failed batch
             self.budget = await loop.run_in_executor(None, budget_from_rows,
                                                      self.store.path, self.settings)

@@ -4,7 +4,13 @@ Each rule returns a :class:`Hit` (its reason code, a sentence with the values an
 that made it fire, and the risk it adds) or None. Every matching rule is kept, not just the
 first. Thresholds come from :class:`~appliance.settings.Settings`. These are the reference
 system's four rules; ``ml_anomaly`` is the model's, expressed as a rule so that it explains
-itself the same way.
+itself the same way. The typology rules (typologies.py, parameters in the versioned rules
+file, rulebook.py) need per-account state, so the scorer runs them and hands their hits to
+:func:`evaluate` as ``typology``.
+
+A hit is *hard* (``Hit.hard``; the codes in :data:`HARD_REASONS`) when it must raise an alert
+whatever the alert budget: ``high_value`` and every typology. The others (and the model) are
+soft: they add risk, and the budget decides what of it is worth an analyst's time.
 """
 
 from __future__ import annotations
@@ -15,8 +21,13 @@ from dataclasses import dataclass
 from ..settings import Settings
 from ..transaction import Transaction
 from .features import INDEX
+from .rulebook import SHIPPED_RULES, TYPOLOGIES, load
 
-RULES_VERSION = "rules-v1"
+RULES_VERSION = load(SHIPPED_RULES).version
+"""The shipped rules file's version; a node runs the version of the file it reads
+(rulebook.rules_path), which every verdict names."""
+HARD_REASONS: frozenset[str] = frozenset(("high_value", *TYPOLOGIES))
+"""Reason codes of the hard rules (their hits have ``hard=True``)."""
 
 _AMOUNT = INDEX["amount"]
 _MEAN = INDEX["account_mean_amount"]
@@ -30,6 +41,8 @@ class Hit:
     detail: str
     risk: float
     """Risk this rule alone implies, combined with the others by noisy-OR in score.py."""
+    hard: bool = False
+    """A hard rule's hit: it alerts whatever the alert budget (see the module docstring)."""
 
 
 Rule = Callable[[Transaction, Sequence[float], float, Settings], "Hit | None"]
@@ -37,7 +50,8 @@ Rule = Callable[[Transaction, Sequence[float], float, Settings], "Hit | None"]
 
 def high_value(tx: Transaction, f: Sequence[float], model_risk: float, s: Settings) -> Hit | None:
     if tx.amount >= s.high_value_amount:
-        return Hit("high_value", f"amount {tx.amount:.2f} >= {s.high_value_amount:.2f}", 0.5)
+        return Hit("high_value", f"amount {tx.amount:.2f} >= {s.high_value_amount:.2f}", 0.5,
+                   True)
     return None
 
 
@@ -73,11 +87,14 @@ RULES: tuple[Rule, ...] = (high_value, suspicious_combo, high_deviation, ml_anom
 
 
 def evaluate(tx: Transaction, features: Sequence[float], model_risk: float,
-             settings: Settings) -> list[Hit]:
-    """Every rule that fires, in RULES order."""
+             settings: Settings, typology: Sequence[Hit] = ()) -> list[Hit]:
+    """Every rule that fires, in RULES order, then the ``typology`` hits the scorer found
+    for this transaction (typologies.Typologies.check)."""
     hits = []
     for rule in RULES:
         hit = rule(tx, features, model_risk, settings)
         if hit is not None:
             hits.append(hit)
+    if typology:
+        hits += typology
     return hits

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from ..settings import Settings
 from ..transaction import Transaction
 from ..verdict import DECISIONS, Severity, Verdict
-from .budget import SOFT_REASONS, Budget
+from .budget import Budget
 from .features import INDEX
 from .rules import Hit, evaluate
 
@@ -52,18 +52,17 @@ def _round6(x: float) -> float:
     return int(x * 1e6 + 0.5) / 1e6
 
 
-def _hard(hit: Hit) -> bool:
-    hard: bool | None = getattr(hit, "hard", None)  # rules-v1's Hit has no such attribute
-    return hit.reason not in SOFT_REASONS if hard is None else hard
 
 
 def judge(tx: Transaction, features: Sequence[float], model_risk: float, model_version: str,
-          rules_version: str, settings: Settings, budget: Budget | None = None) -> Verdict:
-    """The verdict for one transaction, given its features and the model's risk.
+          rules_version: str, settings: Settings, budget: Budget | None = None,
+          typology: Sequence[Hit] = ()) -> Verdict:
+    """The verdict for one transaction, given its features, the model's risk and the
+    typology rules' hits (typologies.py; their risk counts like any rule's).
 
     With ``budget``, the transaction is also counted in it (call once per transaction, in
     stream order): the budget decides model-driven alerts, see the module docstring."""
-    hits = evaluate(tx, features, model_risk, settings)
+    hits = evaluate(tx, features, model_risk, settings, typology)
     if budget is None:
         keep = 1.0 - model_risk
         for hit in hits:
@@ -94,7 +93,7 @@ def judge(tx: Transaction, features: Sequence[float], model_risk: float, model_v
         if hit.reason == "ml_anomaly":  # the budget says whether the model's risk alerts
             continue
         kept.append(hit)
-        if _hard(hit):
+        if hit.hard:
             is_hard = True
             hard *= 1.0 - hit.risk
         else:
