@@ -246,11 +246,11 @@ def test_a_failing_batch_rebuilds_state_once_and_off_the_event_loop(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 6: three poisonous transactions in one batch cost one rebuild of the feature
     state, on a worker thread (the event loop keeps running), not one each on the loop."""
-    from appliance.scoring import pipeline
+    from appliance.scoring import batch, pipeline
 
     txs = [i.tx for i in make_transactions(300, seed=6)]
     poison = {txs[i].transaction_id for i in (230, 231, 232)}
-    real_judge = pipeline.judge
+    real_judge = batch.judge
 
     def judge(tx, *args, **kwargs):  # type: ignore[no-untyped-def]
         if tx.transaction_id in poison:
@@ -273,7 +273,7 @@ def test_a_failing_batch_rebuilds_state_once_and_off_the_event_loop(
         failing_batches.append(len(fresh))
         return await real_one_by_one(self, fresh, *args)
 
-    monkeypatch.setattr(pipeline, "judge", judge)
+    monkeypatch.setattr(batch, "judge", judge)  # scoring/batch.py decides every verdict
     monkeypatch.setattr(pipeline, "_rebuild_state", counted)
     monkeypatch.setattr(pipeline.Scorer, "_score_one_by_one", one_by_one)
     gaps: list[float] = []

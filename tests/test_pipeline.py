@@ -66,7 +66,10 @@ def test_whole_path_stores_scores_alerts_and_publishes_verdicts(
     alerts = dict(query(db, "SELECT transaction_id, status FROM alerts"))
     not_approved = {tid for tid, r in rows.items() if r[3] != "approve"}
     assert set(alerts) == not_approved and set(alerts.values()) == {"NEW"}
-    assert {"deviation", "high-value", "combo"} <= set(alerts)
+    # high_value is a hard rule: it alerts whatever the budget; suspicious_combo and
+    # high_deviation are soft (they fired, above, and add risk for the budget to rank), and
+    # a new node's budget is cold: so they are not alerts here (tests/test_budget.py)
+    assert "high-value" in alerts and not {"deviation", "combo"} & set(alerts)
 
     verdicts = [decode(m.data) for m in read_stream(nats_url, "VERDICTS", expect=total)]
     assert len(verdicts) == total

@@ -10,7 +10,7 @@ import nats
 import pytest
 
 from appliance.feed.terminal import publish
-from appliance.scoring import pipeline
+from appliance.scoring import batch
 from appliance.scoring.features import compute_all
 from appliance.scoring.model import Model
 from appliance.scoring.pipeline import Scorer
@@ -24,14 +24,14 @@ def test_a_poisonous_transaction_is_dead_lettered_and_the_batch_goes_on(
         settings: Settings, nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     txs = [item.tx for item in make_transactions(60, seed=9)]
     poison = txs[25].transaction_id
-    real_judge = pipeline.judge
+    real_judge = batch.judge
 
     def judge(tx, *args, **kwargs):  # type: ignore[no-untyped-def]
         if tx.transaction_id == poison:
             raise ValueError("cannot judge this one")
         return real_judge(tx, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "judge", judge)
+    monkeypatch.setattr(batch, "judge", judge)  # scoring/batch.py decides every verdict
 
     async def run() -> None:
         nc = await nats.connect(nats_url)

@@ -209,7 +209,7 @@ def test_hits_raise_the_verdicts_risk_and_name_their_reason() -> None:
     f = s.features.observe(tx)
     hits = s.state.check(tx, f)
     plain = judge(tx, f, 0.1, "m", BOOK.version, Settings())
-    v = judge(tx, f, 0.1, "m", BOOK.version, Settings(), hits)
+    v = judge(tx, f, 0.1, "m", BOOK.version, Settings(), typology=hits)
     assert v.reasons == plain.reasons + ["velocity_burst"]
     assert v.details[-1] == hits[0].detail
     assert v.risk == pytest.approx(1 - 0.9 * (1 - BOOK.velocity_burst.risk), abs=1e-6)
@@ -245,7 +245,7 @@ def test_rebuilt_trails_equal_the_live_ones(tmp_path: Path) -> None:
             f = features.observe(tx)
             risk = 0.95 if i % 97 == 0 else 0.1  # some declines
             v = live.decided(tx, judge(tx, f, risk, "m", live.version, settings,
-                                       live.check(tx, f)))
+                                       typology=live.check(tx, f)))
             scored.append(Scored(tx, "BR001", i + 1, f, FEATURES_VERSION, v))
         assert any(s.verdict.decision == "decline" for s in scored)
         store.save_batch(scored, [], "scorer", len(scored))
@@ -302,5 +302,5 @@ def test_a_changed_rules_file_is_used_from_the_next_batch_and_a_bad_one_is_not(
         f = feats.observe(tx)
         hits = rules.check(tx, f)
         out.append(codes(hits))
-        rules.decided(tx, judge(tx, f, 0.0, "m", rules.version, Settings(), hits))
+        rules.decided(tx, judge(tx, f, 0.0, "m", rules.version, Settings(), typology=hits))
     assert out == [[], ["velocity_burst"]]

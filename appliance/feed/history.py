@@ -7,9 +7,9 @@ Publishing a million rows through JetStream would take most of an hour on a smal
 needs the event-time window off; scoring them here in bulk takes a minute or two.
 
 The scorer's state afterwards is the state it would have had if it had scored these rows
-itself, because it is built from the same things: :meth:`FeatureState.observe` in time order
-(from the state of the rows already stored), the production model's risk for each chunk,
-``score.judge`` and the allow/deny lists, exactly the stages of ``Scorer._score``; the label
+itself, because it is decided by the same function, ``scoring.batch.score_batch`` (features
+in time order from the state of the rows already stored, the production model's risk for
+each chunk, the typology rules, the alert budget and the allow/deny lists); the label
 features (for a model that reads them) from a :class:`LabelState` of the labels known *by
 each transaction's own time* (the lookup cuts there), so the labels known later change
 nothing. At its next start the scorer rebuilds its feature state from the stored rows, as
@@ -30,14 +30,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import logs
-from ..scoring.features import FEATURES, FEATURES_VERSION, feature_state
+from ..scoring.batch import Deciders, score_batch
+from ..scoring.budget import rebuild as budget_from_rows
+from ..scoring.features import feature_state
 from ..scoring.labels import LabelState
 from ..scoring.lists import ListFilter
-from ..scoring.model import Model, feature_matrix
-from ..scoring.rules import RULES_VERSION
-from ..scoring.score import judge
+from ..scoring.model import Model
+from ..scoring.typologies import Typologies
 from ..settings import Settings
-from ..store import Scored, Store
+from ..store import Store
 from ..transaction import Transaction, digest
 
 log = logs.get("appliance.history")
@@ -64,27 +65,18 @@ def load_history(store: Store, model: Model, settings: Settings,
     known so far, for a model that reads label features (empty without)."""
     started = time.monotonic()
     state = feature_state(store.reader)
-    known = (labels or LabelState()).features
-    lists = ListFilter(store.reader.conn, settings.lists_refresh_seconds)
-    version, width = model.version, len(FEATURES)
+    rules = Typologies(store.reader.conn, settings)
+    rules.rebuild(store.reader.conn, state)
+    deciders = Deciders(state, model, settings,
+                        budget_from_rows(store.path, settings) if settings.alert_budget else None,
+                        ListFilter(store.reader.conn, settings.lists_refresh_seconds), rules,
+                        (labels or LabelState()).features if model.uses_labels else None)
+    version = model.version
     rows = flagged = 0
     it = iter(transactions)
     while batch := list(itertools.islice(it, chunk)):
-        features = [state.observe(tx) for tx in batch]
-        inputs = features
-        if model.uses_labels:
-            inputs = [f + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
-                      for f, tx in zip(features, batch)]
-        risks = model.risks(feature_matrix(inputs))
-        lists.refresh_if_due()
-        now = time.time()
-        scored = [Scored(tx, settings.branch, 0, f, FEATURES_VERSION,
-                         lists.apply(tx, judge(tx, f, float(r), version, RULES_VERSION,
-                                               settings), now), digest(tx))
-                  for tx, f, r in zip(batch, features, risks)]
-        if model.uses_labels:
-            for s, row in zip(scored, inputs):
-                s.label_features = row[width:]
+        scored, _ = score_batch([(tx, settings.branch, 0, digest(tx)) for tx in batch],
+                                deciders)
         store.save_batch(scored, [], settings.consumer, 0, history=True)
         store.checkpoint_wal()  # the node's WAL is not auto-checkpointed: keep it short
         rows += len(scored)

@@ -49,10 +49,11 @@ from ..settings import Settings
 from ..store import DeadLetter, Scored, Store
 from ..transaction import Admission, Malformed, Transaction, branch_of, digest
 from ..verdict import Verdict
+from .batch import Deciders, score_batch
 from .budget import Budget
 from .budget import rebuild as budget_from_rows
 from .commit import GroupCommit
-from .features import FEATURES, FEATURES_VERSION, FeatureState, feature_state
+from .features import FEATURES, FeatureState, feature_state
 from .ingest import (DLQ_SUBJECT, Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch,
                      dlq_headers, ensure_streams, in_progress, published_verdicts,
                      reset_consumer)
@@ -416,29 +417,13 @@ class Scorer:
 
     def _score(self, fresh: list[tuple[Delivery, Transaction]], digests: list[bytes]
                ) -> list[Scored]:
-        """Stages 3-5: features in order, model risk for all at once, rules and verdict."""
-        observe = self.state.observe
-        features = [observe(tx) for _, tx in fresh]
-        model = self.model
-        rows = features
-        if model.uses_labels:
-            known = self.labels.state.features
-            rows = [f + known(tx.account_id, tx.terminal_id, tx.timestamp.timestamp())
-                    for f, (_, tx) in zip(features, fresh)]
-        risks = model.risks(feature_matrix(rows)) if features else ()
-        version, settings, budget = model.version, self.settings, self.budget
-        self.lists.refresh_if_due()
-        self.rules.refresh_if_due()
-        listed, now, rules = self.lists.apply, time.time(), self.rules
-        check, decided, rules_version = rules.check, rules.decided, rules.version
-        scored = [Scored(tx, branch_of(d.subject), d.stream_seq, f, FEATURES_VERSION,
-                         decided(tx, listed(tx, judge(tx, f, float(r), version, rules_version,
-                                                      settings, budget, check(tx, f)), now)), h)
-                  for (d, tx), f, r, h in zip(fresh, features, risks, digests)]
-        if model.uses_labels:
-            width = len(FEATURES)
-            for s, row in zip(scored, rows):
-                s.label_features = row[width:]
+        """Stages 3-5 (batch.py): features in order, model risk for all at once, rules,
+        budget, lists and verdict; then verdicts of record adopted, and the shadow model."""
+        deciders = Deciders(self.state, self.model, self.settings, self.budget, self.lists,
+                            self.rules,
+                            self.labels.state.features if self.model.uses_labels else None)
+        scored, rows = score_batch([(tx, branch_of(d.subject), d.stream_seq, h)
+                                    for (d, tx), h in zip(fresh, digests)], deciders)
         if self._adopted:
             self._adopt(scored)
         if self.shadow is not None and scored:
