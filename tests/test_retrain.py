@@ -85,7 +85,6 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
     assert card["metrics"]["f1"] >= 1.02 * card["metrics"]["production_on_same_period"]["f1"]
     assert card["metrics"]["onnx_vs_sklearn_max_abs_diff"] <= 1e-5
     assert card["training"]["labels_used_for_fitting"] is True
-    assert card["algorithm"].startswith("mean of two lightgbm.LGBMClassifier")
     # each model's hyperparameters were chosen on the validation fold: every grid point tried,
     # the winner is the best of them, and the split ended where the held-back period begins
     validation = card["validation"]
@@ -93,17 +92,41 @@ def test_a_clearly_better_candidate_is_promoted(tmp_path: Path, items: list[Labe
         trials = validation[role]["trials"]
         assert len(trials) == 8 and validation[role]["chosen_by"].startswith("grid search")
         best = max(trials, key=lambda t: t["validation_average_precision"])
-        assert card["hyperparameters"][role] == {k: v for k, v in best.items()
-                                                 if k != "validation_average_precision"}
+        assert validation[role]["params"] == {k: v for k, v in best.items()
+                                              if k != "validation_average_precision"}
+    # what serves (full, behaviour or their mean) is the best of the three on the validation
+    # fold, recorded on the card, and the card's model is that one
+    combination = validation["combination"]
+    aps = combination["validation_average_precision"]
+    assert set(aps) == {"full", "behaviour", "mean"}
+    assert aps[combination["chosen"]] == max(aps.values())
+    served = combination["chosen"]
+    assert card["hyperparameters"]["served"] == served
+    for role in ("full", "behaviour"):
+        fitted = served in (role, "mean")
+        assert (card["hyperparameters"][role] == validation[role]["params"]) if fitted else \
+            card["hyperparameters"][role] is None
+    assert card["algorithm"].startswith({"mean": "mean of two lightgbm.LGBMClassifier",
+                                         "full": "lightgbm.LGBMClassifier (onnxmltools) on "
+                                                 "FEATURES + label features",
+                                         "behaviour": "lightgbm.LGBMClassifier (onnxmltools) "
+                                                      "on FEATURES + IsolationForest"}[served])
+    # label features as served: labels known a minute late, so both folds' rows see them
+    timing = validation["label_timing"]
+    assert timing["rule"].startswith("as served")
+    assert timing["rows_with_any_label_feature"]["validation"] > 0
     split = validation["split"]
     assert split["fit_rows"] > 0 and split["validation_rows"] > 0
     assert split["window_end"] <= card["training"]["holdout"]["from"]
     # labels known a minute late: every label window is longer than that delay
     assert validation["label_features"]["median_label_delay_seconds"] == pytest.approx(60,
                                                                                        abs=0.1)
-    assert card["features"][-2:] == ["account_known_fraud_count_30d",
-                                     "account_known_fraud_share_30d"]
-    assert "terminal_known_fraud_count_1d" in card["features"]
+    if served != "behaviour":
+        assert card["features"][-2:] == ["account_known_fraud_count_30d",
+                                         "account_known_fraud_share_30d"]
+        assert "terminal_known_fraud_count_1d" in card["features"]
+    else:
+        assert not any("known_fraud" in f for f in card["features"])
     assert "risk" in card["reference"] and "amount" in card["reference"]["features"]
     # the card's metrics are what a backtest of the held-back period gives
     rows = load_rows(settings.db_path)

@@ -10,7 +10,8 @@ data directory, with an embedded nats-server and the real
    ``label_delay_days`` (default 7) after each transaction;
 3. ``retrain`` unsupervised (an Isolation Forest whose features are chosen by time-ordered
    validation inside its window; labels known by then only choose them and judge promotion),
-   then ``retrain --supervised`` (the LightGBM challenger, tuned the same way); each is
+   then ``retrain --supervised`` (the LightGBM challenger, tuned the same way, its training and
+   validation rows' label features as served: each label from its own known_at); each is
    promoted only by the promotion rule;
 4. wait until the scorer serves the production model, replay days 60-66;
 5. evaluate days 60-66 against their labels (taken from the CSV, never imported, so they
@@ -129,7 +130,7 @@ async def _run(settings: Settings, items: list[Labelled], label_days: tuple[int,
 
 
 def run_handbook(settings: Settings, csv_path: Path, *, label_days: tuple[int, int] = (46, 52),
-                 label_delay_days: float = 7.0, training_label_delay_days: float | None = 1.0,
+                 label_delay_days: float = 7.0, training_label_delay_days: float | None = None,
                  k: int = 100, resamples: int = 200) -> HandbookReport:
     """Run the protocol in ``settings.data_dir`` (which should be empty); see the module
     docstring. Returns the table (Markdown) and what it is made of."""

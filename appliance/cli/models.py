@@ -245,9 +245,10 @@ def _epoch(text: str | None) -> float | None:
               "--data-dir (default: a new temporary directory) instead.")
 @click.option("--label-days", default="46-52", show_default=True,
               help="With --handbook: days whose labels are imported.")
-@click.option("--training-label-delay", type=float, default=1.0, show_default=True,
-              help="With --handbook: days after which training rows' labels count as known "
-                   "(training only; scoring uses the real delay of 7 days).")
+@click.option("--training-label-delay", type=float, default=None,
+              help="With --handbook: days after their transaction before which training rows' "
+                   "labels never count (default: each from its own known_at; a label is never "
+                   "counted before its known_at).")
 @friendly_errors
 def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ...],
              compare: bool, since: str | None, until: str | None, k: int, resamples: int,
@@ -313,8 +314,8 @@ def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ..
               help="Comma-separated features for the Isolation Forest (default: chosen by "
                    "time-ordered validation inside the window, see docs/models.md).")
 @click.option("--training-label-delay", type=float, default=None,
-              help="Days after which training rows' labels count as known (training only; "
-                   "default: their real known_at).")
+              help="Days after their transaction before which training rows' labels never "
+                   "count (default: their real known_at; a label is never counted before it).")
 @click.option("--version", "version", default=None, help="Version of the candidate.")
 @click.option("--no-promote", is_flag=True, help="Compare and register, never promote.")
 @friendly_errors

@@ -131,6 +131,21 @@ def label_state(db_path: Path, as_of: float | None = None) -> LabelState:
         db.close()
 
 
+def label_events(db_path: Path, as_of: float | None = None
+                 ) -> list[tuple[str, str, float, float, int]]:
+    """Every stored label known by ``as_of`` (all without it) as (account, terminal,
+    transaction time, known_at, label), for validation.as_served."""
+    db = open_db(db_path)
+    try:
+        return [(account, terminal, float(ts), parse_time(known_at), int(label))
+                for account, terminal, ts, known_at, label in db.execute(
+                    "SELECT t.account_id, t.terminal_id, t.ts, l.known_at, l.label FROM labels l "
+                    "JOIN transactions t USING (transaction_id) WHERE l.known_at <= ?",
+                    [_known_by(as_of)])]
+    finally:
+        db.close()
+
+
 def truth(db_path: Path, as_of: float | None = None) -> dict[str, bool]:
     """transaction_id -> fraud, from the stored labels known by ``as_of`` (every label
     without it: the ground truth as known now)."""

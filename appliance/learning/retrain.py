@@ -19,10 +19,13 @@ on the same held-back labelled period, promoted only when it is clearly better.
      forest's score, and on the same without the label features) on the labelled
      transactions before the held-back period, each model's hyperparameters chosen on a
      time-ordered split of those rows (its last 30 % of time validates).
-     Training rows' label features are computed as of each row's time; because the labels of
-     the first days of a window only become known after it, ``training_label_delay_days`` can
-     re-time them (known that many days after their transaction) *for the training rows only*;
-     the held-back period and live scoring always use the real ``known_at``.
+     Every fit, validation and training row's label features are as served
+     (validation.as_served): each label counts from its own ``known_at``, never earlier, so
+     the validation fold sees label features with the delays serving will see.
+     ``training_label_delay_days`` can only make labels later (never younger than they
+     arrived); the held-back period and live scoring always use the real ``known_at``. What
+     serves, the full model, the behaviour model or their mean, is chosen on the same
+     validation fold (challenger.choose_combination).
 4. Candidate and production are both scored on the held-back period by backtest.py (the same
    features, rules and thresholds as the live scorer), and the candidate is promoted when and
    only when its F1 at the operating threshold (an alert = a verdict other than approve) is at
@@ -57,15 +60,15 @@ from ..scoring.model import INDEX, Model, ModelCard, file_sha256
 from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import require_db
-from .backtest import (StoredRows, backtest, label_delays, label_state, load_rows, model_rows,
-                       truth)
+from .backtest import (StoredRows, backtest, label_delays, label_events, label_state, load_rows,
+                       model_rows, truth)
 from .challenger import (FIXED, OUTPUT_NAME as CHALLENGER_OUTPUT, Challenger,
                          challenger_to_onnx, stacked_input)
 from .drift import reference_of
 from .evaluation import DAY, Scored, point_metrics
 from .promotion import on_node, promote
 from .train import CALIBRATION_QUANTILES, MODEL_FEATURES, calibration
-from .validation import choose_forest_features, time_split
+from .validation import as_served, choose_forest_features, time_split
 
 log = logs.get("appliance.retrain")
 
@@ -122,16 +125,6 @@ def decide(candidate_f1: float, production_f1: float, candidate_alerts_per_day: 
                           f" + {settings.promotion_min_f1_gain:.0%}); alerts "
                           f"{candidate_alerts_per_day:.1f}/day within "
                           f"{settings.alert_budget_per_day:g}/day")
-
-
-def _retimed_labels(rows: StoredRows, known: dict[str, bool], ts: npt.NDArray[np.float64],
-                    delay_days: float) -> LabelState:
-    state = LabelState()
-    for tx, t in zip(rows.txs, ts):
-        label = known.get(tx.transaction_id)
-        if label is not None:
-            state.add(tx.account_id, tx.terminal_id, float(t) + delay_days * DAY, int(label))
-    return state
 
 
 def _version(registry: Registry, prefix: str) -> str:
@@ -220,8 +213,11 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
             raise ModelError("the supervised challenger needs labels of both kinds",
                              field="labels", value=int(train_mask.sum()),
                              hint="import labels of genuine transactions as well as frauds")
-        train_labels = (labels_now if training_label_delay_days is None else
-                        _retimed_labels(rows, known, ts, training_label_delay_days))
+        # As served: each label counts from its own known_at (or later), in the fit fold, the
+        # validation fold and the final fit alike; only labels known by the window's end.
+        train_labels = as_served(label_events(db, as_of), as_of,
+                                 None if training_label_delay_days is None
+                                 else training_label_delay_days * DAY)
         idx = np.flatnonzero(train_mask)
         delay = float(np.median(label_delays(db, as_of)))
         label_features = challenger_label_features(delay)
@@ -229,10 +225,14 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
         picked = [INDEX[f] for f in features]
         x_all = model_rows(rows, train_labels, True)[idx][:, picked].astype(np.float32)
         stacked = stacked_input(x_all, forest, if_cols)
+        x_label = x_all[:, len(FEATURES):]
         # The split is of the training rows (positions in x_all), all at or before the cut.
         split = time_split(ts[idx], np.arange(idx.size), cut)
         pair = Challenger.fit(stacked, y[idx], len(FEATURES), split, seed=seed,
                               params=gbm_params)
+        if not pair.uses_label_features:  # the behaviour model alone serves: no label input
+            features = list(FEATURES)
+            x_all = x_all[:, :len(FEATURES)]
         proto = challenger_to_onnx(pair, forest, len(features), if_cols)
         reference = pair.predict(stacked)
         fit_scores = reference
@@ -240,14 +240,24 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
         training.update(rows=int(len(idx)), frauds=int(y[idx].sum()),
                         labels_used_for_fitting=True,
                         training_label_delay_days=training_label_delay_days)
-        algorithm = ("mean of two lightgbm.LGBMClassifier (onnxmltools), on FEATURES + "
-                     "label features + IsolationForest score and on FEATURES + "
-                     "IsolationForest score, one ONNX graph")
+        served = pair.combination.chosen
+        algorithm = {
+            "mean": "mean of two lightgbm.LGBMClassifier (onnxmltools), on FEATURES + label "
+                    "features + IsolationForest score and on FEATURES + IsolationForest score, "
+                    "one ONNX graph",
+            "full": "lightgbm.LGBMClassifier (onnxmltools) on FEATURES + label features + "
+                    "IsolationForest score, one ONNX graph",
+            "behaviour": "lightgbm.LGBMClassifier (onnxmltools) on FEATURES + IsolationForest "
+                         "score, one ONNX graph"}[served]
+        full_p = "full.predict_proba(x + [if_score])[:, 1]"
+        behaviour_p = "behaviour.predict_proba(x[FEATURES] + [if_score])[:, 1]"
         output = {"name": CHALLENGER_OUTPUT, "range": "[0, 1]", "direction": "higher is riskier",
-                  "definition": "(full.predict_proba(x + [if_score])[:, 1] + behaviour."
-                                "predict_proba(x[FEATURES] + [if_score])[:, 1]) / 2"}
+                  "definition": {"mean": f"({full_p} + {behaviour_p}) / 2", "full": full_p,
+                                 "behaviour": behaviour_p}[served]}
         hyper: dict[str, Any] = {
-            "full": pair.tuning["full"].params, "behaviour": pair.tuning["behaviour"].params,
+            "served": served,
+            "full": pair.tuning["full"].params if pair.full is not None else None,
+            "behaviour": pair.tuning["behaviour"].params if pair.behaviour is not None else None,
             "fixed": FIXED, "random_state": seed, "if_features": list(if_features)}
         validation: dict[str, Any] = {
             "split": {**split.describe(),
@@ -257,6 +267,15 @@ def retrain(settings: Settings, *, supervised: bool = False, holdout_days: float
             "metric": "average precision on the validation fold",
             "full": pair.tuning["full"].describe(),
             "behaviour": pair.tuning["behaviour"].describe(),
+            "combination": pair.combination.describe(),
+            "label_timing": {
+                "rule": "as served: in the fit fold, the validation fold and the final fit, "
+                        "each label counts from its own known_at, never earlier (a re-timing "
+                        "may only make it later); only labels known by the window's end",
+                "training_label_delay_days": training_label_delay_days,
+                "rows_with_any_label_feature": {
+                    "fit": int(np.any(x_label[split.fit] != 0, axis=1).sum()),
+                    "validation": int(np.any(x_label[split.validation] != 0, axis=1).sum())}},
             "label_features": {"chosen": list(label_features),
                                "rule": "windows longer than the labels' median delay",
                                "median_label_delay_seconds": round(delay, 1)},
