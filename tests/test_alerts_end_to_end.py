@@ -38,7 +38,10 @@ def test_alerts_from_the_scorer_arrive_routed_by_severity(
         tmp_path: Path, nats_url: str, node_factory: Node, http: HttpReceiver) -> None:
     env = {f"BRANCHGUARD_ALERTS_{s}": f"json://{http.base}/{s.lower()}"
            for s in ("CRITICAL", "HIGH", "WARNING")}
-    env.update(BRANCHGUARD_ALERTS_GROUP_WAIT_SECONDS="0.5",
+    # routing is what this tests: fixed thresholds, so the crafted rules alert at several
+    # severities (with the budget, soft rules on a new node's cold budget raise none)
+    env.update(BRANCHGUARD_ALERT_BUDGET="false",
+               BRANCHGUARD_ALERTS_GROUP_WAIT_SECONDS="0.5",
                BRANCHGUARD_ALERTS_DIGEST_INTERVAL_SECONDS="1",
                BRANCHGUARD_ALERTS_POLL_SECONDS="0.1")
     node = node_factory(tmp_path / "node", nats_url, env).start()
@@ -86,7 +89,8 @@ def test_alerts_from_the_scorer_arrive_routed_by_severity(
 
 def test_without_destinations_the_node_says_so_and_keeps_the_outbox(
         tmp_path: Path, nats_url: str, node_factory: Node) -> None:
-    node = node_factory(tmp_path / "node", nats_url, {}).start()
+    node = node_factory(tmp_path / "node", nats_url, {"BRANCHGUARD_ALERT_BUDGET": "false"}
+                        ).start()
     txs = crafted()
     send(nats_url, txs)
     db = tmp_path / "node" / "branchguard.db"
