@@ -29,8 +29,11 @@ Node = type
 def test_run_starts_the_api_and_stops_it(tmp_path: Path, nats_url: str,
                                          node_factory: Node) -> None:
     data = tmp_path / "node"
+    # fixed thresholds: the cached list below must gain alerts with each commit, which a
+    # new node's cold alert budget would not give it
     node = node_factory(data, nats_url, {"BRANCHGUARD_RUN_API": "true",
-                                         "BRANCHGUARD_API_PORT": "0"}).start()
+                                         "BRANCHGUARD_API_PORT": "0",
+                                         "BRANCHGUARD_ALERT_BUDGET": "false"}).start()
     wait_until(lambda: '"api.listening"' in node.log(), message="api listening")
     url = "http://127.0.0.1:" + re.search(r'"api.listening".*?"port":(\d+)',
                                           node.log()).group(1)

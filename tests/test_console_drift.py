@@ -7,6 +7,7 @@ import sqlite3
 
 from nicegui.testing import User
 
+from appliance.casework.numbers import number_text
 from appliance.casework.overview import drift_status
 from appliance.learning.drift import run_drift
 from appliance.settings import Settings
@@ -60,7 +61,7 @@ def test_overview_shows_drift_and_warns_above_the_threshold(node_db: tuple[Setti
     async def warned(user: User) -> None:
         await sign_in(user, "vera", password)
         await user.open("/overview")
-        await user.should_see(f"score PSI {score:.3f}")
+        await user.should_see(f"score PSI {number_text(score)}")  # as people write it
         await user.should_see("WARNING:")
         rows = table_with(user, "overview-drift-table").rows
         assert {r["name"] for r in rows} == {*(n for n in report.psi if n != "risk"),
@@ -73,7 +74,7 @@ def test_overview_shows_drift_and_warns_above_the_threshold(node_db: tuple[Setti
     async def stable(user: User) -> None:
         await sign_in(user, "vera", password)
         await user.open("/overview")
-        await user.should_see(f"stable (all at or below {top + 1:g})")
+        await user.should_see(f"stable (all at or below {number_text(top + 1)})")
         await user.should_not_see("WARNING:")
 
     simulate(settings, stable, drift_psi_threshold=str(top + 1))
