@@ -35,13 +35,13 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from ..scoring import rulebook
 from .world import AWAY_TOWNS, HOME_TOWNS, RawEvent, World, atm_amount
 
 __all__ = ["TYPOLOGIES", "MEAN_SIZE", "inject", "episodes_per_day"]
 
-TYPOLOGIES: Final = ("velocity_burst", "card_testing", "amount_spike", "impossible_travel",
-                     "atm_cashout", "new_terminal_large")
-"""The shared names (rule reason codes, episode labels, fraud types on close)."""
+TYPOLOGIES: Final = rulebook.TYPOLOGIES
+"""The shared names (rule reason codes, episode labels, fraud types on close): the rules'."""
 
 MEAN_SIZE: Final[dict[str, float]] = {
     "velocity_burst": 8.0, "card_testing": 11.5, "amount_spike": 1.0,

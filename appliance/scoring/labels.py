@@ -47,6 +47,7 @@ import msgspec
 
 from .. import audit, logs
 from ..errors import BranchguardError
+from .rulebook import TYPOLOGIES
 
 log = logs.get("appliance.labels")
 
@@ -59,8 +60,7 @@ LABEL_FEATURES: tuple[str, ...] = tuple(
 """Label feature names, in the order :meth:`LabelState.features` returns them; appended after
 ``features.FEATURES`` in a model's input space."""
 _NONE = (0.0,) * (len(LABEL_FEATURES) // 2)
-FRAUD_TYPES = ("velocity_burst", "card_testing", "amount_spike", "impossible_travel",
-               "atm_cashout", "new_terminal_large", "other")
+FRAUD_TYPES = (*TYPOLOGIES, "other")
 """The typologies a fraud label can name (the names the rules and the simulator use too):
 a velocity burst, card testing, an amount far above the account's own maximum, impossible
 travel between terminals, ATM cash-out across terminals, first use of a terminal with a
