@@ -233,8 +233,14 @@ def test_erasure_also_removes_what_hangs_off_the_account(settings: Settings) -> 
     tids = [row[0] for row in conn.execute("SELECT transaction_id FROM transactions")]
     conn.executemany("INSERT INTO shadow_scores VALUES (?, 'x', 0.1, 0.1, 'approve')",
                      [(t,) for t in tids])
-    conn.executemany("INSERT INTO labels VALUES (?, 1, '2026-01-01T00:00:00Z', 'f', "
-                     "'2026-01-01T00:00:00Z')", [(t,) for t in tids])
+    conn.executemany("INSERT INTO labels (transaction_id, label, known_at, source, imported_at) "
+                     "VALUES (?, 1, '2026-01-01T00:00:00Z', 'f', '2026-01-01T00:00:00Z')",
+                     [(t,) for t in tids])
+    conn.executemany(  # an analyst's correction of each label (m014) hangs off it too
+        "INSERT INTO label_corrections (transaction_id, label_rowid, before_label, "
+        "before_known_at, after_label, after_known_at, at, actor) "
+        "SELECT transaction_id, rowid, 0, known_at, 1, known_at, known_at, 'sam' FROM labels "
+        "WHERE transaction_id = ?", [(t,) for t in tids])
 
     def left(account: str) -> dict[str, int]:
         mine = "(SELECT transaction_id FROM transactions WHERE account_id = ?)"
@@ -246,7 +252,8 @@ def test_erasure_also_removes_what_hangs_off_the_account(settings: Settings) -> 
                                    ("alert_outbox", "alert_id"),
                                    ("alert_explanations", "transaction_id"),
                                    ("shadow_scores", "transaction_id"),
-                                   ("labels", "transaction_id"))}
+                                   ("labels", "transaction_id"),
+                                   ("label_corrections", "transaction_id"))}
 
     a1_before = left("A1")
     assert all(a1_before.values())
@@ -260,6 +267,7 @@ def test_erasure_also_removes_what_hangs_off_the_account(settings: Settings) -> 
     a2_alerts = sum(1 for _, t in alerts if int(t[1:]) % 4 == 2)
     assert counted["shadow_scores"] - after["shadow_scores"] == a2
     assert counted["labels"] - after["labels"] == a2
+    assert counted["label_corrections"] - after["label_corrections"] == a2
     for table in ("alert_notes", "alert_outbox", "alert_explanations"):
         assert counted[table] - after[table] == a2_alerts, table
 

@@ -49,6 +49,7 @@ _DEPENDENT = (
     ("alert_explanations", "transaction_id", "transactions"),
     ("shadow_scores", "transaction_id", "transactions"),
     ("labels", "transaction_id", "transactions"),
+    ("label_corrections", "transaction_id", "transactions"),
 )
 """Tables whose rows belong to a transaction or its alert: (table, key, parent). They move
 to the warm tier with their transactions (verified with them), are erased with the account's
