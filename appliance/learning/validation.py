@@ -72,12 +72,10 @@ class TimeSplit:
                 "fit_rows": int(self.fit.size), "validation_rows": int(self.validation.size)}
 
 
-def time_split(ts: npt.NDArray[np.float64], rows: npt.NDArray[np.intp], end: float,
-               share: float = VALIDATION_SHARE) -> TimeSplit:
-    """Split ``rows`` (indices into ``ts``, epoch seconds) of a window that ends at ``end``:
-    validation = rows at or after ``start + (1 - share) * (end - start)``, fit = the rest.
-    Raises :class:`ModelError` if a row is after ``end``: a split that read past the window
-    would choose with what the window cannot know."""
+def _window(ts: npt.NDArray[np.float64], rows: npt.NDArray[np.intp], end: float
+            ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """``rows`` and their times, refused when empty or when a row is after ``end``: a split
+    that read past the window would choose with what the window cannot know."""
     rows = np.asarray(rows, dtype=np.intp)
     if not rows.size:
         raise ModelError("nothing to split", field="rows", value=0)
@@ -85,6 +83,16 @@ def time_split(ts: npt.NDArray[np.float64], rows: npt.NDArray[np.intp], end: flo
     if float(times.max()) > end:
         raise ModelError("a validation split was given rows after its window's end",
                          field="end", value=end, hint="pass only the training window's rows")
+    return rows, times
+
+
+def time_split(ts: npt.NDArray[np.float64], rows: npt.NDArray[np.intp], end: float,
+               share: float = VALIDATION_SHARE) -> TimeSplit:
+    """Split ``rows`` (indices into ``ts``, epoch seconds) of a window that ends at ``end``:
+    validation = rows at or after ``start + (1 - share) * (end - start)``, fit = the rest.
+    Raises :class:`ModelError` if a row is after ``end``: a split that read past the window
+    would choose with what the window cannot know."""
+    rows, times = _window(ts, rows, end)
     start = float(times.min())
     cut = start + (1.0 - share) * (end - start)
     return TimeSplit(rows[times < cut], rows[times >= cut], cut, end)
@@ -97,13 +105,7 @@ def rolling_splits(ts: npt.NDArray[np.float64], rows: npt.NDArray[np.intp], end:
     time span cut into ``folds`` equal consecutive slices; fold k validates on slice k and fits
     on every row of ``rows`` before it (the origin rolls forward). Refuses rows after ``end``
     like :func:`time_split`."""
-    rows = np.asarray(rows, dtype=np.intp)
-    if not rows.size:
-        raise ModelError("nothing to split", field="rows", value=0)
-    times = ts[rows]
-    if float(times.max()) > end:
-        raise ModelError("a validation split was given rows after its window's end",
-                         field="end", value=end, hint="pass only the training window's rows")
+    rows, times = _window(ts, rows, end)
     start = float(times.min())
     edges = [start + (1.0 - share + share * k / folds) * (end - start) for k in range(folds + 1)]
     out = []
