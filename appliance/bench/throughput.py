@@ -229,7 +229,7 @@ class _Scorer:
     baseline, the pass-through consumer), logging its loop lag every second."""
 
     def __init__(self, data_dir: Path, url: str, baseline: bool = False,
-                 replicate: bool = True) -> None:
+                 replicate: bool = True, fixed_thresholds: bool = False) -> None:
         self.name = "pass-through" if baseline else "scorer"
         self.log_path = data_dir / "scorer.log"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +242,8 @@ class _Scorer:
                "BRANCHGUARD_EVENT_TIME_CHECK": "false"}
         if not replicate:
             env["BRANCHGUARD_REPLICATE"] = "false"
+        if fixed_thresholds:  # alerts at the old fixed thresholds, not the budget's few
+            env["BRANCHGUARD_ALERT_BUDGET"] = "false"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", *command], stdout=log,
@@ -429,7 +431,8 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
     """Run every phase on a throwaway node (Litestream replicating unless ``replicate`` is
     False), and first on the pass-through consumer unless ``baseline`` is False; return the
     figures, the table of both consumers side by side and the targets (see :mod:`.report`).
-    With ``alerts_to`` (an Apprise URL) the scorer's full-speed phase is followed by
+    With ``alerts_to`` (an Apprise URL) the node alerts at the fixed thresholds (its cold
+    alert budget would raise almost nothing to deliver), and its full-speed phase is followed by
     ``alert_rounds`` pairs of a phase with the alert dispatcher delivering to it (see
     :func:`dead_smtp_url`) and a plain one, so every dispatcher phase has a plain phase on
     either side (see :func:`alerts_comparison`)."""
@@ -446,7 +449,10 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
                                                   sync_policy))
         url = server.start()
         others = {"nats-server": server.process.pid if server.process is not None else 0}
-        scorer = _Scorer(settings.data_dir, url, replicate=replicate)
+        # the alerts phases measure delivering alerts: a new node's alert budget is cold and
+        # raises almost none, so with alerts_to the node alerts at the fixed thresholds
+        scorer = _Scorer(settings.data_dir, url, replicate=replicate,
+                         fixed_thresholds=alerts_to is not None)
         try:
             asyncio.run(_wait_consumer(url))
             _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
