@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -111,3 +112,22 @@ def stored_count(db: Path) -> int:
     if not db.exists():
         return 0
     return int(query(db, "SELECT count(*) FROM transactions")[0][0])
+
+
+def publish_in_background(url: str, txs: list[Transaction], rate: float,
+                          branch: str = "BR001") -> threading.Thread:
+    """Publish ``txs`` at ``rate`` tx/s from a thread of its own (started; join it), so a
+    test can act on a running node in the middle of a stream."""
+    def feed() -> None:
+        async def go() -> None:
+            nc = await nats.connect(url)
+            try:
+                await publish(nc, txs, branch=branch, rate=rate)
+            finally:
+                await nc.drain()
+        asyncio.run(go())
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    return thread
+

@@ -4,22 +4,18 @@ visible in the log and in the stored rows."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
-import nats
 
-from appliance.feed.terminal import publish
 from appliance.scoring.explain import Explainer
 from appliance.scoring.registry import Registry
 from appliance.scoring.rules import RULES_VERSION
 from appliance.settings import SHIPPED_MODELS_DIR
 
-from .support import decode, make_transactions, query, read_stream, stored_count, wait_until
+from .support import publish_in_background, decode, make_transactions, query, read_stream, stored_count, wait_until
 from .test_registry import copy_shipped
 
 Node = type
@@ -31,18 +27,7 @@ def test_promotion_swaps_the_model_of_a_running_scorer(tmp_path: Path, nats_url:
     copy_shipped(data / "models", "m-next")
     node = node_factory(data, nats_url, {"BRANCHGUARD_MODEL_CHECK_SECONDS": "0.3"}).start()
     txs = [item.tx for item in make_transactions(3000, seed=21)]
-
-    def feed() -> None:
-        async def go() -> None:
-            nc = await nats.connect(nats_url)
-            try:
-                await publish(nc, txs, branch="BR001", rate=500.0)
-            finally:
-                await nc.drain()
-        asyncio.run(go())
-
-    publisher = threading.Thread(target=feed)
-    publisher.start()
+    publisher = publish_in_background(nats_url, txs, rate=500.0)
     db = data / "branchguard.db"
     wait_until(lambda: stored_count(db) >= 800, message="first part stored")
     promoted_at = time.monotonic()

@@ -4,22 +4,18 @@ new rules' typologies firing on the transactions after the switch."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
-import nats
 from click.testing import CliRunner
 
 from appliance import cli
-from appliance.feed.terminal import publish
 from appliance.scoring.rulebook import SHIPPED_RULES
 from appliance.transaction import Transaction
 
-from .support import make_transactions, query, send, stored_count, wait_until
+from .support import publish_in_background, make_transactions, query, send, stored_count, wait_until
 
 Node = type
 
@@ -29,18 +25,7 @@ def test_deploy_reaches_a_running_scorer(tmp_path: Path, nats_url: str,
     data = tmp_path / "node"
     node = node_factory(data, nats_url, {"BRANCHGUARD_MODEL_CHECK_SECONDS": "0.3"}).start()
     txs = [item.tx for item in make_transactions(2000, seed=23)]
-
-    def feed() -> None:
-        async def go() -> None:
-            nc = await nats.connect(nats_url)
-            try:
-                await publish(nc, txs, branch="BR001", rate=400.0)
-            finally:
-                await nc.drain()
-        asyncio.run(go())
-
-    publisher = threading.Thread(target=feed)
-    publisher.start()
+    publisher = publish_in_background(nats_url, txs, rate=400.0)
     db = data / "branchguard.db"
     wait_until(lambda: stored_count(db) >= 500, message="first part stored")
     # a burst of 3 in 20 s is nothing to the shipped rules (6 in 60 s), a burst to these
