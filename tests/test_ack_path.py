@@ -309,3 +309,31 @@ def test_a_failing_batch_rebuilds_state_once_and_off_the_event_loop(
     assert stored == {t.transaction_id for t in txs} - poison
     reasons = query(settings.db_path, "SELECT reason FROM dead_letters")
     assert len(reasons) == 3 and all("poison" in r[0] for r in reasons)
+
+
+def test_a_stop_scores_the_deliveries_in_hand(settings: Settings) -> None:
+    """A stop scores what has already been delivered to the scorer, rather than leave it
+    unacked to wait out ``ack_wait`` at the next start (the kill drill's accounting after a
+    clean stop found one such transaction). Here the loop never takes its deliveries, so
+    only the stop can score them."""
+    txs = [i.tx for i in make_transactions(12, seed=5)]
+
+    async def run() -> None:
+        async with scoring(settings) as scorer:
+            async def nothing(timeout: float) -> list[object]:
+                await asyncio.sleep(timeout)
+                return []
+            scorer.puller.take = nothing  # type: ignore[method-assign, assignment]
+            feed = await nats.connect(settings.nats_url)
+            await publish(feed, txs[:1], branch="BR001")  # the take under way scores it
+            await until(lambda: scorer.counters.transactions == 1)
+            await publish(feed, txs[1:], branch="BR001")  # these only reach the buffer
+            await feed.drain()
+            await until(lambda: len(scorer.puller.buffer) == len(txs) - 1)
+            await asyncio.sleep(0.3)
+            assert scorer.counters.transactions == 1
+        assert scorer.counters.transactions == len(txs)
+
+    asyncio.run(run())
+    assert query(settings.db_path, "SELECT count(*) FROM transactions")[0][0] == len(txs)
+    assert query(settings.db_path, "SELECT stream_seq FROM checkpoints")[0][0] == len(txs)

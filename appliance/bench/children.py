@@ -306,13 +306,18 @@ def _account(settings: Settings) -> dict[str, Any]:
             "UNION ALL SELECT stream_seq FROM dead_letters")]
         alerted_twice = int(store.reader.execute(
             "SELECT count(*) - count(DISTINCT transaction_id) FROM alerts").fetchone()[0])
+        checkpoint = store.checkpoint(settings.consumer)
     finally:
         store.close()
     expected = set(range(out["first_seq"], out["last_seq"] + 1))
+    missing = sorted(expected - set(seqs))
+    # Past the checkpoint is the next start's work (its consumer begins at checkpoint + 1):
+    # not lost. At or below it and in neither table would be lost for good.
     out.update(status=counts, stored=counts["transactions"],
-               dead_lettered=counts["dead_letters"],
-               missing=sorted(expected - set(seqs))[:20],
-               missing_count=len(expected - set(seqs)),
+               dead_lettered=counts["dead_letters"], checkpoint=checkpoint,
+               missing=missing[:20], missing_count=len(missing),
+               lost=[s for s in missing if s <= checkpoint][:20],
+               lost_count=sum(1 for s in missing if s <= checkpoint),
                stored_twice=len(seqs) - len(set(seqs)), alerted_twice=alerted_twice)
     return out
 
@@ -402,6 +407,7 @@ def format_drill(report: dict[str, Any]) -> str:
                  f"{stop['tracebacks']} tracebacks, {stop['disconnect_warnings']} "
                  "nats.disconnected warnings")
     lines.append(f"TX stream {acc['stream_messages']} messages = {acc['stored']} stored + "
-                 f"{acc['dead_lettered']} dead-lettered? missing {acc['missing_count']}, "
+                 f"{acc['dead_lettered']} dead-lettered? missing {acc['missing_count']} "
+                 f"({acc['lost_count']} at or below the checkpoint {acc['checkpoint']}, lost), "
                  f"stored twice {acc['stored_twice']}, alerted twice {acc['alerted_twice']}")
     return "\n".join(lines)

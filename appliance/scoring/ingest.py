@@ -250,6 +250,17 @@ class Puller:
                 await asyncio.wait_for(self.arrived.wait(), remaining)
             except TimeoutError:
                 return []
+        out = self._from_buffer()
+        await self._top_up()
+        return out
+
+    def in_hand(self) -> list[Delivery]:
+        """Up to one batch of what has already arrived, asking for nothing more: for a stop,
+        which scores the deliveries in hand rather than leave them to wait out ``ack_wait``
+        at the next start."""
+        return self._from_buffer()
+
+    def _from_buffer(self) -> list[Delivery]:
         out = []
         buffer = self.buffer
         for _ in range(min(self.batch, len(buffer))):
@@ -257,7 +268,6 @@ class Puller:
             reply = raw_reply.decode()
             seq, stored_ns = parse_ack_subject(reply)
             out.append(Delivery(subject.decode(), data, reply, seq, stored_ns))
-        await self._top_up()
         return out
 
 

@@ -234,6 +234,10 @@ class Scorer:
                     await self.process(batch)
                 if self._acker is not None and self._acker.done():
                     self._acker.result()  # re-raise what stopped it (a failed commit)
+            if self.nc.is_connected:  # what has arrived is scored; nothing more is asked for
+                await asyncio.wait_for(self.puller.stop(), 2.0)
+                while batch := self.puller.in_hand():
+                    await self.process(batch)
             self._progress.set()
             if self._acker is not None:
                 await self._acker
