@@ -401,3 +401,21 @@ def test_the_api_codes_are_the_casework_codes() -> None:
     from appliance.api.bodies import DispositionCode, FraudType
     from appliance.casework.dispositions import CODES, FRAUD_TYPES
     assert get_args(DispositionCode) == CODES and get_args(FraudType) == FRAUD_TYPES
+
+
+def test_stats_name_the_rules_deployed_not_the_shipped_ones(
+        client: TestClient, role_keys: Keys, node_db: tuple[Settings, Store],
+        tmp_path: Path) -> None:
+    """After ``rules deploy`` the scorer reads the deployed file: the stats say its version
+    (they said the shipped file's, whatever was deployed)."""
+    from appliance.scoring import rulebook
+    settings = node_db[0]
+    before = client.get("/api/v1/stats", headers=role_keys.header("viewer")).json()
+    assert before["rules_version"]["running"] == rulebook.load(rulebook.SHIPPED_RULES).version
+    candidate = tmp_path / "rules.toml"
+    candidate.write_text(rulebook.SHIPPED_RULES.read_text().replace(
+        'version = "rules-v2"', 'version = "rules-branch-7"'))
+    rulebook.deploy(settings, candidate, actor="test")
+    after = client.get("/api/v1/stats", params={"since": "2000-01-01"},
+                       headers=role_keys.header("viewer")).json()
+    assert after["rules_version"]["running"] == "rules-branch-7"

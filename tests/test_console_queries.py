@@ -225,3 +225,13 @@ def test_overview_counts_the_window(node_db: tuple[Settings, Store]) -> None:  #
         "SELECT count(*) FROM alerts WHERE severity IN ('HIGH', 'CRITICAL')").fetchone()[0]
     empty = overview(conn, time.time() + 10 * 86400, window_seconds=60)
     assert empty["transactions"] == 0 and empty["series"] == []
+
+
+def test_the_queue_offers_every_reason_an_alert_can_carry() -> None:
+    """The reason filter lists the typologies too (their alerts are the ones a team most
+    wants to work by kind), beside the other rules and the deny list."""
+    from appliance.casework.queue import REASONS
+    from appliance.scoring.rulebook import TYPOLOGIES
+    from appliance.scoring.rules import HARD_REASONS, RULES
+    assert set(REASONS) == {*TYPOLOGIES, *HARD_REASONS, *(r.__name__ for r in RULES), "deny_list"}
+    assert len(REASONS) == len(set(REASONS))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..scoring.rules import RULES_VERSION
+from ..scoring import rulebook
+from ..settings import Settings
 from .endpoint import Call, Routes
 
 routes = Routes()
@@ -58,6 +59,16 @@ def stats(call: Call) -> dict[str, Any]:
         "dead_letters": conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
         "model_version": {"configured": call.api.settings.model_version,
                           "last_scored": latest[0] if latest else None},
-        "rules_version": {"running": RULES_VERSION,
+        "rules_version": {"running": rules_in_force(call.api.settings),
                           "last_scored": latest[1] if latest else None},
     }
+
+
+def rules_in_force(settings: Settings) -> str | None:
+    """The version of the rules file the scorer reads (a deployed one, else the shipped one;
+    rulebook.rules_path), or None when it cannot be read: the scorer then keeps the rules it
+    had, and ``last_scored`` says which."""
+    try:
+        return rulebook.load(rulebook.rules_path(settings)).version
+    except rulebook.RulesError:
+        return None

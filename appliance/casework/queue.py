@@ -13,12 +13,14 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from ..scoring.rulebook import TYPOLOGIES
 from ..scoring.rules import RULES
 from ..verdict import SEVERITIES
 from .cases import ALERT_SELECT, STATUSES, alert_row
 
-REASONS = tuple(rule.__name__ for rule in RULES) + ("deny_list",)
-"""Reason codes an alert can carry (allow-listed transactions raise no alert)."""
+REASONS = (*TYPOLOGIES, *(rule.__name__ for rule in RULES), "deny_list")
+"""Reason codes an alert can carry, the typologies first (allow-listed transactions raise
+no alert)."""
 SORTS = {
     "newest": "a.alert_id DESC",
     "oldest": "a.alert_id ASC",
