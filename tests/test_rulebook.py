@@ -174,6 +174,43 @@ def test_rules_test_figures_beside_the_rules_in_force(tmp_path: Path) -> None:
     assert figures["in_force"]["version"] == "rules-v2"
 
 
+def test_rules_test_counts_a_period_and_gives_recall_per_fraud_type(tmp_path: Path) -> None:
+    """``--since``/``--until`` count only that period, with the state the replay built before
+    it: day two's burst (G1) is labelled here, and only the period holding it counts it.
+    Recall is given per fraud type, the labels' typology."""
+    data = tmp_path / "node"
+    labelled_store(data)
+    settings = Settings(data_dir=data)
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("UPDATE labels SET typology = 'velocity_burst'")  # F1's five
+    conn.executemany(
+        "INSERT INTO labels (transaction_id, label, known_at, source, imported_at) "
+        "VALUES (?, 1, '2026-03-10T00:00:00Z', 'test', '2026-03-10T00:00:00Z')",
+        [(f"t{n:04d}",) for n in range(36, 40)])  # G1's four: no typology said
+    conn.commit()
+    conn.close()
+    path = candidate(tmp_path, "rules-v3", **{"count = 6": "count = 4"})
+    day2 = (T0 + timedelta(days=1) - timedelta(hours=9)).timestamp()  # 2026-03-03 00:00 UTC
+    first = trial(settings, path, until=day2)
+    assert first.transactions == 20 + 5 and first.days == ["2026-03-02"]
+    assert dict(first.frauds_by_type) == {"velocity_burst": 5}
+    assert first.candidate.alerts == 2 and first.candidate.frauds_alerted == 2
+    assert dict(first.candidate.frauds_alerted_by_type) == {"velocity_burst": 2}
+    second = trial(settings, path, since=day2)
+    assert second.transactions == 10 + 4 and second.days == ["2026-03-03"]
+    assert dict(second.frauds_by_type) == {"not said": 4}
+    assert second.candidate.alerts == 1 and second.candidate.precision == 1.0
+    assert second.candidate.recall == pytest.approx(1 / 4)
+    assert ["not", "said", "1/4", "25", "%", "0/4", "0", "%"] in [
+        line.split() for line in report(second).splitlines()]
+    out = CliRunner().invoke(cli.cli, ["rules", "test", str(path), "--data-dir", str(data),
+                                       "--until", "2026-03-03", "--json"])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.output)
+    assert figures["transactions"] == 25
+    assert figures["candidate"]["recall_by_fraud_type"] == {"velocity_burst": 0.4}
+
+
 def test_cli_refuses_a_bad_file_with_the_key_and_exit_2(tmp_path: Path) -> None:
     bad = candidate(tmp_path, "rules-v9", **{"terminals = 3": "terminals = 1"})
     out = CliRunner().invoke(cli.cli, ["rules", "deploy", str(bad), "--data-dir",

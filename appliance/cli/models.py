@@ -212,7 +212,8 @@ def labels_import(file: Path, source: str | None, config: Path | None, data_dir:
     click.echo(json.dumps(result.__dict__, indent=2))
 
 
-def _epoch(text: str | None) -> float | None:
+def epoch(text: str | None) -> float | None:
+    """``--since``/``--until`` as epoch seconds (None stays None)."""
     if text is None:
         return None
     from ..scoring.labels import parse_time
@@ -272,7 +273,7 @@ def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ..
         from ..bench.demo_evaluation import evaluate_demo, format_demo
 
         click.echo(format_demo(evaluate_demo(settings.db_path, settings.alert_budget_per_day,
-                                             since=_epoch(since), until=_epoch(until))))
+                                             since=epoch(since), until=epoch(until))))
         return
     if handbook_csv is not None:
         import tempfile
@@ -294,11 +295,11 @@ def evaluate(config: Path | None, data_dir: Path | None, versions: tuple[str, ..
     from ..learning.backtest import compare_shadow, evaluate_stored
 
     if compare:
-        rows = compare_shadow(settings, since=_epoch(since), until=_epoch(until), k=k,
+        rows = compare_shadow(settings, since=epoch(since), until=epoch(until), k=k,
                               resamples=resamples)
     else:
-        rows = evaluate_stored(settings, list(versions), since=_epoch(since),
-                               until=_epoch(until), k=k, resamples=resamples)
+        rows = evaluate_stored(settings, list(versions), since=epoch(since),
+                               until=epoch(until), k=k, resamples=resamples)
     click.echo(format_table(rows, k=k, budget=budget))
 
 

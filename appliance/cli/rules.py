@@ -39,19 +39,26 @@ def rules_show(config: Path | None, data_dir: Path | None) -> None:
 @rules.command("test")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--since", default=None,
+              help="Count from this event time (RFC 3339); the replay still starts at the "
+                   "first stored transaction.")
+@click.option("--until", default=None, help="End of the period counted (exclusive, RFC 3339).")
 @dir_options
 @friendly_errors
-def rules_test(file: Path, as_json: bool, config: Path | None, data_dir: Path | None) -> None:
+def rules_test(file: Path, as_json: bool, since: str | None, until: str | None,
+               config: Path | None, data_dir: Path | None) -> None:
     """Replay the stored transactions through the rules FILE and the rules in force: alerts
-    per day, and precision and recall where labels exist.
+    per day, and precision and recall (also per fraud type) where labels exist.
 
     \b
     Example:
       branchguard rules test candidate.toml --data-dir ./var
+      branchguard rules test candidate.toml --until 2026-11-16   # choose on the past
     """
     from ..scoring.rules_trial import report, trial
+    from .models import epoch
 
-    result = trial(settings_from(config, data_dir, None), file)
+    result = trial(settings_from(config, data_dir, None), file, epoch(since), epoch(until))
     click.echo(json.dumps(result.to_json(), indent=1) if as_json else report(result))
 
 

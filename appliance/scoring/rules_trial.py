@@ -11,11 +11,19 @@ terminal places are the directory's now.
 Precision and recall are given when the node has labels: label 1 is fraud and, as in
 ``branchguard evaluate``, a transaction without a label counts as genuine (labels arrive
 for the frauds, as chargebacks do), so precision is the share of alerts on known frauds
-and recall the share of known frauds alerted.
+and recall the share of known frauds alerted; recall is also given for each fraud type
+the labels name (their typology, set when an analyst closes a case as fraud).
+
+A period (``since``, ``until``) counts only the transactions whose event time is in it, but
+the replay still starts at the first stored transaction, so the state on entering the
+period is what the scorer had. That is how a parameter is chosen honestly: try candidates
+on an earlier period, pick one by a criterion fixed beforehand, and only then look at the
+period it is judged on (docs/rules.md).
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -47,6 +55,8 @@ class Figures:
     by_typology: Counter[str] = field(default_factory=Counter)
     """Reason code -> transactions it matched (one transaction may match several)."""
     frauds_alerted: int = 0
+    frauds_alerted_by_type: Counter[str] = field(default_factory=Counter)
+    """Fraud type (the label's typology, or ``not said``) -> those frauds alerted."""
     precision: float | None = None
     recall: float | None = None
 
@@ -60,15 +70,24 @@ class Trial:
     labelled: bool
     candidate: Figures
     in_force: Figures
+    frauds_by_type: Counter[str] = field(default_factory=Counter)
+    """Fraud type -> labelled frauds of that type in the period."""
+    since: float | None = None
+    until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         def one(f: Figures) -> dict[str, Any]:
             return {"version": f.version, "path": f.path, "alerts": f.alerts,
                     "alerts_per_day": {d: f.per_day[d] for d in self.days},
                     "by_typology": dict(f.by_typology), "frauds_alerted": f.frauds_alerted,
-                    "precision": f.precision, "recall": f.recall}
+                    "precision": f.precision, "recall": f.recall,
+                    "recall_by_fraud_type": {
+                        k: f.frauds_alerted_by_type[k] / n
+                        for k, n in sorted(self.frauds_by_type.items())}}
         return {"transactions": self.transactions, "days": len(self.days),
-                "frauds": self.frauds, "labelled": self.labelled,
+                "since": self.since, "until": self.until,
+                "frauds": self.frauds, "frauds_by_type": dict(self.frauds_by_type),
+                "labelled": self.labelled,
                 "candidate": one(self.candidate), "in_force": one(self.in_force)}
 
 
@@ -87,12 +106,18 @@ def _transactions(conn: sqlite3.Connection) -> Iterator[tuple[Transaction, str]]
                            location=loc), decision)
 
 
-def replay(conn: sqlite3.Connection, books: Sequence[tuple[Rulebook, str]], currency: str
-           ) -> tuple[int, list[str], int, bool, list[Figures]]:
-    """(transactions, days, frauds, labelled, figures per rules file) of replaying every
-    stored transaction through each of ``books`` ((rulebook, where it came from))."""
-    frauds = {tid for tid, label in conn.execute("SELECT transaction_id, label FROM labels")
-              if label == 1}
+NOT_SAID = "not said"
+"""The fraud type of a fraud label that names no typology."""
+
+
+def replay(conn: sqlite3.Connection, books: Sequence[tuple[Rulebook, str]], currency: str,
+           since: float | None = None, until: float | None = None
+           ) -> tuple[int, list[str], Counter[str], bool, list[Figures]]:
+    """(transactions, days, frauds by type, labelled, figures per rules file) of replaying
+    every stored transaction through each of ``books`` ((rulebook, where it came from)),
+    counting those with an event time in [``since``, ``until``)."""
+    fraud_type = {tid: typology or NOT_SAID for tid, label, typology in conn.execute(
+        "SELECT transaction_id, label, typology FROM labels") if label == 1}
     labelled = conn.execute("SELECT 1 FROM labels LIMIT 1").fetchone() is not None
     places = Places(conn, 1.0)
     places.refresh_if_due()
@@ -100,35 +125,47 @@ def replay(conn: sqlite3.Connection, books: Sequence[tuple[Rulebook, str]], curr
     features = FeatureState()
     states = [TypologyState(book, where, currency) for book, _ in books]
     figures = [Figures(book.version, source) for book, source in books]
+    first = -math.inf if since is None else since
+    end = math.inf if until is None else until
+    frauds: Counter[str] = Counter()
     days: list[str] = []
     count = 0
     for tx, decision in _transactions(conn):
-        count += 1
-        day = tx.timestamp.astimezone(timezone.utc).date().isoformat()
-        if not days or days[-1] != day:
-            days.append(day)
         f = features.observe(tx)
         t = tx.timestamp.timestamp()
         milli = round(tx.amount * MILLI)
-        fraud = tx.transaction_id in frauds
+        counted = first <= t < end
+        kind = fraud_type.get(tx.transaction_id) if counted else None
+        if counted:
+            count += 1
+            day = tx.timestamp.astimezone(timezone.utc).date().isoformat()
+            if not days or days[-1] != day:
+                days.append(day)
+            if kind is not None:
+                frauds[kind] += 1
         for state, fig in zip(states, figures):
             hits = state.check(tx, f)
-            if hits:
+            if hits and counted:
                 fig.alerts += 1
                 fig.per_day[day] += 1
                 fig.by_typology.update({h.reason for h in hits})
-                fig.frauds_alerted += fraud
+                if kind is not None:
+                    fig.frauds_alerted += 1
+                    fig.frauds_alerted_by_type[kind] += 1
             state.add(tx.account_id, tx.terminal_id, t, milli, tx.channel, decision)
+    total = sum(frauds.values())
     if labelled:
         for fig in figures:
             fig.precision = fig.frauds_alerted / fig.alerts if fig.alerts else None
-            fig.recall = fig.frauds_alerted / len(frauds) if frauds else None
-    return count, sorted(set(days)), len(frauds), labelled, figures
+            fig.recall = fig.frauds_alerted / total if total else None
+    return count, sorted(set(days)), frauds, labelled, figures
 
 
-def trial(settings: Settings, path: Path) -> Trial:
+def trial(settings: Settings, path: Path, since: float | None = None,
+          until: float | None = None) -> Trial:
     """``branchguard rules test FILE``: the rules file at ``path`` (checked first) and the
-    rules in force, replayed over the node's stored transactions."""
+    rules in force, replayed over the node's stored transactions; the figures count the
+    period [``since``, ``until``) of event time (default: everything)."""
     candidate = load(path)
     in_force_path = rules_path(settings)
     in_force = load(in_force_path)
@@ -136,10 +173,11 @@ def trial(settings: Settings, path: Path) -> Trial:
     conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
     try:
         count, days, frauds, labelled, (cand, force) = replay(
-            conn, [(candidate, str(path)), (in_force, str(in_force_path))], settings.currency)
+            conn, [(candidate, str(path)), (in_force, str(in_force_path))], settings.currency,
+            since, until)
     finally:
         conn.close()
-    return Trial(count, days, frauds, labelled, cand, force)
+    return Trial(count, days, sum(frauds.values()), labelled, cand, force, frauds, since, until)
 
 
 def report(result: Trial) -> str:
@@ -165,6 +203,12 @@ def report(result: Trial) -> str:
              "", "alerts by typology (a transaction may match several):"]
     for code in sorted(set(c.by_typology) | set(f.by_typology)):
         lines.append(f"  {code:<22}{c.by_typology[code]:>16,}{f.by_typology[code]:>16,}")
+    if result.frauds_by_type:
+        lines += ["", "recall by fraud type (the labels' typology; frauds alerted / frauds):"]
+        for kind, n in sorted(result.frauds_by_type.items()):
+            a, b = c.frauds_alerted_by_type[kind], f.frauds_alerted_by_type[kind]
+            lines.append(f"  {kind:<22}{f'{a}/{n} {100 * a / n:.0f} %':>16}"
+                         f"{f'{b}/{n} {100 * b / n:.0f} %':>16}")
     lines += ["", "alerts per day (UTC):"]
     for day in result.days:
         lines.append(f"  {day:<22}{c.per_day[day]:>16,}{f.per_day[day]:>16,}")
