@@ -23,7 +23,9 @@ from appliance.settings import Settings, load
 from appliance.transaction import (Malformed, Transaction, branch_of, encode, parse,
                                    subject_for, terminal_subject)
 
-from .support import HISTORY, make_transactions, read_stream
+from .conftest import NodeProcess
+from .support import (HISTORY, make_transactions, query, read_stream, send_raw, stored_count,
+                      wait_until)
 
 
 def _settings(tmp_path: Path, url: str, partitions: int) -> Settings:
@@ -184,3 +186,89 @@ def test_a_consumer_takes_its_partitions_and_zero_the_untransformed(
     assert len(parts) == len(accounts) + len(malformed)
     stored = [m.subject for m in read_stream(nats_url, TX_STREAM)]
     assert sorted(stored) == sorted(parts)
+
+
+# --- the node end to end: one scorer owning all 4 partitions == the unpartitioned node ------
+
+FIXABLE = "DLQ-FIX-19"
+
+
+def _inputs() -> list[tuple[str, bytes, str]]:
+    """Seeded transactions as terminals send them, with a re-send inside the duplicate window
+    (dropped by the server), one after it (a new message id: the scorer's duplicate), and
+    malformed messages: bad JSON, subjects of three and five tokens (stored untransformed),
+    a subject naming another account, and a body without ``channel`` (fixed later)."""
+    txs = [item.tx for item in make_transactions(400, seed=19)]
+    out = [(subject_for("BR001", tx), encode(tx), tx.transaction_id) for tx in txs]
+    first, other = txs[0], txs[1]
+    fixable = msgspec.json.decode(encode(msgspec.structs.replace(
+        first, transaction_id=FIXABLE)))
+    del fixable["channel"]
+    bad = [
+        (subject_for("BR001", first), b'{"transaction_id": "broken', "bad-json"),
+        (f"tx.BR001.{first.terminal_id}", encode(first), "three-tokens"),
+        (f"tx.BR001.{first.terminal_id}.{first.account_id}.x", encode(first), "five-tokens"),
+        (subject_for("BR001", other), encode(msgspec.structs.replace(
+            first, transaction_id="MISMATCH")), "mismatch"),
+        (subject_for("BR001", first), msgspec.json.encode(fixable), "fixable"),
+    ]
+    for at, message in zip((50, 120, 200, 260, 330), bad):
+        out.insert(at, message)
+    out.insert(150, out[140])  # the same message id again: the server drops it
+    out.append((subject_for("BR001", txs[10]), encode(txs[10]), "resend-after-window"))
+    return out
+
+
+def _run_node(tmp_path: Path, partitions: int, node_factory: type[NodeProcess]
+              ) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[bytes]]:
+    """A real nats-server and ``branchguard run`` with ``partitions``; the inputs, then the
+    fixable dead letter re-submitted with its ``channel``: the stored rows, the dead letters
+    (subject as the terminal sent it) and the verdicts published."""
+    from appliance.casework.deadletters import resubmit
+    from appliance.operations.node import EmbeddedNats
+
+    server = EmbeddedNats(load(None, env={}, data_dir=tmp_path / f"nats-{partitions}",
+                               nats_port=0))
+    url = server.start()
+    try:
+        data_dir = tmp_path / f"node-{partitions}"
+        node = node_factory(data_dir, url,
+                            {"BRANCHGUARD_PARTITIONS": str(partitions)}).start()
+        db = data_dir / "branchguard.db"
+        assert send_raw(url, _inputs())
+        wait_until(lambda: stored_count(db) == 400, message="all stored")
+        wait_until(lambda: query(db, "SELECT count(*) FROM dead_letters")[0][0] == 5,
+                   message="five dead letters")
+        seq = query(db, "SELECT stream_seq FROM dead_letters WHERE reason LIKE '%channel%'")
+        fixed = msgspec.json.decode(encode(make_transactions(1, seed=19)[0].tx))
+        fixed["transaction_id"] = FIXABLE
+        asyncio.run(resubmit(_settings(tmp_path, url, partitions), seq[0][0], "tester",
+                             msgspec.json.encode(fixed)))
+        wait_until(lambda: stored_count(db) == 401, message="the fixed one stored")
+        assert node.stop() == 0
+        rows = query(db, "SELECT transaction_id, branch, account_id, terminal_id, amount, ts, "
+                         "features, features_version, model_risk, risk, severity, decision, "
+                         "reasons, details, model_version, rules_version FROM transactions "
+                         "ORDER BY transaction_id")
+        dead = [(terminal_subject(subject), *rest) for subject, *rest in query(
+            db, "SELECT subject, reason, size, body FROM dead_letters ORDER BY stream_seq")]
+        stored = [m.subject for m in read_stream(url, TX_STREAM)]
+        assert all(s.startswith("txp.") == (partitions > 1) for s in stored
+                   if len(s.split(".")) in (4, 5) and not s.endswith(".x"))
+        verdicts = sorted(m.subject.encode() + b" " + m.data
+                          for m in read_stream(url, "VERDICTS"))
+        return rows, dead, verdicts
+    finally:
+        server.stop()
+
+
+def test_one_scorer_on_four_partitions_stores_what_the_unpartitioned_node_does(
+        tmp_path: Path, node_factory: type[NodeProcess]) -> None:
+    plain = _run_node(tmp_path, 1, node_factory)
+    partitioned = _run_node(tmp_path, 4, node_factory)
+    rows, dead, verdicts = plain
+    assert len(rows) == 401 and len(verdicts) == 401 and len(dead) == 5
+    assert [r[1] for r in dead] == [r[1] for r in partitioned[1]]  # reasons, in order
+    assert dead == partitioned[1]
+    assert verdicts == partitioned[2]
+    assert rows == partitioned[0]  # features blob, risk, severity, decision, reasons, model
