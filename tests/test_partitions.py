@@ -272,3 +272,22 @@ def test_one_scorer_on_four_partitions_stores_what_the_unpartitioned_node_does(
     assert dead == partitioned[1]
     assert verdicts == partitioned[2]
     assert rows == partitioned[0]  # features blob, risk, severity, decision, reasons, model
+
+
+def test_a_node_refuses_a_stream_with_another_partition_count(
+        tmp_path: Path, nats_url: str, node_factory: type[NodeProcess]) -> None:
+    """`branchguard run` with partitions = 4 on a TX stream created unpartitioned stops with
+    the reason, instead of scoring a stream whose subjects it would misread."""
+    async def create() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            await ensure_streams(nc.jetstream(), _settings(tmp_path, nats_url, 1))
+        finally:
+            await nc.close()
+    asyncio.run(create())
+    node = node_factory(tmp_path / "node", nats_url, {"BRANCHGUARD_PARTITIONS": "4"})
+    with pytest.raises(AssertionError, match="node exited early"):
+        node.start()
+    assert "the TX stream was created with 1 partition(s)" in node.log()
+    assert "set partitions = 1 as the stream has it" in node.log()
+    assert node.process is not None and node.process.returncode != 0
