@@ -42,6 +42,11 @@ class NodeError(BranchguardError):
     """A child process (nats-server) or the NATS connection could not be brought up."""
 
 
+class StreamError(NodeError):
+    """A JetStream stream exists with a configuration the settings cannot change (the TX
+    stream's partition count, issue 19)."""
+
+
 class StoreError(BranchguardError):
     """The SQLite database could not be opened or migrated."""
 

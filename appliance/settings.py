@@ -27,6 +27,8 @@ DEFAULT_CONFIG_FILE = "branchguard.toml"
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 SYNC_POLICIES = ("always", "interval")
+MAX_PARTITIONS = 1024
+"""Most partitions of the TX stream (each is a consumer filter and, later, a lease)."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,13 @@ class Settings:
     terminals_refresh_seconds: float = 30.0
     """Seconds between the scorer's reads of the terminal directory's places (for
     ``impossible_travel``)."""
+    # issue 19 (B): partitions of the TX stream by account (docs/operations.md)
+    partitions: int = 1
+    """Partitions of the TX stream by account, fixed when the stream is created. Above 1,
+    the server stores what terminals publish on ``tx.<b>.<t>.<a>`` as ``txp.<p>.<b>.<t>.<a>``
+    with ``p`` = FNV-1a-32(account) mod ``partitions``, so scorers can split the accounts.
+    1 (the default): no partitions, the stream as it always was. A node refuses to start on
+    a TX stream created with another count."""
 
     @property
     def db_path(self) -> Path:
@@ -500,6 +509,12 @@ class Settings:
             # issue 18 (A): typology rules
             (self.terminals_refresh_seconds > 0, "terminals_refresh_seconds",
              self.terminals_refresh_seconds, "use > 0"),
+            # issue 19 (B): partitions
+            (1 <= self.partitions <= MAX_PARTITIONS, "partitions", self.partitions,
+             f"use 1 (no partitions) to {MAX_PARTITIONS}"),
+            (self.partitions == 1 or self.tx_subjects == "tx.>", "tx_subjects",
+             self.tx_subjects, "a partitioned TX stream takes every tx.> subject: use "
+             "tx.> with partitions above 1"),
         ]
         for ok, name, value, hint in checks:
             if not ok:

@@ -109,8 +109,46 @@ def subject_for(branch: str, tx: Transaction) -> str:
 
 
 def branch_of(subject: str) -> str:
-    """The branch token of a ``tx.<branch>.<terminal>.<account>`` subject."""
+    """The branch token of a ``tx.<branch>.<terminal>.<account>`` subject, or of the
+    ``txp.<p>.<branch>.<terminal>.<account>`` the TX stream stores it as when partitioned."""
+    if subject.startswith("txp."):
+        return subject.split(".", 3)[2]
     return subject.split(".", 2)[1]
+
+
+# --- partitions (issue 19): the subject a partitioned TX stream stores ---------------------
+
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+
+def fnv1a_32(data: bytes) -> int:
+    """FNV-1a, 32 bits: the hash of nats-server's ``partition()`` subject-transform function
+    (Go's ``hash/fnv.New32a``)."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def partition(account_id: str, partitions: int) -> int:
+    """The partition (0..partitions-1) of ``account_id``: FNV-1a-32 of its UTF-8 bytes mod
+    ``partitions``, exactly what nats-server's ``{{partition(N,3)}}`` writes into a stored
+    subject (tests/test_partitions.py checks it against a real server). Cached: accounts
+    recur, and the scorer checks every partitioned message's partition."""
+    return fnv1a_32(account_id.encode()) % partitions
+
+
+def terminal_subject(subject: str) -> str:
+    """The subject a terminal published ``subject`` on: a stored
+    ``txp.<p>.<branch>.<terminal>.<account>`` without its partition token, anything else
+    unchanged. What a dead letter is re-submitted on (the server partitions it again)."""
+    if subject.startswith("txp."):
+        parts = subject.split(".", 2)
+        if len(parts) == 3:
+            return f"tx.{parts[2]}"
+    return subject
 
 
 @functools.cache
@@ -212,12 +250,14 @@ def _repeated_key(data: bytes) -> str | None:
     return None
 
 
-def parse(subject: str, data: bytes) -> Transaction | Malformed:
+def parse(subject: str, data: bytes, partitions: int = 1) -> Transaction | Malformed:
     """Validate one message against the contract. Never raises.
 
-    Besides the JSON body, the subject must be ``tx.<branch>.<terminal>.<account>`` and agree
-    with the body's ``terminal_id`` and ``account_id``, so that partitioning by subject can
-    never route a transaction to the wrong account's state. No key may appear twice in any
+    Besides the JSON body, the subject must be ``tx.<branch>.<terminal>.<account>`` (or, as
+    a TX stream of ``partitions`` > 1 stores it, ``txp.<p>.<branch>.<terminal>.<account>``
+    with ``p`` the account's :func:`partition`) and agree with the body's ``terminal_id`` and
+    ``account_id``, so that partitioning by subject can never route a transaction to the
+    wrong account's state. No key may appear twice in any
     object (a JSON decoder keeps one of them, and which one differs between decoders), the
     currency must be in ISO 4217, and the free-text fields may not hold control or
     bidirectional formatting characters. What depends on the node's settings (the event-time
@@ -248,11 +288,23 @@ def parse(subject: str, data: bytes) -> Transaction | Malformed:
     if unsafe is not None:
         return Malformed(unsafe, subject, data)
     tokens = subject.split(".")
+    stored_partition = None
+    if tokens[0] == "txp" and len(tokens) == 5:
+        stored_partition = tokens[1]
+        tokens = tokens[1:]
+        tokens[0] = "tx"
     if (len(tokens) != 4 or tokens[0] != "tx" or not 0 < len(tokens[1]) <= 64
             or not _id_ok(tokens[1])):
         return Malformed("bad subject: expected tx.<branch>.<terminal>.<account>", subject, data)
     if tokens[2] != tx.terminal_id or tokens[3] != tx.account_id:
         return Malformed("subject does not match terminal_id/account_id in body", subject, data)
+    if stored_partition is not None:
+        expected = partition(tx.account_id, partitions)
+        if stored_partition != str(expected):
+            return Malformed(
+                f"bad subject: partition {stored_partition[:16]} is not account "
+                f"{tx.account_id}'s partition {expected} of {partitions} (was the TX stream "
+                "re-created with another partition count?)", subject, data)
     return tx
 
 
@@ -305,11 +357,14 @@ class Admission:
     a restore decides exactly as the first time did), and the currencies it accepts.
     ``max_lag`` None turns the window off, for loading history."""
 
-    __slots__ = ("currency", "rates", "max_lag", "max_skew", "_second", "_bounds")
+    __slots__ = ("currency", "rates", "max_lag", "max_skew", "partitions", "_second",
+                 "_bounds")
 
     def __init__(self, currency: str = "EUR", rates: Mapping[str, float] | None = None,
-                 max_lag: float | None = 7 * DAY, max_skew: float = 300.0) -> None:
+                 max_lag: float | None = 7 * DAY, max_skew: float = 300.0,
+                 partitions: int = 1) -> None:
         self.currency = currency
+        self.partitions = partitions
         self.rates: Mapping[str, float] = dict(rates or {})
         self.max_lag = max_lag
         self.max_skew = max_skew
@@ -326,12 +381,12 @@ class Admission:
                 hint="history is being loaded; turn event_time_check back on afterwards")
         return cls(settings.currency, settings.currency_rates,
                    settings.max_event_lag_days * DAY if settings.event_time_check else None,
-                   settings.max_clock_skew_seconds)
+                   settings.max_clock_skew_seconds, settings.partitions)
 
     def parse(self, subject: str, data: bytes, now: float) -> Transaction | Malformed:
         """:func:`parse`, then the window and the currency; ``now`` as in
         :func:`check_event_time`. Never raises."""
-        tx = parse(subject, data)
+        tx = parse(subject, data, self.partitions)
         if isinstance(tx, Malformed):
             return tx
         lag = self.max_lag

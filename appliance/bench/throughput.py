@@ -63,7 +63,7 @@ from ..scoring.rules import RULES_VERSION
 from ..scoring.score import judge
 from ..settings import Settings, load
 from ..store import Scored, Store
-from ..transaction import Transaction
+from ..transaction import Transaction, terminal_subject
 from .proc import CpuMeter, cpu_seconds, peak_rss_mib
 from .report import kept_up, table, targets
 
@@ -214,7 +214,8 @@ async def passthrough(url: str, settings: Settings) -> None:
         out = []
         for d in batch:
             tid = decode(d.data).transaction_id
-            out.append(Outgoing(f"verdict.BR001.{d.subject.split('.')[2]}",
+            terminal = terminal_subject(d.subject).split(".")[2]  # stored partitioned or not
+            out.append(Outgoing(f"verdict.BR001.{terminal}",
                                 encode({"transaction_id": tid}), tid))
         if batch:  # verdicts out at once, acks in order once confirmed: as the scorer does
             pending.append((batch, await verdicts.publish_many(out)))

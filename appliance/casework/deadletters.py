@@ -8,8 +8,9 @@ was). The database is the record read here: it is replicated and kept, where ``T
 keeps a body 30 days on the node only.
 
 Re-submitting publishes the stored body (or a corrected one) to ``TX`` on the message's
-original subject, after checking it against the contract, so a fix goes through the scorer
-like any transaction. Each re-submission is a row of ``dead_letter_resubmissions`` and an
+original subject (as the terminal sent it: a partitioned stream's ``txp.<p>.`` is dropped,
+and the server partitions it again), after checking it against the contract, so a fix goes
+through the scorer like any transaction. Each re-submission is a row of ``dead_letter_resubmissions`` and an
 audit entry, written *before* the publish: a dead letter is re-submitted at most once
 unless asked again (``again``), even when a run dies between the two. Its ``Nats-Msg-Id``
 (``dlq-<seq>-resubmit-<attempt>``) differs from the terminal's, so JetStream's duplicate
@@ -32,7 +33,7 @@ from .. import audit
 from ..change import apply_change, migrated_writer
 from ..errors import BranchguardError
 from ..settings import Settings
-from ..transaction import MAX_MESSAGE_BYTES, Malformed, parse
+from ..transaction import MAX_MESSAGE_BYTES, Malformed, parse, terminal_subject
 
 RESUBMITTED_FROM = "Branchguard-Resubmitted-From"
 """Header naming the dead letter (its TX stream sequence) a re-submitted message repeats."""
@@ -212,7 +213,7 @@ def claim(conn: sqlite3.Connection, stream_seq: int, actor: str, body: bytes | N
                 field="stream_seq", value=stream_seq,
                 hint="give the corrected message with --body FILE")
         body = letter.body
-    checked = parse(letter.subject, body)
+    checked = parse(terminal_subject(letter.subject), body)
     if isinstance(checked, Malformed):
         raise DeadLetterError(f"the contract still refuses it: {checked.reason}",
                               field="body", value=stream_seq,
@@ -261,8 +262,8 @@ async def resubmit(settings: Settings, stream_seq: int, actor: str, body: bytes 
             error = str(exc)
         else:
             try:
-                ack = await nc.jetstream().publish(
-                    plan.letter.subject, plan.body, timeout=10.0,
+                ack = await nc.jetstream().publish(  # a partitioned stream partitions it
+                    terminal_subject(plan.letter.subject), plan.body, timeout=10.0,
                     headers={"Nats-Msg-Id": plan.msg_id,
                              RESUBMITTED_FROM: str(stream_seq)})
                 seq = int(ack.seq)

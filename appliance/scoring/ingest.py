@@ -3,7 +3,9 @@
 Streams (created or updated idempotently at start):
 - ``TX`` on ``tx.>``: what terminals publish; file storage; duplicate window drops re-sends
   with the same ``Nats-Msg-Id``; limits retention for ``tx_max_age_days``, so a node restored from
-  an older database copy can replay what it has not stored yet.
+  an older database copy can replay what it has not stored yet. With ``partitions`` above 1 it
+  stores ``tx.<b>.<t>.<a>`` as ``txp.<p>.<b>.<t>.<a>`` (partitions.py), a count fixed at
+  creation.
 - ``VERDICTS`` on ``verdict.<branch>.<terminal>``: one verdict per transaction, ``Nats-Msg-Id``
   = transaction id, so a re-published verdict is dropped inside the duplicate window.
 - ``TX_DLQ`` on ``dlq.tx``: each rejected message, body unchanged, reason in headers.
@@ -26,7 +28,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +39,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy,
-                         StorageType, StreamConfig)
+                         StorageType, StreamConfig, SubjectTransform)
 from nats.js.errors import NotFoundError
 
 from .. import logs
-from ..errors import NodeError
+from ..errors import NodeError, StreamError
 from ..settings import Settings
+from .partitions import check_partition_set, filter_subjects, stream_partitions, transform
 from .wire import drop_raw, take_raw
 
 TX_STREAM = "TX"
@@ -102,7 +105,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return [
         StreamConfig(name=TX_STREAM, subjects=[settings.tx_subjects], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
-                     max_age=settings.tx_max_age_days * day, max_msg_size=1 << 20),
+                     max_age=settings.tx_max_age_days * day, max_msg_size=1 << 20,
+                     subject_transform=transform(settings.partitions)),
         StreamConfig(name=VERDICT_STREAM, subjects=["verdict.>"], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
                      max_age=settings.tx_max_age_days * day),
@@ -113,15 +117,34 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create the three streams, or bring their configuration up to date."""
+    """Create the three streams, or bring their configuration up to date; but never change
+    the TX stream's partition count (:class:`StreamError`): the same account would map to
+    another partition, and its state to another owner, from one message to the next."""
     for config in stream_configs(settings):
         try:
-            await js.stream_info(config.name or "")
+            info = await js.stream_info(config.name or "")
         except NotFoundError:
             await js.add_stream(config)
-            log.info("stream.created", stream=config.name)
+            log.info("stream.created", stream=config.name, partitions=(
+                settings.partitions if config.name == TX_STREAM else None))
         else:
+            if config.name == TX_STREAM:
+                check_partitions(info.config.subject_transform, settings)
             await js.update_stream(config)
+
+
+def check_partitions(existing: SubjectTransform | None, settings: Settings) -> None:
+    """Raise :class:`StreamError` unless a TX stream with subject transform ``existing`` has
+    the partition count ``settings`` ask for."""
+    found = stream_partitions(existing)
+    if found != settings.partitions:
+        have = (f"{found} partition(s)" if found is not None else
+                f"a subject transform that is not Branchguard's ({existing})")
+        raise StreamError(
+            f"the TX stream was created with {have}; the partition count is fixed at "
+            "creation", field="partitions", value=settings.partitions,
+            hint=f"set partitions = {found} as the stream has it" if found is not None else
+            "remove the stream's subject transform, or use another NATS account")
 
 
 @dataclass(frozen=True)
@@ -132,9 +155,11 @@ class ConsumerStart:
     """First stream sequence the re-created consumer delivers."""
 
 
-async def reset_consumer(js: JetStreamContext, settings: Settings,
-                         checkpoint: int) -> ConsumerStart:
-    """Re-create the scorer's durable consumer to deliver from ``checkpoint + 1``."""
+async def reset_consumer(js: JetStreamContext, settings: Settings, checkpoint: int,
+                         owned: Collection[int] | None = None) -> ConsumerStart:
+    """Re-create the scorer's durable consumer to deliver from ``checkpoint + 1``, on the
+    partitions ``owned`` (default: all of them; with ``partitions = 1`` the consumer filters on
+    ``tx_subjects`` exactly as before partitions existed)."""
     ack_floor = 0
     try:
         info = await js.consumer_info(TX_STREAM, settings.consumer)
@@ -143,12 +168,17 @@ async def reset_consumer(js: JetStreamContext, settings: Settings,
     except NotFoundError:
         pass
     start = checkpoint + 1
+    n = settings.partitions
+    chosen = check_partition_set(range(n) if owned is None else owned, n)
+    subjects = filter_subjects(chosen, n) if n > 1 else None
     await js.add_consumer(TX_STREAM, ConsumerConfig(
         durable_name=settings.consumer, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=start, ack_policy=AckPolicy.ALL, max_deliver=settings.max_deliver,
         ack_wait=settings.ack_wait_seconds, max_ack_pending=MAX_ACK_PENDING,
-        filter_subject=settings.tx_subjects, max_waiting=64))
-    log.info("consumer.reset", consumer=settings.consumer, start_seq=start, ack_floor=ack_floor)
+        filter_subject=None if subjects else settings.tx_subjects,
+        filter_subjects=subjects, max_waiting=64))
+    log.info("consumer.reset", consumer=settings.consumer, start_seq=start, ack_floor=ack_floor,
+             filter_subjects=subjects)
     return ConsumerStart(ack_floor=ack_floor, start_seq=start)
 
 
