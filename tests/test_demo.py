@@ -17,7 +17,11 @@ from appliance.bench.demo_evaluation import evaluate_demo, format_demo
 from appliance.feed.history import load_history
 from appliance.feed.late_labels import SOURCE_GENUINE, deliver
 from appliance.feed.world import World, build_world, events_between
-from appliance.operations.demo import prepare_demo
+from appliance.operations.demo import (DEMO_RULES_VERSION, DEMO_VELOCITY, deploy_demo_rules,
+                                       prepare_demo)
+from appliance.scoring.rulebook import SHIPPED_RULES, rules_path
+from appliance.scoring.rulebook import deploy as rulebook_deploy
+from appliance.scoring.rulebook import load as load_rules
 from appliance.scoring.features import FeatureState, feature_state
 from appliance.scoring.registry import Registry
 from appliance.settings import Settings, load
@@ -103,8 +107,28 @@ def test_a_restart_keeps_its_history_and_stores_nothing_twice(world: World,
         assert ids == [i.tx.transaction_id for i in expected + gap]
         assert query(settings.db_path, "SELECT count(*) FROM terminals")[0][0] == len(
             world.terminal_ids)
+        # the demo's rules, deployed once (audited), and the history scored with them
+        book = load_rules(rules_path(settings))
+        assert (book.version, book.velocity_burst.count, book.velocity_burst.seconds) == (
+            DEMO_RULES_VERSION, *DEMO_VELOCITY)
+        assert book.card_testing == load_rules(SHIPPED_RULES).card_testing
+        deploys = query(settings.db_path, "SELECT actor, subject FROM audit_log "
+                                          "WHERE action = 'rules.deploy'")
+        assert deploys == [("runner:demo", f"rules:{DEMO_RULES_VERSION}")]
+        assert {r[0] for r in query(settings.db_path, "SELECT DISTINCT rules_version "
+                                                      "FROM transactions")} == {DEMO_RULES_VERSION}
     finally:
         store.close()
+
+
+def test_the_demo_keeps_rules_an_operator_deployed(world: World, tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "node")
+    own = tmp_path / "own.toml"
+    own.write_text(SHIPPED_RULES.read_text().replace('version = "rules-v2"',
+                                                     'version = "rules-ours"'))
+    rulebook_deploy(settings, own, "cli:tester")
+    assert not deploy_demo_rules(settings)
+    assert load_rules(rules_path(settings)).version == "rules-ours"
 
 
 def test_late_labels_arrive_through_labels_import_once_known(world: World,

@@ -4,7 +4,8 @@ labels (docs/demo.md).
 On start, before the scorer rebuilds its state:
 1. the world (feed/world.py) is built for the demo rate: the rate *is* its size, customers
    making two transactions a day on average;
-2. its terminals go into the terminal directory (places, for the map and impossible travel);
+2. its terminals go into the terminal directory (places, for the map and impossible travel),
+   and on a new node the demo's rules are deployed (:func:`deploy_demo_rules`);
 3. the history it lacks is loaded fast (feed/history.py): on a new node the last
    ``history_days``; after a restart only the time since the newest stored transaction (at
    most ``history_days``), so a restart keeps its history and stores nothing twice (the
@@ -19,6 +20,7 @@ Then the feed publishes the world's transactions as the clock reaches them, and 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from ..feed.simulate import Labelled
 from ..feed.world import World, build_world, customers_for_rate, events_between
 from ..scoring.labels import LabelFeed, LabelState, parse_time
 from ..scoring.model import Model
+from ..scoring.rulebook import SHIPPED_RULES, deploy, deploy_target
 from ..settings import Settings
 from ..store import Store
 from ..transaction import Transaction
@@ -48,6 +51,14 @@ DEMO_HISTORY_DAYS: Final = 28.0
 """History a new demo node starts with."""
 HISTORY_ROWS_LIMIT: Final = 1_000_000
 """At most about this many transactions of history: a faster demo gets fewer days."""
+DEMO_VELOCITY: Final = (4, 180)
+"""The demo's velocity_burst (count, seconds), where the shipped rules say 6 within 60 s.
+Chosen with ``branchguard rules test --until 2026-11-16`` on a demo node's first week of
+history (2026-11-09 to 2026-11-16) by a criterion fixed beforehand: the most velocity_burst
+frauds alerted, with precision at most 5 points lower and at most 10 more alerts a day than
+the shipped rules, among counts 4, 5, 6 and windows 60, 180, 300, 600 s (docs/rules.md has
+the figures). The world's bursts are payments 5-40 s apart, longer than a minute in all."""
+DEMO_RULES_VERSION: Final = "rules-v2-demo"
 LABEL_EVERY_SECONDS: Final = 600.0
 """How often the demo delivers the labels that became known."""
 _DAY: Final = 86400.0
@@ -69,6 +80,35 @@ def load_terminals(settings: Settings, world: World) -> int:
     the same rows)."""
     sites = [Site(tid, name, settings.branch, lat, lon) for tid, name, lat, lon in world.sites()]
     return write_sites(settings.db_path, sites, "runner:demo", "demo world").terminals
+
+
+def demo_rules_text() -> str:
+    """The shipped rules file with the demo's velocity_burst (:data:`DEMO_VELOCITY`) and
+    version."""
+    text = SHIPPED_RULES.read_text(encoding="utf-8")
+    head, section, rest = text.partition("[velocity_burst]\n")
+    body, sep, tail = rest.partition("\n[")
+    count, seconds = DEMO_VELOCITY
+    body = re.sub(r"^count = \d+$", f"count = {count}", body, count=1, flags=re.M)
+    body = re.sub(r"^seconds = \d+$", f"seconds = {seconds}", body, count=1, flags=re.M)
+    head = re.sub(r'^version = ".*"$', f'version = "{DEMO_RULES_VERSION}"', head, count=1,
+                  flags=re.M)
+    return head + section + body + sep + tail
+
+
+def deploy_demo_rules(settings: Settings) -> bool:
+    """Deploy :func:`demo_rules_text` (audited, as ``runner:demo``) unless a rules file is
+    set or already deployed: a restarted demo, or one whose operator deployed rules of their
+    own, keeps what it has. Returns whether it deployed. The demo shows the product's way of
+    setting a rule: tried on an earlier period with ``rules test``, then deployed."""
+    if settings.rules_file is not None or deploy_target(settings).exists():
+        return False
+    path = settings.data_dir / "demo-rules.toml"
+    path.write_text(demo_rules_text(), encoding="utf-8")
+    count, seconds = DEMO_VELOCITY
+    deploy(settings, path, "runner:demo", f"demo: velocity_burst {count} within {seconds} s, "
+           "chosen with rules test on the first week (docs/rules.md)")
+    return True
 
 
 def _labelled(items: Iterator[Labelled], state: LabelState) -> Iterator[Transaction]:
@@ -104,6 +144,7 @@ def prepare_demo(settings: Settings, store: Store, model: Model, world: World,
     """Steps 2-4 of the module docstring; call before the scorer starts."""
     now = time.time() if now is None else now
     load_terminals(settings, world)
+    deploy_demo_rules(settings)
     newest = store.newest_ts()
     floor = now - history_days * _DAY
     start = floor if newest is None else max(newest, floor)
