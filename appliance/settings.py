@@ -322,6 +322,14 @@ class Settings:
     terminals_refresh_seconds: float = 30.0
     """Seconds between the scorer's reads of the terminal directory's places (for
     ``impossible_travel``)."""
+    # issue 19 (C): partition ownership by lease (appliance/lease.py, docs/operations.md)
+    lease_ttl_seconds: float = 2.0
+    """Seconds a partition's lease in the ``BG_LEASES`` bucket lives unless renewed: the
+    longest a dead scorer keeps a partition (takeover after a SIGKILL measured 1.4-2.0 s at
+    2.0). Every scorer sharing a bucket must use the same value."""
+    lease_renew_seconds: float = 0.5
+    """Seconds between renewals of a held lease, each a compare-and-set on its last revision;
+    less than half of ``lease_ttl_seconds``, so one late or lost renewal does not lose it."""
 
     @property
     def db_path(self) -> Path:
@@ -500,6 +508,12 @@ class Settings:
             # issue 18 (A): typology rules
             (self.terminals_refresh_seconds > 0, "terminals_refresh_seconds",
              self.terminals_refresh_seconds, "use > 0"),
+            # issue 19 (C): partition ownership by lease
+            (self.lease_ttl_seconds >= 1, "lease_ttl_seconds", self.lease_ttl_seconds,
+             "use 1 second or more (JetStream expires messages to the second)"),
+            (0 < self.lease_renew_seconds < self.lease_ttl_seconds / 2, "lease_renew_seconds",
+             self.lease_renew_seconds,
+             f"use > 0 and < half of lease_ttl_seconds ({self.lease_ttl_seconds})"),
         ]
         for ok, name, value, hint in checks:
             if not ok:
