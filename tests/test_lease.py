@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import sys
 import threading
@@ -133,7 +134,9 @@ def test_sigkilled_holder_is_taken_over_within_the_ttl(nats_url: str) -> None:
             js = await stack.enter_async_context(jetstream(nats_url))
             other = await Leases.open(js, settings, owner="survivor")
             takeover = asyncio.create_task(other.wait_acquire("partition.0"))
-            await asyncio.sleep(ttl * 1.5)  # the holder renews: nobody takes it meanwhile
+            # the holder renews: nobody takes it meanwhile; the kill lands anywhere between
+            # two renewals, so repeated runs show the spread a real crash would
+            await asyncio.sleep(ttl * 1.5 + random.uniform(0, settings.lease_renew_seconds))
             assert not takeover.done()
             killed = time.monotonic()
             holder.process.send_signal(signal.SIGKILL)
