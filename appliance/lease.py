@@ -168,10 +168,16 @@ class Leases:
     async def wait_acquire(self, key: str, on_lost: OnLost | None = None,
                            poll_seconds: float | None = None) -> Lease:
         """Try every ``poll_seconds`` (default a fifth of the renew interval) until the lease
-        on ``key`` is ours; bound it with ``asyncio.timeout`` if need be."""
+        on ``key`` is ours; bound it with ``asyncio.timeout`` if need be. A try that gets no
+        answer (no server, a stream leader being elected) is logged and tried again."""
         poll = poll_seconds if poll_seconds is not None else self.renew_seconds / 5
         while True:
-            lease = await self.acquire(key, on_lost)
+            try:
+                lease = await asyncio.wait_for(self.acquire(key, on_lost), self.ttl_seconds)
+            except (NatsError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("lease.acquire_failed", key=key, owner=self.owner,
+                            error=f"{type(exc).__name__}: {exc}")
+                lease = None
             if lease is not None:
                 return lease
             await asyncio.sleep(poll)
