@@ -324,9 +324,10 @@ class Settings:
     ``impossible_travel``)."""
     # issue 19 (C): partition ownership by lease (appliance/lease.py, docs/operations.md)
     lease_ttl_seconds: float = 2.0
-    """Seconds a partition's lease in the ``BG_LEASES`` bucket lives unless renewed: the
-    longest a dead scorer keeps a partition (takeover after a SIGKILL measured 1.4-2.0 s at
-    2.0). Every scorer sharing a bucket must use the same value."""
+    """Seconds a partition's lease in the ``BG_LEASES`` bucket lives unless renewed: about
+    the longest a dead scorer keeps its partitions (a takeover after a SIGKILL measured
+    1.9-2.35 s at 2.0; docs/operations.md). Every scorer sharing the bucket must use the same
+    value: the bucket is made with it."""
     lease_renew_seconds: float = 0.5
     """Seconds between renewals of a held lease, each a compare-and-set on its last revision;
     less than half of ``lease_ttl_seconds``, so one late or lost renewal does not lose it."""
