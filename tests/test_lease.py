@@ -227,6 +227,33 @@ def test_release_hands_over_without_waiting_for_the_ttl(nats_url: str) -> None:
     asyncio.run(main())
 
 
+def test_a_lease_taken_from_under_its_holder_fails_the_fence_at_once(nats_url: str) -> None:
+    # An operator deletes the key (nats kv del) and another scorer takes it at once: the old
+    # holder's clock still says it holds, but its check asks the bucket and fails, and its
+    # next renewal loses the lease.
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            lost: list[str] = []
+            a = await open_leases(nats_url, stack, "a")
+            b = await open_leases(nats_url, stack, "b")
+            lease_a = await a.acquire("partition.5", lambda _, reason: lost.append(reason))
+            assert lease_a is not None and await lease_a.check()
+            js = await stack.enter_async_context(jetstream(nats_url))
+            await (await js.key_value(BUCKET)).delete("partition.5")
+            lease_b = await b.acquire("partition.5")
+            assert lease_b is not None
+            assert lease_a.held  # by its own clock
+            assert not await lease_a.check()  # but not by the bucket
+            assert await lease_b.check()
+            async with asyncio.timeout(TTL * 3):
+                while not lost:
+                    await asyncio.sleep(0.02)
+            assert lost == ["taken"] and not lease_a.held
+            await lease_b.release()
+
+    asyncio.run(main())
+
+
 def busy(seconds: float) -> int:
     """Pure-Python work that holds the GIL but for the interpreter's switches."""
     end, n = time.monotonic() + seconds, 0
@@ -323,6 +350,7 @@ async def hold(url: str, key: str, ttl: float, renew: float, mode: str) -> None:
         while not lost.is_set():
             emit("check", ok=await lease.check())
             await asyncio.sleep(0.05)
+        emit("check", ok=await lease.check())  # one more try at a write, after the loss
         emit("done", fence=await leases.check(key, lease.token))
 
 
