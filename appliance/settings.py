@@ -331,6 +331,15 @@ class Settings:
     with ``p`` = FNV-1a-32(account) mod ``partitions``, so scorers can split the accounts.
     1 (the default): no partitions, the stream as it always was. A node refuses to start on
     a TX stream created with another count."""
+    # issue 19 (C): partition ownership by lease (appliance/lease.py, docs/operations.md)
+    lease_ttl_seconds: float = 2.0
+    """Seconds a partition's lease in the ``BG_LEASES`` bucket lives unless renewed: about
+    the longest a dead scorer keeps its partitions (a takeover after a SIGKILL measured
+    1.9-2.35 s at 2.0; docs/operations.md). Every scorer sharing the bucket must use the same
+    value: the bucket is made with it."""
+    lease_renew_seconds: float = 0.5
+    """Seconds between renewals of a held lease, each a compare-and-set on its last revision;
+    less than half of ``lease_ttl_seconds``, so one late or lost renewal does not lose it."""
 
     @property
     def db_path(self) -> Path:
@@ -515,6 +524,12 @@ class Settings:
             (self.partitions == 1 or self.tx_subjects == "tx.>", "tx_subjects",
              self.tx_subjects, "a partitioned TX stream takes every tx.> subject: use "
              "tx.> with partitions above 1"),
+            # issue 19 (C): partition ownership by lease
+            (self.lease_ttl_seconds >= 1, "lease_ttl_seconds", self.lease_ttl_seconds,
+             "use 1 second or more (JetStream expires messages to the second)"),
+            (0 < self.lease_renew_seconds < self.lease_ttl_seconds / 2, "lease_renew_seconds",
+             self.lease_renew_seconds,
+             f"use > 0 and < half of lease_ttl_seconds ({self.lease_ttl_seconds})"),
         ]
         for ok, name, value, hint in checks:
             if not ok:
