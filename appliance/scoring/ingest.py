@@ -42,7 +42,7 @@ from nats.js.errors import NotFoundError
 
 from .. import logs
 from ..errors import NodeError
-from ..settings import Settings
+from ..settings import Settings, nats_servers
 from .wire import drop_raw, take_raw
 
 TX_STREAM = "TX"
@@ -61,6 +61,9 @@ async def connect(url: str, name: str, timeout: float = 10.0,
     asked for: a drain at a clean stop is no trouble), and calling ``on_reconnected`` each
     time it is back; but that gives up on the first connect after ``timeout`` seconds with a
     :class:`NodeError`, rather than hanging.
+
+    ``url`` may name several servers, comma-separated (a cluster's): the client connects to
+    one of them and, when it goes, reconnects to another.
 
     Client-side subject validation is off: every subject the node publishes is built from
     identifiers the contract has already validated, and the check costs per message.
@@ -83,7 +86,7 @@ async def connect(url: str, name: str, timeout: float = 10.0,
 
     try:
         nc = await asyncio.wait_for(nats.connect(
-            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            nats_servers(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, pending_size=64 * 1024 * 1024, skip_subject_validation=True,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **options),  # user, password, tls: nats_auth.client_options
@@ -102,13 +105,16 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return [
         StreamConfig(name=TX_STREAM, subjects=[settings.tx_subjects], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
-                     max_age=settings.tx_max_age_days * day, max_msg_size=1 << 20),
+                     max_age=settings.tx_max_age_days * day, max_msg_size=1 << 20,
+                     num_replicas=settings.stream_replicas),
         StreamConfig(name=VERDICT_STREAM, subjects=["verdict.>"], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
-                     max_age=settings.tx_max_age_days * day),
+                     max_age=settings.tx_max_age_days * day,
+                     num_replicas=settings.stream_replicas),
         StreamConfig(name=DLQ_STREAM, subjects=[DLQ_SUBJECT], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
-                     max_age=30 * day, max_msg_size=2 << 20),
+                     max_age=30 * day, max_msg_size=2 << 20,
+                     num_replicas=settings.stream_replicas),
     ]
 
 
