@@ -53,10 +53,27 @@ def cluster_config(config: Path | None, data_dir: Path | None, hosts: str, clien
                          else out_dir.resolve())
     servers = plan_servers(addresses, client_port, cluster_port, root.resolve())
     written = write_cluster_config(settings, out_dir, servers)
-    for path in written.files:
-        click.echo(f"# wrote {path}", err=True)
-    click.echo(f"# wrote {written.settings_file}", err=True)
+    for path in (*written.files, written.settings_file):
+        click.echo(f"# {'wrote' if path in written.changed else 'unchanged'} {path}", err=True)
     click.echo(written.settings_toml(), nl=False)
+
+
+@cluster.command("server")
+@click.argument("name")
+@click.option("--dir", "config_dir", type=click.Path(path_type=Path), required=True,
+              help="The directory `cluster config --out` wrote.")
+@friendly_errors
+def cluster_server(name: str, config_dir: Path) -> None:
+    """Run one server of the cluster (nats-server on DIR/NAME.conf) in the foreground: the
+    systemd unit branchguard-nats-cluster@NAME runs it this way.
+
+    \b
+    Example:
+      branchguard cluster server nats-1 --dir /etc/branchguard/nats-cluster
+    """
+    from ..operations.cluster import exec_cluster_server
+
+    exec_cluster_server(config_dir, name)
 
 
 COMMANDS = (cluster,)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,10 +28,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import SettingsError
+from .. import logs
+from ..errors import NodeError, SettingsError
 from ..nats_auth import load_auth
 from ..settings import Settings
-from .node import server_config
+from .node import nats_server_binary, server_config
+
+log = logs.get("appliance.cluster")
 
 CLUSTER_NAME = "branchguard"
 SERVERS = 3
@@ -62,6 +66,8 @@ class ClusterConfig:
     """One nats-server configuration file per server, in the order of ``servers``."""
     settings_file: Path
     """The node settings the scorers of this cluster use (``nats_url``, ``stream_replicas``)."""
+    changed: tuple[Path, ...] = ()
+    """The files whose content this call changed (none when written again as they were)."""
 
     @property
     def nats_url(self) -> str:
@@ -158,25 +164,46 @@ def server_file(settings: Settings, me: ClusterServer,
     return text + cluster_block(settings, me, servers)
 
 
+def _write(path: Path, text: str) -> bool:
+    """Write ``text`` unless the file holds it already (mode 0640: the service's group reads
+    it; it may hold credentials); True when it changed."""
+    if path.exists() and path.read_text() == text:
+        return False
+    path.write_text(text)
+    path.chmod(0o640)
+    return True
+
+
 def write_cluster_config(settings: Settings, out_dir: Path,
                          servers: Sequence[ClusterServer]) -> ClusterConfig:
-    """Write ``<out_dir>/<name>.conf`` for each server (0600: it may hold credentials) and
-    ``<out_dir>/branchguard-cluster.toml`` with the settings the scorers use. Writing
-    again with the same arguments writes the same bytes, so a deployment can run it every
-    time and see no change."""
+    """Write ``<out_dir>/<name>.conf`` for each server and ``<out_dir>/branchguard-cluster.toml``
+    with the settings the scorers use. A file that would not change is left alone, so a
+    deployment can run this every time and see (and restart for) real changes only."""
     if len(servers) != SERVERS:
         raise SettingsError("a cluster needs exactly three servers", field="hosts",
                             value=len(servers))
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
+    files, changed = [], []
     for server in servers:
         path = out_dir / f"{server.name}.conf"
-        path.write_text(server_file(settings, server, servers))
-        path.chmod(0o600)
+        if _write(path, server_file(settings, server, servers)):
+            changed.append(path)
         files.append(path)
     config = ClusterConfig(servers=tuple(servers), files=tuple(files),
                            settings_file=out_dir / "branchguard-cluster.toml")
-    config.settings_file.write_text(
-        "# The scorers' settings for this cluster (add them to branchguard.toml).\n"
-        + config.settings_toml())
-    return config
+    if _write(config.settings_file, "# The scorers' settings for this cluster "
+              "(add them to branchguard.toml).\n" + config.settings_toml()):
+        changed.append(config.settings_file)
+    return dataclasses.replace(config, changed=tuple(changed))
+
+
+def exec_cluster_server(config_dir: Path, name: str) -> None:
+    """Replace this process with nats-server on ``<config_dir>/<name>.conf`` (written by
+    :func:`write_cluster_config`): what ``branchguard-nats-cluster@<name>.service`` runs."""
+    conf = config_dir / f"{name}.conf"
+    if not conf.is_file():
+        raise NodeError("no such cluster server configuration", field="name", value=name,
+                        hint=f"write it with `branchguard cluster config --out {config_dir}`")
+    exe = str(nats_server_binary())
+    log.info("nats.exec", txn_id=None, config=str(conf), server=name)
+    os.execv(exe, [exe, "-c", str(conf)])  # noqa: S606
