@@ -26,19 +26,20 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
-from nats.errors import Error as NatsError, NoServersError
+from nats.errors import (Error as NatsError, NoRespondersError, NoServersError,
+                         TimeoutError as NatsTimeoutError)
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy,
                          StorageType, StreamConfig)
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from .. import logs
 from ..errors import NodeError
@@ -52,6 +53,35 @@ DLQ_SUBJECT = "dlq.tx"
 MAX_ACK_PENDING = 20000
 
 log = logs.get("appliance.ingest")
+
+ELECTION_SECONDS = 30.0
+"""How long a JetStream API call is retried while the cluster has no leader for it."""
+_T = TypeVar("_T")
+
+
+async def during_election(call: Callable[[], Awaitable[_T]], what: str) -> _T:
+    """``call()``, retried for up to :data:`ELECTION_SECONDS` while JetStream cannot answer
+    (a timeout, no responders, 503, or "temporarily unavailable" (10008)): on a cluster,
+    after the server leading a stream or consumer dies, its API is silent until a new
+    leader is elected (seconds), and a freshly created R3 consumer may answer 503 first.
+    Each call retried must be idempotent. On a single server the first try answers."""
+    deadline = time.monotonic() + ELECTION_SECONDS
+    tries = 0
+    while True:
+        try:
+            return await call()
+        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, APIError) as exc:
+            if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError) \
+                    and exc.err_code != 10008:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            if tries == 0:
+                log.warning("jetstream.unavailable", txn_id=None, call=what,
+                            error=f"{type(exc).__name__}: {exc}",
+                            hint="a cluster electing a leader; retrying")
+            tries += 1
+            await asyncio.sleep(min(1.0, 0.1 * tries))
 
 
 async def connect(url: str, name: str, timeout: float = 10.0,
@@ -121,13 +151,14 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
     """Create the three streams, or bring their configuration up to date."""
     for config in stream_configs(settings):
+        name = config.name or ""
         try:
-            await js.stream_info(config.name or "")
+            await during_election(lambda: js.stream_info(name), "stream_info")
         except NotFoundError:
-            await js.add_stream(config)
+            await during_election(lambda: js.add_stream(config), "add_stream")
             log.info("stream.created", stream=config.name)
         else:
-            await js.update_stream(config)
+            await during_election(lambda: js.update_stream(config), "update_stream")
 
 
 @dataclass(frozen=True)
@@ -143,17 +174,20 @@ async def reset_consumer(js: JetStreamContext, settings: Settings,
     """Re-create the scorer's durable consumer to deliver from ``checkpoint + 1``."""
     ack_floor = 0
     try:
-        info = await js.consumer_info(TX_STREAM, settings.consumer)
+        info = await during_election(lambda: js.consumer_info(TX_STREAM, settings.consumer),
+                                     "consumer_info")
         ack_floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        await js.delete_consumer(TX_STREAM, settings.consumer)
+        await during_election(lambda: js.delete_consumer(TX_STREAM, settings.consumer),
+                              "delete_consumer")
     except NotFoundError:
         pass
     start = checkpoint + 1
-    await js.add_consumer(TX_STREAM, ConsumerConfig(
+    config = ConsumerConfig(
         durable_name=settings.consumer, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=start, ack_policy=AckPolicy.ALL, max_deliver=settings.max_deliver,
         ack_wait=settings.ack_wait_seconds, max_ack_pending=MAX_ACK_PENDING,
-        filter_subject=settings.tx_subjects, max_waiting=64))
+        filter_subject=settings.tx_subjects, max_waiting=64)
+    await during_election(lambda: js.add_consumer(TX_STREAM, config), "add_consumer")
     log.info("consumer.reset", consumer=settings.consumer, start_seq=start, ack_floor=ack_floor)
     return ConsumerStart(ack_floor=ack_floor, start_seq=start)
 
@@ -463,7 +497,8 @@ async def published_verdicts(js: JetStreamContext, after_seq: int | None) -> dic
     if after_seq is None:
         return {}
     try:
-        state = (await js.stream_info(VERDICT_STREAM)).state
+        state = (await during_election(lambda: js.stream_info(VERDICT_STREAM),
+                                       "stream_info")).state
     except NotFoundError:
         return {}
     last = state.last_seq or 0
