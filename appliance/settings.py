@@ -39,7 +39,9 @@ class Settings:
     data_dir: Path = Path("var")
     """Directory for the SQLite database and the embedded nats-server's JetStream store."""
     nats_url: str | None = None
-    """URL of an existing NATS server; unset runs an embedded nats-server on 127.0.0.1."""
+    """URL of an existing NATS server, or of several comma-separated (the servers of a
+    cluster: the node connects to one and fails over to the others); unset runs an embedded
+    nats-server on 127.0.0.1."""
     nats_port: int = 4222
     """Port of the embedded nats-server (0 picks a free port)."""
     branch: str = "BR001"
@@ -340,6 +342,11 @@ class Settings:
     lease_renew_seconds: float = 0.5
     """Seconds between renewals of a held lease, each a compare-and-set on its last revision;
     less than half of ``lease_ttl_seconds``, so one late or lost renewal does not lose it."""
+    # issue 19 (A): a JetStream cluster (docs/operations.md, "A JetStream cluster")
+    stream_replicas: int = 1
+    """Replicas of each stream (``TX``, ``VERDICTS``, ``TX_DLQ``): 1 on a single server; 3
+    on a 3-server cluster (``branchguard cluster config``), so a stream outlives one server.
+    Set when the streams are created: a later change is applied by the server if it can."""
 
     @property
     def db_path(self) -> Path:
@@ -530,11 +537,22 @@ class Settings:
             (0 < self.lease_renew_seconds < self.lease_ttl_seconds / 2, "lease_renew_seconds",
              self.lease_renew_seconds,
              f"use > 0 and < half of lease_ttl_seconds ({self.lease_ttl_seconds})"),
+            # issue 19 (A): a JetStream cluster
+            (1 <= self.stream_replicas <= 5, "stream_replicas", self.stream_replicas,
+             "use 1 (one server) to 5; 3 on a 3-server cluster"),
+            (self.nats_url is None or bool(nats_servers(self.nats_url)), "nats_url",
+             self.nats_url, "use nats://host:port, or several comma-separated"),
         ]
         for ok, name, value, hint in checks:
             if not ok:
                 raise SettingsError("invalid value", field=name, value=value, hint=hint)
         return self
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs in a ``nats_url`` (comma-separated, spaces ignored): what a NATS
+    client is given, so it can connect to any of them and fail over to the others."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def _is_address(text: str) -> bool:

@@ -23,7 +23,9 @@ ANSIBLE = ROOT / "ansible"
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "ANSIBLE_HOME": str(tmp / "ansible-home"), "ANSIBLE_NOCOLOR": "1",
+    # without PYTHONPATH: the throwaway virtualenv must see only what the role installed
+    inherited = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**inherited, "ANSIBLE_HOME": str(tmp / "ansible-home"), "ANSIBLE_NOCOLOR": "1",
             "NO_COLOR": "1", "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-tmp"),
             "ANSIBLE_RETRY_FILES_ENABLED": "0", "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles")}
 
@@ -104,3 +106,45 @@ def test_the_role_converges_a_throwaway_root_and_is_idempotent(tmp_path: Path,
     assert units == sorted(p.name for p in (ROOT / "systemd").iterdir())
     assert (root / "opt" / "branchguard" / "venv" / "bin" / "branchguard").exists()
     assert (root / "var" / "lib" / "branchguard").is_dir()
+
+
+def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
+                                                             wheel_dir: Path) -> None:
+    root = tmp_path / "root"
+    hosts = ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
+    command = tmp_path / "branchguard"  # this tree's command: the role's venv has no deps here
+    command.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m appliance \"$@\"\n")
+    command.chmod(0o755)
+    extra = {
+        "branchguard_root": str(root), "branchguard_become": False,
+        "branchguard_manage_user": False, "branchguard_manage_packages": False,
+        "branchguard_manage_services": False, "branchguard_python": sys.executable,
+        "branchguard_pip_extra_args": f"--no-index --find-links {wheel_dir} --no-deps",
+        "branchguard_nats_host": "0.0.0.0", "branchguard_nats_node_password": "vault-node",
+        "branchguard_terminal_groups": [{"name": "atm", "password": "vault-atm",
+                                         "terminals": ["ATM01"]}],
+        "branchguard_nats_cluster_hosts": hosts, "branchguard_nats_cluster_self": hosts[1],
+        "branchguard_command": str(command),
+    }
+    first = _recap(_converge(tmp_path, root, extra))
+    assert first["failed"] == 0 and first["changed"] > 0, first
+    second = _recap(_converge(tmp_path, root, extra))
+    assert second["changed"] == 0 and second["failed"] == 0, second
+
+    etc = root / "etc" / "branchguard"
+    settings = load(etc / "branchguard.toml", env={})  # what the scorer on this host reads
+    assert settings.stream_replicas == 3
+    assert settings.nats_url == ",".join(f"nats://{h}:4222" for h in hosts)
+    cluster = etc / "nats-cluster"
+    assert sorted(p.name for p in cluster.iterdir()) == [
+        "branchguard-cluster.toml", "nats-1.conf", "nats-2.conf", "nats-3.conf"]
+    own = (cluster / "nats-2.conf").read_text()  # this host's server: the second in the list
+    assert 'server_name: "nats-2"' in own and '"listen": "10.0.0.12:6222"' in own
+    assert "nats-route://node:vault-node@10.0.0.11:6222" in own
+    assert "nats-route://node:vault-node@10.0.0.13:6222" in own and "10.0.0.12:6222\"\n" not in own
+    assert '"store_dir"' not in own and 'store_dir: "/var/lib/branchguard/nats-cluster/nats-2"' in own
+    assert '"user": "atm"' in own  # the terminals' users, as on a single server
+    for conf in cluster.iterdir():
+        assert conf.stat().st_mode & 0o077 == 0o040, conf.name  # 0640: it holds passwords
+    units = {p.name for p in (root / "etc" / "systemd" / "system").iterdir()}
+    assert "branchguard-nats-cluster@.service" in units

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from .. import logs, node_health
+from ..settings import nats_servers
 from .endpoint import Call, Routes
 
 routes = Routes()
@@ -36,7 +37,7 @@ async def _ignore(exc: Exception) -> None:
 
 
 async def _stream_last_seq(url: str) -> int:
-    nc = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=0,
+    nc = await nats.connect(nats_servers(url), connect_timeout=1, max_reconnect_attempts=0,
                             allow_reconnect=False, error_cb=_ignore)
     try:
         info = await nc.jetstream().stream_info("TX")

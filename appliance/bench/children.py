@@ -44,7 +44,7 @@ import nats
 from ..feed.terminal import publish
 from ..nats_auth import client_options
 from ..operations.node import EmbeddedNats
-from ..settings import Settings, load
+from ..settings import Settings, load, nats_servers
 from ..store import Store
 from ..transaction import Transaction
 
@@ -208,8 +208,8 @@ def _probe(settings: Settings, url: str, name: str, timeout: float) -> str:
                      terminal_id="T-DRILL", channel="POS")
 
     async def once() -> int:
-        nc = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=0,
-                                allow_reconnect=False, error_cb=_quiet,
+        nc = await nats.connect(nats_servers(url), connect_timeout=1,
+                                max_reconnect_attempts=0, allow_reconnect=False, error_cb=_quiet,
                                 **client_options(settings))
         try:
             return await publish(nc, [tx], branch=settings.branch)

@@ -4,8 +4,8 @@ library function and prints the result; errors exit non-zero with their hint.
 One module per command group, each listing what it adds in ``COMMANDS``: ``run`` (the node,
 the API, the feed, status and settings), ``models`` (train, retrain, evaluate, the registry,
 labels, drift), ``alerts``, ``access`` (keys, users, audit), ``data`` (replication,
-retention, the terminal directory), ``rules`` (the typology rules file), ``deadletters``
-and ``bench``. ``options`` holds what
+retention, the terminal directory), ``rules`` (the typology rules file), ``deadletters``,
+``cluster`` (a JetStream cluster's configuration) and ``bench``. ``options`` holds what
 they share.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import click
 
-from . import access, alerts, bench, data, deadletters, models, rules, run
+from . import access, alerts, bench, cluster, data, deadletters, models, rules, run
 
 
 @click.group()
@@ -28,7 +28,7 @@ def cli() -> None:
     """
 
 
-for _group in (run, models, rules, alerts, access, data, deadletters, bench):
+for _group in (run, models, rules, alerts, access, data, deadletters, cluster, bench):
     for _command in _group.COMMANDS:
         cli.add_command(_command)
 

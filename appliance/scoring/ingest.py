@@ -28,23 +28,24 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
-from nats.errors import Error as NatsError, NoServersError
+from nats.errors import (Error as NatsError, NoRespondersError, NoServersError,
+                         TimeoutError as NatsTimeoutError)
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy,
                          StorageType, StreamConfig, SubjectTransform)
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from .. import logs
 from ..errors import NodeError, StreamError
-from ..settings import Settings
+from ..settings import Settings, nats_servers
 from .partitions import check_partition_set, filter_subjects, stream_partitions, transform
 from .wire import drop_raw, take_raw
 
@@ -56,6 +57,35 @@ MAX_ACK_PENDING = 20000
 
 log = logs.get("appliance.ingest")
 
+ELECTION_SECONDS = 30.0
+"""How long a JetStream API call is retried while the cluster has no leader for it."""
+_T = TypeVar("_T")
+
+
+async def during_election(call: Callable[[], Awaitable[_T]], what: str) -> _T:
+    """``call()``, retried for up to :data:`ELECTION_SECONDS` while JetStream cannot answer
+    (a timeout, no responders, 503, or "temporarily unavailable" (10008)): on a cluster,
+    after the server leading a stream or consumer dies, its API is silent until a new
+    leader is elected (seconds), and a freshly created R3 consumer may answer 503 first.
+    Each call retried must be idempotent. On a single server the first try answers."""
+    deadline = time.monotonic() + ELECTION_SECONDS
+    tries = 0
+    while True:
+        try:
+            return await call()
+        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, APIError) as exc:
+            if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError) \
+                    and exc.err_code != 10008:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            if tries == 0:
+                log.warning("jetstream.unavailable", txn_id=None, call=what,
+                            error=f"{type(exc).__name__}: {exc}",
+                            hint="a cluster electing a leader; retrying")
+            tries += 1
+            await asyncio.sleep(min(1.0, 0.1 * tries))
+
 
 async def connect(url: str, name: str, timeout: float = 10.0,
                   on_reconnected: Callable[[], None] | None = None, **options: Any) -> Client:
@@ -64,6 +94,9 @@ async def connect(url: str, name: str, timeout: float = 10.0,
     asked for: a drain at a clean stop is no trouble), and calling ``on_reconnected`` each
     time it is back; but that gives up on the first connect after ``timeout`` seconds with a
     :class:`NodeError`, rather than hanging.
+
+    ``url`` may name several servers, comma-separated (a cluster's): the client connects to
+    one of them and, when it goes, reconnects to another.
 
     Client-side subject validation is off: every subject the node publishes is built from
     identifiers the contract has already validated, and the check costs per message.
@@ -86,7 +119,7 @@ async def connect(url: str, name: str, timeout: float = 10.0,
 
     try:
         nc = await asyncio.wait_for(nats.connect(
-            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            nats_servers(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, pending_size=64 * 1024 * 1024, skip_subject_validation=True,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **options),  # user, password, tls: nats_auth.client_options
@@ -106,13 +139,16 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         StreamConfig(name=TX_STREAM, subjects=[settings.tx_subjects], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
                      max_age=settings.tx_max_age_days * day, max_msg_size=1 << 20,
-                     subject_transform=transform(settings.partitions)),
+                     subject_transform=transform(settings.partitions),
+                     num_replicas=settings.stream_replicas),
         StreamConfig(name=VERDICT_STREAM, subjects=["verdict.>"], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
-                     max_age=settings.tx_max_age_days * day),
+                     max_age=settings.tx_max_age_days * day,
+                     num_replicas=settings.stream_replicas),
         StreamConfig(name=DLQ_STREAM, subjects=[DLQ_SUBJECT], storage=StorageType.FILE,
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
-                     max_age=30 * day, max_msg_size=2 << 20),
+                     max_age=30 * day, max_msg_size=2 << 20,
+                     num_replicas=settings.stream_replicas),
     ]
 
 
@@ -121,16 +157,17 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
     the TX stream's partition count (:class:`StreamError`): the same account would map to
     another partition, and its state to another owner, from one message to the next."""
     for config in stream_configs(settings):
+        name = config.name or ""
         try:
-            info = await js.stream_info(config.name or "")
+            info = await during_election(lambda: js.stream_info(name), "stream_info")
         except NotFoundError:
-            await js.add_stream(config)
+            await during_election(lambda: js.add_stream(config), "add_stream")
             log.info("stream.created", stream=config.name, partitions=(
                 settings.partitions if config.name == TX_STREAM else None))
         else:
             if config.name == TX_STREAM:
                 check_partitions(info.config.subject_transform, settings)
-            await js.update_stream(config)
+            await during_election(lambda: js.update_stream(config), "update_stream")
 
 
 def check_partitions(existing: SubjectTransform | None, settings: Settings) -> None:
@@ -162,21 +199,24 @@ async def reset_consumer(js: JetStreamContext, settings: Settings, checkpoint: i
     ``tx_subjects`` exactly as before partitions existed)."""
     ack_floor = 0
     try:
-        info = await js.consumer_info(TX_STREAM, settings.consumer)
+        info = await during_election(lambda: js.consumer_info(TX_STREAM, settings.consumer),
+                                     "consumer_info")
         ack_floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        await js.delete_consumer(TX_STREAM, settings.consumer)
+        await during_election(lambda: js.delete_consumer(TX_STREAM, settings.consumer),
+                              "delete_consumer")
     except NotFoundError:
         pass
     start = checkpoint + 1
     n = settings.partitions
     chosen = check_partition_set(range(n) if owned is None else owned, n)
     subjects = filter_subjects(chosen, n) if n > 1 else None
-    await js.add_consumer(TX_STREAM, ConsumerConfig(
+    config = ConsumerConfig(
         durable_name=settings.consumer, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=start, ack_policy=AckPolicy.ALL, max_deliver=settings.max_deliver,
         ack_wait=settings.ack_wait_seconds, max_ack_pending=MAX_ACK_PENDING,
         filter_subject=None if subjects else settings.tx_subjects,
-        filter_subjects=subjects, max_waiting=64))
+        filter_subjects=subjects, max_waiting=64)
+    await during_election(lambda: js.add_consumer(TX_STREAM, config), "add_consumer")
     log.info("consumer.reset", consumer=settings.consumer, start_seq=start, ack_floor=ack_floor,
              filter_subjects=subjects)
     return ConsumerStart(ack_floor=ack_floor, start_seq=start)
@@ -487,7 +527,8 @@ async def published_verdicts(js: JetStreamContext, after_seq: int | None) -> dic
     if after_seq is None:
         return {}
     try:
-        state = (await js.stream_info(VERDICT_STREAM)).state
+        state = (await during_election(lambda: js.stream_info(VERDICT_STREAM),
+                                       "stream_info")).state
     except NotFoundError:
         return {}
     last = state.last_seq or 0

@@ -1,0 +1,330 @@
+"""A real 3-server JetStream cluster (operations/cluster.py): its configuration, R3 streams,
+and a scorer that loses nothing and stores nothing twice when the server leading ``TX`` is
+SIGKILLed mid-stream. Three real nats-server processes on free loopback ports, each stopped
+by its PID at the end.
+
+Run as a script, it measures the failover instead (seconds from the SIGKILL to the first
+publish accepted again and to the scorer's first commit after it)::
+
+    PYTHONPATH=$PWD .venv/bin/python -m tests.test_cluster --runs 3
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nats
+import pytest
+from nats.errors import Error as NatsError
+
+from appliance.errors import SettingsError
+from appliance.feed.terminal import to_message
+from appliance.operations.cluster import (REPLICAS, ClusterConfig, plan_servers,
+                                          write_cluster_config)
+from appliance.operations.node import nats_server_binary
+from appliance.scoring.ingest import DLQ_STREAM, TX_STREAM, VERDICT_STREAM, ensure_streams
+from appliance.settings import load, nats_servers
+from appliance.transaction import Transaction
+
+from .conftest import NodeProcess
+from .support import make_transactions, stored_count
+
+
+@dataclass
+class Cluster:
+    config: ClusterConfig
+    processes: dict[str, subprocess.Popen[bytes]]
+    logs: Path
+
+    @property
+    def url(self) -> str:
+        return self.config.nats_url
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one server by its PID, as a crash of its host would end it."""
+        process = self.processes[name]
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+    def stop(self) -> None:
+        for name in self.processes:
+            self.kill(name)
+
+
+def start_cluster(root: Path, timeout: float = 30.0) -> Cluster:
+    """The three servers ``branchguard cluster config`` describes, on free loopback ports;
+    returns once JetStream answers (a meta leader is elected)."""
+    settings = load(None, env={}, data_dir=root / "node")
+    config = write_cluster_config(settings, root / "cluster",
+                                  plan_servers((), 0, 0, store_root=root / "stores"))
+    cluster = Cluster(config, {}, root / "logs")
+    cluster.logs.mkdir(parents=True, exist_ok=True)
+    try:
+        for server, path in zip(config.servers, config.files):
+            with (cluster.logs / f"{server.name}.log").open("wb") as log:
+                cluster.processes[server.name] = subprocess.Popen(
+                    [str(nats_server_binary()), "-c", str(path)], stdout=log,
+                    stderr=subprocess.STDOUT)
+        asyncio.run(_wait_for_meta_leader(config.nats_url, timeout))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+async def _wait_for_meta_leader(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    nc = await nats.connect(nats_servers(url), connect_timeout=1, reconnect_time_wait=0.2)
+    try:
+        while True:
+            try:
+                info = await nc.request("$JS.API.INFO", b"", timeout=1)
+                if b'"error"' not in info.data:
+                    return
+            except NatsError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("the cluster elected no JetStream meta leader")
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    running = start_cluster(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+            for log in sorted(running.logs.glob("*.log")):
+                sys.stderr.write(f"--- {log.name}\n{log.read_text()[-3000:]}\n")
+
+
+# --- the configuration, without servers ------------------------------------------------------
+
+
+def test_nats_url_names_every_server_and_the_settings_check_it() -> None:
+    assert nats_servers(" nats://a:1, nats://b:2 ,,nats://c:3") == [
+        "nats://a:1", "nats://b:2", "nats://c:3"]
+    assert load(None, env={"BRANCHGUARD_STREAM_REPLICAS": "3"}).stream_replicas == 3
+    assert load(None, env={}).stream_replicas == 1  # a single node is unchanged
+    for field, env in (("stream_replicas", {"BRANCHGUARD_STREAM_REPLICAS": "0"}),
+                       ("nats_url", {"BRANCHGUARD_NATS_URL": " , "})):
+        with pytest.raises(SettingsError) as info:
+            load(None, env=env)
+        assert info.value.field == field
+
+
+def test_the_config_routes_each_server_to_the_two_others_and_rewrites_nothing(
+        tmp_path: Path) -> None:
+    settings = load(None, env={}, data_dir=tmp_path)
+    servers = plan_servers((), 14222, 16222, store_root=tmp_path / "stores")
+    first = write_cluster_config(settings, tmp_path / "out", servers)
+    assert first.nats_url == "nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224"
+    assert load(first.settings_file, env={}).stream_replicas == REPLICAS
+    assert load(first.settings_file, env={}).nats_url == first.nats_url
+    for server, path in zip(servers, first.files):
+        text = path.read_text()
+        routes = json.loads(text[text.index("cluster: ") + 9:])["routes"]
+        assert sorted(routes) == sorted(f"nats-route://127.0.0.1:{s.cluster_port}"
+                                        for s in servers if s is not server)
+        assert f'store_dir: "{tmp_path / "stores" / server.name}"' in text
+        assert f"port: {server.client_port}\n" in text
+    again = write_cluster_config(settings, tmp_path / "out", servers)
+    assert again.changed == () and len(first.changed) == 4
+
+
+def test_a_cluster_beyond_loopback_needs_auth_and_three_hosts(tmp_path: Path) -> None:
+    settings = load(None, env={}, data_dir=tmp_path)
+    with pytest.raises(SettingsError, match="three"):
+        plan_servers(["10.0.0.1", "10.0.0.2"])
+    servers = plan_servers(["10.0.0.1", "10.0.0.2", "10.0.0.3"], store_root=tmp_path)
+    with pytest.raises(SettingsError) as info:
+        write_cluster_config(settings, tmp_path / "out", servers)
+    assert info.value.field == "nats_host"
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[node]\nuser = "node"\npassword = "p@ss"\n')
+    secured = replace(settings, nats_auth_file=auth)
+    text = write_cluster_config(secured, tmp_path / "out", servers).files[0].read_text()
+    assert "nats-route://node:p%40ss@10.0.0.2:6222" in text  # routes authenticate as the node
+    assert '"user": "node"' in text[text.index("cluster: "):]
+
+
+# --- real servers ----------------------------------------------------------------------------
+
+
+def test_ensure_streams_makes_r3_streams_on_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    settings = load(None, env={}, data_dir=tmp_path / "node", nats_url=cluster.url,
+                    stream_replicas=3)
+
+    async def check() -> None:
+        nc = await nats.connect(nats_servers(cluster.url))
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, settings)
+            for name in (TX_STREAM, VERDICT_STREAM, DLQ_STREAM):
+                info = await js.stream_info(name)
+                assert info.config.num_replicas == 3, name
+                assert info.cluster is not None and info.cluster.leader in cluster.processes
+                peers = {info.cluster.leader, *(r.name for r in info.cluster.replicas or [])}
+                assert peers == set(cluster.processes), name
+        finally:
+            await nc.close()
+
+    asyncio.run(check())
+
+
+@dataclass
+class Failover:
+    published: int
+    to_publish_seconds: float
+    """From the leader's SIGKILL to the first publish accepted again."""
+    to_commit_seconds: float | None
+    """From the SIGKILL to the scorer's first commit after it."""
+    killed: str
+
+
+async def _publish_one(js: nats.js.JetStreamContext, tx: Transaction) -> float:
+    """Publish until the stream acks it, always under the same msg-id (a re-send of one that
+    was stored after all is dropped by the duplicate window); returns when it was acked."""
+    message = to_message(tx, "BR001")
+    while True:
+        try:
+            await js.publish(message.subject, message.data, timeout=1.0,
+                             headers={"Nats-Msg-Id": message.msg_id})
+            return time.monotonic()
+        except (NatsError, TimeoutError):
+            await asyncio.sleep(0.05)
+
+
+def run_failover(cluster: Cluster, db: Path, txs: list[Transaction]) -> Failover:
+    """Publish the first half, wait until the scorer stored it, SIGKILL the server leading
+    TX, publish the rest (with retries) and time the recovery."""
+    half = len(txs) // 2
+    commit_at: list[float] = []
+
+    async def go() -> Failover:
+        nc = await nats.connect(nats_servers(cluster.url), reconnect_time_wait=0.1,
+                                max_reconnect_attempts=-1)
+        try:
+            js = nc.jetstream()
+            for tx in txs[:half]:
+                await _publish_one(js, tx)
+            await asyncio.to_thread(_wait, lambda: stored_count(db) == half, 60)
+            leader = str((await js.stream_info(TX_STREAM)).cluster.leader)  # type: ignore[union-attr]
+            watcher = threading.Thread(target=_first_commit, args=(db, half, commit_at),
+                                       daemon=True)
+            watcher.start()
+            killed_at = time.monotonic()
+            cluster.kill(leader)
+            first = await _publish_one(js, txs[half])
+            for tx in txs[half + 1:]:
+                await _publish_one(js, tx)
+            await asyncio.to_thread(_wait, lambda: stored_count(db) == len(txs), 90)
+            watcher.join(5)
+            return Failover(len(txs), first - killed_at,
+                            commit_at[0] - killed_at if commit_at else None, leader)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def _wait(predicate: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def _first_commit(db: Path, before: int, out: list[float]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if stored_count(db) > before:
+            out.append(time.monotonic())
+            return
+        time.sleep(0.02)
+
+
+def _stream_ids(url: str, stream: str) -> list[str]:
+    """Every message's Nats-Msg-Id in ``stream`` (the whole stream, read once)."""
+    async def go() -> list[str]:
+        nc = await nats.connect(nats_servers(url))
+        try:
+            js = nc.jetstream()
+            last = (await js.stream_info(stream)).state.last_seq
+            sub = await js.subscribe(">", stream=stream, ordered_consumer=True)
+            ids: list[str] = []
+            seq = 0
+            while seq < last:
+                msg = await sub.next_msg(timeout=10)
+                seq = msg.metadata.sequence.stream
+                ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+            await sub.unsubscribe()
+            return ids
+        finally:
+            await nc.close()
+    return asyncio.run(go())
+
+
+def test_a_scorer_loses_and_doubles_nothing_when_the_tx_leader_server_is_killed(
+        cluster: Cluster, node_factory: type[NodeProcess], tmp_path: Path) -> None:
+    txs = [item.tx for item in make_transactions(300, seed=19)]
+    node = node_factory(tmp_path / "node", cluster.url,
+                        {"BRANCHGUARD_STREAM_REPLICAS": "3"}).start(90)
+    result = run_failover(cluster, tmp_path / "node" / "branchguard.db", txs)
+    assert result.killed in cluster.processes
+    ids = [tx.transaction_id for tx in txs]
+    tx_ids = _stream_ids(cluster.url, TX_STREAM)
+    assert sorted(tx_ids) == sorted(ids)  # every one stored in the stream, none twice
+    verdicts = _stream_ids(cluster.url, VERDICT_STREAM)
+    assert sorted(verdicts) == sorted(ids)  # one verdict each
+    stored = {row for row in _stored_ids(tmp_path / "node" / "branchguard.db")}
+    assert stored == set(ids)
+    assert node.process is not None and node.process.poll() is None  # it rode it out
+
+
+def _stored_ids(db: Path) -> list[str]:
+    from .support import query
+    return [str(r[0]) for r in query(db, "SELECT transaction_id FROM transactions")]
+
+
+def main() -> None:
+    """Measure the failover ``--runs`` times (see the module docstring)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--count", type=int, default=600)
+    args = parser.parse_args()
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            running = start_cluster(root)
+            node = NodeProcess(root / "node", running.url, {"BRANCHGUARD_STREAM_REPLICAS": "3"})
+            try:
+                node.start(90)
+                txs = [item.tx for item in make_transactions(args.count, seed=100 + run)]
+                result = run_failover(running, root / "node" / "branchguard.db", txs)
+                print(json.dumps({"run": run, **result.__dict__}))  # noqa: T201
+            finally:
+                node.kill()
+                running.stop()
+
+
+if __name__ == "__main__":
+    main()
