@@ -328,3 +328,57 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.parametrize("how", ["stepdown", "kill"])
+def test_a_new_consumer_leader_does_not_stall_the_scorer(
+        cluster: Cluster, node_factory: type[NodeProcess], tmp_path: Path, how: str) -> None:
+    """The consumer's leader changes, told to step down (as an operator does before
+    maintenance) or killed, while transactions are arriving and the scorer stays connected
+    to a server that lives. Its pull requests were the old leader's: nothing may stall, be
+    lost or be stored twice (part A's open question; nats-server 2.x answers the old
+    requests, so the scorer needs nothing more)."""
+    txs = [item.tx for item in make_transactions(200, seed=29)]
+    db = tmp_path / "node" / "branchguard.db"
+    servers = nats_servers(cluster.url)
+    names = [server.name for server in cluster.config.servers]
+    # the node on the first server only: the one it stays connected to
+    node = node_factory(tmp_path / "node", servers[0],
+                        {"BRANCHGUARD_STREAM_REPLICAS": "3"}).start(90)
+
+    async def go() -> None:
+        nc = await nats.connect(servers[1:], reconnect_time_wait=0.1,
+                                max_reconnect_attempts=-1)
+        try:
+            js = nc.jetstream()
+            for tx in txs[:100]:
+                await _publish_one(js, tx)
+            await asyncio.to_thread(_wait, lambda: stored_count(db) == 100, 60)
+            stepdown = f"$JS.API.CONSUMER.LEADER.STEPDOWN.{TX_STREAM}.scorer"
+            while (before := (await js.consumer_info(TX_STREAM, "scorer")).cluster) is None \
+                    or before.leader == names[0]:
+                await nc.request(stepdown, b"", timeout=5)  # lead anywhere but the node's
+                await asyncio.sleep(0.5)
+            async def rest() -> None:  # under way while the leader goes
+                for tx in txs[100:]:
+                    await _publish_one(js, tx)
+                    await asyncio.sleep(0.01)
+            publishing = asyncio.create_task(rest())
+            await asyncio.sleep(0.3)
+            if how == "stepdown":
+                reply = await nc.request(stepdown, b"", timeout=5)
+                assert b'"success":true' in reply.data, reply.data
+            else:
+                cluster.kill(str(before.leader))
+            await publishing
+            await asyncio.to_thread(_wait, lambda: stored_count(db) == len(txs), 60)
+            after = (await js.consumer_info(TX_STREAM, "scorer")).cluster
+            assert before is not None and after is not None and before.leader != after.leader
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+    assert sorted(_stored_ids(db)) == sorted(tx.transaction_id for tx in txs)
+    assert sorted(_stream_ids(cluster.url, VERDICT_STREAM)) == sorted(
+        tx.transaction_id for tx in txs)
+    assert node.process is not None and node.process.poll() is None
