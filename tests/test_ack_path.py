@@ -21,8 +21,8 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from appliance.feed.terminal import publish
-from appliance.scoring.ingest import (TX_STREAM, VERDICT_STREAM, Outgoing, Publisher,
-                                      stream_configs)
+from appliance.scoring.ingest import Outgoing, Publisher
+from appliance.scoring.streams import TX_STREAM, VERDICT_STREAM, stream_configs
 from appliance.scoring.model import Model
 from appliance.scoring.pipeline import Scorer
 from appliance.settings import Settings

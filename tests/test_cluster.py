@@ -32,7 +32,7 @@ from appliance.feed.terminal import to_message
 from appliance.operations.cluster import (REPLICAS, ClusterConfig, plan_servers,
                                           write_cluster_config)
 from appliance.operations.node import nats_server_binary
-from appliance.scoring.ingest import DLQ_STREAM, TX_STREAM, VERDICT_STREAM, ensure_streams
+from appliance.scoring.streams import DLQ_STREAM, TX_STREAM, VERDICT_STREAM, ensure_streams
 from appliance.settings import load, nats_servers
 from appliance.transaction import Transaction
 

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from appliance.errors import SettingsError
 from appliance.nats_auth import client_options, load_auth
 from appliance.operations.node import EmbeddedNats
-from appliance.scoring.ingest import ensure_streams
+from appliance.scoring.streams import ensure_streams
 from appliance.settings import Settings, load
 from appliance.transaction import encode
 

@@ -16,7 +16,7 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from appliance.errors import SettingsError, StreamError
-from appliance.scoring.ingest import TX_STREAM, ensure_streams, reset_consumer
+from appliance.scoring.streams import TX_STREAM, ensure_streams, reset_consumer
 from appliance.scoring.partitions import (filter_subjects, partition, stream_partitions,
                                           transform)
 from appliance.settings import Settings, load

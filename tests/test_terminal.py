@@ -21,7 +21,7 @@ import pytest
 from appliance.feed.simulate import span_bound
 from appliance.feed.terminal import simulated
 from appliance.operations.node import EmbeddedNats
-from appliance.scoring.ingest import TX_STREAM, ensure_streams
+from appliance.scoring.streams import TX_STREAM, ensure_streams
 from appliance.settings import Settings, load
 from appliance.transaction import parse
 

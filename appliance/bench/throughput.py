@@ -56,8 +56,8 @@ from ..feed.terminal import population, publish_messages, to_message
 from ..operations.looplag import LoopLag, read_windows, worst
 from ..operations.node import EmbeddedNats
 from ..scoring.features import FEATURES_VERSION, feature_state
-from ..scoring.ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, connect,
-                              ensure_streams, reset_consumer)
+from ..scoring.ingest import Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, connect
+from ..scoring.streams import ensure_streams, reset_consumer
 from ..scoring.model import Model, feature_matrix
 from ..scoring.rules import RULES_VERSION
 from ..scoring.score import judge

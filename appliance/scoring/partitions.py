@@ -15,7 +15,7 @@ message is still dead-lettered by exactly one scorer.
 
 N is fixed when the stream is created: a different N maps the same account elsewhere, and
 the per-account state a scorer holds would be split between two owners
-(:func:`stream_partitions` reads N back, and ingest.ensure_streams refuses a change).
+(:func:`stream_partitions` reads N back, and streams.ensure_streams refuses a change).
 """
 
 from __future__ import annotations

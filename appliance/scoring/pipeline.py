@@ -54,9 +54,9 @@ from .budget import Budget
 from .budget import rebuild as budget_from_rows
 from .commit import GroupCommit
 from .features import FEATURES, FeatureState, feature_state
-from .ingest import (DLQ_SUBJECT, Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch,
-                     dlq_headers, ensure_streams, in_progress, published_verdicts,
-                     reset_consumer)
+from .ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, dlq_headers,
+                     in_progress)
+from .streams import DLQ_SUBJECT, ensure_streams, published_verdicts, reset_consumer
 from .labels import LabelFeed
 from .lists import ListFilter
 from .model import Model, feature_matrix
