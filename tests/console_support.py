@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import (ElementClickInterceptedException,
+                                        ElementNotInteractableException,
+                                        StaleElementReferenceException)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -81,20 +83,33 @@ def find(driver: WebDriver, testid: str) -> WebElement:
 
 
 def click(driver: WebDriver, testid: str) -> None:
-    """Click as a user would, after scrolling the element clear of the fixed header."""
-    element = find(driver, testid)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-    element.click()
+    """Click as a user would, after scrolling the element clear of the fixed header; and,
+    as a user would, again a moment later while it cannot take the click yet (a dialog or
+    menu still opening: the click was not delivered, so it is not a double click)."""
+    def attempt(d: WebDriver) -> bool:
+        element = find(d, testid)
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        return _clicked(element)
+    wait_for(driver, attempt, message=f"{testid} took the click")
+
+
+def _clicked(element: WebElement) -> bool:
+    try:
+        element.click()
+    except (ElementNotInteractableException, ElementClickInterceptedException):
+        return False
+    return True
 
 
 def choose(driver: WebDriver, testid: str, option: str) -> None:
     """Pick ``option`` in a Quasar select as a user does: open its menu, click the item."""
     click(driver, testid)
-    item = wait_for(driver, lambda d: next(
-        (e for e in d.find_elements(By.CSS_SELECTOR, ".q-menu .q-item")
-         if e.text.strip() == option or e.text.startswith(option + " ")), None),
-        message=f"option {option} of {testid}")
-    item.click()
+
+    def pick(d: WebDriver) -> bool:
+        item = next((e for e in d.find_elements(By.CSS_SELECTOR, ".q-menu .q-item")
+                     if e.text.strip() == option or e.text.startswith(option + " ")), None)
+        return item is not None and _clicked(item)
+    wait_for(driver, pick, message=f"option {option} of {testid}")
     wait_for(driver, lambda d: not d.find_elements(By.CSS_SELECTOR, ".q-menu"),
              message="menu closed")
 
