@@ -44,8 +44,8 @@ from ..operations.loopback_cluster import LoopbackCluster, start_loopback_cluste
 from ..scoring.streams import TX_STREAM, VERDICT_STREAM
 from ..settings import nats_servers
 from .delivery import check_delivery, checkpoint, quiet_errors, stored_ids, stream_ids
-from .throughput import (ScorerProcess, bench_transactions, measured_phase, run_load,
-                         wait_consumer)
+from .proc import children, process_name
+from .throughput import ScorerProcess, bench_transactions, measured_phase, run_load, wait_consumer
 
 SCORERS = 1
 NOTE = ("one scorer: per-partition scorers do not exist yet (issue 19), so these figures "
@@ -256,6 +256,9 @@ def run_cluster_bench(count: int, rate: float, seconds: float, runs: int = 1,
                 report["failover"].append(failover_phase(
                     cluster, scorer, run_root / "node" / "branchguard.db", rate, seconds,
                     seed=1000 + run))
+                report["failover"][-1]["pids"] = {  # all stopped below, each by its PID
+                    "scorer": scorer.process.pid, **cluster.pids,
+                    **{process_name(c): c for c in children(scorer.process.pid)}}
             finally:
                 scorer.stop()
                 cluster.stop()
