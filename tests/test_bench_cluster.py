@@ -60,8 +60,9 @@ def test_a_tiny_run_measures_every_process_and_loses_nothing() -> None:
     assert run["published"] == 450 and run["acked"] == 450 and run["all_stored"]
     # an election takes seconds, never nothing: a kill that stopped nothing would show ~0
     assert _number(run["to_publish_seconds"], 0.2, 60), run
-    assert _number(run["to_commit_seconds"], run["to_publish_seconds"], 120), run
-    assert run["retried"] >= 1 and run["retries"] >= run["retried"]
+    # (the scorer may commit a transaction before its publisher hears the ack: no order)
+    assert _number(run["to_commit_seconds"], 0.2, 120), run
+    assert run["retries"] >= 1 and run["retries"] >= run["retried"], run
     check = run["check"]
     assert (check["lost"], check["duplicated"], report["lost"], report["duplicated"]) == (
         0, 0, 0, 0), check
