@@ -3,20 +3,15 @@ and a scorer that loses nothing and stores nothing twice when the server leading
 SIGKILLed mid-stream. Three real nats-server processes on free loopback ports, each stopped
 by its PID at the end.
 
-Run as a script, it measures the failover instead (seconds from the SIGKILL to the first
-publish accepted again and to the scorer's first commit after it)::
-
-    PYTHONPATH=$PWD .venv/bin/python -m tests.test_cluster --runs 3
+The failover is measured by ``branchguard bench cluster`` (appliance/bench/cluster.py),
+on the same loopback cluster (appliance/operations/loopback_cluster.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,11 +22,12 @@ import nats
 import pytest
 from nats.errors import Error as NatsError
 
+from appliance.bench.delivery import stored_ids, stream_ids
 from appliance.errors import SettingsError
 from appliance.feed.terminal import to_message
-from appliance.operations.cluster import (REPLICAS, ClusterConfig, plan_servers,
-                                          write_cluster_config)
-from appliance.operations.node import nats_server_binary
+from appliance.operations.cluster import REPLICAS, plan_servers, write_cluster_config
+from appliance.operations.loopback_cluster import LoopbackCluster as Cluster
+from appliance.operations.loopback_cluster import start_loopback_cluster
 from appliance.scoring.streams import DLQ_STREAM, TX_STREAM, VERDICT_STREAM, ensure_streams
 from appliance.settings import load, nats_servers
 from appliance.transaction import Transaction
@@ -40,77 +36,15 @@ from .conftest import NodeProcess
 from .support import make_transactions, stored_count
 
 
-@dataclass
-class Cluster:
-    config: ClusterConfig
-    processes: dict[str, subprocess.Popen[bytes]]
-    logs: Path
-
-    @property
-    def url(self) -> str:
-        return self.config.nats_url
-
-    def kill(self, name: str) -> None:
-        """SIGKILL one server by its PID, as a crash of its host would end it."""
-        process = self.processes[name]
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-
-    def stop(self) -> None:
-        for name in self.processes:
-            self.kill(name)
-
-
-def start_cluster(root: Path, timeout: float = 30.0) -> Cluster:
-    """The three servers ``branchguard cluster config`` describes, on free loopback ports;
-    returns once JetStream answers (a meta leader is elected)."""
-    settings = load(None, env={}, data_dir=root / "node")
-    config = write_cluster_config(settings, root / "cluster",
-                                  plan_servers((), 0, 0, store_root=root / "stores"))
-    cluster = Cluster(config, {}, root / "logs")
-    cluster.logs.mkdir(parents=True, exist_ok=True)
-    try:
-        for server, path in zip(config.servers, config.files):
-            with (cluster.logs / f"{server.name}.log").open("wb") as log:
-                cluster.processes[server.name] = subprocess.Popen(
-                    [str(nats_server_binary()), "-c", str(path)], stdout=log,
-                    stderr=subprocess.STDOUT)
-        asyncio.run(_wait_for_meta_leader(config.nats_url, timeout))
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
-
-
-async def _wait_for_meta_leader(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    nc = await nats.connect(nats_servers(url), connect_timeout=1, reconnect_time_wait=0.2)
-    try:
-        while True:
-            try:
-                info = await nc.request("$JS.API.INFO", b"", timeout=1)
-                if b'"error"' not in info.data:
-                    return
-            except NatsError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the cluster elected no JetStream meta leader")
-            await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    running = start_cluster(tmp_path)
+    running = start_loopback_cluster(tmp_path)
     try:
         yield running
     finally:
         running.stop()
         if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            for log in sorted(running.logs.glob("*.log")):
-                sys.stderr.write(f"--- {log.name}\n{log.read_text()[-3000:]}\n")
+            sys.stderr.write(running.log_tails())
 
 
 # --- the configuration, without servers ------------------------------------------------------
@@ -260,27 +194,6 @@ def _first_commit(db: Path, before: int, out: list[float]) -> None:
         time.sleep(0.02)
 
 
-def _stream_ids(url: str, stream: str) -> list[str]:
-    """Every message's Nats-Msg-Id in ``stream`` (the whole stream, read once)."""
-    async def go() -> list[str]:
-        nc = await nats.connect(nats_servers(url))
-        try:
-            js = nc.jetstream()
-            last = (await js.stream_info(stream)).state.last_seq
-            sub = await js.subscribe(">", stream=stream, ordered_consumer=True)
-            ids: list[str] = []
-            seq = 0
-            while seq < last:
-                msg = await sub.next_msg(timeout=10)
-                seq = msg.metadata.sequence.stream
-                ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
-            await sub.unsubscribe()
-            return ids
-        finally:
-            await nc.close()
-    return asyncio.run(go())
-
-
 def test_a_scorer_loses_and_doubles_nothing_when_the_tx_leader_server_is_killed(
         cluster: Cluster, node_factory: type[NodeProcess], tmp_path: Path) -> None:
     txs = [item.tx for item in make_transactions(300, seed=19)]
@@ -289,45 +202,13 @@ def test_a_scorer_loses_and_doubles_nothing_when_the_tx_leader_server_is_killed(
     result = run_failover(cluster, tmp_path / "node" / "branchguard.db", txs)
     assert result.killed in cluster.processes
     ids = [tx.transaction_id for tx in txs]
-    tx_ids = _stream_ids(cluster.url, TX_STREAM)
+    tx_ids = stream_ids(cluster.url, TX_STREAM)
     assert sorted(tx_ids) == sorted(ids)  # every one stored in the stream, none twice
-    verdicts = _stream_ids(cluster.url, VERDICT_STREAM)
+    verdicts = stream_ids(cluster.url, VERDICT_STREAM)
     assert sorted(verdicts) == sorted(ids)  # one verdict each
-    stored = {row for row in _stored_ids(tmp_path / "node" / "branchguard.db")}
+    stored = {row for row in stored_ids(tmp_path / "node" / "branchguard.db")}
     assert stored == set(ids)
     assert node.process is not None and node.process.poll() is None  # it rode it out
-
-
-def _stored_ids(db: Path) -> list[str]:
-    from .support import query
-    return [str(r[0]) for r in query(db, "SELECT transaction_id FROM transactions")]
-
-
-def main() -> None:
-    """Measure the failover ``--runs`` times (see the module docstring)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--count", type=int, default=600)
-    args = parser.parse_args()
-    for run in range(args.runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            running = start_cluster(root)
-            node = NodeProcess(root / "node", running.url, {"BRANCHGUARD_STREAM_REPLICAS": "3"})
-            try:
-                node.start(90)
-                txs = [item.tx for item in make_transactions(args.count, seed=100 + run)]
-                result = run_failover(running, root / "node" / "branchguard.db", txs)
-                print(json.dumps({"run": run, **result.__dict__}))  # noqa: T201
-            finally:
-                node.kill()
-                running.stop()
-
-
-if __name__ == "__main__":
-    main()
 
 
 @pytest.mark.parametrize("how", ["stepdown", "kill"])
@@ -378,7 +259,7 @@ def test_a_new_consumer_leader_does_not_stall_the_scorer(
             await nc.close()
 
     asyncio.run(go())
-    assert sorted(_stored_ids(db)) == sorted(tx.transaction_id for tx in txs)
-    assert sorted(_stream_ids(cluster.url, VERDICT_STREAM)) == sorted(
+    assert sorted(stored_ids(db)) == sorted(tx.transaction_id for tx in txs)
+    assert sorted(stream_ids(cluster.url, VERDICT_STREAM)) == sorted(
         tx.transaction_id for tx in txs)
     assert node.process is not None and node.process.poll() is None

@@ -61,7 +61,7 @@ from ..scoring.streams import ensure_streams, reset_consumer
 from ..scoring.model import Model, feature_matrix
 from ..scoring.rules import RULES_VERSION
 from ..scoring.score import judge
-from ..settings import Settings, load
+from ..settings import Settings, load, nats_servers
 from ..store import Scored, Store
 from ..transaction import Transaction, terminal_subject
 from .proc import CpuMeter, cpu_seconds, peak_rss_mib
@@ -77,7 +77,9 @@ class _VerdictId(msgspec.Struct):
     transaction_id: str
 
 
-def _transactions(seed: int, count: int, start: datetime) -> list[Transaction]:
+def bench_transactions(seed: int, count: int, start: datetime) -> list[Transaction]:
+    """The benchmark's simulated stream: ``count`` transactions of ``seed`` from ``start``
+    at :data:`EVENT_RATE` (history to the scorer, which runs with the event-time check off)."""
     accounts, terminals = population(EVENT_RATE)
     return [item.tx for item in itertools.islice(
         simulate(seed, start=start, rate=EVENT_RATE, diurnal=False, accounts=accounts,
@@ -96,7 +98,7 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
     tried and made every figure worse, since the two cores are the bottleneck.
     """
     start = datetime(2026, 1, 5, tzinfo=timezone.utc) + timedelta(days=seed % 1000)
-    messages = [to_message(tx, "BR001") for tx in _transactions(seed, count, start)]
+    messages = [to_message(tx, "BR001") for tx in bench_transactions(seed, count, start)]
     sent_ns: dict[str, int] = {}
     latencies: list[float] = []
     decoder = msgspec.json.Decoder(_VerdictId)
@@ -116,8 +118,9 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
     def on_publish(msg_id: str, t_ns: int) -> None:
         sent_ns[msg_id] = t_ns
 
-    sub_nc = await nats.connect(url, name="bench-verdicts", pending_size=64 << 20)
-    pub_nc = await nats.connect(url, name="bench-terminals", pending_size=64 << 20)
+    servers = nats_servers(url)  # one server, or a cluster's
+    sub_nc = await nats.connect(servers, name="bench-verdicts", pending_size=64 << 20)
+    pub_nc = await nats.connect(servers, name="bench-terminals", pending_size=64 << 20)
     js = sub_nc.jetstream()
     baseline = (await js.stream_info("VERDICTS")).state.messages
     if rate:  # latency: every verdict, on this process's clock
@@ -225,18 +228,20 @@ async def passthrough(url: str, settings: Settings) -> None:
                 await ack_batch(nc, done)
 
 
-class _Scorer:
+class ScorerProcess:
     """The scorer as a child process, as `branchguard run --nats-url` starts it (or, for the
-    baseline, the pass-through consumer), logging its loop lag every second."""
+    baseline, the pass-through consumer), logging its loop lag every second; ``extra_env``
+    adds settings (a cluster's ``BRANCHGUARD_STREAM_REPLICAS``)."""
 
     def __init__(self, data_dir: Path, url: str, baseline: bool = False,
-                 replicate: bool = True, fixed_thresholds: bool = False) -> None:
+                 replicate: bool = True, fixed_thresholds: bool = False,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.name = "pass-through" if baseline else "scorer"
         self.log_path = data_dir / "scorer.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         command = (["bench-passthrough", "--url", url] if baseline else
                    ["run", "--quiet", "--data-dir", str(data_dir), "--nats-url", url])
-        # its simulated streams are dated 2025-2026 (see _transactions): history, loaded
+        # its simulated streams are dated 2025-2026 (see bench_transactions): history, loaded
         # with the event-time window off (docs/transactions.md)
         env = {**os.environ, "BRANCHGUARD_LOG_LEVEL": "INFO", "BRANCHGUARD_RUN_API": "false",
                "BRANCHGUARD_LOOP_LAG_WINDOW_SECONDS": str(LAG_WINDOW_SECONDS),
@@ -245,6 +250,7 @@ class _Scorer:
             env["BRANCHGUARD_REPLICATE"] = "false"
         if fixed_thresholds:  # alerts at the old fixed thresholds, not the budget's few
             env["BRANCHGUARD_ALERT_BUDGET"] = "false"
+        env.update(extra_env or {})
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "appliance", *command], stdout=log,
@@ -275,7 +281,9 @@ class _Scorer:
                 self.process.wait()
 
 
-def _run_load(url: str, count: int, rate: float | None, seed: int) -> dict[str, Any]:
+def run_load(url: str, count: int, rate: float | None, seed: int) -> dict[str, Any]:
+    """One phase of the load generator, as its own process (``branchguard bench-load``;
+    ``url`` may name several servers): its report (see :func:`generate_load`)."""
     out = subprocess.run(
         [sys.executable, "-m", "appliance", "bench-load", "--url", url, "--count", str(count),
          "--rate", str(rate or 0), "--seed", str(seed)],
@@ -284,8 +292,9 @@ def _run_load(url: str, count: int, rate: float | None, seed: int) -> dict[str, 
     return result
 
 
-async def _wait_consumer(url: str, timeout: float = 60.0) -> None:
-    nc = await nats.connect(url)
+async def wait_consumer(url: str, timeout: float = 60.0) -> None:
+    """Return once the scorer (or the pass-through) has created its durable consumer."""
+    nc = await nats.connect(nats_servers(url))
     js = nc.jetstream()
     deadline = time.monotonic() + timeout
     try:
@@ -300,7 +309,7 @@ async def _wait_consumer(url: str, timeout: float = 60.0) -> None:
         await nc.drain()
 
 
-def _measured(consumer: _Scorer, others: dict[str, int],
+def measured_phase(consumer: ScorerProcess, others: dict[str, int],
               phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a phase and add what it cost each process in CPU µs per transaction (see
     :class:`CpuMeter`; the load generator measures itself, from its first publish to its
@@ -315,13 +324,13 @@ def _measured(consumer: _Scorer, others: dict[str, int],
     return result
 
 
-def _fixed_rates(consumer: _Scorer, others: dict[str, int], url: str, rates: list[float],
+def _fixed_rates(consumer: ScorerProcess, others: dict[str, int], url: str, rates: list[float],
                  rate_seconds: float) -> list[dict[str, Any]]:
     """One phase per offered rate, each ``rate_seconds`` long, and whether it kept up."""
     results = []
     for i, rate in enumerate(rates):
         count = int(rate * rate_seconds)
-        result = _measured(consumer, others, partial(_run_load, url, count, rate, 3 + i))
+        result = measured_phase(consumer, others, partial(run_load, url, count, rate, 3 + i))
         result["kept_up"] = kept_up(result, rate, count)
         results.append(result)
     return results
@@ -334,11 +343,11 @@ def _run_baseline(root: Path, count: int, rates: list[float], rate_seconds: floa
                                sync_policy=sync_policy))
     url = server.start()
     others = {"nats-server": server.process.pid if server.process is not None else 0}
-    consumer = _Scorer(root / "baseline", url, baseline=True)
+    consumer = ScorerProcess(root / "baseline", url, baseline=True)
     try:
-        asyncio.run(_wait_consumer(url))
-        _run_load(url, 2000, None, seed=1)
-        results = [_measured(consumer, others, lambda: _run_load(url, count, None, seed=2))]
+        asyncio.run(wait_consumer(url))
+        run_load(url, 2000, None, seed=1)
+        results = [measured_phase(consumer, others, lambda: run_load(url, count, None, seed=2))]
         results += _fixed_rates(consumer, others, url, rates, rate_seconds)
     finally:
         consumer.stop()
@@ -373,7 +382,7 @@ def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str, seed
                 raise RuntimeError(f"dispatcher exited: see {log_path}")
             time.sleep(0.1)
         before = cpu_seconds(dispatcher.pid)  # started, imports done, backlog routed
-        result = _run_load(url, count, None, seed=seed)
+        result = run_load(url, count, None, seed=seed)
         result["consumer"] = "+alerts"
         result["alerts_to"] = alerts_to.split("://")[0] + "://..."
         result["dispatcher_peak_rss_mib"] = peak_rss_mib(dispatcher.pid)
@@ -452,20 +461,20 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
         others = {"nats-server": server.process.pid if server.process is not None else 0}
         # the alerts phases measure delivering alerts: a new node's alert budget is cold and
         # raises almost none, so with alerts_to the node alerts at the fixed thresholds
-        scorer = _Scorer(settings.data_dir, url, replicate=replicate,
+        scorer = ScorerProcess(settings.data_dir, url, replicate=replicate,
                          fixed_thresholds=alerts_to is not None)
         try:
-            asyncio.run(_wait_consumer(url))
-            _run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
+            asyncio.run(wait_consumer(url))
+            run_load(url, 2000, None, seed=1)  # warm-up: imports, caches, first pages
             phases = report["phases"]
-            phases.append(_measured(scorer, others, lambda: _run_load(url, count, None, seed=2)))
+            phases.append(measured_phase(scorer, others, lambda: run_load(url, count, None, seed=2)))
             if alerts_to:
                 target = alerts_to
                 for i in range(alert_rounds):  # a plain phase on either side of each
-                    phases.append(_measured(scorer, others, partial(
+                    phases.append(measured_phase(scorer, others, partial(
                         _alerts_phase, settings, url, count, target, 90 + 2 * i)))
-                    phases.append(_measured(scorer, others, partial(
-                        _run_load, url, count, None, 91 + 2 * i)))
+                    phases.append(measured_phase(scorer, others, partial(
+                        run_load, url, count, None, 91 + 2 * i)))
                 report["alerts_comparison"] = alerts_comparison(phases)
             phases += _fixed_rates(scorer, others, url, rates, rate_seconds)
             report["scorer_peak_rss_mib"] = scorer.peak_rss_mib()
@@ -475,8 +484,8 @@ def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows:
                 stored = Store.open(settings.db_path)
                 total = stored.counts()["transactions"]
                 stored.close()
-                scorer = _Scorer(settings.data_dir, url, replicate=replicate)
-                first = _run_load(url, 1, None, seed=50)
+                scorer = ScorerProcess(settings.data_dir, url, replicate=replicate)
+                first = run_load(url, 1, None, seed=50)
                 report["restart"] = {
                     "stored_transactions": total,
                     "bulk_load_seconds": round(loaded, 1),

@@ -233,6 +233,52 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
         raise BranchguardError(str(exc), field="only", value=only) from None
     click.echo(json.dumps({k: v for k, v in report.items() if k != "log_tail"}, indent=2)
                if as_json else format_drill(report))
+@bench.command("cluster")
+@click.option("--count", type=int, default=20_000, show_default=True,
+              help="Transactions for the full-speed (steady) phase.")
+@click.option("--rate", type=float, default=500.0, show_default=True,
+              help="Offered tx/s during each failover run.")
+@click.option("--seconds", type=float, default=20.0, show_default=True,
+              help="Length of each failover run; the TX leader is killed half-way.")
+@click.option("--runs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Failover runs, each on a fresh cluster; min/median/p95/max reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Untimed transactions before the steady phase.")
+@click.option("--replicate/--no-replicate", default=True, show_default=True,
+              help="Litestream replicating the scorer's database, as `branchguard run` does.")
+@click.option("--json", "json_to", is_flag=False, flag_value="-", default=None,
+              metavar="[FILE]",
+              help="Also write the report as JSON to FILE; `--json` alone prints only the "
+                   "JSON.")
+@friendly_errors
+def bench_cluster(count: int, rate: float, seconds: float, runs: int, warmup: int,
+                  replicate: bool, json_to: str | None) -> None:
+    """Measure one scorer on a real 3-server JetStream cluster (R3) on loopback: full-speed
+    tx/s and CPU µs per transaction of each process (each nats-server by name), then the
+    TX leader SIGKILLed under a fixed rate: seconds to the first publish accepted again and
+    to the scorer's first commit after it, re-sends, and every transaction in TX once,
+    stored once, one verdict each. One scorer only: per-partition scorers do not exist yet.
+
+    \b
+    Example:
+      branchguard bench cluster --count 20000 --rate 500 --seconds 20 --runs 5
+      branchguard bench cluster --count 2000 --seconds 8 --json cluster.json
+    """
+    from ..bench.cluster import format_cluster_report, run_cluster_bench
+
+    logs.configure("WARNING")
+    report = run_cluster_bench(count=count, rate=rate, seconds=seconds, runs=runs,
+                               warmup=warmup, replicate=replicate)
+    if json_to == "-":
+        click.echo(json.dumps(report, indent=2))
+    else:
+        if json_to is not None:
+            Path(json_to).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        click.echo(format_cluster_report(report))
+    if report["lost"] or report["duplicated"]:
+        raise SystemExit(1)
+
+
 @bench.command("features")
 @click.option("--count", type=int, default=50_000, show_default=True,
               help="Transactions timed in each round.")
