@@ -56,7 +56,8 @@ from .commit import GroupCommit
 from .features import FEATURES, FeatureState, feature_state
 from .ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, dlq_headers,
                      in_progress)
-from .streams import DLQ_SUBJECT, ensure_streams, published_verdicts, reset_consumer
+from .streams import (API_TIMEOUT_SECONDS, DLQ_SUBJECT, ensure_streams, published_verdicts,
+                      reset_consumer)
 from .labels import LabelFeed
 from .lists import ListFilter
 from .model import Model, feature_matrix
@@ -114,7 +115,7 @@ class Scorer:
     def __init__(self, nc: Client, store: Store, model: Model, settings: Settings,
                  registry: Registry | None = None) -> None:
         self.nc = nc
-        self.js = nc.jetstream()
+        self.js = nc.jetstream(timeout=API_TIMEOUT_SECONDS)  # every call retried: streams.py
         self.store = store
         self.model = model
         self.settings = settings

@@ -50,6 +50,11 @@ log = logs.get("appliance.streams")
 
 ELECTION_SECONDS = 30.0
 """How long a JetStream API call is retried while the cluster has no leader for it."""
+API_TIMEOUT_SECONDS = 1.0
+"""The wait for one answer of the JetStream API (nats-py's default is 5 s). A call that gets
+none is tried again by :func:`during_election`, so while a cluster elects a leader the
+scorer asks every second rather than every five; a server that answers at all answers in
+milliseconds."""
 _T = TypeVar("_T")
 
 
@@ -113,7 +118,29 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
         else:
             if config.name == TX_STREAM:
                 check_partitions(info.config.subject_transform, settings)
-            await during_election(lambda: js.update_stream(config), "update_stream")
+            if differs(info.config, config):  # an update is one more round through the leader
+                await during_election(lambda: js.update_stream(config), "update_stream")
+
+
+_COMPARED = ("subjects", "storage", "retention", "duplicate_window", "max_age", "max_msg_size",
+             "num_replicas", "subject_transform")
+"""What :func:`stream_configs` sets: the fields an existing stream is compared on."""
+
+
+def differs(existing: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether a stream configured as ``existing`` (as the server reports it, defaults filled
+    in) needs an update to be ``wanted``: only the fields :func:`stream_configs` sets count,
+    and times to the millisecond (the server keeps nanoseconds)."""
+    for name in _COMPARED:
+        have, want = getattr(existing, name), getattr(wanted, name)
+        if isinstance(want, float) and isinstance(have, (int, float)):
+            if abs(have - want) > 1e-3:
+                return True
+        elif name == "num_replicas" and (have or 1) == (want or 1):
+            continue
+        elif have != want:
+            return True
+    return False
 
 
 def check_partitions(existing: SubjectTransform | None, settings: Settings) -> None:
@@ -185,9 +212,9 @@ async def published_verdicts(js: JetStreamContext, after_seq: int | None) -> dic
         return {}
     start = after_seq + 1 if last > after_seq else max(1, state.first_seq or 1)  # a new stream
     out: dict[str, bytes] = {}
-    sub = await js.subscribe("verdict.>", stream=VERDICT_STREAM, ordered_consumer=True,
-                             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                                   opt_start_seq=start))
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    sub = await during_election(lambda: js.subscribe(  # an ephemeral consumer: retry is safe
+        "verdict.>", stream=VERDICT_STREAM, ordered_consumer=True, config=config), "subscribe")
     try:
         seq = start - 1
         while seq < last:
