@@ -17,8 +17,8 @@ from appliance.bench.demo_evaluation import evaluate_demo, format_demo
 from appliance.feed.history import load_history
 from appliance.feed.late_labels import SOURCE_GENUINE, deliver
 from appliance.feed.world import World, build_world, events_between
-from appliance.operations.demo import (DEMO_RULES_VERSION, DEMO_VELOCITY, deploy_demo_rules,
-                                       prepare_demo)
+from appliance.operations.demo import (DEMO_MAX_KMH, DEMO_RULES_VERSION, DEMO_VELOCITY,
+                                       deploy_demo_rules, prepare_demo)
 from appliance.scoring.rulebook import SHIPPED_RULES, rules_path
 from appliance.scoring.rulebook import deploy as rulebook_deploy
 from appliance.scoring.rulebook import load as load_rules
@@ -111,6 +111,7 @@ def test_a_restart_keeps_its_history_and_stores_nothing_twice(world: World,
         book = load_rules(rules_path(settings))
         assert (book.version, book.velocity_burst.count, book.velocity_burst.seconds) == (
             DEMO_RULES_VERSION, *DEMO_VELOCITY)
+        assert book.impossible_travel.max_kmh == DEMO_MAX_KMH
         assert book.card_testing == load_rules(SHIPPED_RULES).card_testing
         deploys = query(settings.db_path, "SELECT actor, subject FROM audit_log "
                                           "WHERE action = 'rules.deploy'")
