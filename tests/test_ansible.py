@@ -61,6 +61,17 @@ def _converge(tmp: Path, root: Path, extra: dict[str, object]) -> str:
     return result.stdout
 
 
+def _throwaway(root: Path, wheel_dir: Path) -> dict[str, object]:
+    """The role's variables for a throwaway root: no become, user, packages or services, and
+    the package from the wheel built from this tree."""
+    return {
+        "branchguard_root": str(root), "branchguard_become": False,
+        "branchguard_manage_user": False, "branchguard_manage_packages": False,
+        "branchguard_manage_services": False, "branchguard_python": sys.executable,
+        "branchguard_pip_extra_args": f"--no-index --find-links {wheel_dir} --no-deps",
+    }
+
+
 def _recap(output: str) -> dict[str, int]:
     match = re.search(r"localhost\s+:\s+(.*)", output)
     assert match, output
@@ -71,10 +82,7 @@ def test_the_role_converges_a_throwaway_root_and_is_idempotent(tmp_path: Path,
                                                                  wheel_dir: Path) -> None:
     root = tmp_path / "root"
     extra = {
-        "branchguard_root": str(root), "branchguard_become": False,
-        "branchguard_manage_user": False, "branchguard_manage_packages": False,
-        "branchguard_manage_services": False, "branchguard_python": sys.executable,
-        "branchguard_pip_extra_args": f"--no-index --find-links {wheel_dir} --no-deps",
+        **_throwaway(root, wheel_dir),
         "branchguard_branch": "BR042", "branchguard_nats_host": "0.0.0.0",
         "branchguard_nats_node_password": "vault-node-secret",
         "branchguard_terminal_groups": [{"name": "atm-lobby", "password": "vault-atm",
@@ -116,10 +124,7 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
     command.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m appliance \"$@\"\n")
     command.chmod(0o755)
     extra = {
-        "branchguard_root": str(root), "branchguard_become": False,
-        "branchguard_manage_user": False, "branchguard_manage_packages": False,
-        "branchguard_manage_services": False, "branchguard_python": sys.executable,
-        "branchguard_pip_extra_args": f"--no-index --find-links {wheel_dir} --no-deps",
+        **_throwaway(root, wheel_dir),
         "branchguard_nats_host": "0.0.0.0", "branchguard_nats_node_password": "vault-node",
         "branchguard_terminal_groups": [{"name": "atm", "password": "vault-atm",
                                          "terminals": ["ATM01"]}],

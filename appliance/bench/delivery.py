@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.errors import TimeoutError as NatsTimeout
 
+from ..scoring.streams import API_TIMEOUT_SECONDS, during_election
 from ..settings import nats_servers
 
 
@@ -93,20 +92,13 @@ async def quiet_errors(exc: Exception) -> None:
 def stream_ids(url: str, stream: str, timeout: float = 10.0) -> list[str]:
     """Every message's ``Nats-Msg-Id`` in ``stream`` (the whole stream, read once through an
     ordered consumer), in stream order; ``url`` may name several servers, some of them
-    down. The stream's info is asked for again while it times out (a cluster may still be
-    electing the stream's leader), for up to ``timeout`` seconds."""
+    down. The stream's info is asked for through a cluster's election as the scorer asks
+    (streams.during_election); ``timeout`` bounds the wait for each message."""
     async def read() -> list[str]:
         nc = await nats.connect(nats_servers(url), error_cb=quiet_errors, connect_timeout=1)
         try:
-            js = nc.jetstream()
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    state = (await js.stream_info(stream)).state
-                    break
-                except NatsTimeout:
-                    if time.monotonic() > deadline:
-                        raise
+            js = nc.jetstream(timeout=API_TIMEOUT_SECONDS)
+            state = (await during_election(lambda: js.stream_info(stream), "stream_info")).state
             ids: list[str] = []
             if state.messages == 0:
                 return ids

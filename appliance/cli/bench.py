@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,6 +16,23 @@ from .. import logs
 from ..errors import BranchguardError
 from ..settings import load
 from .options import friendly_errors
+
+json_option = click.option(
+    "--json", "json_to", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+    help="Also write the report as JSON to FILE; `--json` alone prints only the JSON, "
+         "instead of the table.")
+
+
+def emit(report: dict[str, Any], json_to: str | None,
+         table: Callable[[dict[str, Any]], str]) -> None:
+    """What ``--json`` asks for: the JSON alone (``-``), or the table and the JSON in a
+    file, or the table alone."""
+    if json_to == "-":
+        click.echo(json.dumps(report, indent=2))
+        return
+    if json_to is not None:
+        Path(json_to).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    click.echo(table(report))
 
 
 @click.group(invoke_without_command=True)
@@ -41,10 +60,7 @@ from .options import friendly_errors
 @click.option("--alert-rounds", type=int, default=1, show_default=True,
               help="With --alerts-to/--dead-smtp: alternate the dispatcher phase and a plain "
                    "phase this many times, and compare their means.")
-@click.option("--json", "json_to", is_flag=False, flag_value="-", default=None,
-              metavar="[FILE]",
-              help="Also write the report as JSON to FILE; `--json` alone prints only the "
-                   "JSON, instead of the table.")
+@json_option
 @click.pass_context
 @friendly_errors
 def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, restart_rows: int,
@@ -85,12 +101,7 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
                        restart_rows=restart_rows, sync_policy=sync_policy, baseline=baseline,
                        alerts_to=dead_smtp_url() if dead_smtp else alerts_to,
                        alert_rounds=alert_rounds, replicate=replicate)
-    if json_to == "-":
-        click.echo(json.dumps(report, indent=2))
-        return
-    if json_to is not None:
-        Path(json_to).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    click.echo(format_report(report))
+    emit(report, json_to, format_report)
 
 
 @click.command("bench-load", hidden=True)
@@ -233,6 +244,8 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
         raise BranchguardError(str(exc), field="only", value=only) from None
     click.echo(json.dumps({k: v for k, v in report.items() if k != "log_tail"}, indent=2)
                if as_json else format_drill(report))
+
+
 @bench.command("cluster")
 @click.option("--count", type=int, default=20_000, show_default=True,
               help="Transactions for the full-speed (steady) phase.")
@@ -246,10 +259,7 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
               help="Untimed transactions before the steady phase.")
 @click.option("--replicate/--no-replicate", default=True, show_default=True,
               help="Litestream replicating the scorer's database, as `branchguard run` does.")
-@click.option("--json", "json_to", is_flag=False, flag_value="-", default=None,
-              metavar="[FILE]",
-              help="Also write the report as JSON to FILE; `--json` alone prints only the "
-                   "JSON.")
+@json_option
 @friendly_errors
 def bench_cluster(count: int, rate: float, seconds: float, runs: int, warmup: int,
                   replicate: bool, json_to: str | None) -> None:
@@ -269,12 +279,7 @@ def bench_cluster(count: int, rate: float, seconds: float, runs: int, warmup: in
     logs.configure("WARNING")
     report = run_cluster_bench(count=count, rate=rate, seconds=seconds, runs=runs,
                                warmup=warmup, replicate=replicate)
-    if json_to == "-":
-        click.echo(json.dumps(report, indent=2))
-    else:
-        if json_to is not None:
-            Path(json_to).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        click.echo(format_cluster_report(report))
+    emit(report, json_to, format_cluster_report)
     if report["lost"] or report["duplicated"]:
         raise SystemExit(1)
 
