@@ -51,6 +51,12 @@ class StoreError(BranchguardError):
     """The SQLite database could not be opened or migrated."""
 
 
+class FencedError(BranchguardError):
+    """A partition's owner tried to write after losing its lease (issue 19): the write is
+    refused, and the owner must stop; the partition's next owner carries on from its
+    checkpoint."""
+
+
 # --- issue 7: retention ---------------------------------------------------------------
 
 

@@ -141,6 +141,20 @@ class Leases:
         latest = await self._latest(key)
         return latest.holder if latest else None
 
+    async def holders(self, prefix: str) -> dict[str, Holder]:
+        """Every key under ``prefix`` (``member.``, ``partition.``) that someone holds now: one
+        stream info for the keys the bucket has, then each key's last message (a key whose
+        entry expired or was released shows its marker, and is left out)."""
+        stream = f"KV_{BUCKET}"
+        info = await self._js.stream_info(stream, subjects_filter=f"$KV.{BUCKET}.{prefix}>")
+        keys = [subject.removeprefix(f"$KV.{BUCKET}.") for subject in info.state.subjects or {}]
+        found: dict[str, Holder] = {}
+        for key in sorted(keys):
+            latest = await self._latest(key)
+            if latest is not None and latest.holder is not None:
+                found[key] = latest.holder
+        return found
+
     async def check(self, key: str, token: int) -> bool:
         """Whether the bucket still names ``token`` as the tenure holding ``key``: a writer's
         fencing check just before it commits (:meth:`Lease.check` adds the local clock)."""

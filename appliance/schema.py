@@ -446,6 +446,19 @@ def m014_dispositions(db: Database) -> None:
     )
 
 
+# --- issue 19: partitioned scorers ------------------------------------------------------------
+@migrations()
+def m015_lease_token(db: Database) -> None:
+    """The fencing token of the lease under which a partition's checkpoint was last written
+    (see lease.py): a commit carrying a smaller token than the one stored is refused, so an
+    owner that lost its partition cannot write after the next owner has."""
+    db.executescript(
+        """
+        ALTER TABLE checkpoints ADD COLUMN lease_token INTEGER;  -- NULL: written unleased
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

@@ -10,6 +10,7 @@ Writes are idempotent by ``transaction_id``: a batch never stores a transaction 
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import time
 from array import array
@@ -21,7 +22,7 @@ from typing import Any
 import msgspec
 from sqlite_utils import Database
 
-from .errors import StoreError
+from .errors import FencedError, StoreError
 from .schema import migrate
 from .transaction import MAX_MESSAGE_BYTES, MILLI, Transaction
 from .verdict import SEVERITIES, Verdict
@@ -51,6 +52,18 @@ _INSERT_ALERT = ("INSERT OR IGNORE INTO alerts (transaction_id, created_at, ts, 
 _INSERT_OUTBOX = ("INSERT INTO alert_outbox (alert_id) SELECT alert_id FROM alerts "
                   "WHERE alert_id > ?")
 """The alerts just inserted are exactly those above the largest id before the insert."""
+
+
+def _check_fence(conn: sqlite3.Connection, consumer: str, token: int) -> None:
+    """Refuse a commit under an older tenure of the partition's lease than the one that last
+    wrote its checkpoint (inside the commit's transaction, so no other writer comes between)."""
+    row = conn.execute("SELECT lease_token FROM checkpoints WHERE consumer = ?",
+                       [consumer]).fetchone()
+    if row is not None and row[0] is not None and int(row[0]) > token:
+        raise FencedError("a later owner of this partition has written its checkpoint",
+                          field="lease_token", value=token,
+                          hint=f"{consumer} is now written under token {row[0]}; this "
+                               "owner lost its lease and must stop")
 
 
 def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -150,7 +163,11 @@ def open_db(path: Path) -> Database:
         # The scorer checkpoints from its own thread instead (Store.checkpoint_wal).
         db.execute("PRAGMA wal_autocheckpoint = 0")
         db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-        migrate(db)
+        # One process migrates at a time: partitioned scorers starting side by side open
+        # the node database together, and two migrations of a new file would collide.
+        with open(path.with_name(path.name + ".migrating"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            migrate(db)
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open database: {exc}", field="data_dir", value=str(path),
                          hint="check the path is writable and the file is a SQLite database"
@@ -208,14 +225,16 @@ class Store:
 
     def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
                    last_seq: int, verdict_seq: int = 0, confirmed_seq: int = 0,
-                   history: bool = False) -> int:
+                   history: bool = False, lease_token: int | None = None) -> int:
         """Store a batch (or several, for a group commit) in one transaction: rows, their
         alerts (each with its outbox row, for the alert dispatcher), shadow scores, dead
         letters and the new checkpoint. Idempotent by transaction id and stream sequence.
         ``last_seq``, ``verdict_seq`` and ``confirmed_seq`` are the new :class:`Checkpoint`.
         ``history`` (the demo's past, feed/history.py): rows and verdicts only, no alert and
         no checkpoint, since they were never in the stream and are no one's work now.
-        Returns alerts created."""
+        ``lease_token`` (a partition's owner, issue 19): the commit is refused with
+        :class:`FencedError`, writing nothing, if the checkpoint was written under a later
+        tenure of the lease; else the token is stored with it. Returns alerts created."""
         now = time.time()
         rows: list[tuple[Any, ...]] = []
         alerts = []
@@ -241,6 +260,8 @@ class Store:
                                v.severity, v.risk, reasons, now))
         conn = self.db.conn
         with self.db.atomic():
+            if lease_token is not None:
+                _check_fence(conn, consumer, lease_token)
             _insert_rows(conn, rows)
             created = 0
             if alerts:
@@ -265,11 +286,12 @@ class Store:
                 return 0
             conn.execute(
                 "INSERT INTO checkpoints (consumer, stream_seq, verdict_seq, confirmed_seq, "
-                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer) DO UPDATE SET "
-                "stream_seq = max(stream_seq, excluded.stream_seq), "
+                "updated_at, lease_token) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (consumer) "
+                "DO UPDATE SET stream_seq = max(stream_seq, excluded.stream_seq), "
                 "verdict_seq = excluded.verdict_seq, confirmed_seq = excluded.confirmed_seq, "
-                "updated_at = excluded.updated_at",
-                (consumer, last_seq, verdict_seq, confirmed_seq, now))
+                "updated_at = excluded.updated_at, "
+                "lease_token = coalesce(excluded.lease_token, lease_token)",
+                (consumer, last_seq, verdict_seq, confirmed_seq, now, lease_token))
         return created
 
     # --- reads used by the pipeline -----------------------------------------------------

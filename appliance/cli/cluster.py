@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import dir_options, friendly_errors, settings_from
+from .options import dir_options, friendly_errors, settings_from, settings_options
 
 
 @click.group()
@@ -74,6 +74,27 @@ def cluster_server(name: str, config_dir: Path) -> None:
     from ..operations.cluster import exec_cluster_server
 
     exec_cluster_server(config_dir, name)
+
+
+@cluster.command("scorer")
+@settings_options
+@friendly_errors
+def cluster_scorer(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Score a share of a partitioned TX stream until Ctrl-C (SIGTERM): join the other
+    scorers, own partitions by lease, rebalance as scorers come and go, and hand every
+    partition off on the way out (docs/operations.md, "Partitioned scorers").
+
+    \b
+    Example:
+      branchguard cluster scorer --config /etc/branchguard/branchguard-cluster.toml
+    """
+    import asyncio
+    import sys
+
+    from ..operations.partitioned import run_scorer
+
+    settings = settings_from(config, data_dir, nats_url)
+    sys.exit(asyncio.run(run_scorer(settings)))
 
 
 COMMANDS = (cluster,)

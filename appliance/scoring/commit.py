@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 
 from .. import logs
+from ..errors import FencedError
+from ..lease import Lease
 from ..store import DeadLetter, Scored, Store
 
 log = logs.get("appliance.commit")
@@ -46,9 +48,13 @@ class GroupCommit:
     """The single writer thread of the node database (see the module docstring)."""
 
     def __init__(self, store: Store, consumer: str, max_rows: int = 500,
-                 max_wait: float = 0.02, restart_wal_every: float | None = None) -> None:
+                 max_wait: float = 0.02, restart_wal_every: float | None = None,
+                 lease: Lease | None = None) -> None:
         self.store = store
         self.consumer = consumer
+        self.lease = lease
+        """A partition's lease (issue 19): each commit first checks it is still held by the
+        local clock, and carries its token, which the store compares with the last one."""
         self.max_rows = max_rows
         self.max_wait = max_wait
         self.restart_wal_every = restart_wal_every
@@ -104,6 +110,10 @@ class GroupCommit:
             if failed is None:
                 try:
                     created = self._commit(group)
+                except FencedError as exc:  # the lease is lost: expected, and said once
+                    log.warning("commit.fenced", txn_id=None, last_seq=group[-1].last_seq,
+                                error=str(exc))
+                    failed = exc
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     log.error("commit.failed", exc_info=True, txn_id=None,
                               last_seq=group[-1].last_seq)
@@ -116,17 +126,25 @@ class GroupCommit:
 
     def _commit(self, group: list[Pending]) -> dict[int, int]:
         last = group[-1]
+        lease, token = self.lease, None
+        if lease is not None:
+            if not lease.held:
+                raise FencedError("the partition's lease is no longer held", field="lease",
+                                  value=lease.key, hint="another owner carries on from the "
+                                  "checkpoint; nothing of this group is written")
+            token = lease.token
         if len(group) == 1:
             created = self.store.save_batch(last.scored, last.dead, self.consumer,
                                             last.last_seq, last.verdict_seq,
-                                            last.confirmed_seq)
+                                            last.confirmed_seq, lease_token=token)
             counts = {id(last): created}
         else:
             scored = [s for p in group for s in p.scored]
             dead = [d for p in group for d in p.dead]
             created = self.store.save_batch(scored, dead, self.consumer, last.last_seq,
                                             max(p.verdict_seq for p in group),
-                                            max(p.confirmed_seq for p in group))
+                                            max(p.confirmed_seq for p in group),
+                                            lease_token=token)
             counts = {id(last): created}  # alerts are counted per group, on its last batch
         self.commits += 1
         self.batches += len(group)

@@ -115,11 +115,13 @@ class Puller:
     scorer, consumer and puller from the checkpoint instead (operations/scoring.py).
     """
 
-    def __init__(self, nc: Client, settings: Settings, expires_seconds: float = 5.0) -> None:
+    def __init__(self, nc: Client, settings: Settings, expires_seconds: float = 5.0,
+                 durable: str | None = None) -> None:
         self.nc = nc
         self.batch = settings.batch_size
         self.expires_seconds = expires_seconds
-        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{TX_STREAM}.{settings.consumer}"
+        self.subject = (f"$JS.API.CONSUMER.MSG.NEXT.{TX_STREAM}."
+                        f"{durable or settings.consumer}")
         self.inbox = nc.new_inbox()
         self.buffer: deque[tuple[bytes, bytes, bytes]] = deque()
         self.arrived = asyncio.Event()

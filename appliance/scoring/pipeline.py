@@ -44,7 +44,8 @@ from nats.aio.client import Client
 from sqlite_utils import Database
 
 from .. import logs
-from ..errors import BranchguardError
+from ..errors import BranchguardError, FencedError
+from ..lease import Lease
 from ..settings import Settings
 from ..store import DeadLetter, Scored, Store
 from ..transaction import Admission, Malformed, Transaction, branch_of, digest
@@ -113,7 +114,16 @@ class Scorer:
     """Consumes TX, scores, publishes verdicts and stores until :meth:`stop` is called."""
 
     def __init__(self, nc: Client, store: Store, model: Model, settings: Settings,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, owned: frozenset[int] | None = None,
+                 lease: Lease | None = None, reference: Store | None = None) -> None:
+        """``owned`` and ``lease``: a partition's scorer (issue 19, operations/partitioned.py)
+        consumes only the partitions ``owned``, under ``lease``, which fences everything it
+        writes: its verdicts and dead letters are published, its commits written and its
+        acks sent only while the lease is held, each commit carries the lease's token (the
+        store refuses an older one), and its consumer is named after the token, so a late
+        ack from a lost tenure reaches no consumer. ``reference``: the node's database, where
+        people keep what the scorer looks up (the allow and deny lists, the labels, the
+        terminal directory), when ``store`` is a partition's own (default: ``store``)."""
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT_SECONDS)  # every call retried: streams.py
         self.store = store
@@ -122,11 +132,17 @@ class Scorer:
         self.admission = Admission.of(settings)  # issue 17: event-time window, currencies
         self.counters = Counters()
         self.state = FeatureState()
-        self.puller = Puller(nc, settings)
+        self.owned = owned
+        self.lease = lease
+        self.durable = (settings.consumer if lease is None
+                        else f"{settings.consumer}-{lease.token}")
+        """The JetStream consumer's name; the checkpoint's stays ``settings.consumer``."""
+        self.puller = Puller(nc, settings, durable=self.durable)
         self.verdicts = Publisher(nc)
         self.dlq = Publisher(nc, max_in_flight=1000)
         self.writer = GroupCommit(store, settings.consumer,
-                                  restart_wal_every=None if settings.replicate else 1.0)
+                                  restart_wal_every=None if settings.replicate else 1.0,
+                                  lease=lease)
         self._stopping = asyncio.Event()
         self._pending: deque[InFlight] = deque()
         self._progress = asyncio.Event()
@@ -138,18 +154,19 @@ class Scorer:
         self.confirmed_upto = 0
         """TX stream sequence up to which every batch is committed, confirmed and acked."""
         self.ready = asyncio.Event()
-        self.lists = ListFilter(store.reader.conn, settings.lists_refresh_seconds)
+        looked_up = (reference or store).reader.conn
+        self.lists = ListFilter(looked_up, settings.lists_refresh_seconds)
         """Allow/deny lists in memory (issue 4), re-read every lists_refresh_seconds."""
         self.registry = registry
         """When given, the production pointer is watched and a new model swapped in."""
-        self.labels = LabelFeed(store.reader.conn)
+        self.labels = LabelFeed(looked_up)
         self.last_seq = 0
         """Stream sequence of the last batch scored (the hot-swap point)."""
         self.shadow: Model | None = None
         """The registry's shadow model: scores the same batches, stored, never acted on."""
         self.budget: Budget | None = None
         """The alert budget (issue 18): rebuilt from the stored rows at start (budget.py)."""
-        self.rules = Typologies(store.reader.conn, settings)
+        self.rules = Typologies(looked_up, settings)
         """Typology rules (issue 18): the rules file in force, re-read when it changes."""
 
     async def prepare(self) -> None:
@@ -194,7 +211,8 @@ class Scorer:
                  terminals=len(self.state.terminals), checkpoint=marks.stream_seq,
                  labels=self.labels.state.count, adoptable=len(self._adopted),
                  seconds=round(time.monotonic() - started, 3))
-        await reset_consumer(self.js, self.settings, marks.stream_seq)
+        self._fence("re-create the consumer")
+        await reset_consumer(self.js, self.settings, marks.stream_seq, self.owned, self.durable)
         await self.verdicts.start()
         await self.dlq.start()
         self.writer.start()
@@ -203,6 +221,7 @@ class Scorer:
                      for branch, terminal, v in self.store.verdicts_between(
                          marks.confirmed_seq, marks.stream_seq)
                      if v.transaction_id not in published]
+            self._fence("publish verdicts again")
             ok = await self.verdicts.confirm(again, CONFIRM_TIMEOUT, self._stopping.is_set)
             log.info("verdicts.republished", txn_id=None, count=len(again), confirmed=ok,
                      after_seq=marks.confirmed_seq, upto_seq=marks.stream_seq)
@@ -261,6 +280,13 @@ class Scorer:
     def stop(self) -> None:
         self._stopping.set()
         self._progress.set()
+
+    def _fence(self, what: str) -> None:
+        """Raise FencedError unless this scorer is unleased or its lease is still held."""
+        lease = self.lease
+        if lease is not None and not lease.held:
+            raise FencedError(f"lost the partition's lease; will not {what}", field="lease",
+                              value=lease.key, hint=lease.lost_reason or "ran out")
 
     async def _every(self, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -373,6 +399,7 @@ class Scorer:
                                      _encode(verdict), tid))
 
         floor = self.verdicts.last_seq
+        self._fence("publish verdicts")
         ticket = await self.verdicts.publish_many(outgoing)
         now_ns = time.time_ns()
         c = self.counters
@@ -380,6 +407,7 @@ class Scorer:
         if len(c.latencies_ms) > 200000:
             del c.latencies_ms[:100000]
         if rejects:  # a dead letter is in TX_DLQ before its row says so
+            self._fence("publish dead letters")
             if not await self.dlq.confirm(rejects, CONFIRM_TIMEOUT, self._stopping.is_set):
                 raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
@@ -415,6 +443,7 @@ class Scorer:
                 log.warning("verdicts.unconfirmed_at_stop", txn_id=None,
                             first_seq=b.deliveries[0].stream_seq)
                 return  # stopping with the server away: the next start re-publishes
+            self._fence("ack")
             await ack_batch(self.nc, b.deliveries)
             pending.popleft()
             self.confirmed_upto = b.last_seq

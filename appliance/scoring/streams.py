@@ -166,32 +166,46 @@ class ConsumerStart:
 
 
 async def reset_consumer(js: JetStreamContext, settings: Settings, checkpoint: int,
-                         owned: Collection[int] | None = None) -> ConsumerStart:
+                         owned: Collection[int] | None = None, durable: str | None = None
+                         ) -> ConsumerStart:
     """Re-create the scorer's durable consumer to deliver from ``checkpoint + 1``, on the
     partitions ``owned`` (default: all of them; with ``partitions = 1`` the consumer filters on
-    ``tx_subjects`` exactly as before partitions existed)."""
+    ``tx_subjects`` exactly as before partitions existed).
+
+    ``durable`` names the consumer (default ``settings.consumer``). A partition's owner names
+    it after its lease's token, ``<consumer>-<token>`` (operations/partitioned.py), and this
+    deletes every other ``<consumer>-*``: an owner that lost the partition then acks into a
+    consumer that no longer exists, never into its successor's."""
+    name = durable or settings.consumer
     ack_floor = 0
-    try:
-        info = await during_election(lambda: js.consumer_info(TX_STREAM, settings.consumer),
-                                     "consumer_info")
-        ack_floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        await during_election(lambda: js.delete_consumer(TX_STREAM, settings.consumer),
-                              "delete_consumer")
-    except NotFoundError:
-        pass
+    stale = [name]
+    if durable is not None and durable != settings.consumer:
+        names = await during_election(lambda: js.consumers_info(TX_STREAM), "consumers_info")
+        stale += [c.name for c in names if c.name != name
+                  and (c.name or "").startswith(settings.consumer + "-")]
+    for old in stale:
+        try:
+            info = await during_election(lambda: js.consumer_info(TX_STREAM, old),
+                                         "consumer_info")
+            if old == name:
+                ack_floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            await during_election(lambda: js.delete_consumer(TX_STREAM, old),
+                                  "delete_consumer")
+        except NotFoundError:
+            pass
     start = checkpoint + 1
     n = settings.partitions
     chosen = check_partition_set(range(n) if owned is None else owned, n)
     subjects = filter_subjects(chosen, n) if n > 1 else None
     config = ConsumerConfig(
-        durable_name=settings.consumer, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        durable_name=name, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=start, ack_policy=AckPolicy.ALL, max_deliver=settings.max_deliver,
         ack_wait=settings.ack_wait_seconds, max_ack_pending=MAX_ACK_PENDING,
         filter_subject=None if subjects else settings.tx_subjects,
         filter_subjects=subjects, max_waiting=64)
     await during_election(lambda: js.add_consumer(TX_STREAM, config), "add_consumer")
-    log.info("consumer.reset", consumer=settings.consumer, start_seq=start, ack_floor=ack_floor,
-             filter_subjects=subjects)
+    log.info("consumer.reset", consumer=name, start_seq=start, ack_floor=ack_floor,
+             filter_subjects=subjects, deleted=stale[1:])
     return ConsumerStart(ack_floor=ack_floor, start_seq=start)
 
 

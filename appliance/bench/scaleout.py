@@ -1,0 +1,546 @@
+"""The scale-out drill (issue 19): partitioned scorers on a 3-server loopback cluster, through
+a scorer's SIGKILL, a scorer added mid-run, a zombie (SIGSTOP past its leases' TTL, then
+SIGCONT) and the SIGKILL of the server leading ``TX``; then every result compared with a
+single scorer's over the very same stream.
+
+The input (:func:`drill_messages`): seeded simulated transactions, as terminals send them,
+with late events (some held back and sent thousands of places later), re-sends inside the
+duplicate window (the same message twice at once: JetStream keeps one), re-sends outside it
+(sent again at the end: stored twice, answered as re-sends), conflicting re-sends (an id
+again with another amount: dead-lettered), and malformed messages (bad JSON on a terminal's
+subject; a subject that is not four tokens, which the transform leaves to partition 0).
+
+The reference is today's single scorer (:class:`~appliance.scoring.pipeline.Scorer`, one
+consumer of every partition) over a copy of the cluster's ``TX`` stream, message for
+message and in order, on a standalone server: the same messages, so any difference is the
+partitioned scorers'. The event-time window is off (the stream is simulated history), so
+the copy's later stored times change nothing.
+
+Every process is stopped by its PID at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+from nats.errors import Error as NatsError
+
+from ..feed.terminal import Message, to_message
+from ..operations.loopback_cluster import LoopbackCluster, start_loopback_cluster
+from ..operations.node import EmbeddedNats
+from ..scoring.features import FEATURES
+from ..scoring.pipeline import Scorer
+from ..scoring.registry import Registry
+from ..scoring.streams import TX_STREAM, VERDICT_STREAM, ensure_streams
+from ..settings import load, nats_servers
+from ..store import Store
+from .delivery import quiet_errors
+from .throughput import bench_transactions
+
+PARTITIONS = 6
+DUPLICATE_WINDOW_SECONDS = 2.0
+"""Short, so the drill's late re-sends fall outside it and are stored twice."""
+ZOMBIE_SECONDS = 5.0
+TERMINAL_FEATURES = tuple(i for i, name in enumerate(FEATURES) if name.startswith("terminal_"))
+_SELECT_ROWS = ("SELECT transaction_id, features, risk, severity, decision, reasons, "
+                "model_version, rules_version, model_risk FROM transactions")
+COMPARED = ("risk", "severity", "decision", "reasons", "model_version", "rules_version",
+            "model_risk")
+
+
+def drill_env(cluster_url: str, data_dir: Path) -> dict[str, str]:
+    """The settings every scorer of the drill runs with (environment variables)."""
+    return {"BRANCHGUARD_NATS_URL": cluster_url, "BRANCHGUARD_DATA_DIR": str(data_dir),
+            "BRANCHGUARD_PARTITIONS": str(PARTITIONS), "BRANCHGUARD_STREAM_REPLICAS": "3",
+            "BRANCHGUARD_DUPLICATE_WINDOW_SECONDS": str(DUPLICATE_WINDOW_SECONDS),
+            "BRANCHGUARD_EVENT_TIME_CHECK": "false", "BRANCHGUARD_ALERT_BUDGET": "false",
+            "BRANCHGUARD_REPLICATE": "false", "BRANCHGUARD_RUN_API": "false",
+            "BRANCHGUARD_LOG_LEVEL": "INFO"}
+
+
+@dataclass
+class DrillInput:
+    """What the drill publishes, in order, and what it expects of it."""
+
+    messages: list[Message]
+    late_resends: list[Message]
+    """Sent again at the very end, outside the duplicate window."""
+    expected_ids: set[str]
+
+
+def drill_messages(count: int, seed: int = 19) -> DrillInput:
+    """``count`` seeded transactions with the awkward cases of the module docstring."""
+    start = datetime(2026, 3, 2, tzinfo=timezone.utc)
+    base = [to_message(tx, "BR001") for tx in bench_transactions(seed, count, start)]
+    held = {i for i in range(100, count, 500)}  # late: sent 2,000 places later
+    ordered: list[Message] = []
+    later: dict[int, list[Message]] = {}
+    for i, m in enumerate(base):
+        if i in held:
+            later.setdefault(min(i + 2000, count - 1), []).append(m)
+            continue
+        ordered.append(m)
+        if i % 300 == 7:  # a re-send inside the window: the server keeps one
+            ordered.append(m)
+        if i % 1500 == 11:  # a conflicting re-send: the same id, another amount
+            body = json.loads(m.data)
+            body["amount"] = round(float(body["amount"]) + 1.0, 2)
+            ordered.append(Message(m.subject, json.dumps(body).encode(), m.msg_id + "-x",
+                                   m.event_time))
+        if i % 2000 == 13:  # malformed: bad JSON, and a subject of three tokens
+            ordered.append(Message(m.subject, b"{not json", f"bad-{i}", m.event_time))
+            ordered.append(Message("tx.BR001.short", m.data, f"short-{i}", m.event_time))
+        ordered.extend(later.pop(i, []))
+    for rest in later.values():
+        ordered.extend(rest)
+    resends = [base[i] for i in range(50, count // 2, max(1, count // 40))]
+    return DrillInput(ordered, resends, {m.msg_id for m in base})
+
+
+@dataclass
+class ScorerChild:
+    """``branchguard cluster scorer`` as a child process, with its own log."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, env: dict[str, str], logs: Path) -> ScorerChild:
+        log = logs / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", "appliance", "cluster", "scorer"],
+                                       stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **env})
+        return cls(name, process, log)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def held(self) -> set[int]:
+        """The partitions this scorer holds now, by its log."""
+        held: set[int] = set()
+        for e in self.events():
+            if e.get("event") == "partition.opening":
+                held.add(int(e["partition"]))
+            elif e.get("event") in ("partition.handed_off", "partition.lost",
+                                    "partition.fenced", "partition.failed"):
+                held.discard(int(e["partition"]))
+        return held
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM (a clean handoff), SIGKILL after ``grace``; by its PID."""
+        p = self.process
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode
+
+
+def partition_db(data_dir: Path, p: int) -> Path:
+    return data_dir / "partitions" / f"p{p}" / "branchguard.db"
+
+
+def _read_only(db: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+
+
+def checkpoints(data_dir: Path) -> dict[int, int]:
+    """Each partition's committed stream sequence (0 before its first commit)."""
+    out: dict[int, int] = {}
+    for p in range(PARTITIONS):
+        db = partition_db(data_dir, p)
+        out[p] = 0
+        if not db.exists():
+            continue
+        try:
+            conn = _read_only(db)
+            try:
+                row = conn.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
+                                   [f"scorer-p{p}"]).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            continue
+        out[p] = int(row[0]) if row else 0
+    return out
+
+
+class CommitWatch(threading.Thread):
+    """Polls every partition's checkpoint; records when each one moved."""
+
+    def __init__(self, data_dir: Path, every: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.data_dir = data_dir
+        self.every = every
+        self.moves: list[tuple[float, int, int]] = []  # (epoch seconds, partition, seq)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        last: dict[int, int] = {}
+        while not self.halt.is_set():
+            now = time.time()
+            for p, seq in checkpoints(self.data_dir).items():
+                if seq != last.get(p, 0):
+                    self.moves.append((now, p, seq))
+                    last[p] = seq
+            time.sleep(self.every)
+
+    def first_commit_after(self, p: int, t: float) -> float | None:
+        return next((at for at, q, _ in self.moves if q == p and at > t), None)
+
+
+async def _publish(url: str, messages: list[Message], marks: dict[float, Any],
+                   done_fraction: list[float]) -> int:
+    """Publish in order, one at a time, each retried under its own ``Nats-Msg-Id`` until
+    acked (through a leader's death); run each mark's action when its fraction is reached."""
+    nc = await nats.connect(nats_servers(url), reconnect_time_wait=0.1,
+                            max_reconnect_attempts=-1, connect_timeout=1, error_cb=quiet_errors)
+    js = nc.jetstream()
+    retries = 0
+    pending = sorted(marks.items())
+    try:
+        for i, m in enumerate(messages):
+            done_fraction[0] = i / len(messages)
+            while pending and done_fraction[0] >= pending[0][0]:
+                _, action = pending.pop(0)
+                await asyncio.to_thread(action)
+            while True:
+                try:
+                    await js.publish(m.subject, m.data, timeout=1.0,
+                                     headers={"Nats-Msg-Id": m.msg_id})
+                    break
+                except (NatsError, TimeoutError):
+                    retries += 1
+                    await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    return retries
+
+
+async def _tx_leader(url: str) -> str:
+    nc = await nats.connect(nats_servers(url), error_cb=quiet_errors, connect_timeout=1)
+    try:
+        info = await nc.jetstream().stream_info(TX_STREAM)
+        return str(info.cluster.leader) if info.cluster is not None else ""
+    finally:
+        await nc.close()
+
+
+async def _stream_messages(url: str, stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    """Every message of ``stream``, in order: (subject, data, headers)."""
+    nc = await nats.connect(nats_servers(url), error_cb=quiet_errors, connect_timeout=1)
+    try:
+        js = nc.jetstream(timeout=5.0)
+        state = (await js.stream_info(stream)).state
+        out: list[tuple[str, bytes, dict[str, str]]] = []
+        if not state.messages:
+            return out
+        sub = await js.subscribe(">", stream=stream, ordered_consumer=True)
+        seq = 0
+        while seq < state.last_seq:
+            msg = await sub.next_msg(timeout=10.0)
+            seq = msg.metadata.sequence.stream
+            out.append((msg.subject, msg.data, dict(msg.headers or {})))
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
+
+
+def _as_published(subject: str) -> str:
+    """A stored partitioned subject back as the terminal sent it."""
+    tokens = subject.split(".")
+    return ".".join(["tx", *tokens[2:]]) if tokens[0] == "txp" else subject
+
+
+async def _reference(tx_messages: list[tuple[str, bytes, dict[str, str]]], root: Path
+                     ) -> Path:
+    """Today's single scorer over a copy of the stream: a standalone server, one Scorer of
+    every message, in order. Returns its database."""
+    server = EmbeddedNats(load(None, env={}, data_dir=root / "reference-nats", nats_port=0))
+    url = server.start()
+    settings = load(None, env={"BRANCHGUARD_EVENT_TIME_CHECK": "false",
+                               "BRANCHGUARD_ALERT_BUDGET": "false",
+                               "BRANCHGUARD_REPLICATE": "false"},
+                    data_dir=root / "reference", nats_url=url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.open(settings.db_path)
+    nc = await nats.connect(url)
+    try:
+        registry = Registry.of(settings)
+        scorer = Scorer(nc, store, registry.load(registry.production()), settings)
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        for subject, data, _ in tx_messages:
+            await js.publish(_as_published(subject), data)
+        task = asyncio.create_task(scorer.run())
+        deadline = time.monotonic() + 300
+        while store.checkpoint(settings.consumer) < len(tx_messages):
+            if task.done() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        scorer.stop()
+        await asyncio.wait_for(task, 30)
+    finally:
+        await nc.close()
+        store.close()
+        server.stop()
+    return settings.db_path
+
+
+def _rows(db: Path) -> dict[str, dict[str, Any]]:
+    conn = _read_only(db)
+    try:
+        cur = conn.execute(_SELECT_ROWS)
+        names = ["transaction_id", "features", *COMPARED]
+        return {r[0]: dict(zip(names, r)) for r in cur}
+    finally:
+        conn.close()
+
+
+def _dead(db: Path) -> Counter[str]:
+    conn = _read_only(db)
+    try:
+        return Counter(r[0].split(":")[0] for r in conn.execute("SELECT reason FROM dead_letters"))
+    finally:
+        conn.close()
+
+
+def compare(reference: Path, data_dir: Path) -> dict[str, Any]:
+    """Every partition's rows against the reference's: missing, stored twice, feature
+    vectors (all of them, and without the terminal windows), verdicts, dead letters."""
+    ref = _rows(reference)
+    seen: Counter[str] = Counter()
+    ours: dict[str, dict[str, Any]] = {}
+    dead: Counter[str] = Counter()
+    for p in range(PARTITIONS):
+        db = partition_db(data_dir, p)
+        if db.exists():
+            rows = _rows(db)
+            seen.update(rows.keys())
+            ours.update(rows)
+            dead += _dead(db)
+    features_differ = account_features_differ = verdicts_differ = 0
+    examples: list[str] = []
+    keep = [i for i in range(len(FEATURES)) if i not in TERMINAL_FEATURES]
+    for tid, r in ref.items():
+        o = ours.get(tid)
+        if o is None:
+            continue
+        if o["features"] != r["features"]:
+            features_differ += 1
+            a = np.frombuffer(o["features"], dtype=np.float64)
+            b = np.frombuffer(r["features"], dtype=np.float64)
+            if len(a) != len(b) or not np.array_equal(a[keep], b[keep]):
+                account_features_differ += 1
+        if any(o[k] != r[k] for k in COMPARED):
+            verdicts_differ += 1
+            if len(examples) < 3:
+                examples.append(f"{tid}: {[(k, o[k], r[k]) for k in COMPARED if o[k] != r[k]]}")
+    return {"reference_rows": len(ref), "stored": len(ours),
+            "missing": len(ref.keys() - ours.keys()),
+            "unexpected": len(ours.keys() - ref.keys()),
+            "stored_twice": sum(n - 1 for n in seen.values() if n > 1),
+            "features_differ": features_differ,
+            "features_differ_outside_terminal_windows": account_features_differ,
+            "verdicts_differ": verdicts_differ, "verdict_examples": examples,
+            "dead_letters": dict(dead), "reference_dead_letters": dict(_dead(reference))}
+
+
+def verdicts_of_record(tx_stream: list[tuple[str, bytes, dict[str, str]]],
+                       verdicts: list[tuple[str, bytes, dict[str, str]]]) -> dict[str, int]:
+    """Transaction ids with more than one distinct verdict in ``VERDICTS``."""
+    by_id: dict[str, set[bytes]] = {}
+    for _, data, headers in verdicts:
+        tid = headers.get("Nats-Msg-Id", "")
+        by_id.setdefault(tid, set()).add(data)
+    return {"verdict_ids": len(by_id),
+            "ids_with_two_verdicts": sum(1 for v in by_id.values() if len(v) > 1)}
+
+
+def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
+              timeout: float = 300.0) -> dict[str, Any]:
+    """The whole drill (module docstring). Returns its report; raises nothing it can
+    report instead."""
+    root.mkdir(parents=True, exist_ok=True)
+    drill = drill_messages(count, seed)
+    cluster: LoopbackCluster | None = None
+    children: list[ScorerChild] = []
+    watch: CommitWatch | None = None
+    report: dict[str, Any] = {"count": count, "published_messages": len(drill.messages)}
+    events: list[tuple[float, str, Any]] = []
+    try:
+        cluster = start_loopback_cluster(root / "cluster")
+        data_dir = root / "data"
+        env = drill_env(cluster.url, data_dir)
+        children = [ScorerChild.start(f"scorer-{i + 1}", env, root) for i in range(scorers)]
+        watch = CommitWatch(data_dir)
+        watch.start()
+        _wait(lambda: sum(len(c.held()) for c in children) == PARTITIONS, 60)
+        state: dict[str, Any] = {}
+
+        def kill_scorer() -> None:
+            victim = children[0]
+            state["killed_held"] = victim.held()
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.wait()
+            events.append((time.time(), "scorer_killed", sorted(state["killed_held"])))
+
+        def add_scorer() -> None:
+            children.append(ScorerChild.start(f"scorer-{len(children) + 1}", env, root))
+            events.append((time.time(), "scorer_added", children[-1].name))
+
+        def zombie() -> None:
+            z = children[1]
+            state["zombie_held"] = z.held()
+            z.process.send_signal(signal.SIGSTOP)
+            stopped = time.time()
+            events.append((stopped, "zombie_stopped", sorted(state["zombie_held"])))
+
+            def wake() -> None:
+                time.sleep(ZOMBIE_SECONDS)
+                z.process.send_signal(signal.SIGCONT)
+                events.append((time.time(), "zombie_continued", z.name))
+            threading.Thread(target=wake, daemon=True).start()
+
+        running = cluster
+
+        def kill_leader() -> None:
+            leader = asyncio.run(_tx_leader(running.url))
+            running.kill(leader)
+            events.append((time.time(), "tx_leader_killed", leader))
+
+        marks = {0.40: kill_scorer, 0.50: add_scorer, 0.60: zombie, 0.70: kill_leader}
+        progress = [0.0]
+        started = time.monotonic()
+        retries = asyncio.run(_publish(cluster.url, drill.messages, marks, progress))
+        time.sleep(DUPLICATE_WINDOW_SECONDS + 0.5)  # the late re-sends: outside the window
+        retries += asyncio.run(_publish(cluster.url, drill.late_resends, {}, [0.0]))
+        report["publish_seconds"] = round(time.monotonic() - started, 1)
+        report["publish_retries"] = retries
+        tx = asyncio.run(_stream_messages(cluster.url, TX_STREAM))
+        last_seq = len(tx)
+        report["tx_stream_messages"] = last_seq
+        caught_up = _wait(lambda: _done(data_dir, tx), timeout)
+        report["caught_up"] = caught_up
+        report["catch_up_seconds"] = round(time.monotonic() - started, 1)
+        verdicts = asyncio.run(_stream_messages(cluster.url, VERDICT_STREAM))
+        report.update(verdicts_of_record(tx, verdicts))
+        for c in children:
+            report.setdefault("exit_codes", {})[c.name] = c.stop()
+        watch.halt.set()
+        report["failover"] = _failover(events, state, watch, children)
+        report["zombie"] = _zombie(children[1], events)
+        report["events"] = [(round(t, 3), what, detail) for t, what, detail in events]
+        report["comparison"] = compare(asyncio.run(_reference(tx, root)), data_dir)
+    finally:
+        if watch is not None:
+            watch.halt.set()
+        for c in children:
+            c.stop(grace=5.0)
+        if cluster is not None:
+            cluster.stop()
+    return report
+
+
+def _wait(condition: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return bool(condition())
+
+
+def _done(data_dir: Path, tx: list[tuple[str, bytes, dict[str, str]]]) -> bool:
+    """Every partition's checkpoint has reached the last message stored in it."""
+    last: dict[int, int] = {}
+    for seq, (subject, _, _) in enumerate(tx, start=1):
+        tokens = subject.split(".")
+        p = int(tokens[1]) if tokens[0] == "txp" else 0
+        last[p] = seq
+    have = checkpoints(data_dir)
+    return all(have.get(p, 0) >= seq for p, seq in last.items())
+
+
+def _failover(events: list[tuple[float, str, Any]], state: dict[str, Any],
+              watch: CommitWatch, children: list[ScorerChild]) -> dict[str, Any]:
+    """Seconds from the scorer's SIGKILL to each orphaned partition's lease being taken,
+    its opening, and its first commit; and from the leader's SIGKILL to each partition's
+    first commit."""
+    out: dict[str, Any] = {}
+    killed = next((t for t, what, _ in events if what == "scorer_killed"), None)
+    if killed is not None:
+        per: dict[int, dict[str, float | None]] = {}
+        logs = [e for c in children[1:] for e in c.events()]
+        for p in state.get("killed_held", set()):
+            taken = _first_event(logs, "lease.acquired", killed, key=f"partition.{p}")
+            opened = _first_event(logs, "partition.open", killed, partition=p)
+            commit = watch.first_commit_after(p, killed)
+            per[p] = {"lease_taken": _since(taken, killed), "open": _since(opened, killed),
+                      "first_commit": _since(commit, killed)}
+        out["scorer_kill"] = per
+    leader = next((t for t, what, _ in events if what == "tx_leader_killed"), None)
+    if leader is not None:
+        out["leader_kill_first_commit"] = {
+            p: _since(watch.first_commit_after(p, leader), leader) for p in range(PARTITIONS)}
+    return out
+
+
+def _first_event(events: list[dict[str, Any]], name: str, after: float, **match: Any
+                 ) -> float | None:
+    for e in events:
+        if e.get("event") != name or any(e.get(k) != v for k, v in match.items()):
+            continue
+        at = datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp()
+        if at > after:
+            return at
+    return None
+
+
+def _since(t: float | None, t0: float) -> float | None:
+    return None if t is None else round(t - t0, 3)
+
+
+def _zombie(z: ScorerChild, events: list[tuple[float, str, Any]]) -> dict[str, Any]:
+    """What the zombie did once it woke: the partitions it found lost, and any write it
+    made under a lost tenure (commits refused by the fence count as refused, not written)."""
+    woke = next((t for t, what, _ in events if what == "zombie_continued"), None)
+    stopped: list[int] = next((d for _, what, d in events if what == "zombie_stopped"), [])
+    after = [e for e in z.events() if woke is not None and
+             datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp() >= woke - 1]
+    lost = sorted({int(e["partition"]) for e in after
+                   if e.get("event") in ("partition.lost", "partition.fenced")})
+    return {"held_when_stopped": stopped, "found_lost": lost,
+            "refused_commits": sum(1 for e in after if e.get("event") == "commit.fenced"),
+            "commit_failures": sum(1 for e in after if e.get("event") == "commit.failed")}

@@ -1,0 +1,285 @@
+"""Partitioned scorers (issue 19): the partitions this process owns, one scorer each, each
+held by a lease, rebalanced as scorer processes come and go.
+
+``branchguard scorer`` runs one :class:`PartitionScorers` against a JetStream cluster whose
+``TX`` stream is partitioned by account (``partitions`` N > 1, scoring/partitions.py). Any
+number of such processes, on any machines, share the N partitions:
+
+- **Members.** Each process holds a lease on ``member.<id>`` in ``BG_LEASES`` for as long as it
+  runs; the live members' count sets each one's fair share, ``ceil(N / members)``.
+- **Ownership.** A partition is scored only by the holder of its lease (``partition.<p>``,
+  lease.py). Every ``lease_renew_seconds`` a process takes free partitions up to its share,
+  starting from a place of its own in the ring so that joiners do not all reach for the
+  same ones; above its share (a scorer has joined) it hands one off: its scorer stops
+  cleanly (what it holds is scored, committed and acked) and the lease is released, so the
+  next owner takes it at once, with no TTL to wait. A SIGKILLed owner's partitions come free
+  when its leases run out (``lease_ttl_seconds``).
+- **A partition's unit of state** is its own database (``<data_dir>/partitions/p<p>/``), its
+  checkpoint there (consumer ``scorer-p<p>``) and its JetStream consumer, named after the
+  lease's token (``scorer-p<p>-<token>``). A new owner opens it exactly as a node restarts
+  (pipeline.Scorer.prepare): state rebuilt from the rows, the consumer re-created from the
+  checkpoint, verdicts of record adopted, unconfirmed verdicts published again.
+- **Fencing.** The lease fences everything the partition's scorer writes (see
+  pipeline.Scorer): publishes, commits (carrying the token, which the store compares with
+  the last one written) and acks (into its own tenure's consumer only). A scorer stopped
+  past its lease's TTL (SIGSTOP, a long pause) finds it lost when it wakes and writes
+  nothing more.
+
+Renewal never waits behind recovery: each lease renews in its own task, and opening a
+partition (the rebuild) runs off the event loop's critical path in the scorer's own task.
+
+What is shared, not partitioned: the node's database (``<data_dir>/branchguard.db``) holds
+what people keep for the scorer to look up (lists, labels, the terminal directory) and is
+read by every partition's scorer; the alert budget is split evenly, ``alert_budget_per_day /
+N`` per partition. Terminal features cut across account partitions: see docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+
+from .. import logs
+from ..errors import FencedError, SettingsError
+from ..lease import Lease, Leases, partition_key
+from ..nats_auth import client_options
+from ..scoring.ingest import connect
+from ..scoring.model import Model
+from ..scoring.pipeline import Counters, Scorer
+from ..scoring.registry import Registry
+from ..scoring.rulebook import rules_path
+from ..scoring.streams import ensure_streams
+from ..settings import Settings
+from ..store import Store
+from .runner import close
+
+log = logs.get("appliance.partitioned")
+
+MEMBER_PREFIX = "member."
+HANDOFF_SECONDS = 10.0
+"""How long a planned handoff lets the scorer finish what it holds before it is cancelled."""
+CANCEL_SECONDS = 5.0
+"""How long a cancelled scorer may take to close (its writer thread ends its commit)."""
+
+
+def member_key(owner: str) -> str:
+    """The lease key naming a live scorer process (owner ids hold ``:``, keys may not)."""
+    return MEMBER_PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:16]
+
+
+def partition_settings(settings: Settings, partition: int) -> Settings:
+    """The settings of one partition's scorer: its own data directory (database,
+    checkpoint), its consumer, its share of the alert budget, and the rules file the node
+    reads (resolved from the node's data directory, not the partition's)."""
+    return dataclasses.replace(
+        settings, data_dir=settings.data_dir / "partitions" / f"p{partition}",
+        consumer=f"scorer-p{partition}", rules_file=rules_path(settings),
+        alert_budget_per_day=settings.alert_budget_per_day / settings.partitions,
+        replicate=False)
+
+
+def fair_share(partitions: int, members: int) -> int:
+    """How many partitions each of ``members`` live scorers should own."""
+    return math.ceil(partitions / max(1, members))
+
+
+@dataclass
+class Owned:
+    """A partition this process holds, and the scorer working it."""
+
+    partition: int
+    lease: Lease
+    store: Store
+    scorer: Scorer
+    task: asyncio.Task[None]
+    acquired_at: float = field(default_factory=time.monotonic)
+
+
+class PartitionScorers:
+    """This process's share of the partitions (see the module docstring)."""
+
+    def __init__(self, nc: Client, settings: Settings, registry: Registry, model: Model,
+                 reference: Store) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.registry = registry
+        self.model = model
+        self.reference = reference
+        self.counters = Counters()
+        """Totals over every partition this process has scored (the status line's)."""
+        self.owned: dict[int, Owned] = {}
+        self.leases: Leases | None = None
+        self.members = 1
+        self.ready = asyncio.Event()
+        """Set once this process has joined (its member lease is held)."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Join, then keep this process's share until ``stop``; then hand every partition
+        off (scored, committed, acked, released) and leave."""
+        s = self.settings
+        js = self.nc.jetstream(timeout=max(1.0, s.lease_ttl_seconds))
+        self.leases = leases = await Leases.open(js, s, replicas=s.stream_replicas)
+        member = await leases.wait_acquire(member_key(leases.owner))
+        log.info("scorer.joined", txn_id=None, owner=leases.owner, partitions=s.partitions)
+        self.ready.set()
+        try:
+            while not stop.is_set():
+                try:
+                    await self.balance()
+                except (NatsError, asyncio.TimeoutError, OSError) as exc:
+                    log.warning("partitions.balance_failed", txn_id=None,
+                                error=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), s.lease_renew_seconds)
+        finally:
+            await asyncio.gather(*(self.hand_off(p) for p in list(self.owned)),
+                                 return_exceptions=True)
+            await member.release()
+            log.info("scorer.left", txn_id=None, owner=leases.owner)
+
+    async def balance(self) -> None:
+        """One round: forget partitions whose scorer ended, then take or give one partition
+        towards this process's fair share."""
+        leases = self.leases
+        if leases is None:
+            return
+        for p, owned in list(self.owned.items()):
+            if owned.task.done():
+                await self._forget(p, owned)
+        live = await leases.holders(MEMBER_PREFIX)
+        self.members = max(1, len(live))
+        share = fair_share(self.settings.partitions, self.members)
+        if len(self.owned) > share:
+            await self.hand_off(max(self.owned))
+            return
+        if len(self.owned) == share:
+            return
+        held = await leases.holders("partition.")
+        for p in self._ring(leases.owner):
+            if p in self.owned or partition_key(p) in held:
+                continue
+            lease = await leases.acquire(partition_key(p), on_lost=self._on_lost)
+            if lease is not None:
+                self._open(p, lease)
+                if len(self.owned) >= share:
+                    return
+
+    def _ring(self, owner: str) -> list[int]:
+        """Partitions in this process's order: from a place of its own, round the ring."""
+        n = self.settings.partitions
+        start = int(hashlib.sha256(owner.encode()).hexdigest(), 16) % n
+        return [(start + i) % n for i in range(n)]
+
+    def _open(self, p: int, lease: Lease) -> None:
+        """Start partition ``p``'s scorer under ``lease``: its store, its consumer, its
+        state, as a node restart does (pipeline.Scorer.prepare), in a task of its own."""
+        ps = partition_settings(self.settings, p)
+        ps.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store.open(ps.db_path)
+        scorer = Scorer(self.nc, store, self.model, ps, self.registry, owned=frozenset({p}),
+                        lease=lease, reference=self.reference)
+        scorer.counters = self.counters
+        task = asyncio.create_task(self._score(p, scorer, lease), name=f"partition-{p}")
+        self.owned[p] = Owned(p, lease, store, scorer, task)
+        log.info("partition.opening", txn_id=None, partition=p, token=lease.token,
+                 owner=lease.owner)
+
+    async def _score(self, p: int, scorer: Scorer, lease: Lease) -> None:
+        started = time.monotonic()
+        run = asyncio.create_task(scorer.run())
+        ready = asyncio.create_task(scorer.ready.wait())
+        await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
+        if scorer.ready.is_set():
+            log.info("partition.open", txn_id=None, partition=p, token=lease.token,
+                     checkpoint=scorer.confirmed_upto,
+                     seconds=round(time.monotonic() - started, 3))
+        else:
+            ready.cancel()
+        try:
+            await run
+        except FencedError as exc:
+            log.warning("partition.fenced", txn_id=None, partition=p, token=lease.token,
+                        error=str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.error("partition.failed", exc_info=True, txn_id=None, partition=p,
+                      token=lease.token)
+
+    def _on_lost(self, lease: Lease, reason: str) -> None:
+        """A lease lost (taken, expired): that partition's scorer stops at once. It is fenced
+        anyway; cancelling it just ends what it was about to refuse to do."""
+        for owned in self.owned.values():
+            if owned.lease is lease:
+                log.warning("partition.lost", txn_id=None, partition=owned.partition,
+                            token=lease.token, reason=reason)
+                owned.scorer.stop()
+                owned.task.cancel()
+
+    async def hand_off(self, p: int) -> None:
+        """A planned handoff of ``p``: its scorer finishes what it holds (scored, committed,
+        acked), then the lease is released so another process takes ``p`` at once."""
+        owned = self.owned.get(p)
+        if owned is None:
+            return
+        owned.scorer.stop()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(owned.task), HANDOFF_SECONDS)
+        await self._forget(p, owned)
+        log.info("partition.handed_off", txn_id=None, partition=p, token=owned.lease.token)
+
+    async def _forget(self, p: int, owned: Owned) -> None:
+        if not owned.task.done():
+            owned.task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(owned.task, CANCEL_SECONDS)
+        self.owned.pop(p, None)
+        owned.store.close()
+        with contextlib.suppress(NatsError, asyncio.TimeoutError, OSError):
+            await owned.lease.release()
+
+
+async def run_scorer(settings: Settings) -> int:
+    """``branchguard scorer``: join the cluster at ``nats_url`` and score a share of the
+    partitions until SIGINT/SIGTERM; then hand them off. Returns the exit code."""
+    if settings.nats_url is None or settings.partitions < 2:
+        raise SettingsError("a partitioned scorer joins a cluster's partitioned stream",
+                            field="nats_url" if settings.nats_url is None else "partitions",
+                            value=settings.nats_url if settings.nats_url is None
+                            else settings.partitions,
+                            hint="set nats_url to the cluster and partitions above 1 "
+                                 "(branchguard run is the single node)")
+    registry = Registry.of(settings)
+    model = registry.load(registry.production())
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    reference = Store.open(settings.db_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await connect(str(settings.nats_url), "branchguard-partitioned-scorer",
+                       **client_options(settings))
+    code = 0
+    try:
+        await ensure_streams(nc.jetstream(timeout=2.0), settings)
+        scorers = PartitionScorers(nc, settings, registry, model, reference)
+        await scorers.run(stop)
+        c = scorers.counters
+        log.info("scorer.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
+                 dead_letters=c.dead_letters, duplicates=c.duplicates, adopted=c.adopted)
+    except Exception:
+        log.error("scorer.failed", exc_info=True, txn_id=None)
+        code = 1
+    finally:
+        await close(nc)
+        reference.close()
+    return code

@@ -1,0 +1,89 @@
+"""Partitioned scorers (issue 19): leases fence every write, and the drill on a real 3-server
+cluster (a scorer SIGKILLed, one added, a zombie, the TX leader SIGKILLed) stores exactly
+what one scorer stores over the same stream."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.bench.scaleout import PARTITIONS, drill_messages, run_drill
+from appliance.errors import FencedError
+from appliance.operations.partitioned import fair_share, member_key, partition_settings
+from appliance.scoring.rulebook import rules_path
+from appliance.settings import load
+from appliance.store import Store
+
+from .support import make_transactions
+from .test_store import score_all
+
+
+def test_a_commit_under_an_older_tenure_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "p.db")
+    try:
+        first, second, third = score_all([item.tx for item in make_transactions(3)])
+        store.save_batch([first], [], "scorer-p0", 1, lease_token=7)
+        with pytest.raises(FencedError):
+            store.save_batch([second], [], "scorer-p0", 2, lease_token=5)
+        assert store.checkpoint_marks("scorer-p0").stream_seq == 1
+        assert store.counts()["transactions"] == 1
+        store.save_batch([third], [], "scorer-p0", 3, lease_token=9)  # a later tenure
+        assert store.checkpoint_marks("scorer-p0").stream_seq == 3
+        token = store.reader.execute("SELECT lease_token FROM checkpoints").fetchone()[0]
+        assert token == 9
+    finally:
+        store.close()
+
+
+def test_each_partition_has_its_own_state_and_a_share_of_the_budget(tmp_path: Path) -> None:
+    node = load(None, env={"BRANCHGUARD_PARTITIONS": "4"}, data_dir=tmp_path)
+    p2 = partition_settings(node, 2)
+    assert p2.db_path == tmp_path / "partitions" / "p2" / "branchguard.db"
+    assert p2.consumer == "scorer-p2"
+    assert p2.alert_budget_per_day == node.alert_budget_per_day / 4
+    assert p2.rules_file == rules_path(node)  # the node's rules, not the partition's dir
+    assert [fair_share(6, n) for n in (0, 1, 2, 3, 4, 6, 7)] == [6, 6, 3, 2, 2, 1, 1]
+    assert member_key("host:1:ab") != member_key("host:2:ab")
+    assert ":" not in member_key("host:1:ab")
+
+
+def test_the_drill_input_holds_every_awkward_case() -> None:
+    drill = drill_messages(4000)
+    ids = [m.msg_id for m in drill.messages]
+    assert len(set(ids) & drill.expected_ids) == 4000  # every transaction is sent
+    assert len(ids) > len(set(ids))                       # re-sends inside the window
+    assert any(i.endswith("-x") for i in ids)             # conflicting re-sends
+    assert any(m.subject == "tx.BR001.short" for m in drill.messages)
+    assert any(m.data == b"{not json" for m in drill.messages)
+    times = [m.event_time for m in drill.messages]
+    assert sum(1 for a, b in zip(times, times[1:]) if b < a - 60) >= 5  # late events
+    assert drill.late_resends and all(m.msg_id in drill.expected_ids for m in drill.late_resends)
+
+
+@pytest.mark.timeout(900)
+def test_partitioned_scorers_store_what_one_scorer_stores_through_every_failure(
+        tmp_path: Path) -> None:
+    report = run_drill(tmp_path, count=30_000)
+    sys.stderr.write(f"drill: publish {report['publish_seconds']} s, catch-up "
+                     f"{report['catch_up_seconds']} s, failover {report['failover']}\n")
+    assert report["caught_up"], report
+    c = report["comparison"]
+    assert c["reference_rows"] == 30_000, c
+    assert c["missing"] == 0 and c["unexpected"] == 0 and c["stored_twice"] == 0, c
+    assert c["verdicts_differ"] == 0, c
+    assert c["features_differ_outside_terminal_windows"] == 0, c
+    assert c["dead_letters"] == c["reference_dead_letters"], c
+    assert set(c["dead_letters"]) == {"bad json", "bad subject", "conflicting re-send"}, c
+    assert report["ids_with_two_verdicts"] == 0, report
+    zombie = report["zombie"]
+    assert zombie["held_when_stopped"], zombie
+    assert zombie["found_lost"] == zombie["held_when_stopped"], zombie
+    assert zombie["commit_failures"] == 0, zombie
+    orphaned = report["failover"]["scorer_kill"]
+    assert orphaned and all(t["first_commit"] is not None for t in orphaned.values()), orphaned
+    assert all(t is not None for t in report["failover"]["leader_kill_first_commit"].values())
+    assert {name: code for name, code in report["exit_codes"].items()
+            if name != "scorer-1"} == {f"scorer-{i}": 0 for i in range(2, 4)}, report
+    assert len(report["exit_codes"]) == 3 and PARTITIONS == 6
