@@ -50,7 +50,6 @@ from ..settings import Settings
 from ..transaction import MILLI, Admission, Malformed, digest
 from .features import HORIZON, Windows, epoch
 from .ingest import Delivery, Outgoing, Publisher, Puller, ack_batch, connect
-from .partitions import UNPARTITIONED_FILTER
 from .streams import MAX_ACK_PENDING, TX_STREAM, during_election, ensure_streams
 
 log = logs.get("appliance.terminal_stage")
@@ -293,22 +292,25 @@ class TerminalStage:
 
 async def reset_stage_consumer(js: JetStreamContext, settings: Settings, checkpoint: int
                                ) -> None:
-    """Re-create the stage's durable consumer on every TX subject, delivering from
-    ``checkpoint + 1`` in stream order (as streams.reset_consumer does for the scorer)."""
+    """Re-create the stage's durable consumer on the whole TX stream (``txp.>`` and what the
+    transform left as ``tx.>``), delivering from ``checkpoint + 1`` in stream order (as
+    streams.reset_consumer does for the scorer).
+
+    No filter at all: measured with 20,000 transactions, a consumer filtering on the two
+    subjects ``txp.>`` and ``tx.>`` was delivered about 800 tx/s by nats-server (its
+    multi-filter path slows as the stream holds more subjects), against thousands without.
+    """
     with contextlib.suppress(NotFoundError):
         await during_election(lambda: js.delete_consumer(TX_STREAM, STAGE_CONSUMER),
                               "delete_consumer")
-    subjects = (["txp.>", UNPARTITIONED_FILTER] if settings.partitions > 1 else
-                [settings.tx_subjects])
     config = ConsumerConfig(
         durable_name=STAGE_CONSUMER, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=checkpoint + 1, ack_policy=AckPolicy.ALL,
         max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_seconds,
-        max_ack_pending=MAX_ACK_PENDING, filter_subjects=subjects if len(subjects) > 1 else None,
-        filter_subject=subjects[0] if len(subjects) == 1 else None, max_waiting=64)
+        max_ack_pending=MAX_ACK_PENDING, max_waiting=64)
     await during_election(lambda: js.add_consumer(TX_STREAM, config), "add_consumer")
     log.info("consumer.reset", txn_id=None, consumer=STAGE_CONSUMER,
-             start_seq=checkpoint + 1, filter_subjects=subjects)
+             start_seq=checkpoint + 1, filter_subjects=None)
 
 
 async def serve(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
