@@ -506,7 +506,7 @@ def _failover(events: list[tuple[float, str, Any]], state: dict[str, Any],
         for p in state.get("killed_held", set()):
             taken = _first_event(logs, "lease.acquired", killed, key=f"partition.{p}")
             opened = _first_event(logs, "partition.open", killed, partition=p)
-            commit = watch.first_commit_after(p, killed)
+            commit = watch.first_commit_after(p, taken or killed)  # the new owner's
             per[p] = {"lease_taken": _since(taken, killed), "open": _since(opened, killed),
                       "first_commit": _since(commit, killed)}
         out["scorer_kill"] = per

@@ -5,7 +5,8 @@ One module per command group, each listing what it adds in ``COMMANDS``: ``run``
 the API, the feed, status and settings), ``models`` (train, retrain, evaluate, the registry,
 labels, drift), ``alerts``, ``access`` (keys, users, audit), ``data`` (replication,
 retention, the terminal directory), ``rules`` (the typology rules file), ``deadletters``,
-``cluster`` (a JetStream cluster's configuration) and ``bench``. ``options`` holds what
+``cluster`` (a JetStream cluster's configuration), ``stage`` (the terminal stage of
+partitioned scorers) and ``bench``. ``options`` holds what
 they share.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import click
 
-from . import access, alerts, bench, cluster, data, deadletters, models, rules, run
+from . import (access, alerts, bench, cluster, data, deadletters, models, rules, run,
+               stage)
 
 
 @click.group()
@@ -28,7 +30,8 @@ def cli() -> None:
     """
 
 
-for _group in (run, models, rules, alerts, access, data, deadletters, cluster, bench):
+for _group in (run, models, rules, alerts, access, data, deadletters, cluster, stage,
+               bench):
     for _command in _group.COMMANDS:
         cli.add_command(_command)
 

@@ -31,7 +31,10 @@ partition (the rebuild) runs off the event loop's critical path in the scorer's 
 What is shared, not partitioned: the node's database (``<data_dir>/branchguard.db``) holds
 what people keep for the scorer to look up (lists, labels, the terminal directory) and is
 read by every partition's scorer; the alert budget is split evenly, ``alert_budget_per_day /
-N`` per partition. Terminal features cut across account partitions: see docs/operations.md.
+N`` per partition. Terminal features cut across account partitions: each partition's scorer
+joins the terminal stage's windows (scoring/terminal_stage.py, terminal_feed.py), which one
+of the scorer processes runs under its own lease (:func:`stand_by_for_terminal_stage`), so
+every feature is the one a single scorer computes.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ from ..scoring.model import Model
 from ..scoring.pipeline import Counters, Scorer
 from ..scoring.registry import Registry
 from ..scoring.rulebook import rules_path
-from ..scoring.streams import ensure_streams
+from ..scoring.streams import API_TIMEOUT_SECONDS, ensure_streams
+from ..scoring.terminal_feed import TerminalFeed
+from ..scoring.terminal_stage import serve as serve_terminal_stage
 from ..settings import Settings
 from ..store import Store
 from .runner import close
@@ -185,8 +190,9 @@ class PartitionScorers:
         ps = partition_settings(self.settings, p)
         ps.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store.open(ps.db_path)
+        feed = TerminalFeed(self.nc.jetstream(timeout=API_TIMEOUT_SECONDS), p)
         scorer = Scorer(self.nc, store, self.model, ps, self.registry, owned=frozenset({p}),
-                        lease=lease, reference=self.reference)
+                        lease=lease, reference=self.reference, terminal_feed=feed)
         scorer.counters = self.counters
         task = asyncio.create_task(self._score(p, scorer, lease), name=f"partition-{p}")
         self.owned[p] = Owned(p, lease, store, scorer, task)
@@ -248,6 +254,24 @@ class PartitionScorers:
             await owned.lease.release()
 
 
+async def stand_by_for_terminal_stage(nc: Client, settings: Settings,
+                                      stop: asyncio.Event) -> None:
+    """Every scorer process stands by for the terminal stage (scoring/terminal_stage.py):
+    one of them holds its lease and runs it, and when that one dies, another takes over, so
+    a partitioned cluster needs no service of its own for it. A lost lease (a pause past
+    the TTL) stops the stage here; this process then stands by again."""
+    while not stop.is_set():
+        try:
+            await serve_terminal_stage(nc, settings, stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("terminal_stage.stopped", txn_id=None,
+                        error=f"{type(exc).__name__}: {exc}", hint="standing by again")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.lease_renew_seconds)
+
+
 async def run_scorer(settings: Settings) -> int:
     """``branchguard scorer``: join the cluster at ``nats_url`` and score a share of the
     partitions until SIGINT/SIGTERM; then hand them off. Returns the exit code."""
@@ -272,7 +296,9 @@ async def run_scorer(settings: Settings) -> int:
     try:
         await ensure_streams(nc.jetstream(timeout=2.0), settings)
         scorers = PartitionScorers(nc, settings, registry, model, reference)
+        stage = asyncio.create_task(stand_by_for_terminal_stage(nc, settings, stop))
         await scorers.run(stop)
+        await stage
         c = scorers.counters
         log.info("scorer.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
                  dead_letters=c.dead_letters, duplicates=c.duplicates, adopted=c.adopted)

@@ -44,17 +44,24 @@ class Deciders:
 
 
 def score_batch(batch: Sequence[tuple[Transaction, str, int, bytes | None]],
-                deciders: Deciders) -> tuple[list[Scored], list[tuple[float, ...]]]:
+                deciders: Deciders, terminals: Sequence[list[int] | None] | None = None
+                ) -> tuple[list[Scored], list[tuple[float, ...]]]:
     """Score ``batch`` of (transaction, branch, stream sequence, body digest), in order.
 
     Returns the scored rows and the model's input rows (features, then label features when
     the model reads them), for a shadow model to score the same inputs. Each transaction is
     observed by the feature state, counted by the budget and added to the typology trails:
     call it once per transaction, in processing order.
+
+    ``terminals``, aligned with ``batch``, are the terminal windows the terminal stage
+    computed for each transaction (a partitioned scorer's, terminal_stage.py); a None in it
+    leaves that one to the feature state's own terminal windows. Without it (a single
+    scorer) nothing changes and nothing is spent.
     """
     state, model = deciders.state, deciders.model
     observe = state.observe
-    features = [observe(tx) for tx, _, _, _ in batch]
+    features = ([observe(tx) for tx, _, _, _ in batch] if terminals is None else
+                [observe(tx, w) for (tx, _, _, _), w in zip(batch, terminals, strict=True)])
     rows = features
     known = deciders.known
     if model.uses_labels and known is not None:

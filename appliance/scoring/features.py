@@ -228,17 +228,21 @@ class FeatureState:
         self.accounts: dict[str, AccountState] = {}
         self.terminals: dict[str, Windows] = {}
 
-    def observe(self, tx: Transaction) -> tuple[float, ...]:
+    def observe(self, tx: Transaction, terminal: list[int] | None = None
+                ) -> tuple[float, ...]:
         """Features of ``tx`` (in :data:`FEATURES` order) from the state before it; then add it.
 
         Call it exactly once per accepted transaction, in processing order.
+
+        ``terminal``, when given, is the terminal's windows before ``tx`` as
+        :meth:`Windows.observe` returns them ([count, sum_milli] per window, 6 ints),
+        computed elsewhere over every transaction at the terminal (the terminal stage,
+        terminal_stage.py, for a scorer that sees only its partition's accounts): they are
+        used as they are, and this state's own terminal windows are left untouched.
         """
         account = self.accounts.get(tx.account_id)
         if account is None:
             account = self.accounts[tx.account_id] = AccountState()
-        terminal = self.terminals.get(tx.terminal_id)
-        if terminal is None:
-            terminal = self.terminals[tx.terminal_id] = Windows()
 
         amount = tx.amount
         milli = round(amount * MILLI)
@@ -259,7 +263,13 @@ class FeatureState:
             zscore = 0.0
 
         acc_w = account.windows.observe(t, milli)
-        term_w = terminal.observe(t, milli)
+        if terminal is None:
+            windows_here = self.terminals.get(tx.terminal_id)
+            if windows_here is None:
+                windows_here = self.terminals[tx.terminal_id] = Windows()
+            term_w = windows_here.observe(t, milli)
+        else:
+            term_w = terminal
         previous = account.windows.ts
         # the newest earlier event at or before t: for in-order events it is the one just
         # before the event we appended; for late ones, bisect.

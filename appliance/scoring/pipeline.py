@@ -59,6 +59,7 @@ from .ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, d
                      in_progress)
 from .streams import (API_TIMEOUT_SECONDS, DLQ_SUBJECT, ensure_streams, published_verdicts,
                       reset_consumer)
+from .terminal_feed import TerminalFeed
 from .labels import LabelFeed
 from .lists import ListFilter
 from .model import Model, feature_matrix
@@ -87,6 +88,8 @@ class Counters:
     """Re-used transaction ids with another body (dead-lettered, counted in dead_letters)."""
     adopted: int = 0
     """Replayed transactions given the verdict already published before a crash."""
+    terminal_disagreements: int = 0
+    """Fresh transactions the terminal stage did not observe (scored on local windows)."""
     batches: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     """Stream-stored to verdict-published latency of recent transactions (cleared by readers)."""
@@ -115,7 +118,8 @@ class Scorer:
 
     def __init__(self, nc: Client, store: Store, model: Model, settings: Settings,
                  registry: Registry | None = None, owned: frozenset[int] | None = None,
-                 lease: Lease | None = None, reference: Store | None = None) -> None:
+                 lease: Lease | None = None, reference: Store | None = None,
+                 terminal_feed: TerminalFeed | None = None) -> None:
         """``owned`` and ``lease``: a partition's scorer (issue 19, operations/partitioned.py)
         consumes only the partitions ``owned``, under ``lease``, which fences everything it
         writes: its verdicts and dead letters are published, its commits written and its
@@ -123,7 +127,9 @@ class Scorer:
         store refuses an older one), and its consumer is named after the token, so a late
         ack from a lost tenure reaches no consumer. ``reference``: the node's database, where
         people keep what the scorer looks up (the allow and deny lists, the labels, the
-        terminal directory), when ``store`` is a partition's own (default: ``store``)."""
+        terminal directory), when ``store`` is a partition's own (default: ``store``).
+        ``terminal_feed``: the terminal stage's windows for this partition (terminal_feed.py),
+        so the terminal features are the whole stream's, not the partition's."""
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT_SECONDS)  # every call retried: streams.py
         self.store = store
@@ -168,6 +174,8 @@ class Scorer:
         """The alert budget (issue 18): rebuilt from the stored rows at start (budget.py)."""
         self.rules = Typologies(looked_up, settings)
         """Typology rules (issue 18): the rules file in force, re-read when it changes."""
+        self.terminal_feed = terminal_feed
+        """A partition's scorer: every terminal's windows, from the terminal stage."""
 
     async def prepare(self) -> None:
         """Streams, state from the database, verdicts of record, consumer from the checkpoint.
@@ -273,7 +281,11 @@ class Scorer:
                                else self.verdicts.last_seq, self.confirmed_upto)
             await self.writer.stop()
             self.store.checkpoint_wal()
-            for part in (self.puller, self.verdicts, self.dlq):  # NATS may be away: bounded
+            parts: list[Puller | Publisher | TerminalFeed] = [self.puller, self.verdicts,
+                                                              self.dlq]
+            if self.terminal_feed is not None:
+                parts.append(self.terminal_feed)
+            for part in parts:  # NATS may be away: bounded
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(part.stop(), 2.0)
 
@@ -367,10 +379,14 @@ class Scorer:
                 fresh.append((d, tx))
                 digests.append(digest(tx))
 
+        terminals = await self._terminal_windows(fresh) if self.terminal_feed else None
         try:
-            scored = self._score(fresh, digests)
+            scored = self._score(fresh, digests, terminals)
         except Exception:
-            scored = await self._score_one_by_one(fresh, digests, batch, dead, rejects)
+            scored = await self._score_one_by_one(fresh, digests, batch, dead, rejects,
+                                                  terminals)
+        if self.terminal_feed is not None:
+            self.terminal_feed.forget_through(batch[-1].stream_seq)
         for s in scored:
             in_flight[s.tx.transaction_id] = (s.verdict, s.digest or b"")
         outgoing = [Outgoing(f"verdict.{s.branch}.{s.tx.terminal_id}", _encode(s.verdict),
@@ -449,15 +465,33 @@ class Scorer:
             self.confirmed_upto = b.last_seq
             self._progress.set()
 
-    def _score(self, fresh: list[tuple[Delivery, Transaction]], digests: list[bytes]
-               ) -> list[Scored]:
+    async def _terminal_windows(self, fresh: list[tuple[Delivery, Transaction]]
+                                ) -> list[list[int] | None]:
+        """The terminal stage's windows for ``fresh``; one the stage did not observe (it
+        decided otherwise: a disagreement, logged and counted) is left to the local state."""
+        feed = self.terminal_feed
+        if feed is None or not fresh:
+            return []
+        if not feed.started:
+            await feed.start(self.last_seq)  # the checkpoint, before the first batch
+        windows = await feed.windows_for([d.stream_seq for d, _ in fresh])
+        for (d, tx), w in zip(fresh, windows):
+            if w is None:
+                self.counters.terminal_disagreements += 1
+                log.warning("terminal.disagree", txn_id=tx.transaction_id,
+                            stream_seq=d.stream_seq, terminal_id=tx.terminal_id)
+        return windows
+
+    def _score(self, fresh: list[tuple[Delivery, Transaction]], digests: list[bytes],
+               terminals: list[list[int] | None] | None = None) -> list[Scored]:
         """Stages 3-5 (batch.py): features in order, model risk for all at once, rules,
         budget, lists and verdict; then verdicts of record adopted, and the shadow model."""
         deciders = Deciders(self.state, self.model, self.settings, self.budget, self.lists,
                             self.rules,
                             self.labels.state.features if self.model.uses_labels else None)
         scored, rows = score_batch([(tx, branch_of(d.subject), d.stream_seq, h)
-                                    for (d, tx), h in zip(fresh, digests)], deciders)
+                                    for (d, tx), h in zip(fresh, digests)], deciders,
+                                   terminals)
         if self._adopted:
             self._adopt(scored)
         if self.shadow is not None and scored:
@@ -493,7 +527,8 @@ class Scorer:
 
     async def _score_one_by_one(self, fresh: list[tuple[Delivery, Transaction]],
                                 digests: list[bytes], batch: list[Delivery],
-                                dead: list[DeadLetter], rejects: list[Outgoing]
+                                dead: list[DeadLetter], rejects: list[Outgoing],
+                                terminals: list[list[int] | None] | None = None
                                 ) -> list[Scored]:
         """After scoring a batch raised: score each transaction alone and dead-letter the
         ones that fail, so one poisonous transaction can never stop the node or come back
@@ -522,11 +557,12 @@ class Scorer:
                                                      self.store.path, self.settings)
         scored: list[Scored] = []
         state = self.state
-        for (d, tx), h in zip(fresh, digests):
+        for i, ((d, tx), h) in enumerate(zip(fresh, digests)):
             account = copy.deepcopy(state.accounts.get(tx.account_id))
             terminal = copy.deepcopy(state.terminals.get(tx.terminal_id))
             try:
-                scored.extend(self._score([(d, tx)], [h]))
+                scored.extend(self._score([(d, tx)], [h],
+                                          None if terminals is None else terminals[i:i + 1]))
             except Exception as exc:
                 if account is None:
                     state.accounts.pop(tx.account_id, None)

@@ -9,6 +9,9 @@ Streams (created or updated idempotently at start, :func:`ensure_streams`):
 - ``VERDICTS`` on ``verdict.<branch>.<terminal>``: one verdict per transaction, ``Nats-Msg-Id``
   = transaction id, so a re-published verdict is dropped inside the duplicate window.
 - ``TX_DLQ`` on ``dlq.tx``: each rejected message, body unchanged, reason in headers.
+- ``TERM`` on ``term.<p>.<tx_seq>``, only with ``partitions`` above 1: the terminal stage's
+  windows for each TX message (terminal_stage.py), ``Nats-Msg-Id`` ``term-<tx_seq>``; same
+  age and replicas as ``TX``.
 
 The consumer is durable, pull, ack policy ``all`` (one ack per batch). It is re-created at
 every start from the database checkpoint (the last stream sequence whose outcome is
@@ -44,6 +47,8 @@ TX_STREAM = "TX"
 VERDICT_STREAM = "VERDICTS"
 DLQ_STREAM = "TX_DLQ"
 DLQ_SUBJECT = "dlq.tx"
+TERM_STREAM = "TERM"
+TERM_SUBJECTS = "term.>"
 MAX_ACK_PENDING = 20000
 
 log = logs.get("appliance.streams")
@@ -100,13 +105,19 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
                      retention=RetentionPolicy.LIMITS, duplicate_window=window,
                      max_age=30 * day, max_msg_size=2 << 20,
                      num_replicas=settings.stream_replicas),
+        *([StreamConfig(name=TERM_STREAM, subjects=[TERM_SUBJECTS], storage=StorageType.FILE,
+                        retention=RetentionPolicy.LIMITS, duplicate_window=window,
+                        max_age=settings.tx_max_age_days * day,
+                        num_replicas=settings.stream_replicas)]
+          if settings.partitions > 1 else []),
     ]
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
-    """Create the three streams, or bring their configuration up to date; but never change
-    the TX stream's partition count (:class:`StreamError`): the same account would map to
-    another partition, and its state to another owner, from one message to the next."""
+    """Create the streams (three; ``TERM`` too with partitions), or bring their
+    configuration up to date; but never change the TX stream's partition count
+    (:class:`StreamError`): the same account would map to another partition, and its state
+    to another owner, from one message to the next."""
     for config in stream_configs(settings):
         name = config.name or ""
         try:
