@@ -129,7 +129,7 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
         "branchguard_terminal_groups": [{"name": "atm", "password": "vault-atm",
                                          "terminals": ["ATM01"]}],
         "branchguard_nats_cluster_hosts": hosts, "branchguard_nats_cluster_self": hosts[1],
-        "branchguard_command": str(command),
+        "branchguard_command": str(command), "branchguard_partitions": 6,
     }
     first = _recap(_converge(tmp_path, root, extra))
     assert first["failed"] == 0 and first["changed"] > 0, first
@@ -138,7 +138,7 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
 
     etc = root / "etc" / "branchguard"
     settings = load(etc / "branchguard.toml", env={})  # what the scorer on this host reads
-    assert settings.stream_replicas == 3
+    assert settings.stream_replicas == 3 and settings.partitions == 6
     assert settings.nats_url == ",".join(f"nats://{h}:4222" for h in hosts)
     cluster = etc / "nats-cluster"
     assert sorted(p.name for p in cluster.iterdir()) == [
@@ -153,3 +153,4 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
         assert conf.stat().st_mode & 0o077 == 0o040, conf.name  # 0640: it holds passwords
     units = {p.name for p in (root / "etc" / "systemd" / "system").iterdir()}
     assert "branchguard-nats-cluster@.service" in units
+    assert "branchguard-cluster-scorer.service" in units  # what a partitioned host runs

@@ -14,19 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
-import pytest
 
 from appliance.scoring import pipeline
 from appliance.scoring.features import FEATURES, FeatureState, Windows
 from appliance.scoring.model import Model
-from appliance.scoring.streams import TX_STREAM, ensure_streams, reset_consumer
+from appliance.scoring.streams import TX_STREAM, ensure_streams
 from appliance.scoring.terminal_feed import TerminalFeed
 from appliance.scoring.terminal_stage import (Ledger, TerminalStage, db_path, decode_record,
                                               partition_of)
@@ -249,7 +247,7 @@ def test_the_stage_survives_sigkill_with_the_same_records(settings: Settings,
 
 
 def test_a_partition_scorer_joined_with_the_stage_stores_single_scorer_features(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+        settings: Settings) -> None:
     """The scorer of partition 1 (its consumer on that partition only), with a TerminalFeed:
     every stored feature vector is the one a single FeatureState over the whole stream
     computes; without the feed its terminal features would differ (checked too)."""
@@ -257,12 +255,6 @@ def test_a_partition_scorer_joined_with_the_stage_stores_single_scorer_features(
     _create_streams(settings)
     inputs = _inputs(1500, seed=29)
     assert send_raw(settings.nats_url or "", inputs)
-    real_reset = reset_consumer
-
-    async def one_partition(js: Any, s: Settings, checkpoint: int,
-                            owned: Iterable[int] | None = None) -> Any:
-        return await real_reset(js, s, checkpoint, [1])
-    monkeypatch.setattr(pipeline, "reset_consumer", one_partition)
 
     async def go() -> dict[str, list[float]]:
         stage_nc = await nats.connect(settings.nats_url)
@@ -273,7 +265,7 @@ def test_a_partition_scorer_joined_with_the_stage_stores_single_scorer_features(
         feed = TerminalFeed(nc.jetstream(), 1, wait_seconds=20.0)
         scorer = pipeline.Scorer(nc, store, Model.load(settings.models_dir,
                                                        settings.model_version),
-                                 settings, terminal_feed=feed)
+                                 settings, owned=frozenset({1}), terminal_feed=feed)
         task = asyncio.create_task(scorer.run())
         try:
             deadline = time.monotonic() + 60

@@ -539,8 +539,9 @@ def _zombie(z: ScorerChild, events: list[tuple[float, str, Any]]) -> dict[str, A
     stopped: list[int] = next((d for _, what, d in events if what == "zombie_stopped"), [])
     after = [e for e in z.events() if woke is not None and
              datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp() >= woke - 1]
-    lost = sorted({int(e["partition"]) for e in after
-                   if e.get("event") in ("partition.lost", "partition.fenced")})
+    lost = sorted({int(e["partition"]) for e in after  # lost, or let go without writing
+                   if e.get("event") in ("partition.lost", "partition.fenced",
+                                         "partition.handed_off")})
     return {"held_when_stopped": stopped, "found_lost": lost,
             "refused_commits": sum(1 for e in after if e.get("event") == "commit.fenced"),
             "commit_failures": sum(1 for e in after if e.get("event") == "commit.failed")}

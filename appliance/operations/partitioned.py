@@ -161,8 +161,12 @@ class PartitionScorers:
             if owned.task.done():
                 await self._forget(p, owned)
         live = await leases.holders(MEMBER_PREFIX)
-        self.members = max(1, len(live))
-        share = fair_share(self.settings.partitions, self.members)
+        members = max(1, len(live))
+        share = fair_share(self.settings.partitions, members)
+        if members != self.members:
+            log.info("partitions.share", txn_id=None, members=members, share=share,
+                     owned=sorted(self.owned))
+        self.members = members
         if len(self.owned) > share:
             await self.hand_off(max(self.owned))
             return
@@ -237,6 +241,7 @@ class PartitionScorers:
         owned = self.owned.get(p)
         if owned is None:
             return
+        log.info("partition.handing_off", txn_id=None, partition=p, token=owned.lease.token)
         owned.scorer.stop()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(owned.task), HANDOFF_SECONDS)
@@ -249,9 +254,11 @@ class PartitionScorers:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(owned.task, CANCEL_SECONDS)
         self.owned.pop(p, None)
-        owned.store.close()
+        # off the event loop: a writer thread still finishing its commit holds the
+        # connection, and closing it waits for that
+        await asyncio.get_running_loop().run_in_executor(None, owned.store.close)
         with contextlib.suppress(NatsError, asyncio.TimeoutError, OSError):
-            await owned.lease.release()
+            await asyncio.wait_for(owned.lease.release(), CANCEL_SECONDS)
 
 
 async def stand_by_for_terminal_stage(nc: Client, settings: Settings,

@@ -374,6 +374,9 @@ class Scorer:
             tid = tx.transaction_id
             if tid in in_flight or tid in known:
                 repeats.append((d, tx))  # answered once this batch's own are scored
+                earlier = in_flight.get(tid)
+                if earlier is not None:  # kept: its batch may commit (and leave in_flight)
+                    known[tid] = earlier  # while this one waits for the terminal stage
             else:
                 in_flight[tid] = None  # claimed: a second copy in this batch is a repeat
                 fresh.append((d, tx))

@@ -38,6 +38,10 @@ CLOCK_MARGIN_SECONDS = 5.0
 """Read ``TERM`` from this much before the first needed TX message's stored time."""
 WAIT_SECONDS = 30.0
 """How long :meth:`TerminalFeed.windows_for` waits for the stage before giving up."""
+STALL_SECONDS = 2.0
+"""After this long with records missing and none arriving, the feed reads ``TERM`` again
+from the first one missing: an ordered consumer can stall on a server's death (measured: a
+partition waited out the whole 30 s after the ``TERM`` leader's SIGKILL)."""
 
 
 class TerminalFeed:
@@ -117,9 +121,18 @@ class TerminalFeed:
                     hint="is `branchguard stage terminals` running against this NATS?")
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, STALL_SECONDS))
             except TimeoutError:
-                pass
+                if deadline - time.monotonic() > 0:
+                    await self._resubscribe(missing[0] - 1)
+
+    async def _resubscribe(self, after: int) -> None:
+        """Read again from the record of TX sequence ``after + 1`` on (the records held are
+        kept; one arriving twice is ignored)."""
+        log.warning("terminal_feed.stalled", txn_id=None, partition=self.partition,
+                    waiting_for=after + 1, hint="reading TERM again from there")
+        await self.stop()
+        await self.start(max(after, self._floor))
 
     def forget_through(self, seq: int) -> None:
         """Drop the records of TX sequences up to ``seq`` (the scorer is past them)."""
