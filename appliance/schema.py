@@ -459,6 +459,21 @@ def m015_lease_token(db: Database) -> None:
     )
 
 
+@migrations()
+def m016_gathered(db: Database) -> None:
+    """How far each partition's database has been copied into the node's
+    (operations/gather.py)."""
+    db.executescript(
+        """
+        CREATE TABLE gathered (
+            source TEXT PRIMARY KEY,            -- the partition's directory name: p0, p1, ...
+            last_rowid INTEGER NOT NULL,        -- its transactions copied up to this rowid
+            last_dead_seq INTEGER NOT NULL      -- its dead letters up to this stream sequence
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

@@ -5,12 +5,14 @@ what one scorer stores over the same stream."""
 from __future__ import annotations
 
 import sys
+from array import array
 from pathlib import Path
 
 import pytest
 
 from appliance.bench.scaleout import PARTITIONS, drill_messages, run_drill
 from appliance.errors import FencedError
+from appliance.operations.gather import gather_once, open_node
 from appliance.operations.partitioned import fair_share, member_key, partition_settings
 from appliance.scoring.rulebook import rules_path
 from appliance.settings import load
@@ -90,3 +92,34 @@ def test_partitioned_scorers_store_what_one_scorer_stores_through_every_failure(
     assert {name: code for name, code in report["exit_codes"].items()
             if name != "scorer-1"} == {f"scorer-{i}": 0 for i in range(2, 4)}, report
     assert len(report["exit_codes"]) == 3 and PARTITIONS == 6
+    gathered = report["gathered"]  # what the node's API, console and dispatcher read
+    assert gathered["transactions"] == 30_000, gathered
+    assert gathered["alerts"] == gathered["partition_alerts"] == gathered["outbox"], gathered
+
+
+def test_the_partitions_are_gathered_into_the_node_database_once(tmp_path: Path) -> None:
+    txs = [item.tx for item in make_transactions(60)]
+    scored = score_all(txs)  # a spread of risks: some alert
+    for p, part in ((0, scored[:30]), (1, scored[30:45])):
+        store = Store.open(tmp_path / "partitions" / f"p{p}" / "branchguard.db")
+        store.save_batch(part, [], f"scorer-p{p}", part[-1].stream_seq, lease_token=3)
+        store.close()
+    node = open_node(tmp_path / "branchguard.db")
+    try:
+        assert gather_once(node, tmp_path) == 45
+        assert gather_once(node, tmp_path) == 0  # copied once
+        late = Store.open(tmp_path / "partitions" / "p1" / "branchguard.db")
+        late.save_batch(scored[45:], [], "scorer-p1", scored[-1].stream_seq, lease_token=3)
+        late.close()
+        assert gather_once(node, tmp_path, limit=7) == 7  # in short steps
+        while gather_once(node, tmp_path, limit=7):
+            pass
+        count = node.execute("SELECT count(*) FROM transactions").fetchone()[0]
+        alerts = node.execute("SELECT count(*) FROM alerts").fetchone()[0]
+        outbox = node.execute("SELECT count(*) FROM alert_outbox").fetchone()[0]
+        features = dict(node.execute("SELECT transaction_id, features FROM transactions"))
+    finally:
+        node.close()
+    expected_alerts = sum(1 for s in scored if s.verdict.decision != "approve")
+    assert count == 60 and 0 < expected_alerts == alerts == outbox
+    assert features[scored[50].tx.transaction_id] == array("d", scored[50].features).tobytes()

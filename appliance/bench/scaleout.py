@@ -377,6 +377,31 @@ def compare(reference: Path, data_dir: Path) -> dict[str, Any]:
             "dead_letters": dict(dead), "reference_dead_letters": dict(_dead(reference))}
 
 
+def gathered(data_dir: Path) -> dict[str, int]:
+    """What the node database holds once the scorers stopped (operations/gather.py), beside
+    the partitions' own alerts."""
+    out = {"transactions": 0, "alerts": 0, "outbox": 0, "partition_alerts": 0}
+    node = data_dir / "branchguard.db"
+    if node.exists():
+        conn = _read_only(node)
+        try:
+            for key, table in (("transactions", "transactions"), ("alerts", "alerts"),
+                               ("outbox", "alert_outbox")):
+                out[key] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+        finally:
+            conn.close()
+    for p in range(PARTITIONS):
+        db = partition_db(data_dir, p)
+        if db.exists():
+            conn = _read_only(db)
+            try:
+                out["partition_alerts"] += conn.execute("SELECT count(*) FROM alerts"
+                                                        ).fetchone()[0]
+            finally:
+                conn.close()
+    return out
+
+
 def verdicts_of_record(tx_stream: list[tuple[str, bytes, dict[str, str]]],
                        verdicts: list[tuple[str, bytes, dict[str, str]]]) -> dict[str, int]:
     """Transaction ids with more than one distinct verdict in ``VERDICTS``."""
@@ -459,6 +484,7 @@ def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
         for c in children:
             report.setdefault("exit_codes", {})[c.name] = c.stop()
         watch.halt.set()
+        report["gathered"] = gathered(data_dir)
         report["failover"] = _failover(events, state, watch, children)
         report["zombie"] = _zombie(children[1], events)
         report["events"] = [(round(t, 3), what, detail) for t, what, detail in events]
@@ -541,7 +567,8 @@ def _zombie(z: ScorerChild, events: list[tuple[float, str, Any]]) -> dict[str, A
              datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp() >= woke - 1]
     lost = sorted({int(e["partition"]) for e in after  # lost, or let go without writing
                    if e.get("event") in ("partition.lost", "partition.fenced",
-                                         "partition.handed_off")})
+                                         "partition.handed_off")
+                   and int(e["partition"]) in stopped})  # (not what it took on rejoining)
     return {"held_when_stopped": stopped, "found_lost": lost,
             "refused_commits": sum(1 for e in after if e.get("event") == "commit.fenced"),
             "commit_failures": sum(1 for e in after if e.get("event") == "commit.failed")}

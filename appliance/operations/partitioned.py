@@ -65,6 +65,7 @@ from ..scoring.terminal_feed import TerminalFeed
 from ..scoring.terminal_stage import serve as serve_terminal_stage
 from ..settings import Settings
 from ..store import Store
+from .gather import gather_forever
 from .runner import close
 
 log = logs.get("appliance.partitioned")
@@ -123,6 +124,8 @@ class PartitionScorers:
         """Totals over every partition this process has scored (the status line's)."""
         self.owned: dict[int, Owned] = {}
         self.leases: Leases | None = None
+        self.member: Lease | None = None
+        """This process's member lease: re-taken if lost (the others count it)."""
         self.members = 1
         self.ready = asyncio.Event()
         """Set once this process has joined (its member lease is held)."""
@@ -133,7 +136,7 @@ class PartitionScorers:
         s = self.settings
         js = self.nc.jetstream(timeout=max(1.0, s.lease_ttl_seconds))
         self.leases = leases = await Leases.open(js, s, replicas=s.stream_replicas)
-        member = await leases.wait_acquire(member_key(leases.owner))
+        self.member = await leases.wait_acquire(member_key(leases.owner))
         log.info("scorer.joined", txn_id=None, owner=leases.owner, partitions=s.partitions)
         self.ready.set()
         try:
@@ -148,7 +151,8 @@ class PartitionScorers:
         finally:
             await asyncio.gather(*(self.hand_off(p) for p in list(self.owned)),
                                  return_exceptions=True)
-            await member.release()
+            if self.member is not None:
+                await self.member.release()
             log.info("scorer.left", txn_id=None, owner=leases.owner)
 
     async def balance(self) -> None:
@@ -160,6 +164,8 @@ class PartitionScorers:
         for p, owned in list(self.owned.items()):
             if owned.task.done():
                 await self._forget(p, owned)
+        if self.member is None or self.member.lost:  # an election outlasted its TTL: rejoin
+            self.member = await leases.acquire(member_key(leases.owner))
         live = await leases.holders(MEMBER_PREFIX)
         members = max(1, len(live))
         share = fair_share(self.settings.partitions, members)
@@ -304,8 +310,10 @@ async def run_scorer(settings: Settings) -> int:
         await ensure_streams(nc.jetstream(timeout=2.0), settings)
         scorers = PartitionScorers(nc, settings, registry, model, reference)
         stage = asyncio.create_task(stand_by_for_terminal_stage(nc, settings, stop))
+        gathering = asyncio.create_task(gather_forever(settings, stop))
         await scorers.run(stop)
         await stage
+        await gathering  # its last round copies what the handoffs committed
         c = scorers.counters
         log.info("scorer.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
                  dead_letters=c.dead_letters, duplicates=c.duplicates, adopted=c.adopted)
