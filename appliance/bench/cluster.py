@@ -119,7 +119,9 @@ def run_cluster_bench(scorers: list[int], count: int, rate: float, seconds: floa
                       runs: int = 5, warmup: int = 2000, drill_count: int = 10_000
                       ) -> dict[str, Any]:
     """The steady phase for each scorer count, ``runs`` failover runs of each kind, and the
-    drill (none with ``drill_count`` 0); the figures, each run's check and their spread."""
+    drill (none with ``drill_count`` 0); the figures, each run's check and their spread. A
+    failover run whose check fails keeps its directory (``kept``: the scorers' and servers'
+    logs, the partitions' databases); everything else is removed."""
     root = Path(tempfile.mkdtemp(prefix="branchguard-bench-cluster-"))
     report: dict[str, Any] = {"servers": 3, "stream_replicas": REPLICAS,
                               "partitions": PARTITIONS, "count": count, "rate": rate,
@@ -132,12 +134,20 @@ def run_cluster_bench(scorers: list[int], count: int, rate: float, seconds: floa
             for kind, measure in (("scorer_kill", scorer_kill_run),
                                   ("leader_kill", leader_kill_run)):
                 run_root = root / f"{kind}-{run + 1}"
-                report["failover"][kind].append(measure(run_root, rate, seconds, 1000 + run))
-                shutil.rmtree(run_root, ignore_errors=True)
+                result = measure(run_root, rate, seconds, 1000 + run)
+                report["failover"][kind].append(result)
+                if _passed(result):
+                    shutil.rmtree(run_root, ignore_errors=True)
+                else:  # its scorers' and servers' logs and databases, to see what happened
+                    report.setdefault("kept", []).append(str(run_root))
         if drill_count:
             report["equality"] = _equality(run_drill(root / "drill", count=drill_count))
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if report.get("kept"):
+            for phase in root.glob("steady-*"):
+                shutil.rmtree(phase, ignore_errors=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     steady = {s["scorers"]: s["scorer_cpu_us_per_tx"] for s in report["steady"]}
     if 1 in steady and max(steady) > 1:
         report["scorer_cpu_ratio"] = round(steady[max(steady)] / max(1, steady[1]), 3)
@@ -147,6 +157,11 @@ def run_cluster_bench(scorers: list[int], count: int, rate: float, seconds: floa
     report["lost"] = sum(r["check"]["lost"] + r["not_published"] for r in every)
     report["duplicated"] = sum(r["check"]["duplicated"] for r in every)
     return report
+
+
+def _passed(run: dict[str, Any]) -> bool:
+    """Whether a failover run stored every transaction once, with one verdict each."""
+    return bool(run["all_stored"] and run["check"]["ok"] and not run["not_published"])
 
 
 def _met(value: float | None, target: float) -> str:
@@ -200,6 +215,9 @@ def format_cluster_report(report: dict[str, Any]) -> str:
     lines.append(f"loss/duplicate check over every run: {report['lost']} lost, "
                  f"{report['duplicated']} duplicated "
                  f"({'OK' if report['lost'] == report['duplicated'] == 0 else 'FAILED'})")
+    if report.get("kept"):
+        lines.append("  failed runs kept, with their logs and databases: "
+                     + ", ".join(report["kept"]))
     if "equality" in report:
         e = report["equality"]
         lines.append(f"equality with one scorer (drill, {e['count']:,} transactions): "
