@@ -1,5 +1,6 @@
-"""``branchguard bench cluster``: a tiny run on three real nats-servers and a real scorer
-(``branchguard run``), its figures real numbers in sane ranges and nothing lost or doubled;
+"""``branchguard bench cluster``: a tiny run of the command on three real nats-servers and
+real partitioned scorers (``branchguard cluster scorer``), its report whole, its figures real
+numbers, every orphaned partition committed again and nothing lost or doubled;
 and the loss/duplicate check, on fabricated ids, reporting what is missing or doubled where.
 The figures are reported, never judged against a target: they depend on the machine.
 """
@@ -10,8 +11,11 @@ import json
 import math
 from pathlib import Path
 
-from appliance.bench.cluster import run_cluster_bench, spread
+import pytest
+
+from appliance.bench.cluster import spread
 from appliance.bench.delivery import check_delivery
+from appliance.bench.partition_scorers import PARTITIONS
 
 from .test_cli import branchguard
 
@@ -46,35 +50,56 @@ def _number(value: object, low: float, high: float) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value) and low <= value <= high
 
 
-def test_a_tiny_run_measures_every_process_and_loses_nothing() -> None:
-    report = run_cluster_bench(count=400, rate=150, seconds=3, runs=1, warmup=100)
-    assert report["scorers"] == 1 and "per-partition" in report["note"]
-    steady = report["steady"]
-    assert steady["verdicts"] == 400 and _number(steady["tx_per_second"], 10, 1e6)
-    cpu = steady["cpu_us_per_tx"]
-    for name in ("scorer", "nats-1", "nats-2", "nats-3", "load-generator"):
-        assert _number(cpu[name], 0, 1e6), (name, cpu)
-    assert cpu["scorer"] > 0 and sum(cpu[f"nats-{i}"] for i in (1, 2, 3)) > 0
-    (run,) = report["failover"]
-    assert run["killed"] in ("nats-1", "nats-2", "nats-3")
-    assert run["published"] == 450 and run["acked"] == 450 and run["all_stored"]
-    # an election takes seconds, never nothing: a kill that stopped nothing would show ~0
-    assert _number(run["to_publish_seconds"], 0.2, 60), run
-    # (the scorer may commit a transaction before its publisher hears the ack: no order)
-    assert _number(run["to_commit_seconds"], 0.2, 120), run
-    assert run["retries"] >= 1 and run["retries"] >= run["retried"], run
-    check = run["check"]
-    assert (check["lost"], check["duplicated"], report["lost"], report["duplicated"]) == (
-        0, 0, 0, 0), check
-    assert check["published"] == 450 and check["tx_stream"]["unexpected"] > 0  # the steady ids
-    assert report["summary"]["to_publish_seconds"]["median"] == run["to_publish_seconds"]
-    # every process stopped, each by its PID: the scorer, its Litestream, the servers
-    assert {"scorer", "nats-1", "nats-2", "nats-3", "litestream"} <= set(run["pids"])
-    assert not [name for name, pid in run["pids"].items() if Path(f"/proc/{pid}").exists()]
-    json.dumps(report)  # what --json writes
+@pytest.mark.timeout(900)
+def test_the_command_measures_partitioned_scorers_and_loses_nothing() -> None:
+    result = branchguard("bench", "cluster", "--scorers", "1,2", "--count", "1500", "--runs",
+                         "1", "--seconds", "6", "--drill-count", "0", "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    report = json.loads(result.stdout)
+    assert report["partitions"] == PARTITIONS and report["stream_replicas"] == 3
+    assert [s["scorers"] for s in report["steady"]] == [1, 2]
+    for steady in report["steady"]:
+        names = [f"scorer-{i + 1}" for i in range(steady["scorers"])]
+        assert steady["verdicts"] == 1500 and _number(steady["tx_per_second"], 1, 1e6)
+        cpu = steady["cpu_us_per_tx"]
+        for name in (*names, "nats-1", "nats-2", "nats-3", "load-generator"):
+            assert _number(cpu[name], 0, 1e6), (name, cpu)
+        assert all(cpu[name] > 0 for name in names), cpu  # every scorer did its share
+        assert steady["scorer_cpu_us_per_tx"] == sum(cpu[name] for name in names)
+        assert steady["terminal_stage"] in names
+        assert sorted(p for held in steady["held"].values() for p in held) == list(
+            range(PARTITIONS))
+    assert _number(report["scorer_cpu_ratio"], 0.1, 10)
+
+    (scorer_run,) = report["failover"]["scorer_kill"]
+    assert scorer_run["killed"] != scorer_run["terminal_stage"]
+    orphaned = scorer_run["orphaned"]
+    assert len(orphaned) == PARTITIONS // 2, orphaned  # the dead one's fair share
+    for figures in orphaned.values():
+        # the lease is taken, the partition opened, then committed: in that order
+        assert figures["first_commit"] is not None, orphaned
+        assert figures["lease_taken"] is not None and figures["open"] is not None, orphaned
+        assert figures["lease_taken"] <= figures["open"] <= figures["first_commit"], orphaned
+        assert isinstance(figures["replayed"], int) and figures["replayed"] >= 0
+    (leader_run,) = report["failover"]["leader_kill"]
+    assert leader_run["killed"] in ("nats-1", "nats-2", "nats-3")
+    assert set(leader_run["first_commit"]) == {str(p) for p in range(PARTITIONS)}
+    assert all(t is not None for t in leader_run["first_commit"].values()), leader_run
+    for run in (scorer_run, leader_run):
+        assert run["published"] == run["acked"] == 3000 and run["all_stored"], run
+        check = run["check"]
+        assert (check["lost"], check["duplicated"], run["not_published"]) == (0, 0, 0), check
+        # every process stopped, each by its PID: the scorers and the servers
+        assert not [name for name, pid in run["pids"].items() if Path(f"/proc/{pid}").exists()]
+    assert (report["lost"], report["duplicated"]) == (0, 0)
+    summary = report["summary"]
+    assert summary["scorer_kill"]["first_commit"]["runs"] == PARTITIONS // 2
+    assert summary["leader_kill"]["first_commit"]["runs"] == PARTITIONS
+    assert "equality" not in report  # --drill-count 0
 
 
 def test_the_command_is_there_with_an_example() -> None:
     result = branchguard("bench", "cluster", "--help")
     assert result.returncode == 0 and "--runs" in result.stdout
-    assert "branchguard bench cluster --count" in result.stdout
+    assert "--scorers" in result.stdout and "--drill-count" in result.stdout
+    assert "branchguard bench cluster --scorers 1,2,3" in result.stdout

@@ -1,229 +1,75 @@
-"""``branchguard bench cluster``: the scorer on a real 3-server JetStream cluster (R3 streams,
-:mod:`appliance.operations.loopback_cluster`), on this machine's loopback.
+"""``branchguard bench cluster``: partitioned scorers (``branchguard cluster scorer``, issue 19)
+on a real 3-server JetStream cluster (R3 streams, :mod:`appliance.operations.loopback_cluster`)
+on this machine's loopback, ``TX`` in :data:`~.partition_scorers.PARTITIONS` partitions.
+Three parts:
 
-This first version runs ONE scorer (``branchguard run``, with ``nats_url`` naming the three
-servers and ``stream_replicas = 3``): per-partition scorers do not exist yet (issue 19), so
-it measures what the cluster costs and how a scorer rides out the loss of the server leading
-``TX``, not how scorers scale. Two phases:
-
-- **steady**: ``count`` transactions at full speed from the load generator
+- **steady**, for each scorer count asked (1, 2, 3): a fresh cluster, that many scorers,
+  every partition open, then ``count`` transactions at full speed from the load generator
   (``branchguard bench-load``, as ``branchguard bench`` runs it): tx/s, and the CPU µs per
-  transaction of each process (the scorer, its Litestream, each nats-server by name, the
-  load generator) from :mod:`.proc`;
-- **failover**, ``runs`` times, each on a cluster and scorer of its own (the first one after
-  the steady phase): transactions published at ``rate``/s for ``seconds``, as terminals do
-  (each retried under its own ``Nats-Msg-Id`` until acked), with the server leading ``TX``
-  SIGKILLed half-way. It reports the seconds from the kill to the first publish accepted
-  again and to the scorer's first commit of a transaction accepted after the kill (its
-  SQLite checkpoint reaching that transaction's stream sequence), how many transactions
-  had to be re-sent, and the loss/duplicate check of :mod:`.delivery`.
+  transaction of every process by name (each scorer, each nats-server, the load
+  generator) from :mod:`.proc`. "A scorer's CPU per transaction" is the scorers' sum over
+  the transactions: the same work split N ways, so at 3 scorers against 1 it shows what
+  partitioning itself costs. The terminal stage runs inside one of the scorer processes;
+  the report names which (its log holds the ``stage.terminals`` lease);
+- **failover** (:mod:`.cluster_failover`), ``runs`` times each on a fresh cluster: a
+  scorer SIGKILLed, and the server leading ``TX`` SIGKILLed, under a fixed rate; the
+  seconds to lease taken, partition open and first commit of each orphaned partition,
+  transactions replayed, and the loss/duplicate check of every run;
+- **equality** (:func:`.scaleout.run_drill`): the scale-out drill at ``drill_count``
+  transactions, every stored feature vector and verdict compared with one scorer's.
 
 Every process is stopped by its PID at the end, whatever happened.
 """
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import statistics
 import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
-from nats.errors import Error as NatsError
 
-from ..feed.terminal import Message, to_message
 from ..operations.cluster import REPLICAS
-from ..operations.loopback_cluster import LoopbackCluster, start_loopback_cluster
-from ..scoring.streams import TX_STREAM, VERDICT_STREAM
-from ..settings import nats_servers
-from .delivery import check_delivery, checkpoint, quiet_errors, stored_ids, stream_ids
-from .proc import children, process_name
-from .throughput import ScorerProcess, bench_transactions, measured_phase, run_load, wait_consumer
+from .cluster_failover import leader_kill_run, scorer_kill_run, start_scorers
+from .partition_scorers import PARTITIONS
+from .proc import CpuMeter
+from .scaleout import run_drill
+from .throughput import run_load
 
-SCORERS = 1
-NOTE = ("one scorer: per-partition scorers do not exist yet (issue 19), so these figures "
-        "are the cluster's cost and failover under today's single scorer")
-PUBLISHERS = 64
-"""Transactions in flight at once in the failover phase, like 64 terminals each publishing
-one at a time: enough for the backlog of an election to go out at once when it ends. Those
-in flight when the leader dies are the ones re-sent; the others wait their turn (counted as
-held back when acked more than :data:`ACK_TIMEOUT` after they were due)."""
-RETRY_SECONDS = 0.1
-"""A terminal's pause before re-sending a publish that failed or was not acked in time."""
-ACK_TIMEOUT = 1.0
-GIVE_UP_SECONDS = 60.0
-"""A transaction not acked this long after its first try counts as not published."""
+SCORER_TARGET_SECONDS = 5.0
+"""Issue 19: p95 from a scorer's SIGKILL to the first commit of each orphaned partition."""
+LEADER_TARGET_SECONDS = 12.0
+"""Issue 19: the same when the server leading ``TX`` dies."""
+CPU_TARGET_RATIO = 1.15
+"""Issue 19: a scorer's CPU per transaction at 3 scorers within 15 % of 1 scorer's."""
 
 
-@dataclass
-class _Sent:
-    """One transaction of the failover phase, once acked."""
-
-    msg_id: str
-    tried_at: float
-    """When the try that was acked started (monotonic seconds)."""
-    acked_at: float
-    seq: int
-    retries: int
-    due: float
-    """When its schedule said to publish it."""
-
-
-@dataclass
-class _Watch:
-    """The scorer's checkpoint over time, read from its SQLite database by a thread."""
-
-    db: Path
-    changes: list[tuple[float, int]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        last = -1
-        while not self.stop.is_set():
-            seq = checkpoint(self.db)
-            if seq != last:
-                self.changes.append((time.monotonic(), seq))
-                last = seq
-            time.sleep(0.02)
-
-    def first_reaching(self, seq: int, after: float) -> float | None:
-        return next((t for t, s in self.changes if t >= after and s >= seq), None)
-
-
-def _start(root: Path, replicate: bool) -> tuple[LoopbackCluster, ScorerProcess]:
-    """A fresh cluster and a scorer on it, its consumer created."""
-    cluster = start_loopback_cluster(root)
-    scorer: ScorerProcess | None = None
+def steady_phase(root: Path, scorers: int, count: int, warmup: int) -> dict[str, Any]:
+    """``count`` transactions at full speed through ``scorers`` partitioned scorers on a
+    fresh cluster, after ``warmup`` untimed ones: tx/s and each process's CPU µs per
+    transaction."""
+    run = start_scorers(root, scorers)
     try:
-        scorer = ScorerProcess(root / "node", cluster.url, replicate=replicate,
-                               extra_env={"BRANCHGUARD_STREAM_REPLICAS": str(REPLICAS)})
-        asyncio.run(wait_consumer(cluster.url, 120))
-    except BaseException:
-        if scorer is not None:
-            scorer.stop()
-        cluster.stop()
-        raise
-    return cluster, scorer
-
-
-def steady_phase(cluster: LoopbackCluster, scorer: ScorerProcess, count: int,
-                 warmup: int) -> dict[str, Any]:
-    """``count`` transactions at full speed after ``warmup`` untimed ones: tx/s and each
-    process's CPU µs per transaction (the nats-servers by name)."""
-    if warmup:
-        run_load(cluster.url, warmup, None, seed=1)  # imports, caches, first pages
-    return measured_phase(scorer, cluster.pids, lambda: run_load(cluster.url, count, None, 2))
-
-
-async def _publish_through_failover(cluster: LoopbackCluster, messages: list[Message],
-                                    rate: float) -> dict[str, Any]:
-    """Publish ``messages`` at ``rate``/s, each retried until acked; SIGKILL the server
-    leading TX half-way. Returns the acks, the kill's time and what was not published."""
-    nc = await nats.connect(nats_servers(cluster.url), reconnect_time_wait=0.1,
-                            max_reconnect_attempts=-1, connect_timeout=1, error_cb=quiet_errors)
-    js = nc.jetstream()
-    queue: asyncio.Queue[tuple[Message, float] | None] = asyncio.Queue()
-    sent: list[_Sent] = []
-    failed: list[str] = []
-
-    async def terminal() -> None:
-        while (item := await queue.get()) is not None:
-            message, due = item
-            retries = 0
-            while True:
-                tried = time.monotonic()
-                try:
-                    ack = await js.publish(message.subject, message.data, timeout=ACK_TIMEOUT,
-                                           headers={"Nats-Msg-Id": message.msg_id})
-                    sent.append(_Sent(message.msg_id, tried, time.monotonic(), ack.seq,
-                                      retries, due))
-                    break
-                except (NatsError, TimeoutError):
-                    retries += 1
-                    if time.monotonic() - due > GIVE_UP_SECONDS:
-                        failed.append(message.msg_id)
-                        break
-                    await asyncio.sleep(RETRY_SECONDS)
-
-    workers = [asyncio.create_task(terminal()) for _ in range(PUBLISHERS)]
-    killed, killed_at = "", 0.0
-    try:
-        started = time.monotonic()
-        half = len(messages) // 2
-        for i, message in enumerate(messages):
-            due = started + i / rate
-            if (delay := due - time.monotonic()) > 0:
-                await asyncio.sleep(delay)
-            if i == half:
-                info = await js.stream_info(TX_STREAM)
-                killed = str(info.cluster.leader) if info.cluster is not None else ""
-                await asyncio.to_thread(cluster.kill, killed)
-                killed_at = time.monotonic()  # reaped: nothing after this is its doing
-            queue.put_nowait((message, max(due, time.monotonic())))
-        for _ in workers:
-            queue.put_nowait(None)
-        await asyncio.gather(*workers)
+        if warmup:
+            run_load(run.cluster.url, warmup, None, seed=1)  # imports, caches, first pages
+        first, *rest = run.children
+        meter = CpuMeter(first.process.pid, first.name,
+                         {**{c.name: c.process.pid for c in rest}, **run.cluster.pids})
+        result = run_load(run.cluster.url, count, None, seed=2)
+        verdicts = max(1, int(result["verdicts"]))
+        cpu = {**meter.per_transaction(verdicts), "load-generator": round(
+            result["load_generator_cpu_seconds"] * 1e6 / verdicts)}
+        stage = [c.name for c in run.children if c.runs_terminal_stage()]
+        held = {c.name: sorted(c.held()) for c in run.children}
     finally:
-        for worker in workers:
-            worker.cancel()
-        await nc.close()
-    return {"sent": sent, "failed": failed, "killed": killed, "killed_at": killed_at}
-
-
-def _wait_stored(watch: _Watch, seq: int, scorer: ScorerProcess, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if watch.changes and watch.changes[-1][1] >= seq:
-            return True
-        if scorer.process.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
-def failover_phase(cluster: LoopbackCluster, scorer: ScorerProcess, db: Path, rate: float,
-                   seconds: float, seed: int) -> dict[str, Any]:
-    """One failover run (see the module docstring) on a running cluster and scorer."""
-    start = datetime(2027, 1, 4, tzinfo=timezone.utc)
-    messages = [to_message(tx, "BR001")
-                for tx in bench_transactions(seed, max(2, int(rate * seconds)), start)]
-    watch = _Watch(db)
-    watcher = threading.Thread(target=watch.run, daemon=True)
-    watcher.start()
-    try:
-        out = asyncio.run(_publish_through_failover(cluster, messages, rate))
-        sent: list[_Sent] = out["sent"]
-        killed_at: float = out["killed_at"]
-        after = [s for s in sent if s.tried_at >= killed_at]
-        first = min(after, key=lambda s: s.acked_at) if after else None
-        last_seq = max((s.seq for s in sent), default=0)
-        all_stored = _wait_stored(watch, last_seq, scorer, 120.0)
-    finally:
-        watch.stop.set()
-        watcher.join(5)
-    commit_at = watch.first_reaching(first.seq, killed_at) if first is not None else None
-    check = check_delivery([m.msg_id for m in messages], stream_ids(cluster.url, TX_STREAM),
-                           stored_ids(db), stream_ids(cluster.url, VERDICT_STREAM))
-    return {
-        "killed": out["killed"],
-        "published": len(messages),
-        "acked": len(sent),
-        "not_published": len(out["failed"]),
-        "to_publish_seconds": None if first is None else round(first.acked_at - killed_at, 3),
-        "to_commit_seconds": None if commit_at is None else round(commit_at - killed_at, 3),
-        "retried": sum(1 for s in sent if s.retries),
-        "retries": sum(s.retries for s in sent),
-        "held_back": sum(1 for s in sent if s.acked_at - s.due > ACK_TIMEOUT),
-        "all_stored": all_stored,
-        "check": check.as_dict(),
-    }
+        run.stop()
+    return {"scorers": scorers, "verdicts": result["verdicts"],
+            "seconds": result["seconds"], "tx_per_second": result["tx_per_second"],
+            "cpu_us_per_tx": cpu,
+            "scorer_cpu_us_per_tx": sum(cpu[c.name] for c in run.children),
+            "terminal_stage": stage[0] if stage else None, "held": held, "pids": run.pids}
 
 
 def spread(values: list[float | None]) -> dict[str, float | None]:
@@ -237,72 +83,154 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
             "runs": len(xs)}
 
 
-def run_cluster_bench(count: int, rate: float, seconds: float, runs: int = 1,
-                      warmup: int = 2000, replicate: bool = True) -> dict[str, Any]:
-    """The steady phase, then ``runs`` failover runs (each on a fresh cluster and scorer;
-    the first on the steady phase's); the figures, each run's check and their spread."""
+def _summary(scorer_runs: list[dict[str, Any]], leader_runs: list[dict[str, Any]]
+             ) -> dict[str, Any]:
+    """Each figure's spread over every orphaned partition (or partition) of every run."""
+    orphaned = [t for r in scorer_runs for t in r["orphaned"].values()]
+    return {
+        "scorer_kill": {name: spread([t[name] for t in orphaned])
+                        for name in ("lease_taken", "open", "first_commit", "replayed")},
+        "leader_kill": {
+            "to_publish_seconds": spread([r["to_publish_seconds"] for r in leader_runs]),
+            "first_commit": spread([t for r in leader_runs for t in r["first_commit"].values()
+                                    ])}}
+
+
+def _equality(drill: dict[str, Any]) -> dict[str, Any]:
+    """What the drill's comparison with one scorer found, and whether all of it is nil."""
+    c, z = drill["comparison"], drill["zombie"]
+    out = {"count": drill["count"], "caught_up": drill["caught_up"],
+           **{k: c[k] for k in ("reference_rows", "missing", "unexpected", "stored_twice",
+                                "features_differ", "verdicts_differ")},
+           "dead_letters_equal": c["dead_letters"] == c["reference_dead_letters"],
+           "ids_with_two_verdicts": drill["ids_with_two_verdicts"],
+           "zombie_found_lost": z["found_lost"] == z["held_when_stopped"],
+           "zombie_commit_failures": z["commit_failures"]}
+    out["ok"] = bool(out["caught_up"] and out["dead_letters_equal"]
+                     and out["zombie_found_lost"]
+                     and not any(out[k] for k in ("missing", "unexpected", "stored_twice",
+                                                  "features_differ", "verdicts_differ",
+                                                  "ids_with_two_verdicts",
+                                                  "zombie_commit_failures")))
+    return out
+
+
+def run_cluster_bench(scorers: list[int], count: int, rate: float, seconds: float,
+                      runs: int = 5, warmup: int = 2000, drill_count: int = 10_000
+                      ) -> dict[str, Any]:
+    """The steady phase for each scorer count, ``runs`` failover runs of each kind, and the
+    drill (none with ``drill_count`` 0); the figures, each run's check and their spread. A
+    failover run whose check fails keeps its directory (``kept``: the scorers' and servers'
+    logs, the partitions' databases); everything else is removed."""
     root = Path(tempfile.mkdtemp(prefix="branchguard-bench-cluster-"))
-    report: dict[str, Any] = {"scorers": SCORERS, "note": NOTE, "servers": 3,
-                              "stream_replicas": REPLICAS, "replicate": replicate,
-                              "count": count, "rate": rate, "seconds": seconds,
-                              "failover": []}
+    report: dict[str, Any] = {"servers": 3, "stream_replicas": REPLICAS,
+                              "partitions": PARTITIONS, "count": count, "rate": rate,
+                              "seconds": seconds, "runs": runs, "steady": [],
+                              "failover": {"scorer_kill": [], "leader_kill": []}}
     try:
-        for run in range(max(1, runs)):
-            run_root = root / f"run-{run + 1}"
-            cluster, scorer = _start(run_root, replicate)
-            try:
-                if run == 0:
-                    report["steady"] = steady_phase(cluster, scorer, count, warmup)
-                report["failover"].append(failover_phase(
-                    cluster, scorer, run_root / "node" / "branchguard.db", rate, seconds,
-                    seed=1000 + run))
-                report["failover"][-1]["pids"] = {  # all stopped below, each by its PID
-                    "scorer": scorer.process.pid, **cluster.pids,
-                    **{process_name(c): c for c in children(scorer.process.pid)}}
-            finally:
-                scorer.stop()
-                cluster.stop()
-            shutil.rmtree(run_root, ignore_errors=True)
+        for n in scorers:
+            report["steady"].append(steady_phase(root / f"steady-{n}", n, count, warmup))
+        for run in range(runs):
+            for kind, measure in (("scorer_kill", scorer_kill_run),
+                                  ("leader_kill", leader_kill_run)):
+                run_root = root / f"{kind}-{run + 1}"
+                result = measure(run_root, rate, seconds, 1000 + run)
+                report["failover"][kind].append(result)
+                if _passed(result):
+                    shutil.rmtree(run_root, ignore_errors=True)
+                else:  # its scorers' and servers' logs and databases, to see what happened
+                    report.setdefault("kept", []).append(str(run_root))
+        if drill_count:
+            report["equality"] = _equality(run_drill(root / "drill", count=drill_count))
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-    runs_done = report["failover"]
-    report["summary"] = {
-        name: spread([r[name] for r in runs_done])
-        for name in ("to_publish_seconds", "to_commit_seconds", "retried", "held_back")}
-    report["lost"] = sum(r["check"]["lost"] + r["not_published"] for r in runs_done)
-    report["duplicated"] = sum(r["check"]["duplicated"] for r in runs_done)
+        if report.get("kept"):
+            for phase in root.glob("steady-*"):
+                shutil.rmtree(phase, ignore_errors=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    steady = {s["scorers"]: s["scorer_cpu_us_per_tx"] for s in report["steady"]}
+    if 1 in steady and max(steady) > 1:
+        report["scorer_cpu_ratio"] = round(steady[max(steady)] / max(1, steady[1]), 3)
+    every = [r for kind in report["failover"].values() for r in kind]
+    report["summary"] = _summary(report["failover"]["scorer_kill"],
+                                 report["failover"]["leader_kill"])
+    report["lost"] = sum(r["check"]["lost"] + r["not_published"] for r in every)
+    report["duplicated"] = sum(r["check"]["duplicated"] for r in every)
     return report
+
+
+def _passed(run: dict[str, Any]) -> bool:
+    """Whether a failover run stored every transaction once, with one verdict each."""
+    return bool(run["all_stored"] and run["check"]["ok"] and not run["not_published"])
+
+
+def _met(value: float | None, target: float) -> str:
+    return "not measured" if value is None else ("met" if value <= target else "MISSED")
 
 
 def format_cluster_report(report: dict[str, Any]) -> str:
     """The report as a person reads it."""
-    steady = report["steady"]
-    cpu = steady["cpu_us_per_tx"]
-    lines = [f"3 nats-servers (R{report['stream_replicas']}) on loopback, {report['scorers']} "
-             f"scorer, Litestream {'on' if report['replicate'] else 'off'}: {report['note']}",
-             f"steady: {steady['verdicts']:,} transactions at full speed, "
-             f"{steady['tx_per_second']:,.0f} tx/s",
-             "  CPU µs/tx: " + " · ".join(f"{name} {us:.0f}" for name, us in cpu.items())
-             + f" = {sum(cpu.values()):.0f}",
-             f"failover: {report['rate']:g}/s for {report['seconds']:g} s, the TX leader "
-             f"SIGKILLed half-way; {len(report['failover'])} run(s), each on a fresh cluster"]
-    for i, r in enumerate(report["failover"], 1):
-        c = r["check"]
-        lines.append(
-            f"  run {i}: killed {r['killed']}; publish accepted again after "
-            f"{r['to_publish_seconds']} s, first commit after {r['to_commit_seconds']} s; "
-            f"{r['retried']} of {r['published']} re-sent ({r['retries']} failed tries), "
-            f"{r['held_back']} acked > {ACK_TIMEOUT:g} s late; "
-            f"lost {c['lost'] + r['not_published']}, duplicated {c['duplicated']}")
-    names = {"to_publish_seconds": "kill → publish accepted, s",
-             "to_commit_seconds": "kill → first commit, s",
-             "retried": "transactions re-sent",
-             "held_back": f"acked > {ACK_TIMEOUT:g} s late"}
-    for key, label in names.items():
-        s = report["summary"][key]
-        lines.append(f"  {label:<28} min {s['min']} · median {s['median']} · p95 {s['p95']} "
-                     f"· max {s['max']}")
+    lines = [f"3 nats-servers (R{report['stream_replicas']}) on loopback, TX in "
+             f"{report['partitions']} partitions, partitioned scorers "
+             "(branchguard cluster scorer)"]
+    for s in report["steady"]:
+        cpu = s["cpu_us_per_tx"]
+        lines.append(f"steady, {s['scorers']} scorer(s): {s['verdicts']:,} transactions at "
+                     f"full speed, {s['tx_per_second']:,.0f} tx/s; terminal stage in "
+                     f"{s['terminal_stage']}")
+        lines.append("  CPU µs/tx: " + " · ".join(f"{name} {us:.0f}" for name, us in cpu.items())
+                     + f" = {sum(cpu.values()):.0f}; the scorers together "
+                     f"{s['scorer_cpu_us_per_tx']:.0f}")
+    if "scorer_cpu_ratio" in report:
+        ratio = report["scorer_cpu_ratio"]
+        lines.append(f"  scorers' CPU per transaction, most scorers against 1: ×{ratio:.2f} "
+                     f"(target ≤ ×{CPU_TARGET_RATIO:.2f}: {_met(ratio, CPU_TARGET_RATIO)})")
+    lines.append(f"failover: {report['rate']:g}/s for {report['seconds']:g} s, 2 scorers, "
+                 f"the kill half-way; {report['runs']} run(s) of each, each on a fresh cluster")
+    for i, r in enumerate(report["failover"]["scorer_kill"], 1):
+        per = "; ".join(f"p{p} taken {t['lease_taken']} open {t['open']} commit "
+                        f"{t['first_commit']} replayed {t['replayed']}"
+                        for p, t in r["orphaned"].items())
+        lines.append(f"  scorer run {i}: killed {r['killed']} (stage in "
+                     f"{r['terminal_stage']}): {per}; {_checked(r)}")
+    for i, r in enumerate(report["failover"]["leader_kill"], 1):
+        commits = " ".join(f"p{p} {t}" for p, t in r["first_commit"].items())
+        lines.append(f"  leader run {i}: killed {r['killed']}; publish accepted again after "
+                     f"{r['to_publish_seconds']} s; first commit {commits}; {_checked(r)}")
+    names = [("scorer_kill", "lease_taken", "scorer kill → lease taken, s"),
+             ("scorer_kill", "open", "scorer kill → partition open, s"),
+             ("scorer_kill", "first_commit", "scorer kill → first commit, s"),
+             ("scorer_kill", "replayed", "transactions replayed"),
+             ("leader_kill", "to_publish_seconds", "leader kill → publish accepted, s"),
+             ("leader_kill", "first_commit", "leader kill → first commit, s")]
+    for kind, key, label in names:
+        s = report["summary"][kind][key]
+        lines.append(f"  {label:<34} min {s['min']} · median {s['median']} · p95 {s['p95']} "
+                     f"· max {s['max']} (n={s['runs']})")
+    scorer_p95 = report["summary"]["scorer_kill"]["first_commit"]["p95"]
+    leader_p95 = report["summary"]["leader_kill"]["first_commit"]["p95"]
+    lines.append(f"  targets: p95 scorer kill → first commit ≤ {SCORER_TARGET_SECONDS:g} s "
+                 f"{_met(scorer_p95, SCORER_TARGET_SECONDS)}; leader kill → first commit "
+                 f"≤ {LEADER_TARGET_SECONDS:g} s {_met(leader_p95, LEADER_TARGET_SECONDS)}")
     lines.append(f"loss/duplicate check over every run: {report['lost']} lost, "
                  f"{report['duplicated']} duplicated "
                  f"({'OK' if report['lost'] == report['duplicated'] == 0 else 'FAILED'})")
+    if report.get("kept"):
+        lines.append("  failed runs kept, with their logs and databases: "
+                     + ", ".join(report["kept"]))
+    if "equality" in report:
+        e = report["equality"]
+        lines.append(f"equality with one scorer (drill, {e['count']:,} transactions): "
+                     f"missing {e['missing']}, unexpected {e['unexpected']}, stored twice "
+                     f"{e['stored_twice']}, features differ {e['features_differ']}, verdicts "
+                     f"differ {e['verdicts_differ']}, ids with two verdicts "
+                     f"{e['ids_with_two_verdicts']}, dead letters equal "
+                     f"{e['dead_letters_equal']}, zombie found its partitions lost "
+                     f"{e['zombie_found_lost']} ({'OK' if e['ok'] else 'FAILED'})")
     return "\n".join(lines)
+
+
+def _checked(run: dict[str, Any]) -> str:
+    c = run["check"]
+    return (f"{run['retried']} of {run['published']} re-sent; "
+            f"lost {c['lost'] + run['not_published']}, duplicated {c['duplicated']}")

@@ -22,13 +22,8 @@ Every process is stopped by its PID at the end, whatever happened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -51,9 +46,11 @@ from ..scoring.streams import TX_STREAM, VERDICT_STREAM, ensure_streams
 from ..settings import load, nats_servers
 from ..store import Store
 from .delivery import quiet_errors
+from .partition_scorers import (PARTITIONS, CommitWatch, ScorerChild, caught_up,
+                                first_event, log_time, partition_db, read_only, scorer_env,
+                                since, tx_leader, wait_until)
 from .throughput import bench_transactions
 
-PARTITIONS = 6
 DUPLICATE_WINDOW_SECONDS = 2.0
 """Short, so the drill's late re-sends fall outside it and are stored twice."""
 ZOMBIE_SECONDS = 5.0
@@ -65,13 +62,10 @@ COMPARED = ("risk", "severity", "decision", "reasons", "model_version", "rules_v
 
 
 def drill_env(cluster_url: str, data_dir: Path) -> dict[str, str]:
-    """The settings every scorer of the drill runs with (environment variables)."""
-    return {"BRANCHGUARD_NATS_URL": cluster_url, "BRANCHGUARD_DATA_DIR": str(data_dir),
-            "BRANCHGUARD_PARTITIONS": str(PARTITIONS), "BRANCHGUARD_STREAM_REPLICAS": "3",
-            "BRANCHGUARD_DUPLICATE_WINDOW_SECONDS": str(DUPLICATE_WINDOW_SECONDS),
-            "BRANCHGUARD_EVENT_TIME_CHECK": "false", "BRANCHGUARD_ALERT_BUDGET": "false",
-            "BRANCHGUARD_REPLICATE": "false", "BRANCHGUARD_RUN_API": "false",
-            "BRANCHGUARD_LOG_LEVEL": "INFO"}
+    """The settings every scorer of the drill runs with (environment variables): the
+    benchmarks' (partition_scorers.scorer_env) with a short duplicate window."""
+    return {**scorer_env(cluster_url, data_dir),
+            "BRANCHGUARD_DUPLICATE_WINDOW_SECONDS": str(DUPLICATE_WINDOW_SECONDS)}
 
 
 @dataclass
@@ -113,112 +107,6 @@ def drill_messages(count: int, seed: int = 19) -> DrillInput:
     return DrillInput(ordered, resends, {m.msg_id for m in base})
 
 
-@dataclass
-class ScorerChild:
-    """``branchguard cluster scorer`` as a child process, with its own log."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @classmethod
-    def start(cls, name: str, env: dict[str, str], logs: Path) -> ScorerChild:
-        log = logs / f"{name}.log"
-        with log.open("ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "appliance", "cluster", "scorer"],
-                                       stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, **env})
-        return cls(name, process, log)
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return out
-
-    def held(self) -> set[int]:
-        """The partitions this scorer holds now, by its log."""
-        held: set[int] = set()
-        for e in self.events():
-            if e.get("event") == "partition.opening":
-                held.add(int(e["partition"]))
-            elif e.get("event") in ("partition.handed_off", "partition.lost",
-                                    "partition.fenced", "partition.failed"):
-                held.discard(int(e["partition"]))
-        return held
-
-    def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM (a clean handoff), SIGKILL after ``grace``; by its PID."""
-        p = self.process
-        if p.poll() is None:
-            with contextlib.suppress(OSError):
-                p.send_signal(signal.SIGCONT)
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(grace)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
-
-
-def partition_db(data_dir: Path, p: int) -> Path:
-    return data_dir / "partitions" / f"p{p}" / "branchguard.db"
-
-
-def _read_only(db: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
-
-
-def checkpoints(data_dir: Path) -> dict[int, int]:
-    """Each partition's committed stream sequence (0 before its first commit)."""
-    out: dict[int, int] = {}
-    for p in range(PARTITIONS):
-        db = partition_db(data_dir, p)
-        out[p] = 0
-        if not db.exists():
-            continue
-        try:
-            conn = _read_only(db)
-            try:
-                row = conn.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
-                                   [f"scorer-p{p}"]).fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error:
-            continue
-        out[p] = int(row[0]) if row else 0
-    return out
-
-
-class CommitWatch(threading.Thread):
-    """Polls every partition's checkpoint; records when each one moved."""
-
-    def __init__(self, data_dir: Path, every: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        self.data_dir = data_dir
-        self.every = every
-        self.moves: list[tuple[float, int, int]] = []  # (epoch seconds, partition, seq)
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        last: dict[int, int] = {}
-        while not self.halt.is_set():
-            now = time.time()
-            for p, seq in checkpoints(self.data_dir).items():
-                if seq != last.get(p, 0):
-                    self.moves.append((now, p, seq))
-                    last[p] = seq
-            time.sleep(self.every)
-
-    def first_commit_after(self, p: int, t: float) -> float | None:
-        return next((at for at, q, _ in self.moves if q == p and at > t), None)
-
-
 async def _publish(url: str, messages: list[Message], marks: dict[float, Any],
                    done_fraction: list[float]) -> int:
     """Publish in order, one at a time, each retried under its own ``Nats-Msg-Id`` until
@@ -245,15 +133,6 @@ async def _publish(url: str, messages: list[Message], marks: dict[float, Any],
     finally:
         await nc.close()
     return retries
-
-
-async def _tx_leader(url: str) -> str:
-    nc = await nats.connect(nats_servers(url), error_cb=quiet_errors, connect_timeout=1)
-    try:
-        info = await nc.jetstream().stream_info(TX_STREAM)
-        return str(info.cluster.leader) if info.cluster is not None else ""
-    finally:
-        await nc.close()
 
 
 async def _stream_messages(url: str, stream: str) -> list[tuple[str, bytes, dict[str, str]]]:
@@ -319,7 +198,7 @@ async def _reference(tx_messages: list[tuple[str, bytes, dict[str, str]]], root:
 
 
 def _rows(db: Path) -> dict[str, dict[str, Any]]:
-    conn = _read_only(db)
+    conn = read_only(db)
     try:
         cur = conn.execute(_SELECT_ROWS)
         names = ["transaction_id", "features", *COMPARED]
@@ -329,7 +208,7 @@ def _rows(db: Path) -> dict[str, dict[str, Any]]:
 
 
 def _dead(db: Path) -> Counter[str]:
-    conn = _read_only(db)
+    conn = read_only(db)
     try:
         return Counter(r[0].split(":")[0] for r in conn.execute("SELECT reason FROM dead_letters"))
     finally:
@@ -383,7 +262,7 @@ def gathered(data_dir: Path) -> dict[str, int]:
     out = {"transactions": 0, "alerts": 0, "outbox": 0, "partition_alerts": 0}
     node = data_dir / "branchguard.db"
     if node.exists():
-        conn = _read_only(node)
+        conn = read_only(node)
         try:
             for key, table in (("transactions", "transactions"), ("alerts", "alerts"),
                                ("outbox", "alert_outbox")):
@@ -393,7 +272,7 @@ def gathered(data_dir: Path) -> dict[str, int]:
     for p in range(PARTITIONS):
         db = partition_db(data_dir, p)
         if db.exists():
-            conn = _read_only(db)
+            conn = read_only(db)
             try:
                 out["partition_alerts"] += conn.execute("SELECT count(*) FROM alerts"
                                                         ).fetchone()[0]
@@ -431,7 +310,7 @@ def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
         children = [ScorerChild.start(f"scorer-{i + 1}", env, root) for i in range(scorers)]
         watch = CommitWatch(data_dir)
         watch.start()
-        _wait(lambda: sum(len(c.held()) for c in children) == PARTITIONS, 60)
+        wait_until(lambda: sum(len(c.held()) for c in children) == PARTITIONS, 60)
         state: dict[str, Any] = {}
 
         def kill_scorer() -> None:
@@ -461,7 +340,7 @@ def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
         running = cluster
 
         def kill_leader() -> None:
-            leader = asyncio.run(_tx_leader(running.url))
+            leader = asyncio.run(tx_leader(running.url))
             running.kill(leader)
             events.append((time.time(), "tx_leader_killed", leader))
 
@@ -476,8 +355,8 @@ def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
         tx = asyncio.run(_stream_messages(cluster.url, TX_STREAM))
         last_seq = len(tx)
         report["tx_stream_messages"] = last_seq
-        caught_up = _wait(lambda: _done(data_dir, tx), timeout)
-        report["caught_up"] = caught_up
+        subjects = [subject for subject, _, _ in tx]
+        report["caught_up"] = wait_until(lambda: caught_up(data_dir, subjects), timeout)
         report["catch_up_seconds"] = round(time.monotonic() - started, 1)
         verdicts = asyncio.run(_stream_messages(cluster.url, VERDICT_STREAM))
         report.update(verdicts_of_record(tx, verdicts))
@@ -499,26 +378,6 @@ def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
     return report
 
 
-def _wait(condition: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return bool(condition())
-
-
-def _done(data_dir: Path, tx: list[tuple[str, bytes, dict[str, str]]]) -> bool:
-    """Every partition's checkpoint has reached the last message stored in it."""
-    last: dict[int, int] = {}
-    for seq, (subject, _, _) in enumerate(tx, start=1):
-        tokens = subject.split(".")
-        p = int(tokens[1]) if tokens[0] == "txp" else 0
-        last[p] = seq
-    have = checkpoints(data_dir)
-    return all(have.get(p, 0) >= seq for p, seq in last.items())
-
-
 def _failover(events: list[tuple[float, str, Any]], state: dict[str, Any],
               watch: CommitWatch, children: list[ScorerChild]) -> dict[str, Any]:
     """Seconds from the scorer's SIGKILL to each orphaned partition's lease being taken,
@@ -530,32 +389,17 @@ def _failover(events: list[tuple[float, str, Any]], state: dict[str, Any],
         per: dict[int, dict[str, float | None]] = {}
         logs = [e for c in children[1:] for e in c.events()]
         for p in state.get("killed_held", set()):
-            taken = _first_event(logs, "lease.acquired", killed, key=f"partition.{p}")
-            opened = _first_event(logs, "partition.open", killed, partition=p)
+            taken = first_event(logs, "lease.acquired", killed, key=f"partition.{p}")
+            opened = first_event(logs, "partition.open", killed, partition=p)
             commit = watch.first_commit_after(p, taken or killed)  # the new owner's
-            per[p] = {"lease_taken": _since(taken, killed), "open": _since(opened, killed),
-                      "first_commit": _since(commit, killed)}
+            per[p] = {"lease_taken": since(taken, killed), "open": since(opened, killed),
+                      "first_commit": since(commit, killed)}
         out["scorer_kill"] = per
     leader = next((t for t, what, _ in events if what == "tx_leader_killed"), None)
     if leader is not None:
         out["leader_kill_first_commit"] = {
-            p: _since(watch.first_commit_after(p, leader), leader) for p in range(PARTITIONS)}
+            p: since(watch.first_commit_after(p, leader), leader) for p in range(PARTITIONS)}
     return out
-
-
-def _first_event(events: list[dict[str, Any]], name: str, after: float, **match: Any
-                 ) -> float | None:
-    for e in events:
-        if e.get("event") != name or any(e.get(k) != v for k, v in match.items()):
-            continue
-        at = datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp()
-        if at > after:
-            return at
-    return None
-
-
-def _since(t: float | None, t0: float) -> float | None:
-    return None if t is None else round(t - t0, 3)
 
 
 def _zombie(z: ScorerChild, events: list[tuple[float, str, Any]]) -> dict[str, Any]:
@@ -564,7 +408,7 @@ def _zombie(z: ScorerChild, events: list[tuple[float, str, Any]]) -> dict[str, A
     woke = next((t for t, what, _ in events if what == "zombie_continued"), None)
     stopped: list[int] = next((d for _, what, d in events if what == "zombie_stopped"), [])
     after = [e for e in z.events() if woke is not None and
-             datetime.fromisoformat(str(e["ts"]).replace("Z", "+00:00")).timestamp() >= woke - 1]
+             log_time(e) >= woke - 1]
     lost = sorted({int(e["partition"]) for e in after  # lost, or let go without writing
                    if e.get("event") in ("partition.lost", "partition.fenced",
                                          "partition.handed_off")

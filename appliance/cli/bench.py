@@ -247,40 +247,54 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
 
 
 @bench.command("cluster")
+@click.option("--scorers", default="1,2,3", show_default=True,
+              help="Scorer counts for the steady phase, comma-separated: each on a fresh "
+                   "cluster.")
 @click.option("--count", type=int, default=20_000, show_default=True,
-              help="Transactions for the full-speed (steady) phase.")
+              help="Transactions for each full-speed (steady) phase.")
 @click.option("--rate", type=float, default=500.0, show_default=True,
               help="Offered tx/s during each failover run.")
 @click.option("--seconds", type=float, default=20.0, show_default=True,
-              help="Length of each failover run; the TX leader is killed half-way.")
-@click.option("--runs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Failover runs, each on a fresh cluster; min/median/p95/max reported.")
+              help="Length of each failover run; the kill comes half-way.")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Failover runs of each kind (a scorer, the TX leader), each on a fresh "
+                   "cluster; min/median/p95/max reported.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="Untimed transactions before the steady phase.")
-@click.option("--replicate/--no-replicate", default=True, show_default=True,
-              help="Litestream replicating the scorer's database, as `branchguard run` does.")
+              help="Untimed transactions before each steady phase.")
+@click.option("--drill-count", type=click.IntRange(min=0), default=10_000, show_default=True,
+              help="Transactions of the scale-out drill compared with one scorer (0: skip).")
 @json_option
 @friendly_errors
-def bench_cluster(count: int, rate: float, seconds: float, runs: int, warmup: int,
-                  replicate: bool, json_to: str | None) -> None:
-    """Measure one scorer on a real 3-server JetStream cluster (R3) on loopback: full-speed
-    tx/s and CPU µs per transaction of each process (each nats-server by name), then the
-    TX leader SIGKILLed under a fixed rate: seconds to the first publish accepted again and
-    to the scorer's first commit after it, re-sends, and every transaction in TX once,
-    stored once, one verdict each. One scorer only: per-partition scorers do not exist yet.
+def bench_cluster(scorers: str, count: int, rate: float, seconds: float, runs: int,
+                  warmup: int, drill_count: int, json_to: str | None) -> None:
+    """Measure partitioned scorers on a real 3-server JetStream cluster (R3, TX in 6
+    partitions) on loopback: for each scorer count, full-speed tx/s and CPU µs per
+    transaction of every process by name; then a scorer SIGKILLed and the TX leader
+    SIGKILLed under a fixed rate, each --runs times: seconds to lease taken, partition open
+    and first commit of each orphaned partition, transactions replayed, and every
+    transaction in TX once, stored once, one verdict each; then the scale-out drill's
+    comparison with one scorer. Exits 1 when a check fails.
 
     \b
     Example:
-      branchguard bench cluster --count 20000 --rate 500 --seconds 20 --runs 5
-      branchguard bench cluster --count 2000 --seconds 8 --json cluster.json
+      branchguard bench cluster --scorers 1,2,3 --count 20000 --runs 5
+      branchguard bench cluster --scorers 1,2 --count 2000 --runs 1 --seconds 6 \\
+          --drill-count 0 --json cluster.json
     """
     from ..bench.cluster import format_cluster_report, run_cluster_bench
 
     logs.configure("WARNING")
-    report = run_cluster_bench(count=count, rate=rate, seconds=seconds, runs=runs,
-                               warmup=warmup, replicate=replicate)
+    try:
+        counts = [int(n) for n in scorers.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise BranchguardError("not a list of scorer counts", field="scorers", value=scorers,
+                               hint="whole numbers from 1, comma-separated: --scorers 1,2,3")
+    report = run_cluster_bench(scorers=counts, count=count, rate=rate, seconds=seconds,
+                               runs=runs, warmup=warmup, drill_count=drill_count)
     emit(report, json_to, format_cluster_report)
-    if report["lost"] or report["duplicated"]:
+    if report["lost"] or report["duplicated"] or not report.get("equality", {}).get("ok", True):
         raise SystemExit(1)
 
 
