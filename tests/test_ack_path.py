@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from appliance.feed.terminal import publish
-from appliance.scoring.ingest import Outgoing, Publisher
+from appliance.scoring.ingest import DeliveryGap, Outgoing, Publisher, Puller
 from appliance.scoring.streams import TX_STREAM, VERDICT_STREAM, stream_configs
 from appliance.scoring.model import Model
 from appliance.scoring.pipeline import Scorer
@@ -337,3 +337,33 @@ def test_a_stop_scores_the_deliveries_in_hand(settings: Settings) -> None:
     asyncio.run(run())
     assert query(settings.db_path, "SELECT count(*) FROM transactions")[0][0] == len(txs)
     assert query(settings.db_path, "SELECT stream_seq FROM checkpoints")[0][0] == len(txs)
+
+
+def test_a_lost_delivery_is_never_acked_over(settings: Settings) -> None:
+    """Deliveries whose consumer sequence skips one (a message lost with a server or a
+    consumer leader) are taken up to the gap only; the next take raises DeliveryGap, so the
+    scorer starts over from its checkpoint instead of acking the lost one unseen."""
+    async def go() -> None:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            puller = Puller(nc, settings)
+
+            def arrive(sseq: int, cseq: int) -> None:
+                reply = f"$JS.ACK.TX.scorer.1.{sseq}.{cseq}.1700000000000000000.0"
+                puller.buffer.append((b"tx.BR001.T1.A1", reply.encode(), b"{}"))
+
+            for sseq, cseq in ((10, 1), (11, 2), (13, 4), (14, 5)):  # cseq 3 never came
+                arrive(sseq, cseq)
+            assert [d.stream_seq for d in puller.in_hand()] == [10, 11]
+            assert puller.in_hand() == []  # nothing past the gap, even at a stop
+            with pytest.raises(DeliveryGap):
+                await puller.take(timeout=0.1)
+            fresh = Puller(nc, settings)  # a new scorer's: any first sequence, then in order
+            for sseq, cseq in ((20, 7), (21, 8)):
+                fresh.buffer.append((b"tx.BR001.T1.A1",
+                                     f"$JS.ACK.TX.scorer.2.{sseq}.{cseq}.1.0".encode(), b"{}"))
+            assert [d.stream_seq for d in fresh.in_hand()] == [20, 21]
+        finally:
+            await nc.close()
+
+    asyncio.run(go())

@@ -46,6 +46,7 @@ import hashlib
 import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
@@ -55,7 +56,7 @@ from .. import logs
 from ..errors import FencedError, SettingsError
 from ..lease import Lease, Leases, partition_key
 from ..nats_auth import client_options
-from ..scoring.ingest import connect
+from ..scoring.ingest import DeliveryGap, connect
 from ..scoring.model import Model
 from ..scoring.pipeline import Counters, Scorer
 from ..scoring.registry import Registry
@@ -108,14 +109,18 @@ class Owned:
     scorer: Scorer
     task: asyncio.Task[None]
     acquired_at: float = field(default_factory=time.monotonic)
+    restart: asyncio.Event = field(default_factory=asyncio.Event)
+    restart_reason: str = ""
 
 
 class PartitionScorers:
     """This process's share of the partitions (see the module docstring)."""
 
     def __init__(self, nc: Client, settings: Settings, registry: Registry, model: Model,
-                 reference: Store) -> None:
+                 reference: Store, reconnected: asyncio.Event | None = None) -> None:
         self.nc = nc
+        self.reconnected = reconnected or asyncio.Event()
+        """Set by the connection's reconnect callback: every partition starts afresh."""
         self.settings = settings
         self.registry = registry
         self.model = model
@@ -141,6 +146,9 @@ class PartitionScorers:
         self.ready.set()
         try:
             while not stop.is_set():
+                if self.reconnected.is_set():
+                    self.reconnected.clear()
+                    self.restart_all("NATS reconnected")
                 try:
                     await self.balance()
                 except (NatsError, asyncio.TimeoutError, OSError) as exc:
@@ -200,36 +208,74 @@ class PartitionScorers:
         ps = partition_settings(self.settings, p)
         ps.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store.open(ps.db_path)
-        feed = TerminalFeed(self.nc.jetstream(timeout=API_TIMEOUT_SECONDS), p)
-        scorer = Scorer(self.nc, store, self.model, ps, self.registry, owned=frozenset({p}),
-                        lease=lease, reference=self.reference, terminal_feed=feed)
-        scorer.counters = self.counters
-        task = asyncio.create_task(self._score(p, scorer, lease), name=f"partition-{p}")
-        self.owned[p] = Owned(p, lease, store, scorer, task)
+        task = asyncio.create_task(self._score(p), name=f"partition-{p}")  # runs from the
+        self.owned[p] = Owned(p, lease, store, self._scorer(p, store, lease), task)  # next turn
         log.info("partition.opening", txn_id=None, partition=p, token=lease.token,
                  owner=lease.owner)
 
-    async def _score(self, p: int, scorer: Scorer, lease: Lease) -> None:
-        started = time.monotonic()
-        run = asyncio.create_task(scorer.run())
-        ready = asyncio.create_task(scorer.ready.wait())
-        await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
-        if scorer.ready.is_set():
-            log.info("partition.open", txn_id=None, partition=p, token=lease.token,
-                     checkpoint=scorer.confirmed_upto,
-                     seconds=round(time.monotonic() - started, 3))
-        else:
-            ready.cancel()
-        try:
-            await run
-        except FencedError as exc:
-            log.warning("partition.fenced", txn_id=None, partition=p, token=lease.token,
-                        error=str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.error("partition.failed", exc_info=True, txn_id=None, partition=p,
-                      token=lease.token)
+    def _scorer(self, p: int, store: Store, lease: Lease) -> Scorer:
+        feed = TerminalFeed(self.nc.jetstream(timeout=API_TIMEOUT_SECONDS), p)
+        scorer = Scorer(self.nc, store, self.model, partition_settings(self.settings, p),
+                        self.registry, owned=frozenset({p}), lease=lease,
+                        reference=self.reference, terminal_feed=feed)
+        scorer.counters = self.counters
+        return scorer
+
+    def restart_all(self, reason: str) -> None:
+        """Every partition's scorer starts afresh under the same lease (its consumer from
+        the checkpoint), as ``branchguard run`` does after a reconnect: pull requests die
+        with a server, and deliveries may have died with them."""
+        for owned in self.owned.values():
+            owned.restart_reason = reason
+            owned.restart.set()
+
+    async def _score(self, p: int) -> None:
+        """Run the partition's scorer; start a fresh one when asked (:meth:`restart_all`) or
+        when a delivery went missing (DeliveryGap); end on a fence, an error or a stop."""
+        owned = self.owned[p]
+        lease = owned.lease
+        while True:
+            scorer, started = owned.scorer, time.monotonic()
+            run = asyncio.create_task(scorer.run())
+            opened = asyncio.create_task(self._log_open(p, scorer, lease, started))
+            asked = asyncio.create_task(owned.restart.wait())
+            try:
+                await asyncio.wait([run, asked], return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                run.cancel()
+                await asyncio.wait([run])  # its commits whole or absent, its writer ended
+                raise
+            finally:
+                opened.cancel()
+                asked.cancel()
+            if not run.done():  # a restart was asked for
+                owned.restart.clear()
+                reason = owned.restart_reason
+                run.cancel()
+                await asyncio.wait([run])
+            else:
+                error = None if run.cancelled() else run.exception()
+                if error is None:
+                    return  # stopped
+                if isinstance(error, FencedError):
+                    log.warning("partition.fenced", txn_id=None, partition=p,
+                                token=lease.token, error=str(error))
+                    return
+                if not isinstance(error, DeliveryGap):
+                    log.error("partition.failed", txn_id=None, partition=p, token=lease.token,
+                              error=f"{type(error).__name__}: {error}")
+                    return
+                reason = "a delivery went missing (consumer.gap)"
+            if not lease.held:
+                return
+            log.warning("partition.restarting", txn_id=None, partition=p, token=lease.token,
+                        reason=reason, hint="a fresh consumer from the partition's checkpoint")
+            owned.scorer = self._scorer(p, owned.store, lease)
+
+    async def _log_open(self, p: int, scorer: Scorer, lease: Lease, started: float) -> None:
+        await scorer.ready.wait()
+        log.info("partition.open", txn_id=None, partition=p, token=lease.token,
+                 checkpoint=scorer.confirmed_upto, seconds=round(time.monotonic() - started, 3))
 
     def _on_lost(self, lease: Lease, reason: str) -> None:
         """A lease lost (taken, expired): that partition's scorer stops at once. It is fenced
@@ -267,15 +313,21 @@ class PartitionScorers:
             await asyncio.wait_for(owned.lease.release(), CANCEL_SECONDS)
 
 
-async def stand_by_for_terminal_stage(nc: Client, settings: Settings,
-                                      stop: asyncio.Event) -> None:
+async def stand_by_for_terminal_stage(nc: Client, settings: Settings, stop: asyncio.Event,
+                                      reconnected: asyncio.Event | None = None) -> None:
     """Every scorer process stands by for the terminal stage (scoring/terminal_stage.py):
     one of them holds its lease and runs it, and when that one dies, another takes over, so
     a partitioned cluster needs no service of its own for it. A lost lease (a pause past
-    the TTL) stops the stage here; this process then stands by again."""
+    the TTL) or a missing delivery stops the stage here, and so does a reconnect (its pull
+    requests died with the server): this process then stands by again, and a stage it
+    starts resumes from its checkpoint."""
+    reconnected = reconnected or asyncio.Event()
     while not stop.is_set():
+        reconnected.clear()
+        this_round = asyncio.Event()
+        watcher = asyncio.create_task(_set_on_either(stop, reconnected, this_round))
         try:
-            await serve_terminal_stage(nc, settings, stop)
+            await serve_terminal_stage(nc, settings, this_round)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -283,6 +335,19 @@ async def stand_by_for_terminal_stage(nc: Client, settings: Settings,
                         error=f"{type(exc).__name__}: {exc}", hint="standing by again")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.lease_renew_seconds)
+        finally:
+            watcher.cancel()
+
+
+async def _set_on_either(first: asyncio.Event, second: asyncio.Event,
+                         then: asyncio.Event) -> None:
+    waits = [asyncio.create_task(first.wait()), asyncio.create_task(second.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        then.set()
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def run_scorer(settings: Settings) -> int:
@@ -301,15 +366,26 @@ async def run_scorer(settings: Settings) -> int:
     reference = Store.open(settings.db_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Every partition's scorer, the stage and the gatherer hand SQLite work to threads:
+    # room for all of them, so that none waits behind another's long commit.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="bg"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    scorers_reconnected, stage_reconnected = asyncio.Event(), asyncio.Event()
+
+    def reconnected() -> None:
+        scorers_reconnected.set()
+        stage_reconnected.set()
+
     nc = await connect(str(settings.nats_url), "branchguard-partitioned-scorer",
-                       **client_options(settings))
+                       on_reconnected=reconnected, **client_options(settings))
     code = 0
     try:
         await ensure_streams(nc.jetstream(timeout=2.0), settings)
-        scorers = PartitionScorers(nc, settings, registry, model, reference)
-        stage = asyncio.create_task(stand_by_for_terminal_stage(nc, settings, stop))
+        scorers = PartitionScorers(nc, settings, registry, model, reference,
+                                   scorers_reconnected)
+        stage = asyncio.create_task(stand_by_for_terminal_stage(nc, settings, stop,
+                                                                stage_reconnected))
         gathering = asyncio.create_task(gather_forever(settings, stop))
         await scorers.run(stop)
         await stage

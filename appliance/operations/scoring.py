@@ -26,6 +26,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from .. import logs
+from ..scoring.ingest import DeliveryGap
 from ..scoring.model import Model
 from ..scoring.pipeline import Counters, Scorer
 from ..scoring.registry import Registry
@@ -94,9 +95,12 @@ class ScorerRun:
                 return
             if self.reconnected.is_set():
                 self.reconnected.clear()
-                await self._replace()
+                await self._replace("NATS reconnected")
             elif self.task is not None and self.task.done():
                 error = None if self.task.cancelled() else self.task.exception()
+                if isinstance(error, DeliveryGap):  # not a crash: start over, as on reconnect
+                    await self._replace("a delivery went missing (consumer.gap)")
+                    continue
                 if self.nc.is_connected:
                     raise error or RuntimeError("the scorer stopped by itself")
                 log.warning("scorer.stopped_while_disconnected", txn_id=None,
@@ -104,9 +108,9 @@ class ScorerRun:
                             hint="a fresh scorer starts when NATS is back")
                 self.task = None
 
-    async def _replace(self) -> None:
+    async def _replace(self, reason: str) -> None:
         old = self.scorer
-        log.warning("scorer.restarting", txn_id=None, reason="NATS reconnected",
+        log.warning("scorer.restarting", txn_id=None, reason=reason,
                     hint="a fresh consumer from the database checkpoint; nothing committed "
                          "is scored again")
         await self._cancel()

@@ -89,15 +89,22 @@ class Delivery:
     """When JetStream stored the message (ns since the epoch): the start of its latency."""
 
 
-def parse_ack_subject(reply: str) -> tuple[int, int]:
-    """(stream_seq, stored_ns) from a ``$JS.ACK...`` reply subject. nats-py's
+def parse_ack_subject(reply: str) -> tuple[int, int, int]:
+    """(stream_seq, stored_ns, consumer_seq) from a ``$JS.ACK...`` reply subject. nats-py's
     ``Msg.metadata`` says the same, but builds dataclasses and a datetime per message; the
-    pipeline needs two integers."""
+    pipeline needs three integers."""
     tokens = reply.split(".")
     if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return int(tokens[5]), int(tokens[7])
+        return int(tokens[5]), int(tokens[7]), int(tokens[6])
     # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...
-    return int(tokens[7]), int(tokens[9])
+    return int(tokens[7]), int(tokens[9]), int(tokens[8])
+
+
+class DeliveryGap(NodeError):
+    """The consumer's deliveries are not contiguous (a consumer sequence was skipped or
+    repeated): one was lost on its way, with a server's death or a consumer leader's change.
+    Acking past it would ack it unseen (ack policy ``all``), so the consumer is re-created
+    from the checkpoint instead, as after a crash."""
 
 
 async def _ignore(msg: Msg) -> None:  # the raw handler takes every message first
@@ -126,6 +133,10 @@ class Puller:
         self.buffer: deque[tuple[bytes, bytes, bytes]] = deque()
         self.arrived = asyncio.Event()
         self.outstanding = 0
+        self.next_cseq = 0
+        """The consumer sequence the next delivery must have (0: any, before the first)."""
+        self.gap: tuple[int, int] | None = None
+        """(expected, received) consumer sequence once a delivery went missing."""
         self._request = json.dumps({"batch": self.batch,
                                     "expires": int(expires_seconds * 1e9)}).encode()
         self._sub: Subscription | None = None
@@ -166,6 +177,11 @@ class Puller:
 
     async def take(self, timeout: float) -> list[Delivery]:
         """Up to one batch of deliveries; waits at most ``timeout`` seconds for the first."""
+        if self.gap is not None:
+            raise DeliveryGap("a delivery was lost: consumer sequence "
+                              f"{self.gap[1]} came where {self.gap[0]} was due",
+                              field="consumer", value=self.subject.rsplit(".", 1)[-1],
+                              hint="the consumer is re-created from the checkpoint")
         deadline = time.monotonic() + timeout
         while not self.buffer:
             await self._top_up()
@@ -188,13 +204,26 @@ class Puller:
         return self._from_buffer()
 
     def _from_buffer(self) -> list[Delivery]:
+        """Up to a batch of what has arrived, in order, as far as the consumer sequence is
+        contiguous; past a gap, nothing more (the next take raises :class:`DeliveryGap`)."""
+        if self.gap is not None:
+            return []
         out = []
         buffer = self.buffer
+        expected = self.next_cseq
         for _ in range(min(self.batch, len(buffer))):
-            subject, raw_reply, data = buffer.popleft()
+            subject, raw_reply, data = buffer[0]
             reply = raw_reply.decode()
-            seq, stored_ns = parse_ack_subject(reply)
+            seq, stored_ns, cseq = parse_ack_subject(reply)
+            if expected and cseq != expected:
+                self.gap = (expected, cseq)
+                log.warning("consumer.gap", txn_id=None, expected=expected, got=cseq,
+                            stream_seq=seq, consumer=self.subject.rsplit(".", 1)[-1])
+                break
+            buffer.popleft()
+            expected = cseq + 1
             out.append(Delivery(subject.decode(), data, reply, seq, stored_ns))
+        self.next_cseq = expected
         return out
 
 

@@ -194,15 +194,9 @@ class Scorer:
         budget = (asyncio.get_running_loop().run_in_executor(  # beside the state: SQLite
             None, budget_from_rows, self.store.path, self.settings)  # works off the GIL
             if self.settings.alert_budget else None)
-        # The state is large and long-lived and holds no reference cycles: build it with the
-        # cyclic collector off, then move it out of the collector's sight, and collect young
-        # objects less often (the hot path allocates a lot but creates no cycles).
-        gc.disable()
-        try:
-            self.state = feature_state(self.store.reader)
-            self.rules.rebuild(self.store.reader.conn, self.state)
-        finally:
-            gc.enable()
+        # Off the event loop: beside a partition's scorer run other partitions' and the
+        # leases' renewals (operations/partitioned.py), which must not wait seconds for it.
+        self.state = await asyncio.get_running_loop().run_in_executor(None, self._rebuild)
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
 
@@ -292,6 +286,19 @@ class Scorer:
     def stop(self) -> None:
         self._stopping.set()
         self._progress.set()
+
+    def _rebuild(self) -> FeatureState:
+        """Feature state and typology trails from the committed rows. The state is large and
+        long-lived and holds no reference cycles: it is built with the cyclic collector off,
+        then moved out of its sight (``gc.freeze`` in :meth:`prepare`), and young objects
+        are collected less often (the hot path allocates a lot but creates no cycles)."""
+        gc.disable()
+        try:
+            state = feature_state(self.store.reader)
+            self.rules.rebuild(self.store.reader.conn, state)
+        finally:
+            gc.enable()
+        return state
 
     def _fence(self, what: str) -> None:
         """Raise FencedError unless this scorer is unleased or its lease is still held."""
