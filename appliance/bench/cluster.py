@@ -233,4 +233,6 @@ def format_cluster_report(report: dict[str, Any]) -> str:
 def _checked(run: dict[str, Any]) -> str:
     c = run["check"]
     return (f"{run['retried']} of {run['published']} re-sent; "
-            f"lost {c['lost'] + run['not_published']}, duplicated {c['duplicated']}")
+            f"lost {c['lost'] + run['not_published']} (missing from TX "
+            f"{c['tx_stream']['missing']}, stored {c['stored']['missing']}, VERDICTS "
+            f"{c['verdicts']['missing']}), duplicated {c['duplicated']}")

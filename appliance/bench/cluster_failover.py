@@ -44,7 +44,7 @@ from ..operations.loopback_cluster import LoopbackCluster, start_loopback_cluste
 from ..scoring.streams import TX_STREAM, VERDICT_STREAM
 from ..settings import nats_servers
 from .delivery import check_delivery, quiet_errors, stored_ids, stream_ids
-from .partition_scorers import (PARTITIONS, CommitWatch, ScorerChild, caught_up, checkpoints,
+from .partition_scorers import (PARTITIONS, stream_count, CommitWatch, ScorerChild, caught_up, checkpoints,
                                 first_event, lease_taken, partition_db, partition_of,
                                 scorer_env, since, tx_subjects, wait_until)
 from .throughput import bench_transactions
@@ -193,7 +193,11 @@ def _settle(scorers: Scorers, messages: list[Message], out: dict[str, Any]
     its loss/duplicate check. Returns ``TX``'s subjects too."""
     url, data_dir = scorers.cluster.url, scorers.data_dir
     subjects = tx_subjects(url)
-    all_stored = wait_until(lambda: caught_up(data_dir, subjects), CATCH_UP_SECONDS)
+    # every partition committed what TX holds, and VERDICTS holds a verdict for each id (a
+    # commit does not wait for its verdicts' confirmations, which an election delays)
+    published = len({m.msg_id for m in messages})
+    all_stored = wait_until(lambda: caught_up(data_dir, subjects) and
+                            stream_count(url, VERDICT_STREAM) >= published, CATCH_UP_SECONDS)
     stored = [i for p in range(PARTITIONS) if partition_db(data_dir, p).exists()
               for i in stored_ids(partition_db(data_dir, p))]
     check = check_delivery([m.msg_id for m in messages], stream_ids(url, TX_STREAM), stored,

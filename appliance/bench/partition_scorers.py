@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.errors import Error as NatsError
 
 from ..lease import partition_key
 from ..scoring.streams import TX_STREAM
@@ -230,6 +231,19 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return bool(condition())
+
+
+def stream_count(url: str, stream: str) -> int:
+    """How many messages ``stream`` holds now (0 while it cannot be asked: an election)."""
+    async def ask() -> int:
+        nc = await nats.connect(nats_servers(url), error_cb=quiet_errors, connect_timeout=1)
+        try:
+            return int((await nc.jetstream(timeout=2.0).stream_info(stream)).state.messages)
+        except (NatsError, TimeoutError):
+            return 0
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
 
 
 async def tx_leader(url: str) -> str:

@@ -26,7 +26,10 @@ number of such processes, on any machines, share the N partitions:
   nothing more.
 
 Renewal never waits behind recovery: each lease renews in its own task, and opening a
-partition (the rebuild) runs off the event loop's critical path in the scorer's own task.
+partition rebuilds its state on a worker thread (pipeline.Scorer.prepare). A partition's
+scorer starts afresh under the same lease after a reconnect, and when a delivery went
+missing (ingest.DeliveryGap): its consumer is re-created from the checkpoint, so nothing is
+ever acked unseen.
 
 What is shared, not partitioned: the node's database (``<data_dir>/branchguard.db``) holds
 what people keep for the scorer to look up (lists, labels, the terminal directory) and is
