@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.errors import Error as NatsError
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ..scoring.streams import API_TIMEOUT_SECONDS, during_election
 from ..settings import nats_servers
@@ -102,13 +105,24 @@ def stream_ids(url: str, stream: str, timeout: float = 10.0) -> list[str]:
             ids: list[str] = []
             if state.messages == 0:
                 return ids
-            sub = await js.subscribe(">", stream=stream, ordered_consumer=True)
-            seq = 0
-            while seq < state.last_seq:
-                msg = await sub.next_msg(timeout=timeout)
-                seq = msg.metadata.sequence.stream
-                ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
-            await sub.unsubscribe()
+            seq, stalls = 0, 0
+            while seq < state.last_seq:  # a consumer stalled by a server's death: start anew
+                config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                         opt_start_seq=seq + 1) if seq else None)
+                sub = await during_election(lambda: js.subscribe(
+                    ">", stream=stream, ordered_consumer=True, config=config), "subscribe")
+                try:
+                    while seq < state.last_seq:
+                        msg = await sub.next_msg(timeout=timeout)
+                        seq = msg.metadata.sequence.stream
+                        ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+                except (NatsError, TimeoutError):
+                    stalls += 1
+                    if stalls > 3:
+                        raise
+                finally:
+                    with contextlib.suppress(NatsError):
+                        await sub.unsubscribe()
             return ids
         finally:
             await nc.close()

@@ -207,13 +207,12 @@ def caught_up(data_dir: Path, subjects: list[str]) -> bool:
 
 def first_event(events: list[dict[str, Any]], name: str, after: float, **match: Any
                 ) -> float | None:
-    """When the first log line ``name`` matching ``match`` came after ``after`` (epoch s)."""
-    for e in events:
-        if e.get("event") != name or any(e.get(k) != v for k, v in match.items()):
-            continue
-        if (at := log_time(e)) > after:
-            return at
-    return None
+    """When the first log line ``name`` matching ``match`` came after ``after`` (epoch s),
+    whichever process's log it is in (``events`` may join several)."""
+    times = [at for e in events
+             if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+             and (at := log_time(e)) > after]
+    return min(times, default=None)
 
 
 def lease_taken(events: list[dict[str, Any]], p: int, after: float) -> float | None:
