@@ -111,7 +111,6 @@ class Owned:
     store: Store
     scorer: Scorer
     task: asyncio.Task[None]
-    acquired_at: float = field(default_factory=time.monotonic)
     restart: asyncio.Event = field(default_factory=asyncio.Event)
     restart_reason: str = ""
 
