@@ -23,6 +23,7 @@ import pytest
 from nats.errors import Error as NatsError
 
 from appliance.bench.delivery import stored_ids, stream_ids
+from appliance.bench.partition_scorers import stream_count
 from appliance.errors import SettingsError
 from appliance.feed.terminal import to_message
 from appliance.operations.cluster import REPLICAS, plan_servers, write_cluster_config
@@ -204,6 +205,8 @@ def test_a_scorer_loses_and_doubles_nothing_when_the_tx_leader_server_is_killed(
     ids = [tx.transaction_id for tx in txs]
     tx_ids = stream_ids(cluster.url, TX_STREAM)
     assert sorted(tx_ids) == sorted(ids)  # every one stored in the stream, none twice
+    # a commit does not wait for its verdicts' confirmations, which the election delays
+    _wait(lambda: stream_count(cluster.url, VERDICT_STREAM) >= len(ids), 60)
     verdicts = stream_ids(cluster.url, VERDICT_STREAM)
     assert sorted(verdicts) == sorted(ids)  # one verdict each
     stored = {row for row in stored_ids(tmp_path / "node" / "branchguard.db")}
@@ -260,6 +263,7 @@ def test_a_new_consumer_leader_does_not_stall_the_scorer(
 
     asyncio.run(go())
     assert sorted(stored_ids(db)) == sorted(tx.transaction_id for tx in txs)
+    _wait(lambda: stream_count(cluster.url, VERDICT_STREAM) >= len(txs), 60)  # as above
     assert sorted(stream_ids(cluster.url, VERDICT_STREAM)) == sorted(
         tx.transaction_id for tx in txs)
     assert node.process is not None and node.process.poll() is None

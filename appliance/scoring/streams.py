@@ -61,11 +61,16 @@ none is tried again by :func:`during_election`, so while a cluster elects a lead
 scorer asks every second rather than every five; a server that answers at all answers in
 milliseconds."""
 _T = TypeVar("_T")
+_TRANSIENT = (10008, 10005)
+"""JetStream API errors that pass: "temporarily unavailable" (10008), and "no suitable peers
+for placement" (10005), which a cluster that has just started answers to an R3 stream until
+every server has been heard from (it failed a node's first start in the test suite)."""
 
 
 async def during_election(call: Callable[[], Awaitable[_T]], what: str) -> _T:
     """``call()``, retried for up to :data:`ELECTION_SECONDS` while JetStream cannot answer
-    (a timeout, no responders, 503, or "temporarily unavailable" (10008)): on a cluster,
+    (a timeout, no responders, 503, "temporarily unavailable" (10008), or "no suitable peers
+    for placement" (10005), while a new cluster forms): on a cluster,
     after the server leading a stream or consumer dies, its API is silent until a new
     leader is elected (seconds), and a freshly created R3 consumer may answer 503 first.
     Each call retried must be idempotent. On a single server the first try answers."""
@@ -76,7 +81,7 @@ async def during_election(call: Callable[[], Awaitable[_T]], what: str) -> _T:
             return await call()
         except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError, APIError) as exc:
             if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError) \
-                    and exc.err_code != 10008:
+                    and exc.err_code not in _TRANSIENT:
                 raise
             if time.monotonic() > deadline:
                 raise
