@@ -30,6 +30,7 @@ import nats
 from nats.errors import Error as NatsError
 
 from ..lease import partition_key
+from ..operations.child import terminate
 from ..scoring.streams import TX_STREAM
 from ..scoring.terminal_stage import LEASE_KEY as STAGE_LEASE_KEY
 from ..settings import nats_servers
@@ -113,17 +114,10 @@ class ScorerChild:
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM (a clean handoff), SIGKILL after ``grace``; by its PID."""
-        p = self.process
-        if p.poll() is None:
+        if self.process.poll() is None:  # a stopped one (the zombie) must run to hear it
             with contextlib.suppress(OSError):
-                p.send_signal(signal.SIGCONT)
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(grace)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
+                self.process.send_signal(signal.SIGCONT)
+        return terminate(self.process, grace)
 
 
 def partition_db(data_dir: Path, p: int) -> Path:
