@@ -20,6 +20,21 @@ just before a commit: the bucket must still name its token, and its own clock mu
 lease has not run out. The token is stable for the whole tenure on purpose: a token that
 changed at every renewal would fail a check that happened to straddle one.
 
+**A lapse is not a loss.** While the bucket cannot answer (its stream leader is being
+elected after a server died), nobody can take the key either. Past its TTL without an answer
+the lease *lapses*: ``held`` is false, so its holder writes nothing and waits
+(:meth:`Lease.wait_held`), and the renewal task keeps trying. When the bucket answers, one of
+three things is true: the entry is still ours (renewed: held again, same token); somebody
+else holds the key (lost, ``taken``); or it is free because the entry expired meanwhile. In
+the last case a lease given a *witness* takes the key back under a new, larger token
+(``lease.reclaimed``), but only if the witness says the holder's unit of state was left
+untouched (for a partition: its tenure's consumer still exists, which every later tenure
+deletes before it reads anything). Without a witness, or when it cannot vouch, the lease is
+lost (``expired``) as before, and the next owner starts from the checkpoint. So a holder
+rides out an election of any length with its state and consumer intact, instead of
+re-opening everything after it, while a SIGKILLed holder's key still comes free after one
+TTL. A lapse longer than :data:`LAPSE_SECONDS` is a loss.
+
 Renewal runs in the lease's own asyncio task, which awaits nothing but the KV call: work
 elsewhere (a restore, a rebuild) must run on worker threads or other tasks, and then never
 delays it. If the event loop itself is blocked longer than the TTL (or the process is
@@ -36,7 +51,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.errors import Error as NatsError
@@ -56,6 +71,13 @@ MARKER_TTL_SECONDS = 1.0
 """How long the server keeps the marker it writes when an entry expires (``limit_marker_ttl``):
 watchers see the expiry; acquiring treats the marker as a free key."""
 
+LAPSE_SECONDS = 30.0
+"""How long a lapsed lease (no answer past its TTL) keeps trying before it counts as lost."""
+WITNESS_SHARE = 0.75
+"""Of the TTL, how long a reclaiming holder may take to ask its witness."""
+POLL_SECONDS = 0.05
+"""How often a writer waiting out a lapse looks again."""
+
 _KV_OP = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -64,6 +86,15 @@ OnLost = Callable[["Lease", str], None]
 """Called once, from the renewal task, when a lease is lost: with the lease and the reason
 (``taken``: another owner holds the key now; ``expired``: the entry ran out, or no renewal
 was answered within the TTL). It must not block: set a flag, cancel a task."""
+
+Witness = Callable[[], Awaitable[bool]]
+"""Asked before a lapsed lease is taken back: whether the holder's unit of state is exactly
+as it left it (no later tenure touched it). An error counts as "cannot tell yet"."""
+
+
+async def nothing_to_witness() -> bool:
+    """The witness of a lease that guards no state (a scorer's membership)."""
+    return True
 
 
 def partition_key(partition: int) -> str:
@@ -161,9 +192,11 @@ class Leases:
         holder = await self.holder(key)
         return holder is not None and holder.token == token
 
-    async def acquire(self, key: str, on_lost: OnLost | None = None) -> Lease | None:
+    async def acquire(self, key: str, on_lost: OnLost | None = None,
+                      witness: Witness | None = None) -> Lease | None:
         """One try: the lease on ``key`` if it is free (and nobody beat us to it), else None.
-        The returned lease renews itself until it is released or lost."""
+        The returned lease renews itself until it is released or lost. ``witness`` (also
+        settable later, as ``Lease.witness``) lets it ride out a lapse (module docstring)."""
         latest = await self._latest(key)
         if latest is not None and latest.holder is not None:
             return None
@@ -176,18 +209,21 @@ class Leases:
                 return None
             raise
         lease = Lease(self, key, revision, sent + self.ttl_seconds, on_lost)
+        lease.witness = witness
         log.info("lease.acquired", key=key, owner=self.owner, token=revision)
         return lease
 
     async def wait_acquire(self, key: str, on_lost: OnLost | None = None,
-                           poll_seconds: float | None = None) -> Lease:
+                           poll_seconds: float | None = None,
+                           witness: Witness | None = None) -> Lease:
         """Try every ``poll_seconds`` (default a fifth of the renew interval) until the lease
         on ``key`` is ours; bound it with ``asyncio.timeout`` if need be. A try that gets no
         answer (no server, a stream leader being elected) is logged and tried again."""
         poll = poll_seconds if poll_seconds is not None else self.renew_seconds / 5
         while True:
             try:
-                lease = await asyncio.wait_for(self.acquire(key, on_lost), self.ttl_seconds)
+                lease = await asyncio.wait_for(self.acquire(key, on_lost, witness),
+                                               self.ttl_seconds)
             except (NatsError, asyncio.TimeoutError, OSError) as exc:
                 log.warning("lease.acquire_failed", key=key, owner=self.owner,
                             error=f"{type(exc).__name__}: {exc}")
@@ -243,6 +279,12 @@ class Lease:
         self._next_renewal = expires_at - leases.ttl_seconds + leases.renew_seconds
         self._on_lost = on_lost
         self.lost_reason: str | None = None
+        self.witness: Witness | None = None
+        """Set by the holder once it has state to vouch for: the lease may then ride out a
+        lapse (module docstring). None: a lapse past the TTL is a loss."""
+        self._lapsed = False
+        self.held_since = time.monotonic()
+        """When it was last taken, or held again after a lapse (monotonic seconds)."""
         self._task = asyncio.create_task(self._renew_forever(), name=f"lease-renew-{key}")
 
     @property
@@ -259,6 +301,28 @@ class Lease:
     def lost(self) -> bool:
         return self.lost_reason is not None and self.lost_reason != "released"
 
+    @property
+    def ended(self) -> bool:
+        """Lost or released: it will never be held again (a lapse is not an end)."""
+        return self.lost_reason is not None
+
+    async def wait_held(self, stopping: Callable[[], bool] | None = None) -> bool:
+        """A writer's fence: True at once while held; during a lapse, wait until it is held
+        again (True) or it ends, or ``stopping()`` turns true (False)."""
+        while not self.held:
+            if self.ended or (stopping is not None and stopping()):
+                return False
+            await asyncio.sleep(POLL_SECONDS)
+        return True
+
+    def wait_held_blocking(self) -> bool:
+        """:meth:`wait_held` for a worker thread (the scorer's commit thread)."""
+        while not self.held:
+            if self.ended:
+                return False
+            time.sleep(POLL_SECONDS)
+        return True
+
     async def check(self) -> bool:
         """The fencing check before a commit: the bucket still names this tenure's token, and
         by the local clock the lease had not run out when that answer came back."""
@@ -268,8 +332,9 @@ class Lease:
 
     async def renew(self) -> bool:
         """One renewal now (the task calls this every ``renew_seconds``): a compare-and-set
-        on our last revision. A refusal loses the lease at once; an error (no answer, no
-        server) loses it only once the TTL has run out, and is tried again before then."""
+        on our last revision. A refusal ends the lease at once, unless the key is free and
+        the witness lets us take it back (:meth:`_reclaim`); an error (no answer, no server)
+        is tried again, and past the TTL the lease lapses (or, with no witness, is lost)."""
         for _ in range(2):  # a second time only after adopting a renewal whose answer was lost
             if self.lost_reason is not None:
                 return False
@@ -283,20 +348,85 @@ class Lease:
                 if not _is_wrong_last(exc):
                     return self._failed(exc)
                 try:
-                    holder = await self._leases.holder(self.key)
+                    latest = await asyncio.wait_for(leases._latest(self.key),
+                                                    leases.renew_seconds)
                 except (NatsError, asyncio.TimeoutError, OSError) as lookup:
                     return self._failed(lookup)
-                if holder is None or holder.owner != leases.owner or holder.token != self.token:
-                    self._lose("expired" if holder is None else "taken")
-                    return False
-                self.revision = holder.revision
-                continue
+                holder = latest.holder if latest is not None else None
+                if holder is not None and holder.owner == leases.owner:
+                    if holder.token == self.token:
+                        self.revision = holder.revision
+                        continue
+                    # our own reclaim whose answer was lost: vouch for it as if just written
+                    return await self._resume(holder.token, holder.revision, sent)
+                if holder is None and self.witness is not None:
+                    return await self._reclaim(latest.revision if latest is not None else 0)
+                self._lose("expired" if holder is None else "taken")
+                return False
             except (NatsError, asyncio.TimeoutError, OSError) as exc:
                 return self._failed(exc)
-            self._expires_at = sent + leases.ttl_seconds
-            self._next_renewal = sent + leases.renew_seconds
+            self._renewed(sent)
             return True
         return False
+
+    async def _reclaim(self, last: int) -> bool:
+        """The key came free while we could not renew (it expired during an election):
+        take it back by compare-and-set on its marker, then ask the witness."""
+        leases = self._leases
+        sent = time.monotonic()
+        try:
+            revision = await asyncio.wait_for(
+                leases._update(self.key, _value(leases.owner, None), last),
+                leases.renew_seconds)
+        except APIError as exc:
+            if _is_wrong_last(exc):  # somebody wrote first: the next renewal looks again
+                self._next_renewal = time.monotonic()
+                return False
+            return self._failed(exc)
+        except (NatsError, asyncio.TimeoutError, OSError) as exc:
+            return self._failed(exc)
+        return await self._resume(revision, revision, sent)
+
+    async def _resume(self, token: int, revision: int, sent: float) -> bool:
+        """We hold the key again under ``token``: carry on if the witness vouches that our
+        state is untouched, else give the key up (deleted, so the next owner need not wait
+        for a TTL) and end as ``expired``."""
+        leases = self._leases
+        deadline = sent + leases.ttl_seconds * WITNESS_SHARE
+        vouched = False
+        while not vouched and time.monotonic() < deadline:
+            try:
+                vouched = await asyncio.wait_for(self._vouch(),
+                                                 max(0.05, deadline - time.monotonic()))
+                if not vouched:
+                    break
+            except (NatsError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("lease.witness_failed", key=self.key, token=token,
+                            error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(leases.renew_seconds / 5)
+        if not vouched or time.monotonic() >= sent + leases.ttl_seconds:
+            with contextlib.suppress(NatsError, asyncio.TimeoutError, OSError):
+                await asyncio.wait_for(leases._delete(self.key, revision), leases.renew_seconds)
+            self._lose("expired")
+            return False
+        previous, self.token, self.revision = self.token, token, revision
+        self._lapsed = True  # so that _renewed says it is held again, and since when
+        self._renewed(sent)
+        log.info("lease.reclaimed", key=self.key, owner=leases.owner, token=token,
+                 previous=previous)
+        return True
+
+    async def _vouch(self) -> bool:
+        witness = self.witness
+        return witness is not None and await witness()
+
+    def _renewed(self, sent: float) -> None:
+        self._expires_at = sent + self._leases.ttl_seconds
+        self._next_renewal = sent + self._leases.renew_seconds
+        if self._lapsed:
+            self._lapsed = False
+            self.held_since = time.monotonic()
+            log.info("lease.held_again", key=self.key, token=self.token)
 
     async def release(self) -> None:
         """A planned handoff: stop renewing and delete the entry (only if it is still ours),
@@ -344,12 +474,20 @@ class Lease:
         return holder
 
     def _failed(self, exc: BaseException) -> bool:
-        log.warning("lease.renew_failed", key=self.key, token=self.token,
-                    error=f"{type(exc).__name__}: {exc}")
-        if time.monotonic() >= self._expires_at:
-            self._lose("expired")
+        now = time.monotonic()
+        if now >= self._expires_at:
+            if self.witness is None or now >= self._expires_at + LAPSE_SECONDS:
+                self._lose("expired")
+                return False
+            if not self._lapsed:  # said once, not at every try
+                self._lapsed = True
+                log.warning("lease.lapsed", key=self.key, token=self.token,
+                            error=f"{type(exc).__name__}: {exc}",
+                            hint="no answer past the TTL: writing nothing, trying again")
         else:
-            self._next_renewal = time.monotonic() + self._leases.renew_seconds / 5
+            log.warning("lease.renew_failed", key=self.key, token=self.token,
+                        error=f"{type(exc).__name__}: {exc}")
+        self._next_renewal = now + self._leases.renew_seconds / 5
         return False
 
     def _lose(self, reason: str) -> None:

@@ -26,7 +26,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 
 from appliance.errors import SettingsError
-from appliance.lease import BUCKET, Lease, Leases, partition_key
+from appliance.lease import BUCKET, Lease, Leases, nothing_to_witness, partition_key
+from appliance.operations.node import EmbeddedNats
 from appliance.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,10 +330,100 @@ def test_renewal_must_be_well_inside_the_ttl() -> None:
     assert lease_settings(ttl=2.0, renew=0.9).lease_renew_seconds == 0.9
 
 
+def test_a_stopped_holder_with_its_state_intact_takes_its_lease_back(nats_url: str) -> None:
+    # Nobody took the key while its holder was stopped past the TTL (as when the bucket has
+    # no leader during an election): the entry expired, and the holder, whose witness says
+    # its state is untouched, takes it back under a new token, and never loses it.
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            holder = await Holder.start(nats_url, "partition.6", TTL, RENEW, "witness-yes")
+            stack.push_async_callback(holder.stop)
+            token = (await holder.wait_for("acquired", 1))["token"]
+            other = await open_leases(nats_url, stack, "other")
+            holder.process.send_signal(signal.SIGSTOP)
+            stopped = time.time()
+            await asyncio.sleep(TTL * 2.5)
+            assert await other.holder("partition.6") is None  # it expired
+            holder.process.send_signal(signal.SIGCONT)
+            back = await holder.wait_for("reclaimed", 10)
+            assert back["token"] > token and back["held"]
+            assert await other.acquire("partition.6") is None  # it is held again
+            current = await other.holder("partition.6")
+            assert current is not None and current.token == back["token"]
+            await asyncio.sleep(TTL * 2)  # and stays held: renewed under the new token
+            assert not [e for e in holder.events if e["event"] == "lost"]
+            waits = [e for e in holder.events if e["event"] == "waited"]
+            assert waits and all(e["held"] for e in waits)  # a writer waited, then wrote
+            assert all(not e["ok"] for e in holder.events  # and not while it had lapsed
+                       if e["event"] == "check" and stopped < e["t"] < back["t"])
+
+    asyncio.run(main())
+
+
+def test_a_stopped_holder_whose_witness_cannot_vouch_gives_the_key_up(nats_url: str) -> None:
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            holder = await Holder.start(nats_url, "partition.7", TTL, RENEW, "witness-no")
+            stack.push_async_callback(holder.stop)
+            other = await open_leases(nats_url, stack, "other")
+            holder.process.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(TTL * 2.5)
+            holder.process.send_signal(signal.SIGCONT)
+            lost = await holder.wait_for("lost", 10)
+            assert lost["reason"] == "expired"
+            assert not [e for e in holder.events if e["event"] == "reclaimed"]
+            assert await other.holder("partition.7") is None  # given up: free at once
+            lease = await other.acquire("partition.7")
+            assert lease is not None
+            await lease.release()
+
+    asyncio.run(main())
+
+
+def test_a_lease_rides_out_a_silent_bucket(tmp_path: Path) -> None:
+    # The bucket's server stops answering for longer than the TTL, as while an election
+    # runs: the lease lapses (not held, so its holder writes nothing), then is held again
+    # once the server answers, with no loss; a writer waiting on it goes on.
+    server = EmbeddedNats(load(None, env={}, data_dir=tmp_path / "nats", nats_port=0))
+    url = server.start()
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            lost: list[str] = []
+            a = await open_leases(url, stack, "a")
+            lease = await a.acquire("partition.8", lambda _, reason: lost.append(reason),
+                                    witness=nothing_to_witness)
+            assert lease is not None
+            waiting = asyncio.create_task(lease.wait_held())
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(TTL * 2)
+                assert not lease.held and not lease.ended  # lapsed, not lost
+                writer = asyncio.create_task(lease.wait_held())
+                await asyncio.sleep(TTL)
+                assert not writer.done()  # a writer waits out the lapse
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            async with asyncio.timeout(TTL * 10):
+                assert await writer
+            assert lease.held and lost == [] and waiting.done()
+            holder = await a.holder("partition.8")
+            assert holder is not None and holder.owner == "a" and holder.token == lease.token
+            await lease.release()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+
+
 async def hold(url: str, key: str, ttl: float, renew: float, mode: str) -> None:
     """The child holder: acquire ``key``, say so, and hold it until killed. In ``write`` mode
     it also checks its fence every 50 ms, as a writer would before each commit, and ends
-    once it has lost the lease."""
+    once it has lost the lease. In ``witness-yes`` and ``witness-no`` modes its lease has a
+    witness that vouches (or not) for its state, so it may ride out a lapse; it checks its
+    fence every 50 ms, and waits out a lapse as a writer does, saying what it waited for."""
     def emit(event: str, **fields: Any) -> None:
         sys.stdout.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
         sys.stdout.flush()
@@ -349,6 +440,21 @@ async def hold(url: str, key: str, ttl: float, renew: float, mode: str) -> None:
         emit("acquired", token=lease.token)
         if mode == "hold":
             await asyncio.Event().wait()
+        if mode.startswith("witness"):
+            async def witness() -> bool:
+                return mode == "witness-yes"
+            lease.witness = witness
+            token = lease.token
+            while not lost.is_set():
+                emit("check", ok=lease.held and await lease.check())
+                if not lease.held:
+                    held = await lease.wait_held()
+                    emit("waited", held=held)
+                if lease.token != token:
+                    emit("reclaimed", token=lease.token, held=lease.held)
+                    token = lease.token
+                await asyncio.sleep(0.05)
+            return
         while not lost.is_set():
             emit("check", ok=await lease.check())
             await asyncio.sleep(0.05)

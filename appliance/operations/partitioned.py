@@ -26,10 +26,18 @@ number of such processes, on any machines, share the N partitions:
   nothing more.
 
 Renewal never waits behind recovery: each lease renews in its own task, and opening a
-partition rebuilds its state on a worker thread (pipeline.Scorer.prepare). A partition's
-scorer starts afresh under the same lease after a reconnect, and when a delivery went
-missing (ingest.DeliveryGap): its consumer is re-created from the checkpoint, so nothing is
-ever acked unseen.
+partition rebuilds its state on a worker thread (pipeline.Scorer.prepare). After a
+reconnect a partition's scorer asks for deliveries again (ingest.Puller.resume); when a
+delivery went missing (ingest.DeliveryGap) it starts afresh under the same lease, its
+consumer re-created from the checkpoint, so nothing is ever acked unseen.
+
+**Elections.** When a server dies, ``BG_LEASES`` may have no leader for longer than the
+TTL. Nobody can take a lease then, so a lease that gets no answer *lapses* rather than ends
+(lease.py): its partition's scorer writes nothing and waits, keeping its state and its
+consumer, and when the bucket answers again it carries on, under a new token if the entry
+expired meanwhile, provided its consumer still exists (the witness: every later tenure
+deletes it first). A process back from a lapse takes no free partition for one TTL, so the
+others back from the same lapse reclaim theirs first.
 
 What is shared, not partitioned: the node's database (``<data_dir>/branchguard.db``) holds
 what people keep for the scorer to look up (lists, labels, the terminal directory) and is
@@ -57,7 +65,7 @@ from nats.errors import Error as NatsError
 
 from .. import logs
 from ..errors import FencedError, SettingsError
-from ..lease import Lease, Leases, partition_key
+from ..lease import Lease, Leases, nothing_to_witness, partition_key
 from ..nats_auth import client_options
 from ..scoring.ingest import DeliveryGap, connect
 from ..scoring.model import Model
@@ -143,14 +151,15 @@ class PartitionScorers:
         s = self.settings
         js = self.nc.jetstream(timeout=max(1.0, s.lease_ttl_seconds))
         self.leases = leases = await Leases.open(js, s, replicas=s.stream_replicas)
-        self.member = await leases.wait_acquire(member_key(leases.owner))
+        self.member = await leases.wait_acquire(member_key(leases.owner),
+                                                witness=nothing_to_witness)
         log.info("scorer.joined", txn_id=None, owner=leases.owner, partitions=s.partitions)
         self.ready.set()
         try:
             while not stop.is_set():
                 if self.reconnected.is_set():
                     self.reconnected.clear()
-                    self.restart_all("NATS reconnected")
+                    await self.resume_all()
                 try:
                     await self.balance()
                 except (NatsError, asyncio.TimeoutError, OSError) as exc:
@@ -174,8 +183,14 @@ class PartitionScorers:
         for p, owned in list(self.owned.items()):
             if owned.task.done():
                 await self._forget(p, owned)
-        if self.member is None or self.member.lost:  # an election outlasted its TTL: rejoin
-            self.member = await leases.acquire(member_key(leases.owner))
+        if self.member is None or self.member.lost:  # a lapse past LAPSE_SECONDS: rejoin
+            self.member = await leases.acquire(member_key(leases.owner),
+                                               witness=nothing_to_witness)
+        if self.member is None or not self.member.held:
+            return  # lapsed (an election): nobody can take anything now
+        if time.monotonic() - self.member.held_since < self.settings.lease_ttl_seconds:
+            return  # just joined or back from a lapse: others back from the same lapse take
+            # their partitions back first (lease.py), so none looks free that is not
         live = await leases.holders(MEMBER_PREFIX)
         members = max(1, len(live))
         share = fair_share(self.settings.partitions, members)
@@ -223,16 +238,25 @@ class PartitionScorers:
         scorer.counters = self.counters
         return scorer
 
-    def restart_all(self, reason: str) -> None:
-        """Every partition's scorer starts afresh under the same lease (its consumer from
-        the checkpoint), as ``branchguard run`` does after a reconnect: pull requests die
-        with a server, and deliveries may have died with them."""
-        for owned in self.owned.values():
-            owned.restart_reason = reason
+    async def resume_all(self) -> None:
+        """After a reconnect: each open partition's scorer asks for deliveries again
+        (ingest.Puller.resume: a delivery lost with the server shows as a gap, and the
+        scorer then starts afresh); one still opening starts afresh now."""
+        for owned in list(self.owned.values()):
+            if owned.scorer.ready.is_set() and not owned.task.done():
+                try:
+                    await owned.scorer.resume_pulls()
+                    log.info("partition.resumed", txn_id=None, partition=owned.partition,
+                             token=owned.lease.token, reason="NATS reconnected")
+                    continue
+                except (NatsError, OSError) as exc:
+                    log.warning("partition.resume_failed", txn_id=None,
+                                partition=owned.partition, error=f"{type(exc).__name__}: {exc}")
+            owned.restart_reason = "NATS reconnected"
             owned.restart.set()
 
     async def _score(self, p: int) -> None:
-        """Run the partition's scorer; start a fresh one when asked (:meth:`restart_all`) or
+        """Run the partition's scorer; start a fresh one when asked (:meth:`resume_all`) or
         when a delivery went missing (DeliveryGap); end on a fence, an error or a stop."""
         owned = self.owned[p]
         lease = owned.lease
@@ -268,7 +292,7 @@ class PartitionScorers:
                               error=f"{type(error).__name__}: {error}")
                     return
                 reason = "a delivery went missing (consumer.gap)"
-            if not lease.held:
+            if lease.ended:
                 return
             log.warning("partition.restarting", txn_id=None, partition=p, token=lease.token,
                         reason=reason, hint="a fresh consumer from the partition's checkpoint")
@@ -320,16 +344,12 @@ async def stand_by_for_terminal_stage(nc: Client, settings: Settings, stop: asyn
     """Every scorer process stands by for the terminal stage (scoring/terminal_stage.py):
     one of them holds its lease and runs it, and when that one dies, another takes over, so
     a partitioned cluster needs no service of its own for it. A lost lease (a pause past
-    the TTL) or a missing delivery stops the stage here, and so does a reconnect (its pull
-    requests died with the server): this process then stands by again, and a stage it
-    starts resumes from its checkpoint."""
-    reconnected = reconnected or asyncio.Event()
+    the TTL) or a missing delivery stops the stage here: this process then stands by again,
+    and a stage it starts resumes from its checkpoint. After a reconnect the stage asks for
+    deliveries again (terminal_stage.serve)."""
     while not stop.is_set():
-        reconnected.clear()
-        this_round = asyncio.Event()
-        watcher = asyncio.create_task(_set_on_either(stop, reconnected, this_round))
         try:
-            await serve_terminal_stage(nc, settings, this_round)
+            await serve_terminal_stage(nc, settings, stop, reconnected)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -337,19 +357,6 @@ async def stand_by_for_terminal_stage(nc: Client, settings: Settings, stop: asyn
                         error=f"{type(exc).__name__}: {exc}", hint="standing by again")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.lease_renew_seconds)
-        finally:
-            watcher.cancel()
-
-
-async def _set_on_either(first: asyncio.Event, second: asyncio.Event,
-                         then: asyncio.Event) -> None:
-    waits = [asyncio.create_task(first.wait()), asyncio.create_task(second.wait())]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        then.set()
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 async def run_scorer(settings: Settings) -> int:

@@ -128,7 +128,7 @@ class GroupCommit:
         last = group[-1]
         lease, token = self.lease, None
         if lease is not None:
-            if not lease.held:
+            if not lease.wait_held_blocking():  # a lapse (an election) is waited out
                 raise FencedError("the partition's lease is no longer held", field="lease",
                                   value=lease.key, hint="another owner carries on from the "
                                   "checkpoint; nothing of this group is written")

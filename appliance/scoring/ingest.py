@@ -117,9 +117,13 @@ class Puller:
     a batch, at once.
 
     Pull requests live on the server: when it restarts they are gone and no status message
-    says so. They are not simply asked again: a delivery lost with the server, followed by
-    an ack of a later one (ack policy ``all``), would ack it unseen. The node starts a fresh
-    scorer, consumer and puller from the checkpoint instead (operations/scoring.py).
+    says so. Asked again blindly, a delivery lost with the server, followed by an ack of a
+    later one (ack policy ``all``), would be acked unseen. So every delivery's consumer
+    sequence must follow the last one's: past a gap, :meth:`take` raises
+    :class:`DeliveryGap` and the owner starts over from its checkpoint. With that guard,
+    :meth:`resume` may ask again after a reconnect (a partition's scorer does, where
+    re-creating R3 consumers during an election costs seconds); the single node starts a
+    fresh scorer, consumer and puller from the checkpoint instead (operations/scoring.py).
     """
 
     def __init__(self, nc: Client, settings: Settings, expires_seconds: float = 5.0,
@@ -174,6 +178,16 @@ class Puller:
         while self.outstanding < self.batch * 2:
             await self.nc.publish(self.subject, self._request, reply=self.inbox)
             self.outstanding += self.batch
+
+    async def resume(self) -> None:
+        """After a reconnect: forget the requests the old connection had outstanding (those
+        on a dead server will never answer) and ask again. A delivery lost meanwhile shows as
+        a gap in the consumer sequence, which :meth:`take` raises."""
+        if self._sub is None:
+            return
+        self.outstanding = 0
+        self.arrived.set()
+        await self._top_up()
 
     async def take(self, timeout: float) -> list[Delivery]:
         """Up to one batch of deliveries; waits at most ``timeout`` seconds for the first."""

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 from sqlite_utils import Database
 
 from .. import logs
@@ -57,8 +58,8 @@ from .commit import GroupCommit
 from .features import FEATURES, FeatureState, feature_state
 from .ingest import (Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, dlq_headers,
                      in_progress)
-from .streams import (API_TIMEOUT_SECONDS, DLQ_SUBJECT, ensure_streams, published_verdicts,
-                      reset_consumer)
+from .streams import (API_TIMEOUT_SECONDS, DLQ_SUBJECT, TX_STREAM, ensure_streams,
+                      published_verdicts, reset_consumer)
 from .terminal_feed import TerminalFeed
 from .labels import LabelFeed
 from .lists import ListFilter
@@ -189,7 +190,8 @@ class Scorer:
           consumer's ack floor plays no part, so a new NATS store or a restored database
           does not re-publish every stored verdict.
         """
-        await ensure_streams(self.js, self.settings)
+        if self.lease is None:  # a partition's process ensured them once, when it started
+            await ensure_streams(self.js, self.settings)
         started = time.monotonic()
         budget = (asyncio.get_running_loop().run_in_executor(  # beside the state: SQLite
             None, budget_from_rows, self.store.path, self.settings)  # works off the GIL
@@ -213,8 +215,10 @@ class Scorer:
                  terminals=len(self.state.terminals), checkpoint=marks.stream_seq,
                  labels=self.labels.state.count, adoptable=len(self._adopted),
                  seconds=round(time.monotonic() - started, 3))
-        self._fence("re-create the consumer")
+        await self._fence("re-create the consumer")
         await reset_consumer(self.js, self.settings, marks.stream_seq, self.owned, self.durable)
+        if self.lease is not None:  # from now on, a lapse of the lease need not end us
+            self.lease.witness = self._consumer_intact
         await self.verdicts.start()
         await self.dlq.start()
         self.writer.start()
@@ -223,7 +227,7 @@ class Scorer:
                      for branch, terminal, v in self.store.verdicts_between(
                          marks.confirmed_seq, marks.stream_seq)
                      if v.transaction_id not in published]
-            self._fence("publish verdicts again")
+            await self._fence("publish verdicts again")
             ok = await self.verdicts.confirm(again, CONFIRM_TIMEOUT, self._stopping.is_set)
             log.info("verdicts.republished", txn_id=None, count=len(again), confirmed=ok,
                      after_seq=marks.confirmed_seq, upto_seq=marks.stream_seq)
@@ -287,6 +291,11 @@ class Scorer:
         self._stopping.set()
         self._progress.set()
 
+    async def resume_pulls(self) -> None:
+        """After a reconnect, ask for deliveries again without starting over (a partition's
+        scorer, operations/partitioned.py): see :meth:`Puller.resume`."""
+        await self.puller.resume()
+
     def _rebuild(self) -> FeatureState:
         """Feature state and typology trails from the committed rows. The state is large and
         long-lived and holds no reference cycles: it is built with the cyclic collector off,
@@ -300,12 +309,24 @@ class Scorer:
             gc.enable()
         return state
 
-    def _fence(self, what: str) -> None:
-        """Raise FencedError unless this scorer is unleased or its lease is still held."""
+    async def _fence(self, what: str) -> None:
+        """Raise FencedError unless this scorer is unleased or its lease is held; while the
+        lease has lapsed (no answer from the bucket, an election), wait for it to be held
+        again (lease.py)."""
         lease = self.lease
-        if lease is not None and not lease.held:
+        if lease is not None and not await lease.wait_held(self._stopping.is_set):
             raise FencedError(f"lost the partition's lease; will not {what}", field="lease",
                               value=lease.key, hint=lease.lost_reason or "ran out")
+
+    async def _consumer_intact(self) -> bool:
+        """The lease's witness: this tenure's consumer still exists. Every later tenure
+        deletes it before it reads anything (streams.reset_consumer), so while it exists,
+        nobody else has scored, committed or acked in this partition since we last did."""
+        try:
+            await self.js.consumer_info(TX_STREAM, self.durable, timeout=API_TIMEOUT_SECONDS)
+        except NotFoundError:
+            return False
+        return True
 
     async def _every(self, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -425,7 +446,7 @@ class Scorer:
                                      _encode(verdict), tid))
 
         floor = self.verdicts.last_seq
-        self._fence("publish verdicts")
+        await self._fence("publish verdicts")
         ticket = await self.verdicts.publish_many(outgoing)
         now_ns = time.time_ns()
         c = self.counters
@@ -433,7 +454,7 @@ class Scorer:
         if len(c.latencies_ms) > 200000:
             del c.latencies_ms[:100000]
         if rejects:  # a dead letter is in TX_DLQ before its row says so
-            self._fence("publish dead letters")
+            await self._fence("publish dead letters")
             if not await self.dlq.confirm(rejects, CONFIRM_TIMEOUT, self._stopping.is_set):
                 raise RuntimeError("dead-letter stream did not confirm the batch's rejects")
 
@@ -469,7 +490,7 @@ class Scorer:
                 log.warning("verdicts.unconfirmed_at_stop", txn_id=None,
                             first_seq=b.deliveries[0].stream_seq)
                 return  # stopping with the server away: the next start re-publishes
-            self._fence("ack")
+            await self._fence("ack")
             await ack_batch(self.nc, b.deliveries)
             pending.popleft()
             self.confirmed_upto = b.last_seq

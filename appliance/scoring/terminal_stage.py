@@ -32,6 +32,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -202,6 +203,7 @@ class TerminalStage:
         self.counters = StageCounters()
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._consumer_created: datetime | None = None
 
     async def prepare(self) -> int:
         """Streams, windows from the ledger, the consumer from checkpoint + 1; returns the
@@ -215,7 +217,9 @@ class TerminalStage:
         started = time.monotonic()
         self.windows = self.ledger.windows()
         checkpoint = self.ledger.checkpoint()
-        await reset_stage_consumer(self.js, self.settings, checkpoint)
+        self._consumer_created = await reset_stage_consumer(self.js, self.settings, checkpoint)
+        if self.lease is not None:  # from now on, a lapse of the lease need not end the stage
+            self.lease.witness = self._consumer_intact
         await self.publisher.start()
         await self.puller.start()
         log.info("terminal_stage.ready", txn_id=None, checkpoint=checkpoint,
@@ -276,22 +280,34 @@ class TerminalStage:
     async def process(self, batch: list[Delivery]) -> None:
         """Decide, publish the records and wait for ``TERM`` to confirm them, commit, ack."""
         records, observed = self.decide(batch)
-        self._require_lease("publish")
+        await self._require_lease("publish")
         if not await self.publisher.confirm(records, CONFIRM_TIMEOUT, self._stopping.is_set):
             return  # stopping with the server away: the next start computes them again
-        self._require_lease("commit")
+        await self._require_lease("commit")
         self.ledger.commit(observed, batch[-1].stream_seq)
         await ack_batch(self.nc, batch)
 
-    def _require_lease(self, before: str) -> None:
-        if self.lease is not None and not self.lease.held:
+    async def _require_lease(self, before: str) -> None:
+        """A lapse (an election) is waited out; a loss stops the stage (lease.py)."""
+        if self.lease is not None and not await self.lease.wait_held(self._stopping.is_set):
             raise NodeError(f"the terminal stage's lease is lost; not going to {before}",
                             field="lease", value=LEASE_KEY,
                             hint="another copy holds it now; this one stops (crash-only)")
 
 
+    async def _consumer_intact(self) -> bool:
+        """The lease's witness: the stage's consumer is still the one this stage created.
+        A later tenure deletes and re-creates it before it reads anything, so while it is
+        ours, nobody else has published, committed or acked since we last did."""
+        try:
+            info = await self.js.consumer_info(TX_STREAM, STAGE_CONSUMER)
+        except NotFoundError:
+            return False
+        return self._consumer_created is not None and info.created == self._consumer_created
+
+
 async def reset_stage_consumer(js: JetStreamContext, settings: Settings, checkpoint: int
-                               ) -> None:
+                               ) -> datetime:
     """Re-create the stage's durable consumer on the whole TX stream (``txp.>`` and what the
     transform left as ``tx.>``), delivering from ``checkpoint + 1`` in stream order (as
     streams.reset_consumer does for the scorer).
@@ -299,6 +315,9 @@ async def reset_stage_consumer(js: JetStreamContext, settings: Settings, checkpo
     No filter at all: measured with 20,000 transactions, a consumer filtering on the two
     subjects ``txp.>`` and ``tx.>`` was delivered about 800 tx/s by nats-server (its
     multi-filter path slows as the stream holds more subjects), against thousands without.
+
+    Returns the consumer's creation time, as the server gives it: what identifies this
+    stage's tenure of the consumer (:meth:`TerminalStage._consumer_intact`).
     """
     with contextlib.suppress(NotFoundError):
         await during_election(lambda: js.delete_consumer(TX_STREAM, STAGE_CONSUMER),
@@ -308,15 +327,19 @@ async def reset_stage_consumer(js: JetStreamContext, settings: Settings, checkpo
         opt_start_seq=checkpoint + 1, ack_policy=AckPolicy.ALL,
         max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_seconds,
         max_ack_pending=MAX_ACK_PENDING, max_waiting=64)
-    await during_election(lambda: js.add_consumer(TX_STREAM, config), "add_consumer")
+    info = await during_election(lambda: js.add_consumer(TX_STREAM, config), "add_consumer")
     log.info("consumer.reset", txn_id=None, consumer=STAGE_CONSUMER,
              start_seq=checkpoint + 1, filter_subjects=None)
+    return info.created
 
 
-async def serve(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
+async def serve(nc: Client, settings: Settings, stop: asyncio.Event,
+                reconnected: asyncio.Event | None = None) -> None:
     """The stage under its lease: wait for the lease (standing by while another copy holds
     it), run until ``stop`` is set, then release it. A lost lease stops the stage at once
-    and raises :class:`NodeError` (crash-only: the supervisor starts a copy that stands by)."""
+    and raises :class:`NodeError` (crash-only: the supervisor starts a copy that stands by).
+    ``reconnected`` (set by the connection's reconnect callback): the stage asks for
+    deliveries again (ingest.Puller.resume), or stops if it was still preparing."""
     leases = await Leases.open(nc.jetstream(), settings, replicas=settings.stream_replicas)
     stage: TerminalStage | None = None
 
@@ -333,11 +356,15 @@ async def serve(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
     halt.cancel()
     lease = acquire.result()
     stage = TerminalStage(nc, settings, lease)
-    watcher = asyncio.create_task(_stop_when(stop, stage))
+    watchers = [asyncio.create_task(_stop_when(stop, stage))]
+    if reconnected is not None:
+        reconnected.clear()
+        watchers.append(asyncio.create_task(_resume_when(reconnected, stage)))
     try:
         await stage.run()
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         if lease.lost:
             raise NodeError("the terminal stage's lease was lost", field="lease",
                             value=LEASE_KEY, hint=f"lost: {lease.lost_reason}; another copy "
@@ -348,6 +375,17 @@ async def serve(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
 async def _stop_when(stop: asyncio.Event, stage: TerminalStage) -> None:
     await stop.wait()
     stage.stop()
+
+
+async def _resume_when(reconnected: asyncio.Event, stage: TerminalStage) -> None:
+    while True:
+        await reconnected.wait()
+        reconnected.clear()
+        if not stage.ready.is_set():
+            stage.stop()  # its consumer may be half made: the next start makes it again
+            return
+        await stage.puller.resume()
+        log.info("terminal_stage.resumed", txn_id=None, reason="NATS reconnected")
 
 
 async def run_terminal_stage(settings: Settings) -> None:
