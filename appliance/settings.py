@@ -339,6 +339,13 @@ class Settings:
     the longest a dead scorer keeps its partitions (a takeover after a SIGKILL measured
     1.9-2.35 s at 2.0; docs/operations.md). Every scorer sharing the bucket must use the same
     value: the bucket is made with it."""
+    partition_replica_url: str | None = None
+    """Where each partition's database is replicated (Litestream, while ``replicate``), with
+    ``{partition}`` replaced by its number, so a partition's next owner on another machine
+    restores it (operations/partition_state.py): e.g. ``s3://bucket/branchguard/p{partition}``,
+    ``file:///srv/shared/p{partition}``, or ``nats://host:4222/bg-p{partition}`` (one bucket
+    per database: Litestream's NATS replica ignores a path). Unset:
+    ``<data_dir>/replica/partitions/p<p>``, which moves nothing between machines."""
     lease_renew_seconds: float = 0.5
     """Seconds between renewals of a held lease, each a compare-and-set on its last revision;
     less than half of ``lease_ttl_seconds``, so one late or lost renewal does not lose it."""

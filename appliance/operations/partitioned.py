@@ -64,7 +64,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from .. import logs
-from ..errors import FencedError, SettingsError
+from ..errors import FencedError, NodeError, SettingsError
 from ..lease import Lease, Leases, nothing_to_witness, partition_key
 from ..nats_auth import client_options
 from ..scoring.ingest import DeliveryGap, connect
@@ -78,6 +78,8 @@ from ..scoring.terminal_stage import serve as serve_terminal_stage
 from ..settings import Settings
 from ..store import Store
 from .gather import gather_forever
+from .partition_state import Writers, partition_replica, restore_if_behind, store_id
+from .replication import Litestream
 from .runner import close
 
 log = logs.get("appliance.partitioned")
@@ -96,13 +98,14 @@ def member_key(owner: str) -> str:
 
 def partition_settings(settings: Settings, partition: int) -> Settings:
     """The settings of one partition's scorer: its own data directory (database,
-    checkpoint), its consumer, its share of the alert budget, and the rules file the node
-    reads (resolved from the node's data directory, not the partition's)."""
+    checkpoint), its consumer, its replica (partition_state.py), its share of the alert
+    budget, and the rules file the node reads (resolved from the node's data directory,
+    not the partition's)."""
     return dataclasses.replace(
         settings, data_dir=settings.data_dir / "partitions" / f"p{partition}",
         consumer=f"scorer-p{partition}", rules_file=rules_path(settings),
         alert_budget_per_day=settings.alert_budget_per_day / settings.partitions,
-        replicate=False)
+        replica_url=partition_replica(settings, partition))
 
 
 def fair_share(partitions: int, members: int) -> int:
@@ -119,6 +122,7 @@ class Owned:
     store: Store
     scorer: Scorer
     task: asyncio.Task[None]
+    replicator: Litestream | None = None
     restart: asyncio.Event = field(default_factory=asyncio.Event)
     restart_reason: str = ""
 
@@ -139,6 +143,8 @@ class PartitionScorers:
         """Totals over every partition this process has scored (the status line's)."""
         self.owned: dict[int, Owned] = {}
         self.leases: Leases | None = None
+        self.writers: Writers | None = None
+        self.store_id = store_id(settings.data_dir)
         self.member: Lease | None = None
         """This process's member lease: re-taken if lost (the others count it)."""
         self.members = 1
@@ -151,6 +157,7 @@ class PartitionScorers:
         s = self.settings
         js = self.nc.jetstream(timeout=max(1.0, s.lease_ttl_seconds))
         self.leases = leases = await Leases.open(js, s, replicas=s.stream_replicas)
+        self.writers = await Writers.open(js, replicas=s.stream_replicas)
         self.member = await leases.wait_acquire(member_key(leases.owner),
                                                 witness=nothing_to_witness)
         log.info("scorer.joined", txn_id=None, owner=leases.owner, partitions=s.partitions)
@@ -177,8 +184,8 @@ class PartitionScorers:
     async def balance(self) -> None:
         """One round: forget partitions whose scorer ended, then take or give one partition
         towards this process's fair share."""
-        leases = self.leases
-        if leases is None:
+        leases, writers = self.leases, self.writers
+        if leases is None or writers is None:
             return
         for p, owned in list(self.owned.items()):
             if owned.task.done():
@@ -209,6 +216,8 @@ class PartitionScorers:
                 continue
             lease = await leases.acquire(partition_key(p), on_lost=self._on_lost)
             if lease is not None:
+                if not await self._take_state(p, lease, writers):
+                    continue
                 self._open(p, lease)
                 if len(self.owned) >= share:
                     return
@@ -219,6 +228,28 @@ class PartitionScorers:
         start = int(hashlib.sha256(owner.encode()).hexdigest(), 16) % n
         return [(start + i) % n for i in range(n)]
 
+    async def _take_state(self, p: int, lease: Lease, writers: Writers) -> bool:
+        """Before opening ``p`` under a lease just taken: if another store opened it last,
+        restore its database from its replica when that is ahead (partition_state.py; on a
+        worker thread), then record this store as the one that opened it. False (the lease
+        released) when that fails or the lease was lost meanwhile."""
+        ps = partition_settings(self.settings, p)
+        ps.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            last = await writers.last(p)
+            if ps.replicate and last is not None and last.store != self.store_id:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, restore_if_behind, ps, ps.replica, p)
+            if lease.held:
+                await writers.record(p, self.store_id, lease.token)
+                return True
+        except (NatsError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("partition.take_failed", txn_id=None, partition=p, token=lease.token,
+                        error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(NatsError, asyncio.TimeoutError, OSError):
+            await asyncio.wait_for(lease.release(), CANCEL_SECONDS)
+        return False
+
     def _open(self, p: int, lease: Lease) -> None:
         """Start partition ``p``'s scorer under ``lease``: its store, its consumer, its
         state, as a node restart does (pipeline.Scorer.prepare), in a task of its own."""
@@ -227,6 +258,9 @@ class PartitionScorers:
         store = Store.open(ps.db_path)
         task = asyncio.create_task(self._score(p), name=f"partition-{p}")  # runs from the
         self.owned[p] = Owned(p, lease, store, self._scorer(p, store, lease), task)  # next turn
+        if ps.replicate:  # beside the scorer, not before it: litestream picks up the WAL
+            replicator = self.owned[p].replicator = Litestream(ps)
+            asyncio.get_running_loop().run_in_executor(None, _start_replicating, replicator, p)
         log.info("partition.opening", txn_id=None, partition=p, token=lease.token,
                  owner=lease.owner)
 
@@ -333,10 +367,21 @@ class PartitionScorers:
                 await asyncio.wait_for(owned.task, CANCEL_SECONDS)
         self.owned.pop(p, None)
         # off the event loop: a writer thread still finishing its commit holds the
-        # connection, and closing it waits for that
-        await asyncio.get_running_loop().run_in_executor(None, owned.store.close)
+        # connection, and closing it waits for that; litestream finishes its sync in hand
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, owned.store.close)
+        if owned.replicator is not None:
+            await loop.run_in_executor(None, owned.replicator.stop)
         with contextlib.suppress(NatsError, asyncio.TimeoutError, OSError):
             await asyncio.wait_for(owned.lease.release(), CANCEL_SECONDS)
+
+
+def _start_replicating(replicator: Litestream, p: int) -> None:
+    """Start a partition's litestream (a worker thread's job: it waits for litestream)."""
+    try:
+        replicator.start()
+    except NodeError as exc:  # scoring goes on; the replica lags until the next owner's
+        log.error("partition.replication_failed", txn_id=None, partition=p, error=str(exc))
 
 
 async def stand_by_for_terminal_stage(nc: Client, settings: Settings, stop: asyncio.Event,
