@@ -155,18 +155,19 @@ def open_db(path: Path) -> Database:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = Database(sqlite3.connect(path, check_same_thread=False))
-        db.execute("PRAGMA busy_timeout = 5000")
-        db.enable_wal()
-        db.execute("PRAGMA synchronous = NORMAL")
-        # No checkpoints on commit: they fsync, and would stall the batch that triggers one.
-        # The scorer checkpoints from its own thread instead (Store.checkpoint_wal).
-        db.execute("PRAGMA wal_autocheckpoint = 0")
-        db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-        # One process migrates at a time: partitioned scorers starting side by side open
-        # the node database together, and two migrations of a new file would collide.
+        # One process sets up and migrates at a time: partitioned scorers starting side by
+        # side open the node database together; two migrations of a new file would collide,
+        # and switching a new file to WAL takes a lock no busy_timeout waits for.
         with open(path.with_name(path.name + ".migrating"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            db = Database(sqlite3.connect(path, check_same_thread=False))
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.enable_wal()
+            db.execute("PRAGMA synchronous = NORMAL")
+            # No checkpoints on commit: they fsync, and would stall the batch that triggers
+            # one. The scorer checkpoints from its own thread instead (Store.checkpoint_wal).
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             migrate(db)
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open database: {exc}", field="data_dir", value=str(path),

@@ -130,6 +130,7 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
                                          "terminals": ["ATM01"]}],
         "branchguard_nats_cluster_hosts": hosts, "branchguard_nats_cluster_self": hosts[1],
         "branchguard_command": str(command), "branchguard_partitions": 6,
+        "branchguard_partition_replica_url": "s3://replicas/site-1/p{partition}",
     }
     first = _recap(_converge(tmp_path, root, extra))
     assert first["failed"] == 0 and first["changed"] > 0, first
@@ -139,6 +140,8 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
     etc = root / "etc" / "branchguard"
     settings = load(etc / "branchguard.toml", env={})  # what the scorer on this host reads
     assert settings.stream_replicas == 3 and settings.partitions == 6
+    assert settings.replicate  # each partition's litestream runs in the cluster scorer
+    assert settings.partition_replica_url == "s3://replicas/site-1/p{partition}"
     assert settings.nats_url == ",".join(f"nats://{h}:4222" for h in hosts)
     cluster = etc / "nats-cluster"
     assert sorted(p.name for p in cluster.iterdir()) == [
