@@ -367,3 +367,41 @@ def test_a_lost_delivery_is_never_acked_over(settings: Settings) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def test_requests_that_died_with_their_server_are_asked_again(settings: Settings) -> None:
+    """Pull requests live on the consumer's leader: when it dies, they die unanswered (no
+    408 ever comes). Past their expiry with no answer at all, the puller asks again, and a
+    message published meanwhile is delivered; one asked again after a reconnect too."""
+    async def go() -> None:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            js = nc.jetstream()
+            for config in stream_configs(settings):
+                await js.add_stream(config)
+            await js.add_consumer(TX_STREAM, durable_name=settings.consumer,
+                                  ack_policy="all", filter_subject=settings.tx_subjects)
+            puller = Puller(nc, settings, expires_seconds=0.5)
+            await puller.start()
+            puller.outstanding += 10_000  # requests the server will never answer (lost)
+            await asyncio.sleep(1.0)       # the real ones expire meanwhile: 408s, no more
+            txs = [item.tx for item in make_transactions(3)]
+            feed = await nats.connect(settings.nats_url)
+            try:
+                await publish(feed, txs[:1], branch="BR001")
+                got: list[int] = []
+                deadline = time.monotonic() + 10
+                while not got and time.monotonic() < deadline:
+                    got = [d.stream_seq for d in await puller.take(timeout=0.25)]
+                assert got == [1]  # asked again once the silence outlasted the expiry
+                puller.outstanding += 10_000
+                await puller.resume()  # as after a reconnect: at once
+                await publish(feed, txs[1:2], branch="BR001")
+                assert [d.stream_seq for d in await puller.take(timeout=2.0)] == [2]
+            finally:
+                await feed.close()
+            await puller.stop()
+        finally:
+            await nc.close()
+
+    asyncio.run(go())

@@ -14,11 +14,12 @@ import nats
 import pytest
 
 from appliance.bench.delivery import stored_ids
-from appliance.bench.partition_scorers import (PARTITIONS, ScorerChild, caught_up,
+from appliance.bench.partition_scorers import (PARTITIONS, ScorerChild, caught_up, log_time,
                                                partition_db, scorer_env, tx_subjects,
                                                wait_until)
 from appliance.bench.throughput import bench_transactions
 from appliance.feed.terminal import to_message
+from appliance.operations.node import EmbeddedNats
 from appliance.operations.partition_state import checkpoint_of, restore_if_behind, store_id
 from appliance.operations.partitioned import partition_settings
 from appliance.operations.replication import Litestream
@@ -123,3 +124,36 @@ def test_a_partition_moved_to_another_machine_carries_on_from_its_restored_datab
     with sqlite3.connect(partition_db(second, 0)) as conn:
         tokens = [row[0] for row in conn.execute("SELECT lease_token FROM checkpoints")]
     assert tokens and all(t is not None for t in tokens)
+
+
+@pytest.mark.timeout(300)
+def test_after_a_reconnect_each_partition_asks_again_and_loses_nothing(tmp_path: Path) -> None:
+    # The scorer's server restarts under it (same store, same port): the pull requests it
+    # had outstanding die with it. Each open partition asks for deliveries again
+    # (partition.resumed) rather than re-creating its consumer, and every transaction
+    # published before and after is stored once.
+    server = EmbeddedNats(load(None, env={}, data_dir=tmp_path / "nats", nats_port=0))
+    url = server.start()
+    data = tmp_path / "data"
+    env = {**scorer_env(url, data), "BRANCHGUARD_STREAM_REPLICAS": "1"}
+    scorer = ScorerChild.start("scorer", env, tmp_path)
+    try:
+        assert wait_until(lambda: len(scorer.opened()) == PARTITIONS, 60)
+        ids = publish(url, 0, 300)
+        assert wait_until(lambda: caught_up(data, tx_subjects(url)), 60)
+        server.stop()
+        server.start()
+        assert wait_until(lambda: sum(e.get("event") == "partition.resumed"
+                                      for e in scorer.events()) == PARTITIONS, 30)
+        ids += publish(url, 300, 300)
+        assert wait_until(lambda: caught_up(data, tx_subjects(url)), 60)
+    finally:
+        assert scorer.stop() == 0
+        server.stop()
+    events = scorer.events()
+    assert not [e for e in events if e.get("event") in ("partition.restarting",
+                                                         "partition.opening")
+                and log_time(e) > log_time(next(e for e in events
+                                                if e.get("event") == "partition.resumed"))]
+    stored = [i for p in range(PARTITIONS) for i in stored_ids(partition_db(data, p))]
+    assert sorted(stored) == sorted(ids)

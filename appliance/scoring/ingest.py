@@ -141,6 +141,8 @@ class Puller:
         """The consumer sequence the next delivery must have (0: any, before the first)."""
         self.gap: tuple[int, int] | None = None
         """(expected, received) consumer sequence once a delivery went missing."""
+        self._heard = time.monotonic()
+        """When the server last answered (a delivery or a status) or we last asked."""
         self._request = json.dumps({"batch": self.batch,
                                     "expires": int(expires_seconds * 1e9)}).encode()
         self._sub: Subscription | None = None
@@ -158,6 +160,7 @@ class Puller:
             self._sub = None
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self._heard = time.monotonic()
         if headers and not data and headers[8:9] == b" ":  # "NATS/1.0 408 ...": a status
             if headers[9:12] == b"100":  # heartbeat
                 return
@@ -175,9 +178,18 @@ class Puller:
         self.arrived.set()
 
     async def _top_up(self) -> None:
+        if self.outstanding and time.monotonic() - self._heard > self.expires_seconds + 2:
+            # Every request lives ``expires_seconds`` and then ends with a status: silence
+            # past that means they died with the server holding them (a consumer leader
+            # SIGKILLed while this connection lived on). Ask again; the gap guard holds.
+            log.warning("consumer.requests_lost", txn_id=None, outstanding=self.outstanding,
+                        consumer=self.subject.rsplit(".", 1)[-1],
+                        hint="no answer past the requests' expiry: asking again")
+            self.outstanding = 0
         while self.outstanding < self.batch * 2:
             await self.nc.publish(self.subject, self._request, reply=self.inbox)
             self.outstanding += self.batch
+            self._heard = time.monotonic()
 
     async def resume(self) -> None:
         """After a reconnect: forget the requests the old connection had outstanding (those
