@@ -31,7 +31,7 @@ from nats.errors import Error as NatsError
 
 from ..lease import partition_key
 from ..operations.child import terminate
-from ..scoring.streams import TX_STREAM
+from ..scoring.streams import TX_STREAM, during_election
 from ..scoring.terminal_stage import LEASE_KEY as STAGE_LEASE_KEY
 from ..settings import nats_servers
 from .delivery import quiet_errors
@@ -255,11 +255,14 @@ def tx_subjects(url: str) -> list[str]:
         nc = await nats.connect(nats_servers(url), error_cb=quiet_errors, connect_timeout=1)
         try:
             js = nc.jetstream(timeout=5.0)
-            last = (await js.stream_info(TX_STREAM)).state.last_seq
+            last = (await during_election(lambda: js.stream_info(TX_STREAM),
+                                          "stream_info")).state.last_seq
             out: list[str] = []
             if not last:
                 return out
-            sub = await js.subscribe(">", stream=TX_STREAM, ordered_consumer=True)
+            # after a server's death the cluster may still be settling: retried
+            sub = await during_election(lambda: js.subscribe(
+                ">", stream=TX_STREAM, ordered_consumer=True), "subscribe")
             while len(out) < last:
                 msg = await sub.next_msg(timeout=10.0)
                 out.append(msg.subject)
