@@ -9,6 +9,7 @@ no configuration at all. Every field is documented in ``docs/settings.md`` (a te
 from __future__ import annotations
 
 import dataclasses
+import re
 import ipaddress
 import math
 import os
@@ -232,6 +233,15 @@ class Settings:
     """PEM private key of ``nats_tls_cert`` (a secret)."""
     nats_tls_ca: Path | None = None
     """PEM CA bundle the node verifies its nats-server against (unset: the system's)."""
+    # issue 20: branches as leaf nodes of a regional hub (docs/hub.md)
+    jetstream_domain: str | None = None
+    """This branch's JetStream domain when its nats-server is a leaf node of a regional hub,
+    e.g. ``br2``: unique per branch, and never ``hub``. Unset: no domain, a node on its own."""
+    hub_url: str | None = dataclasses.field(default=None, repr=False)
+    """The hub's leafnode URL(s), comma-separated, with this branch's credentials, as
+    ``branchguard hub config`` writes them (``nats-leaf://br2:<password>@hub.example:7422``):
+    the node's nats-server connects to the hub as a leaf node, and keeps working on its own
+    while the link is down. Needs ``jetstream_domain``. A secret: it holds a password."""
 
     # --- analyst console (issue 5)
     console_enabled: bool = True
@@ -465,6 +475,13 @@ class Settings:
             (all(_is_address(a) for a in self.api_forwarded_allow_ips),
              "api_forwarded_allow_ips", ",".join(self.api_forwarded_allow_ips),
              "use addresses or networks (10.0.0.0/8), comma-separated, or *"),
+            # issue 20
+            (self.jetstream_domain is None or (
+                bool(re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.jetstream_domain))
+                and self.jetstream_domain != "hub"), "jetstream_domain",
+             self.jetstream_domain, "letters, digits, '-' and '_', unique per branch, not 'hub'"),
+            (self.hub_url is None or self.jetstream_domain is not None, "hub_url",
+             "(set)", "a leaf node of the hub needs its own jetstream_domain"),
             # issue 7
             (self.replica_sync_interval_seconds > 0, "replica_sync_interval_seconds",
              self.replica_sync_interval_seconds, "use > 0"),

@@ -47,8 +47,25 @@ def server_config(settings: Settings, store_dir: Path) -> str:
         "jetstream {\n"
         f"  store_dir: {json.dumps(str(store_dir))}\n"
         f"  sync_interval: {sync}\n"
-        "}\n"
-    ) + server_blocks(settings)  # issue 7: authorization and TLS, when configured
+        + (f"  domain: {json.dumps(settings.jetstream_domain)}\n"
+           if settings.jetstream_domain else "")
+        + "}\n"
+    ) + server_blocks(settings) + leaf_block(settings)  # issue 7: authorization and TLS;
+    # issue 20: a leaf node of the regional hub
+
+
+def leaf_block(settings: Settings) -> str:
+    """The ``leafnodes`` block of a branch whose nats-server is a leaf node of the hub
+    (``hub_url``): it dials the hub again every second while the link is down. The config
+    format accepts JSON values, so it is written with ``json.dumps``."""
+    if not settings.hub_url:
+        return ""
+    remote: dict[str, object] = {"urls": [u.strip() for u in settings.hub_url.split(",")
+                                          if u.strip()]}
+    if settings.nats_tls_ca is not None:
+        remote["tls"] = {"ca_file": str(settings.nats_tls_ca.resolve())}
+    return ("leafnodes {\n  reconnect: \"1s\"\n"
+            f"  remotes: {json.dumps([remote], indent=2)}\n}}\n")
 
 
 class EmbeddedNats(Child):

@@ -241,7 +241,8 @@ class PartitionScorers:
                 await asyncio.get_running_loop().run_in_executor(
                     None, restore_if_behind, ps, ps.replica, p)
             if lease.held:
-                await writers.record(p, self.store_id, lease.token)
+                if last is None or last.store != self.store_id:  # else: already says so
+                    await writers.record(p, self.store_id, lease.token)
                 return True
         except (NatsError, asyncio.TimeoutError, OSError) as exc:
             log.warning("partition.take_failed", txn_id=None, partition=p, token=lease.token,

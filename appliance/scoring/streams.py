@@ -27,6 +27,7 @@ On a cluster every JetStream API call here is retried while a leader is elected
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -181,6 +182,23 @@ class ConsumerStart:
     """First stream sequence the re-created consumer delivers."""
 
 
+async def consumer_names(js: JetStreamContext, stream: str) -> list[str]:
+    """Every consumer's name on ``stream``, from the JetStream API's ``CONSUMER.NAMES``,
+    which the stream's leader answers from its own state. ``consumers_info``
+    (``CONSUMER.LIST``) gathers every consumer's state from its own leader, and timed out
+    at 1 s, more than once in a row, while a scorer's failover created several R3 consumers
+    at once. nats-py 2.16 has no call for it, hence its request helper."""
+    names: list[str] = []
+    while True:
+        response = await js._api_request(  # noqa: SLF001 - no public call for NAMES
+            f"{js._prefix}.CONSUMER.NAMES.{stream}",  # noqa: SLF001
+            json.dumps({"offset": len(names)}).encode(), timeout=js._timeout)  # noqa: SLF001
+        page = [str(n) for n in response.get("consumers") or []]
+        names += page
+        if not page or len(names) >= int(response.get("total") or 0):
+            return names
+
+
 async def reset_consumer(js: JetStreamContext, settings: Settings, checkpoint: int,
                          owned: Collection[int] | None = None, durable: str | None = None
                          ) -> ConsumerStart:
@@ -196,9 +214,8 @@ async def reset_consumer(js: JetStreamContext, settings: Settings, checkpoint: i
     ack_floor = 0
     stale = [name]
     if durable is not None and durable != settings.consumer:
-        names = await during_election(lambda: js.consumers_info(TX_STREAM), "consumers_info")
-        stale += [c.name for c in names if c.name != name
-                  and (c.name or "").startswith(settings.consumer + "-")]
+        names = await during_election(lambda: consumer_names(js, TX_STREAM), "consumer_names")
+        stale += [n for n in names if n != name and n.startswith(settings.consumer + "-")]
     for old in stale:
         try:
             info = await during_election(lambda: js.consumer_info(TX_STREAM, old),
