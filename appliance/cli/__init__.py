@@ -5,7 +5,8 @@ One module per command group, each listing what it adds in ``COMMANDS``: ``run``
 the API, the feed, status and settings), ``models`` (train, retrain, evaluate, the registry,
 labels, drift), ``alerts``, ``access`` (keys, users, audit), ``data`` (replication,
 retention, the terminal directory), ``rules`` (the typology rules file), ``deadletters``,
-``cluster`` (a JetStream cluster's configuration), ``stage`` (the terminal stage of
+``cluster`` (a JetStream cluster's configuration), ``hub`` (a regional hub and its
+branches as leaf nodes), ``stage`` (the terminal stage of
 partitioned scorers) and ``bench``. ``options`` holds what
 they share.
 """
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import click
 
-from . import (access, alerts, bench, cluster, data, deadletters, models, rules, run,
-               stage)
+from . import (access, alerts, bench, cluster, data, deadletters, hub, models, rules,
+               run, stage)
 
 
 @click.group()
@@ -30,7 +31,7 @@ def cli() -> None:
     """
 
 
-for _group in (run, models, rules, alerts, access, data, deadletters, cluster, stage,
+for _group in (run, models, rules, alerts, access, data, deadletters, cluster, hub, stage,
                bench):
     for _command in _group.COMMANDS:
         cli.add_command(_command)

@@ -41,7 +41,9 @@ def server_config(settings: Settings, store_dir: Path) -> str:
             else f"{settings.sync_interval_seconds:g}s")
     return (
         "# Written by branchguard at every start; edit branchguard settings instead.\n"
-        f"host: {json.dumps(settings.nats_host)}\n"
+        + (f"server_name: {json.dumps(settings.jetstream_domain)}\n"  # the hub's /leafz
+           if settings.jetstream_domain else "")
+        + f"host: {json.dumps(settings.nats_host)}\n"
         f"port: {settings.nats_port if settings.nats_port else -1}\n"
         "max_payload: 1MB\n"
         "jetstream {\n"
