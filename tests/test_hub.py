@@ -78,6 +78,9 @@ def test_the_written_configuration_keeps_its_passwords_and_confines_each_branch(
     settings = load(None, env={}, data_dir=tmp_path / "b", **br1)
     assert 'domain: "br1"' in server_config(settings, tmp_path / "js")
     assert "leafnodes" in server_config(settings, tmp_path / "js")
+    hub_conf = (tmp_path / "hub" / "hub.conf").read_text()
+    assert '"no_advertise": true' in hub_conf  # branches dial public_host, never around it
+    assert 'domain: "hub"' in hub_conf
     allowed = branch_permissions("br1")
     assert "bg.up.br1.>" in allowed["publish"]["allow"]
     assert not any("br2" in s for side in allowed.values() for s in side["allow"])

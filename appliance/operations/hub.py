@@ -135,7 +135,9 @@ def hub_server_file(settings: Settings, plan: HubPlan, passwords: dict[str, str]
     users: list[dict[str, Any]] = [{"user": HUB_USER, "password": passwords[HUB_USER]}]
     users += [{"user": b, "password": passwords[b], "permissions": branch_permissions(b)}
               for b in plan.branches]
-    leaf: dict[str, Any] = {"listen": f"{plan.host}:{plan.leaf_port}"}
+    # no_advertise: branches dial the address they were given (``public_host``: a NAT, a
+    # proxy, a load balancer) and never the hub's own, which it would otherwise gossip
+    leaf: dict[str, Any] = {"listen": f"{plan.host}:{plan.leaf_port}", "no_advertise": True}
     if settings.nats_tls_cert is not None and settings.nats_tls_key is not None:
         leaf["tls"] = {"cert_file": str(settings.nats_tls_cert.resolve()),
                        "key_file": str(settings.nats_tls_key.resolve()), "timeout": 2}
