@@ -410,8 +410,8 @@ class Lease:
             self._lose("expired")
             return False
         previous, self.token, self.revision = self.token, token, revision
-        self._lapsed = True  # so that _renewed says it is held again, and since when
         self._renewed(sent)
+        self._lapsed, self.held_since = False, time.monotonic()
         log.info("lease.reclaimed", key=self.key, owner=leases.owner, token=token,
                  previous=previous)
         return True

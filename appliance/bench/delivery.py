@@ -21,6 +21,7 @@ import nats
 from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from ..operations.partition_state import checkpoint_of
 from ..scoring.streams import API_TIMEOUT_SECONDS, during_election
 from ..settings import nats_servers
 
@@ -141,14 +142,4 @@ def stored_ids(db: Path) -> list[str]:
 def checkpoint(db: Path, consumer: str = "scorer") -> int:
     """The consumer's last committed stream sequence (0 before its first commit, or while
     the database does not exist yet)."""
-    if not db.exists():
-        return 0
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
-    try:
-        row = conn.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
-                           [consumer]).fetchone()
-    except sqlite3.OperationalError:  # created, not migrated yet
-        return 0
-    finally:
-        conn.close()
-    return 0 if row is None else int(row[0])
+    return checkpoint_of(db, consumer)

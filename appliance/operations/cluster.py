@@ -164,13 +164,13 @@ def server_file(settings: Settings, me: ClusterServer,
     return text + cluster_block(settings, me, servers)
 
 
-def _write(path: Path, text: str) -> bool:
+def write_if_changed(path: Path, text: str, mode: int = 0o640) -> bool:
     """Write ``text`` unless the file holds it already (mode 0640: the service's group reads
     it; it may hold credentials); True when it changed."""
     if path.exists() and path.read_text() == text:
         return False
     path.write_text(text)
-    path.chmod(0o640)
+    path.chmod(mode)
     return True
 
 
@@ -186,12 +186,12 @@ def write_cluster_config(settings: Settings, out_dir: Path,
     files, changed = [], []
     for server in servers:
         path = out_dir / f"{server.name}.conf"
-        if _write(path, server_file(settings, server, servers)):
+        if write_if_changed(path, server_file(settings, server, servers)):
             changed.append(path)
         files.append(path)
     config = ClusterConfig(servers=tuple(servers), files=tuple(files),
                            settings_file=out_dir / "branchguard-cluster.toml")
-    if _write(config.settings_file, "# The scorers' settings for this cluster "
+    if write_if_changed(config.settings_file, "# The scorers' settings for this cluster "
               "(add them to branchguard.toml).\n" + config.settings_toml()):
         changed.append(config.settings_file)
     return dataclasses.replace(config, changed=tuple(changed))

@@ -48,6 +48,7 @@ from nats.js.errors import NotFoundError
 
 from ..errors import SettingsError
 from ..settings import Settings
+from .cluster import write_if_changed
 
 HUB_DOMAIN = "hub"
 UPLINK = "HUB"
@@ -126,7 +127,7 @@ def _secrets(path: Path, branches: tuple[str, ...]) -> dict[str, str]:
     out = {name: known.get(name) or secrets.token_urlsafe(24) for name in wanted}
     text = "# Passwords of the hub's users (branchguard hub config). A secret.\n" + "".join(
         f"{json.dumps(name)} = {json.dumps(password)}\n" for name, password in out.items())
-    _write(path, text, mode=0o600)
+    write_if_changed(path, text, mode=0o600)
     return out
 
 
@@ -195,17 +196,10 @@ def write_hub_config(settings: Settings, out_dir: Path, plan: HubPlan) -> HubCon
     changed = []
     for path, (text, mode) in wanted.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        if _write(path, text, mode):
+        if write_if_changed(path, text, mode):
             changed.append(path)
     return HubConfig(files=tuple(wanted), changed=tuple(changed))
 
-
-def _write(path: Path, text: str, mode: int) -> bool:
-    if path.exists() and path.read_text() == text:
-        return False
-    path.write_text(text)
-    path.chmod(mode)
-    return True
 
 
 def uplink_subject(branch: str, stream: str) -> str:

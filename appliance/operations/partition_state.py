@@ -115,7 +115,7 @@ def checkpoint_of(db: Path, consumer: str) -> int:
     """The stream sequence a database's checkpoint records for ``consumer`` (0: none)."""
     if not db.exists():
         return 0
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
         row = conn.execute("SELECT stream_seq FROM checkpoints WHERE consumer = ?",
                            (consumer,)).fetchone()

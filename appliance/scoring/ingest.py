@@ -160,8 +160,8 @@ class Puller:
             self._sub = None
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        self._heard = time.monotonic()
         if headers and not data and headers[8:9] == b" ":  # "NATS/1.0 408 ...": a status
+            self._heard = time.monotonic()  # deliveries count when taken, once per batch
             if headers[9:12] == b"100":  # heartbeat
                 return
             # 404/408/409: the request ended; what it still owed will not come.
@@ -250,6 +250,8 @@ class Puller:
             expected = cseq + 1
             out.append(Delivery(subject.decode(), data, reply, seq, stored_ns))
         self.next_cseq = expected
+        if out:
+            self._heard = time.monotonic()
         return out
 
 
