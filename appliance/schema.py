@@ -474,6 +474,25 @@ def m016_gathered(db: Database) -> None:
     )
 
 
+
+# --- issues 19 and 20: cases and casework between machines (casework/case_events.py) -------
+@migrations()
+def m017_case_flows(db: Database) -> None:
+    """How far this database's alerts and casework have been sent (``case_flow_cursors``),
+    and, for a list entry made elsewhere (the site's analyst host, the regional hub), where
+    it came from (``origin``: ``<origin>:<entry id there>``), so its removal finds it."""
+    db.executescript(
+        """
+        CREATE TABLE case_flow_cursors (
+            flow TEXT PRIMARY KEY,           -- 'raised': alerts by alert_id;
+            position INTEGER NOT NULL        -- 'worked': the audit trail by seq
+        );
+        ALTER TABLE list_entries ADD COLUMN origin TEXT;
+        CREATE UNIQUE INDEX list_entries_origin ON list_entries (origin)
+            WHERE origin IS NOT NULL;
+        """
+    )
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

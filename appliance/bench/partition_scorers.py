@@ -64,10 +64,13 @@ class ScorerChild:
     log: Path
 
     @classmethod
-    def start(cls, name: str, env: dict[str, str], logs: Path) -> ScorerChild:
+    def start(cls, name: str, env: dict[str, str], logs: Path,
+              command: tuple[str, ...] = ("cluster", "scorer")) -> ScorerChild:
+        """Start ``branchguard <command>`` (the scorer, or another of the cluster's
+        processes, such as ``cluster analyst``)."""
         log = logs / f"{name}.log"
         with log.open("ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "appliance", "cluster", "scorer"],
+            process = subprocess.Popen([sys.executable, "-m", "appliance", *command],
                                        stdout=out, stderr=subprocess.STDOUT,
                                        env={**os.environ, **env})
         return cls(name, process, log)

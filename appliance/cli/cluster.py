@@ -97,5 +97,27 @@ def cluster_scorer(config: Path | None, data_dir: Path | None, nats_url: str | N
     sys.exit(asyncio.run(run_scorer(settings)))
 
 
+@cluster.command("analyst")
+@settings_options
+@friendly_errors
+def cluster_analyst(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Run the site's analyst host until Ctrl-C (SIGTERM): store every case the scorer
+    machines raise into this node's database (where `branchguard serve` and `branchguard
+    alerts run` work on them), and send the labels its dispositions make and its list
+    changes back to every scorer machine (docs/operations.md, "One view of the site").
+
+    \b
+    Example:
+      branchguard cluster analyst --config /etc/branchguard/branchguard-cluster.toml
+    """
+    import asyncio
+    import sys
+
+    from ..operations.case_flows import run_analyst
+
+    settings = settings_from(config, data_dir, nats_url)
+    sys.exit(asyncio.run(run_analyst(settings)))
+
+
 COMMANDS = (cluster,)
 """What this module adds to ``branchguard``."""

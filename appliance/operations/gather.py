@@ -119,8 +119,9 @@ def open_node(path: Path) -> sqlite3.Connection:
     return node
 
 
-def _exclusive(path: Path) -> IO[str] | None:
-    """The gather lock of this data directory, or None if another process holds it."""
+def exclusive(path: Path) -> IO[str] | None:
+    """An exclusive lock on ``path`` (an open file; closing it releases the lock), or None
+    if another process holds it."""
     handle = path.open("a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,7 +141,7 @@ async def gather_forever(settings: Settings, stop: asyncio.Event,
     try:
         while not stop.is_set():
             if lock is None:
-                lock = _exclusive(settings.data_dir / "gather.lock")
+                lock = exclusive(settings.data_dir / "gather.lock")
                 if lock is not None:
                     node = await loop.run_in_executor(None, open_node, settings.db_path)
                     log.info("gather.started", txn_id=None, data_dir=str(settings.data_dir))

@@ -77,6 +77,7 @@ from ..scoring.terminal_feed import TerminalFeed
 from ..scoring.terminal_stage import serve as serve_terminal_stage
 from ..settings import Settings
 from ..store import Store
+from .case_flows import scoring_side
 from .gather import gather_forever
 from .partition_state import Writers, partition_replica, restore_if_behind, store_id
 from .replication import Litestream
@@ -442,9 +443,11 @@ async def run_scorer(settings: Settings) -> int:
         stage = asyncio.create_task(stand_by_for_terminal_stage(nc, settings, stop,
                                                                 stage_reconnected))
         gathering = asyncio.create_task(gather_forever(settings, stop))
+        flows = asyncio.create_task(scoring_side(nc, settings, stop))
         await scorers.run(stop)
         await stage
         await gathering  # its last round copies what the handoffs committed
+        await flows
         c = scorers.counters
         log.info("scorer.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
                  dead_letters=c.dead_letters, duplicates=c.duplicates, adopted=c.adopted)

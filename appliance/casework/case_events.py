@@ -1,0 +1,210 @@
+"""Cases and casework as events between databases (issues 19 and 20): the data side of
+operations/case_flows.py, which carries them over JetStream.
+
+Two flows, each the same on a site of several scorer machines and between branches and a
+regional hub:
+
+- **raised**, from where transactions are scored to where cases are worked: each new alert
+  as a :class:`Raised` event, carrying what its case page is made from: the alert's row and
+  the account's transactions up to and including the alerted one (``CONTEXT_ROWS`` of them,
+  every column: features, verdicts, branch), so the case file, its baseline, timeline and
+  terminals, and its explanation (made from the stored features, as everywhere) read the
+  same at the analyst place as where it was scored. :func:`apply_raised` stores it: rows
+  and alert each once, keyed by transaction id, so applying an event again changes nothing.
+- **worked**, back from where cases are worked: each disposition that makes a label, and
+  each list entry added or removed, as a :class:`Worked` event read from the audit trail,
+  where every such change already is. :func:`apply_worked` makes the same change where the
+  transactions are scored: the label (audited there when it corrects one), the list entry
+  (audited there, its ``origin`` recording where it came from).
+
+Changes applied from elsewhere are made under the actor ``<origin>/<actor>``; what this
+database sends as worked is only what its own people did (actors without a ``/``), so a
+change never travels back to where it came from.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from ..scoring.labels import set_label
+from ..scoring.lists import add_entry, remove_entry
+from .casefile import BASELINE_ROWS
+from .dispositions import DISPOSITIONS
+
+CONTEXT_ROWS = BASELINE_ROWS + 1
+"""The account's rows a raised case carries: the alerted one and the ``BASELINE_ROWS``
+before it (its baseline; its timeline is the most recent of them)."""
+ALERT_COLUMNS = ("transaction_id", "created_at", "ts", "account_id", "terminal_id",
+                 "severity", "risk", "reasons", "updated_at")
+"""What an alert is when it is raised (its case's state starts as NEW where it lands)."""
+WORKED_ACTIONS = ("case.change", "list.add", "list.remove")
+
+
+class Raised(msgspec.Struct, frozen=True):
+    """A new alert and the rows its case is read from."""
+
+    origin: str
+    branch: str
+    alert: dict[str, Any]
+    columns: list[str]
+    """The transactions columns of ``rows``, as the sender's schema has them."""
+    rows: list[list[Any]]
+
+
+class Worked(msgspec.Struct, frozen=True):
+    """A change made where cases are worked, to be made where transactions are scored."""
+
+    origin: str
+    seq: int
+    """The change's audit sequence at ``origin`` (its id there)."""
+    kind: Literal["label", "list.add", "list.remove"]
+    actor: str
+    at: float
+    branch: str | None = None
+    """For a label: the branch of its transaction (lists go to every branch)."""
+    transaction_id: str | None = None
+    label: int | None = None
+    typology: str | None = None
+    entry: dict[str, Any] | None = None
+    """For a list change: the entry as the audit trail has it at ``origin``."""
+
+
+encode = msgspec.msgpack.Encoder().encode
+decode_raised = msgspec.msgpack.Decoder(Raised).decode
+decode_worked = msgspec.msgpack.Decoder(Worked).decode
+
+
+def cursor(conn: sqlite3.Connection, flow: str) -> int:
+    """How far ``flow`` ('raised' or 'worked') has been sent from ``conn``."""
+    row = conn.execute("SELECT position FROM case_flow_cursors WHERE flow = ?",
+                       [flow]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def set_cursor(conn: sqlite3.Connection, flow: str, position: int) -> None:
+    """Record that ``flow`` has been sent up to ``position`` (never backwards)."""
+    conn.execute("INSERT INTO case_flow_cursors (flow, position) VALUES (?, ?) "
+                     "ON CONFLICT (flow) DO UPDATE SET position = excluded.position "
+                 "WHERE excluded.position > position", [flow, position])
+
+
+def raised_since(conn: sqlite3.Connection, after: int, origin: str, limit: int = 100
+                 ) -> list[tuple[int, Raised]]:
+    """The alerts after alert id ``after`` as raised events, with their alert ids, oldest
+    first (read them in one read transaction)."""
+    columns = [c for (c,) in conn.execute("SELECT name FROM pragma_table_info('transactions')")]
+    out = []
+    for alert_id, *values in conn.execute(
+            f"SELECT alert_id, {', '.join(ALERT_COLUMNS)} FROM alerts "  # noqa: S608
+            "WHERE alert_id > ? ORDER BY alert_id LIMIT ?", [after, limit]).fetchall():
+        alert = dict(zip(ALERT_COLUMNS, values))
+        rows = conn.execute(
+            f"SELECT {', '.join(columns)} FROM transactions "  # noqa: S608 - the table's
+            "WHERE account_id = ? AND (ts < ? OR transaction_id = ?) "
+            "ORDER BY ts DESC LIMIT ?",
+            [alert["account_id"], alert["ts"], alert["transaction_id"], CONTEXT_ROWS]
+        ).fetchall()
+        tid, branch = columns.index("transaction_id"), columns.index("branch")
+        home = next((r[branch] for r in rows if r[tid] == alert["transaction_id"]), "")
+        out.append((int(alert_id), Raised(origin=origin, branch=str(home), alert=alert,
+                                          columns=columns, rows=[list(r) for r in rows])))
+    return out
+
+
+def apply_raised(conn: sqlite3.Connection, event: Raised, outbox: bool) -> bool:
+    """Store ``event`` inside the caller's transaction: its rows (those not stored yet, in
+    the columns both schemas have) and its alert, with an outbox row when ``outbox`` (the
+    place that delivers alerts). Returns whether the alert is new here."""
+    mine = {c for (c,) in conn.execute("SELECT name FROM pragma_table_info('transactions')")}
+    keep = [i for i, c in enumerate(event.columns) if c in mine]
+    names = ", ".join(event.columns[i] for i in keep)
+    conn.executemany(
+        f"INSERT OR IGNORE INTO transactions ({names}) "  # noqa: S608 - checked names
+        f"VALUES ({', '.join('?' * len(keep))})",
+        [[row[i] for i in keep] for row in reversed(event.rows)])  # oldest first, as scored
+    alert = event.alert
+    inserted = conn.execute(
+        f"INSERT OR IGNORE INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608 - constant
+        f"VALUES ({', '.join('?' * len(ALERT_COLUMNS))})",
+        [alert[c] for c in ALERT_COLUMNS]).rowcount == 1
+    if inserted and outbox:
+        conn.execute("INSERT INTO alert_outbox (alert_id) SELECT alert_id FROM alerts "
+                     "WHERE transaction_id = ?", [alert["transaction_id"]])
+    return inserted
+
+
+def worked_since(conn: sqlite3.Connection, after: int, origin: str, limit: int = 500
+                 ) -> tuple[int, list[Worked]]:
+    """The changes to send after audit sequence ``after``: labels made by dispositions and
+    list changes, made here by this place's own people. Returns the last sequence read (to
+    store as the cursor once the events are sent) and the events."""
+    entries = conn.execute(
+        "SELECT seq, at, actor, action, subject, before, after FROM audit_log WHERE seq > ? "
+        "ORDER BY seq LIMIT ?", [after, limit]).fetchall()
+    out = []
+    for seq, at, actor, action, subject, before, after_json in entries:
+        if action not in WORKED_ACTIONS or "/" in actor:
+            continue
+        new = msgspec.json.decode(after_json) if after_json else {}
+        if action == "case.change":
+            event = _label_of(conn, seq, at, actor, subject, before, new, origin)
+            if event is not None:
+                out.append(event)
+        else:
+            out.append(Worked(origin=origin, seq=seq, kind=action, actor=actor, at=at,
+                              entry=new if action == "list.add"
+                              else msgspec.json.decode(before or "{}") | new))
+    return (int(entries[-1][0]) if entries else after), out
+
+
+def _label_of(conn: sqlite3.Connection, seq: int, at: float, actor: str, subject: str,
+              before: str | None, after: dict[str, Any], origin: str) -> Worked | None:
+    """The label a ``case.change`` made, if it disposed the case (a close or re-dispose)."""
+    code = after.get("disposition")
+    old = msgspec.json.decode(before) if before else {}
+    if code is None or (code, after.get("fraud_type")) == (old.get("disposition"),
+                                                         old.get("fraud_type")):
+        return None
+    row = conn.execute("SELECT a.transaction_id, t.branch FROM alerts a LEFT JOIN "
+                       "transactions t USING (transaction_id) WHERE a.alert_id = ?",
+                       [int(subject.removeprefix("alert:"))]).fetchone()
+    if row is None:
+        return None
+    return Worked(origin=origin, seq=seq, kind="label", actor=actor, at=at, branch=row[1],
+                  transaction_id=row[0], label=DISPOSITIONS[code].label,
+                  typology=after.get("fraud_type"))
+
+
+def apply_worked(conn: sqlite3.Connection, event: Worked) -> str:
+    """Make ``event``'s change inside the caller's transaction, as ``<origin>/<actor>``.
+    Idempotent: a label already so is unchanged, an entry already added or removed is left.
+    Returns what was done (for the log)."""
+    actor = f"{event.origin}/{event.actor}"
+    if event.kind == "label":
+        if event.transaction_id is None or event.label is None:
+            return "incomplete"
+        return set_label(conn, event.transaction_id, event.label, event.typology, actor,
+                         event.at)
+    entry = event.entry or {}
+    origin = f"{event.origin}:{entry.get('entry_id')}"
+    if event.kind == "list.add":
+        if conn.execute("SELECT 1 FROM list_entries WHERE origin = ?", [origin]).fetchone():
+            return "unchanged"
+        expires = entry.get("expires_at")
+        if expires is not None and expires <= time.time():
+            return "expired"
+        added = add_entry(conn, entry["list"], entry["kind"], entry["value"], entry["reason"],
+                          actor, expires)
+        conn.execute("UPDATE list_entries SET origin = ? WHERE entry_id = ?",
+                     [origin, added["entry_id"]])
+        return "added"
+    row = conn.execute("SELECT entry_id, removed_at FROM list_entries WHERE origin = ?",
+                       [origin]).fetchone()
+    if row is None or row[1] is not None:
+        return "unchanged"
+    remove_entry(conn, int(row[0]), actor)
+    return "removed"

@@ -1,0 +1,318 @@
+"""Cases up to where they are worked, casework back down (issues 19 and 20), over JetStream.
+
+Where transactions are scored and where cases are worked may be different machines: on a
+site of several scorer machines (issue 19) each gathers only the partitions it scored into
+its own node database, and the site's analysts work on one **analyst host**; between
+branches and a regional hub (issue 20) each branch scores its own transactions, and the
+region's analysts work at the hub. Both use the same two flows (the events are
+casework/case_events.py):
+
+- **up**, stream ``CASES``: each scoring place sends every alert its node database gets as a
+  raised case (``cases.<branch>``, ``Nats-Msg-Id`` ``raised:<branch>:<transaction id>``),
+  in alert order, and records how far once JetStream has stored it. The analyst place
+  follows ``CASES`` with a durable consumer and stores each case with its rows and an outbox
+  row (its dispatcher delivers it), acking after the commit.
+- **down**, stream ``CASEWORK``: the analyst place sends the labels its dispositions make
+  (``casework.<branch>.label``) and its list changes (``casework.all.list``); each scoring
+  place follows what concerns its branch and applies it to its node database, where the
+  partitions' scorers read labels and lists.
+
+Exactly once, whatever fails: a sender stores its cursor only after JetStream acked the
+event, so a crash sends again at most what was not recorded, which the stream's duplicate
+window drops (``Nats-Msg-Id``) and the receiving side would ignore anyway (each event is
+applied idempotently, keyed by transaction id or origin). A follower acks after its commit.
+
+At a hub, ``CASES`` is a stream sourcing every branch's ``CASES`` through the leaf links
+(operations/hub.py), and each branch's ``CASEWORK`` sources the hub's part for it; the
+processes here are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from .. import logs
+from ..casework.case_events import (Raised, Worked, apply_raised, apply_worked, cursor,
+                                    decode_raised, decode_worked, encode, raised_since,
+                                    set_cursor, worked_since)
+from ..nats_auth import client_options
+from ..scoring.ingest import connect
+from ..scoring.streams import during_election
+from ..errors import SettingsError
+from ..settings import Settings
+from .gather import exclusive, open_node
+from .partition_state import store_id
+from .runner import close
+
+log = logs.get("appliance.case_flows")
+
+CASES = "CASES"
+CASEWORK = "CASEWORK"
+DUPLICATE_WINDOW_SECONDS = 3600.0
+"""A case sent twice within this is stored once in the stream (and, later, still applied
+once: applying is idempotent)."""
+POLL_SECONDS = 0.5
+ACK_WAIT_SECONDS = 5.0
+_T = TypeVar("_T")
+
+
+def origin_of(settings: Settings) -> str:
+    """This place's name in the events it sends: its JetStream domain at a branch or hub,
+    else its store id."""
+    return settings.jetstream_domain or store_id(settings.data_dir)
+
+
+def cases_subject(branch: str) -> str:
+    return f"cases.{branch}"
+
+
+def casework_subject(event: Worked) -> str:
+    return f"casework.{event.branch}.label" if event.kind == "label" else "casework.all.list"
+
+
+def stream_config(name: str, settings: Settings) -> StreamConfig:
+    subjects = ["cases.>"] if name == CASES else ["casework.>"]
+    return StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE,
+                        num_replicas=settings.stream_replicas,
+                        duplicate_window=DUPLICATE_WINDOW_SECONDS)
+
+
+async def ensure_stream(js: JetStreamContext, name: str, settings: Settings) -> None:
+    """Create stream ``name`` (``CASES`` or ``CASEWORK``) if it is not there."""
+    try:
+        await during_election(lambda: js.stream_info(name), "stream_info")
+    except NotFoundError:
+        await during_election(lambda: js.add_stream(stream_config(name, settings)),
+                              "add_stream")
+        log.info("stream.created", stream=name)
+
+
+async def _in_db(work: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connection,
+                 write: bool) -> _T:
+    """``work(conn)`` on a worker thread, in one transaction (a write's IMMEDIATE)."""
+    def run() -> _T:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            result = work(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+    return await asyncio.get_running_loop().run_in_executor(None, run)
+
+
+async def _every(stop: asyncio.Event, step: Callable[[], Awaitable[int]], what: str) -> None:
+    """Run ``step`` until ``stop``; wait ``POLL_SECONDS`` after a step that did nothing, and
+    after a failure (logged; the next step tries again)."""
+    while not stop.is_set():
+        try:
+            done = await step()
+        except Exception as exc:  # a busy database, a server away, a stream not made yet
+            log.warning(f"{what}.failed", txn_id=None, error=f"{type(exc).__name__}: {exc}")
+            done = 0
+        if not done:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+
+
+# --- senders ----------------------------------------------------------------------------
+
+async def send_raised(js: JetStreamContext, conn: sqlite3.Connection, origin: str) -> int:
+    """Send the alerts after this database's ``raised`` cursor up to ``CASES``; returns how
+    many were sent."""
+    after = await _in_db(lambda c: cursor(c, "raised"), conn, write=False)
+    events = await _in_db(lambda c: raised_since(c, after, origin), conn, write=False)
+    for alert_id, event in events:
+        await during_election(lambda: js.publish(
+            cases_subject(event.branch), encode(event), stream=CASES,
+            headers={"Nats-Msg-Id": f"raised:{event.branch}:"
+                                    f"{event.alert['transaction_id']}"}), "publish")
+        log.info("case.sent", txn_id=event.alert["transaction_id"], alert_id=alert_id,
+                 branch=event.branch)
+    if events:
+        last = events[-1][0]
+        await _in_db(lambda c: set_cursor(c, "raised", last), conn, write=True)
+    return len(events)
+
+
+async def send_worked(js: JetStreamContext, conn: sqlite3.Connection, origin: str) -> int:
+    """Send the labels and list changes after this database's ``worked`` cursor down to
+    ``CASEWORK``; returns how many audit entries were read."""
+    after = await _in_db(lambda c: cursor(c, "worked"), conn, write=False)
+    last, events = await _in_db(lambda c: worked_since(c, after, origin), conn, write=False)
+    for event in events:
+        await during_election(lambda: js.publish(
+            casework_subject(event), encode(event), stream=CASEWORK,
+            headers={"Nats-Msg-Id": f"worked:{origin}:{event.seq}"}), "publish")
+        log.info("casework.sent", txn_id=event.transaction_id, kind=event.kind,
+                 branch=event.branch, seq=event.seq)
+    if last > after:
+        await _in_db(lambda c: set_cursor(c, "worked", last), conn, write=True)
+    return last - after
+
+
+# --- followers --------------------------------------------------------------------------
+
+Applied = Callable[[], None]
+"""What to log once an applied event is committed."""
+
+
+class Follower:
+    """A durable pull consumer on a flow's stream, applying what it delivers to the node
+    database in one transaction per batch, acked (policy ``all``) after the commit. What
+    a follower that died had not acked is delivered again after ``ACK_WAIT_SECONDS`` to the
+    next one: applying is idempotent, so a short wait costs nothing."""
+
+    def __init__(self, js: JetStreamContext, stream: str, durable: str,
+                 filters: Sequence[str], conn: sqlite3.Connection,
+                 apply: Callable[[sqlite3.Connection, Msg], Applied | None],
+                 replicas: int) -> None:
+        self.js, self.stream, self.durable, self.filters = js, stream, durable, list(filters)
+        self.conn, self.apply, self.replicas = conn, apply, replicas
+        self.sub: JetStreamContext.PullSubscription | None = None
+
+    async def _subscription(self) -> JetStreamContext.PullSubscription:
+        if self.sub is None:
+            config = ConsumerConfig(durable_name=self.durable, ack_policy=AckPolicy.ALL,
+                                    deliver_policy=DeliverPolicy.ALL,
+                                    ack_wait=ACK_WAIT_SECONDS, num_replicas=self.replicas,
+                                    filter_subjects=self.filters or None)
+            try:
+                await self.js.consumer_info(self.stream, self.durable)
+            except NotFoundError:
+                await self.js.add_consumer(self.stream, config)
+            self.sub = await self.js.pull_subscribe_bind(self.durable, self.stream)
+        return self.sub
+
+    async def step(self) -> int:
+        sub = await self._subscription()
+        try:
+            msgs = await sub.fetch(100, timeout=POLL_SECONDS)
+        except (NatsTimeout, asyncio.TimeoutError):
+            return 0
+        except Exception:
+            self.sub = None  # bind again (the consumer may be gone with its stream)
+            raise
+
+        def apply_all(conn: sqlite3.Connection) -> list[Applied]:
+            return [done for msg in msgs if (done := self.apply(conn, msg)) is not None]
+        for done in await _in_db(apply_all, self.conn, write=True):
+            done()
+        await msgs[-1].ack()
+        return len(msgs)
+
+
+def _apply_case(outbox: bool) -> Callable[[sqlite3.Connection, Msg], Applied | None]:
+    def apply(conn: sqlite3.Connection, msg: Msg) -> Applied | None:
+        event: Raised = decode_raised(msg.data)
+        if not apply_raised(conn, event, outbox):
+            return None
+        return lambda: log.info("case.stored", txn_id=event.alert["transaction_id"],
+                                branch=event.branch, origin=event.origin)
+    return apply
+
+
+def _apply_casework(origin: str) -> Callable[[sqlite3.Connection, Msg], Applied | None]:
+    def apply(conn: sqlite3.Connection, msg: Msg) -> Applied | None:
+        event: Worked = decode_worked(msg.data)
+        if event.origin == origin:
+            return None  # made here
+        done = apply_worked(conn, event)
+        return lambda: log.info("casework.applied", txn_id=event.transaction_id,
+                                kind=event.kind, origin=event.origin, seq=event.seq,
+                                result=done)
+    return apply
+
+
+# --- the two sides ----------------------------------------------------------------------
+
+async def scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
+    """Where transactions are scored: send the node database's new alerts up, and apply the
+    labels and list changes that come down for this branch, until ``stop``. One process per
+    data directory does (an exclusive lock on ``<data_dir>/case_flows.lock``); the others
+    wait to take over."""
+    lock = None
+    while lock is None:
+        lock = exclusive(settings.data_dir / "case_flows.lock")
+        if lock is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                return
+    with lock:
+        await _scoring_side(nc, settings, stop)
+
+
+async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
+    js = nc.jetstream(timeout=5.0)
+    origin = origin_of(settings)
+    for name in (CASES, CASEWORK):
+        await ensure_stream(js, name, settings)
+    sender, receiver = open_node(settings.db_path), open_node(settings.db_path)
+    follower = Follower(js, CASEWORK, f"casework-{store_id(settings.data_dir)}",
+                        [f"casework.{settings.branch}.>", "casework.all.>"], receiver,
+                        _apply_casework(origin), settings.stream_replicas)
+    log.info("case_flows.started", txn_id=None, side="scoring", origin=origin)
+    try:
+        await asyncio.gather(_every(stop, lambda: send_raised(js, sender, origin), "case.send"),
+                             _every(stop, follower.step, "casework.follow"))
+    finally:
+        sender.close()
+        receiver.close()
+
+
+async def analyst_side(nc: Client, settings: Settings, stop: asyncio.Event,
+                       stream: str = CASES) -> None:
+    """Where cases are worked: store every case that comes up (with its outbox row), and send
+    this place's labels and list changes down, until ``stop``."""
+    js = nc.jetstream(timeout=5.0)
+    origin = origin_of(settings)
+    for name in (stream, CASEWORK):
+        await ensure_stream(js, name, settings)
+    sender, receiver = open_node(settings.db_path), open_node(settings.db_path)
+    follower = Follower(js, stream, f"cases-{store_id(settings.data_dir)}", [], receiver,
+                        _apply_case(outbox=True), settings.stream_replicas)
+    log.info("case_flows.started", txn_id=None, side="analyst", origin=origin, stream=stream)
+    try:
+        await asyncio.gather(
+            _every(stop, follower.step, "case.follow"),
+            _every(stop, lambda: send_worked(js, sender, origin), "casework.send"))
+    finally:
+        sender.close()
+        receiver.close()
+
+
+
+async def run_analyst(settings: Settings) -> int:
+    """``branchguard cluster analyst``: the analyst side (:func:`analyst_side`) on the
+    cluster at ``nats_url`` until SIGINT/SIGTERM. Returns the exit code."""
+    if settings.nats_url is None:
+        raise SettingsError("the analyst host follows a cluster's cases", field="nats_url",
+                            value=None, hint="set nats_url to the cluster's servers")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await connect(str(settings.nats_url), "branchguard-analyst", **client_options(settings))
+    try:
+        await analyst_side(nc, settings, stop)
+    except Exception:
+        log.error("case_flows.failed", exc_info=True, txn_id=None)
+        return 1
+    finally:
+        await close(nc)
+    return 0
