@@ -242,6 +242,9 @@ class Settings:
     ``branchguard hub config`` writes them (``nats-leaf://br2:<password>@hub.example:7422``):
     the node's nats-server connects to the hub as a leaf node, and keeps working on its own
     while the link is down. Needs ``jetstream_domain``. A secret: it holds a password."""
+    hub_branches: tuple[str, ...] = ()
+    """At the hub (``branchguard hub run``): the branches it serves, as ``branchguard hub
+    config`` named them (each branch's name is its ``branch`` and its JetStream domain)."""
 
     # --- analyst console (issue 5)
     console_enabled: bool = True

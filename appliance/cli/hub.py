@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import dir_options, friendly_errors, settings_from
+from .options import dir_options, friendly_errors, settings_from, settings_options
 
 
 @click.group()
@@ -61,6 +61,33 @@ def hub_config(config: Path | None, data_dir: Path | None, branches: tuple[str, 
     written = write_hub_config(settings, out_dir, plan)
     for path in written.files:
         click.echo(f"# {'wrote' if path in written.changed else 'unchanged'} {path}")
+
+
+@hub.command("run")
+@settings_options
+@friendly_errors
+def hub_run(config: Path | None, data_dir: Path | None, nats_url: str | None) -> None:
+    """Run the hub's analyst side until Ctrl-C (SIGTERM), with the hub.toml `hub config`
+    wrote: every branch's cases (sourced from each branch's CASES through its leaf link)
+    stored once in the hub's database, where `branchguard serve` shows them with their
+    branch; the labels the hub's dispositions make go down to the branch that owns each
+    transaction, and its list changes to every branch (docs/hub.md).
+
+    \b
+    Example:
+      branchguard hub run --config /etc/branchguard/hub/hub.toml --data-dir /var/lib/branchguard/hub-node
+    """
+    import asyncio
+    import sys
+
+    from ..errors import SettingsError
+    from ..operations.case_flows import run_analyst
+
+    settings = settings_from(config, data_dir, nats_url)
+    if not settings.hub_branches:
+        raise SettingsError("the hub serves branches", field="hub_branches", value=(),
+                            hint="use the hub.toml `branchguard hub config` wrote")
+    sys.exit(asyncio.run(run_analyst(settings)))
 
 
 COMMANDS = (hub,)

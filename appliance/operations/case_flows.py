@@ -53,8 +53,9 @@ from ..scoring.streams import during_election
 from ..errors import SettingsError
 from ..settings import Settings
 from .gather import exclusive, open_node
+from .hub import (HUB_DOMAIN, branch_source, ensure_downlink, ensure_hub_stream,
+                  ensure_uplink)
 from .partition_state import store_id
-from .runner import close
 
 log = logs.get("appliance.case_flows")
 
@@ -69,8 +70,10 @@ _T = TypeVar("_T")
 
 
 def origin_of(settings: Settings) -> str:
-    """This place's name in the events it sends: its JetStream domain at a branch or hub,
-    else its store id."""
+    """This place's name in the events it sends: ``hub`` at the hub, a branch's JetStream
+    domain, else the store id of a machine of a site."""
+    if settings.hub_branches:
+        return HUB_DOMAIN
     return settings.jetstream_domain or store_id(settings.data_dir)
 
 
@@ -83,9 +86,14 @@ def casework_subject(event: Worked) -> str:
 
 
 def stream_config(name: str, settings: Settings) -> StreamConfig:
+    """A flow's stream at this place. A branch of a hub also sources its part of the hub's
+    ``CASEWORK`` into its own (operations/hub.py)."""
     subjects = ["cases.>"] if name == CASES else ["casework.>"]
+    sources = ([branch_source(settings.jetstream_domain, CASEWORK)]
+               if name == CASEWORK and settings.hub_url and settings.jetstream_domain
+               else None)
     return StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE,
-                        num_replicas=settings.stream_replicas,
+                        num_replicas=settings.stream_replicas, sources=sources,
                         duplicate_window=DUPLICATE_WINDOW_SECONDS)
 
 
@@ -261,6 +269,8 @@ async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> 
     origin = origin_of(settings)
     for name in (CASES, CASEWORK):
         await ensure_stream(js, name, settings)
+    if settings.hub_url and settings.jetstream_domain:  # what the hub sources from here
+        await ensure_uplink(js, settings.jetstream_domain, CASES)
     sender, receiver = open_node(settings.db_path), open_node(settings.db_path)
     follower = Follower(js, CASEWORK, f"casework-{store_id(settings.data_dir)}",
                         [f"casework.{settings.branch}.>", "casework.all.>"], receiver,
@@ -296,12 +306,26 @@ async def analyst_side(nc: Client, settings: Settings, stop: asyncio.Event,
 
 
 
+async def hub_streams(js: JetStreamContext, settings: Settings) -> None:
+    """At the hub: ``CASES`` sourcing every branch's (each subject under its branch), and
+    ``CASEWORK`` with each branch's downlink."""
+    await ensure_hub_stream(js, CASES, CASES, settings.hub_branches)
+    await ensure_stream(js, CASEWORK, settings)
+    for branch in settings.hub_branches:
+        await ensure_downlink(js, branch, CASEWORK)
+
+
 async def run_analyst(settings: Settings) -> int:
-    """``branchguard cluster analyst``: the analyst side (:func:`analyst_side`) on the
-    cluster at ``nats_url`` until SIGINT/SIGTERM. Returns the exit code."""
+    """``branchguard cluster analyst`` and ``branchguard hub run``: the analyst side
+    (:func:`analyst_side`) at ``nats_url`` until SIGINT/SIGTERM. At a hub
+    (``hub_branches``), ``CASES`` first sources every branch's, and ``CASEWORK`` gets a
+    durable consumer per branch for its part. Returns the exit code."""
+    from .runner import close  # (runner runs this module's scoring side at a branch)
+
     if settings.nats_url is None:
-        raise SettingsError("the analyst host follows a cluster's cases", field="nats_url",
-                            value=None, hint="set nats_url to the cluster's servers")
+        raise SettingsError("the analyst side follows the cases of a cluster or a hub",
+                            field="nats_url", value=None,
+                            hint="set nats_url to the cluster's servers, or the hub's")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -309,6 +333,8 @@ async def run_analyst(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     nc = await connect(str(settings.nats_url), "branchguard-analyst", **client_options(settings))
     try:
+        if settings.hub_branches:
+            await hub_streams(nc.jetstream(timeout=5.0), settings)
         await analyst_side(nc, settings, stop)
     except Exception:
         log.error("case_flows.failed", exc_info=True, txn_id=None)

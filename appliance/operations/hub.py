@@ -168,6 +168,7 @@ def branch_settings(plan: HubPlan, branch: str, password: str, tls: bool) -> str
            f"{plan.public_host}:{plan.leaf_port}")
     return ("# Branch " + branch + " as a leaf node of the regional hub (branchguard hub config).\n"
             "# A secret: it holds the branch's password at the hub.\n"
+            f"branch = {json.dumps(branch)}\n"
             f"jetstream_domain = {json.dumps(branch)}\n"
             f"hub_url = {json.dumps(url)}\n")
 
@@ -176,7 +177,8 @@ def hub_settings(plan: HubPlan, password: str) -> str:
     """The settings of the hub's own processes."""
     url = f"nats://{HUB_USER}:{quote(password, safe='')}@{plan.public_host}:{plan.client_port}"
     return ("# The hub's own processes (branchguard hub config). A secret.\n"
-            f"nats_url = {json.dumps(url)}\n")
+            f"nats_url = {json.dumps(url)}\n"
+            f"hub_branches = {json.dumps(list(plan.branches))}\n")
 
 
 def write_hub_config(settings: Settings, out_dir: Path, plan: HubPlan) -> HubConfig:
@@ -218,6 +220,39 @@ async def ensure_uplink(js: JetStreamContext, branch: str, stream: str) -> None:
     await js.add_consumer(stream, ConsumerConfig(
         durable_name=UPLINK, deliver_subject=uplink_subject(branch, stream),
         ack_policy=AckPolicy.FLOW_CONTROL))
+
+
+def downlink_subject(branch: str, stream: str) -> str:
+    return f"{down_subject(branch)}.{stream.lower()}"
+
+
+def downlink_filters(branch: str) -> list[str]:
+    """What of the hub's ``CASEWORK`` goes down to ``branch``: its own labels, and the list
+    changes every branch takes (operations/case_flows.py names the subjects)."""
+    return [f"casework.{branch}.>", "casework.all.>"]
+
+
+async def ensure_downlink(js: JetStreamContext, branch: str, stream: str) -> None:
+    """At the hub: the durable consumer ``branch`` sources ``stream`` through (its part of
+    it, :func:`downlink_filters`), delivered on the branch's down subject: the flows down
+    resume where they were after either side restarts, as the uplinks do."""
+    try:
+        await js.consumer_info(stream, f"{UPLINK}-{branch}")
+        return
+    except NotFoundError:
+        pass
+    await js.add_consumer(stream, ConsumerConfig(
+        durable_name=f"{UPLINK}-{branch}", deliver_subject=downlink_subject(branch, stream),
+        ack_policy=AckPolicy.FLOW_CONTROL, filter_subjects=downlink_filters(branch)))
+
+
+def branch_source(branch: str, stream: str) -> StreamSource:
+    """How ``branch`` sources its part of the hub's ``stream``: through the hub's domain and
+    the durable consumer :func:`ensure_downlink` made there."""
+    return StreamSource(
+        name=stream, external=ExternalStream(api=f"$JS.{HUB_DOMAIN}.API"),
+        consumer=StreamConsumerSource(name=f"{UPLINK}-{branch}",
+                                      deliver_subject=downlink_subject(branch, stream)))
 
 
 def hub_source(branch: str, stream: str) -> StreamSource:

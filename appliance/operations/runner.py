@@ -33,6 +33,7 @@ from ..scoring.registry import Registry
 from ..settings import Settings
 from ..store import Store
 from . import demo as demo_world
+from .case_flows import scoring_side
 from .looplag import LoopLag
 from .node import EmbeddedNats
 from .replication import Litestream
@@ -155,6 +156,8 @@ async def run_node(settings: Settings, demo: bool = False, demo_rate: float = DE
                         branch=settings.branch, realtime=True, stop=stop))
             tasks.append(asyncio.create_task(
                 demo_world.deliver_labels(settings, world, start.labels_until, stop)))
+        if settings.hub_url:  # a branch of a regional hub: cases up, casework down
+            tasks.append(asyncio.create_task(scoring_side(nc, settings, stop)))
         if status:
             line = StatusLine(scoring.counters)
             tasks.append(asyncio.create_task(_every(settings.summary_interval_seconds,
