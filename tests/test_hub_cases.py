@@ -13,15 +13,13 @@ import asyncio
 import json
 import sqlite3
 import time
-import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
 
-from appliance.bench.partition_scorers import ScorerChild, read_only, wait_until
+from appliance.bench.partition_scorers import ScorerChild, wait_until
 from appliance.bench.throughput import bench_transactions
 from appliance.casework.cases import Change, change_case
 from appliance.feed.terminal import to_message
@@ -29,8 +27,8 @@ from appliance.operations.cluster import free_port
 from appliance.operations.hub import HubPlan, write_hub_config
 from appliance.scoring.lists import add_entry
 from appliance.settings import load
-from appliance.store import open_db
 
+from .test_case_flows import query, write
 from .test_hub import Hub, leafs
 
 BRANCHES = ("br1", "br2")
@@ -52,25 +50,6 @@ def publish(url: str, branch: str, seed: int, start: int, count: int) -> list[st
 
     asyncio.run(main())
     return [tx.transaction_id for tx in txs]
-
-
-def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    if not db.exists():
-        return []
-    try:
-        with read_only(db) as conn:
-            return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:  # not made or migrated yet
-        return []
-
-
-def write(db: Path, work: Any) -> Any:
-    database = open_db(db)
-    try:
-        with database.conn:
-            return work(database.conn)
-    finally:
-        database.close()
 
 
 def node_url(child: ScorerChild) -> str | None:
