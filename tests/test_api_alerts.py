@@ -68,7 +68,8 @@ def test_cursor_pages_cover_every_alert_once_in_order(client: TestClient, role_k
 def test_filters_match_the_database(client: TestClient, role_keys: Keys,
                                     node_db: tuple[Settings, Store]) -> None:
     db = node_db[0].db_path
-    some = query(db, "SELECT account_id, terminal_id, ts FROM alerts ORDER BY alert_id "
+    some = query(db, "SELECT a.account_id, a.terminal_id, a.ts, t.branch FROM alerts a "
+                     "JOIN transactions t USING (transaction_id) ORDER BY a.alert_id "
                      "LIMIT 1 OFFSET 5")[0]
     cases = [
         ({"severity": "CRITICAL"}, "severity = 'CRITICAL'"),
@@ -81,6 +82,9 @@ def test_filters_match_the_database(client: TestClient, role_keys: Keys,
         ({"since": some[2]}, f"ts >= {some[2]!r}"),
         ({"until": "2026-03-02T09:30:00+00:00"}, "ts < 1772443800"),
         ({"assignee": "nobody"}, "assignee = 'nobody'"),
+        ({"branch": some[3]}, "transaction_id IN (SELECT transaction_id FROM transactions "
+                              f"WHERE branch = '{some[3]}')"),
+        ({"branch": "elsewhere"}, "0"),
     ]
     for params, where in cases:
         expected = {r[0] for r in query(db, f"SELECT alert_id FROM alerts WHERE {where}")}

@@ -19,9 +19,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from appliance.bench.partition_scorers import ScorerChild, wait_until
+from appliance.bench.partition_scorers import ScorerChild, read_only, wait_until
 from appliance.bench.throughput import bench_transactions
 from appliance.casework.cases import Change, change_case
+from appliance.casework.queue import QueueQuery, alert_page
 from appliance.feed.terminal import to_message
 from appliance.operations.cluster import free_port
 from appliance.operations.hub import HubPlan, write_hub_config
@@ -112,6 +113,12 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
         for b in BRANCHES:
             assert {t for t, branch in stored if branch == b} == branch_alerts(b)
         assert query(hub_db, "SELECT count(*) FROM alert_outbox") == [(len(stored),)]
+        with read_only(hub_db) as conn:  # the queue's branch filter and column
+            for b in BRANCHES:
+                page = alert_page(conn, QueueQuery(statuses=(), branch=b, page_size=10_000))
+                assert page.total == len(branch_alerts(b))
+                assert {a["transaction_id"] for a in page.alerts} == branch_alerts(b)
+                assert {a["branch"] for a in page.alerts} == {b}
 
         # A case closed at the hub becomes a label at its branch, and only there.
         alert_id, tid = query(hub_db, "SELECT a.alert_id, a.transaction_id FROM alerts a "

@@ -45,6 +45,7 @@ COLUMNS = [
     {"name": "reasons", "label": "reasons", "field": "reasons_text", "align": "left"},
     {"name": "account_id", "label": "account", "field": "account_id", "align": "left"},
     {"name": "terminal_id", "label": "terminal", "field": "terminal_id", "align": "left"},
+    {"name": "branch", "label": "branch", "field": "branch", "align": "left"},
     {"name": "status", "label": "status", "field": "status_text", "align": "left"},
     {"name": "assignee", "label": "assignee", "field": "assignee", "align": "left"},
 ]
@@ -119,6 +120,11 @@ class QueueView:
             ui.input("search transaction, account or terminal id",
                      on_change=lambda e: self.set(search=e.value.strip() or None)
                      ).classes("w-72").props("clearable data-testid=search")
+            branches = self.console.settings.hub_branches
+            if branches:  # at a regional hub: every branch's alerts (docs/hub.md)
+                ui.select({"": "any branch", **{b: b for b in branches}}, value="",
+                          label="branch", on_change=lambda e: self.set(branch=e.value or None)
+                          ).classes("w-32").props("data-testid=filter-branch")
             ui.select(list(SORTS), value=self.query.sort, label="sort",
                       on_change=lambda e: self.set(sort=e.value)).classes("w-32")
         self.table = ui.table(columns=COLUMNS, rows=[], row_key="alert_id").classes("w-full")

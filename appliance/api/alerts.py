@@ -14,6 +14,7 @@ from ..casework.casefile import TX_COLUMNS, alert_transaction, notes
 from ..casework.cases import (ALERT_SELECT, STATUSES, CaseError, Change, add_note, alert_row,
                               bulk_change, change_case, needs_supervisor)
 from ..casework.keys import role_at_least
+from ..casework.queue import BRANCH_FILTER
 from ..verdict import SEVERITIES
 from . import bodies
 from .endpoint import Call, Routes
@@ -26,7 +27,8 @@ _list = msgspec.json.Decoder(list[Any])
 SORTS = {"created_at": "a.alert_id", "risk": "a.risk", "ts": "a.ts"}
 SORT_CHOICES = tuple(f"{sign}{name}" for name in SORTS for sign in ("", "-"))
 LIST_PARAMS = ("status", "severity", "min_risk", "max_risk", "reason", "account_id",
-               "terminal_id", "assignee", "since", "until", "sort", "limit", "cursor")
+               "terminal_id", "assignee", "branch", "since", "until", "sort", "limit",
+               "cursor")
 
 
 def _filters(call: Call) -> tuple[list[str], list[Any]]:
@@ -57,6 +59,10 @@ def _filters(call: Call) -> tuple[list[str], list[Any]]:
         if value is not None:
             where.append(f"a.{name} = ?")
             args.append(value)
+    branch = p.text("branch")
+    if branch is not None:
+        where.append(BRANCH_FILTER)
+        args.append(branch)
     more_where, more_args = p.time_range("a.ts")
     return where + more_where, args + more_args
 
@@ -67,8 +73,8 @@ def list_alerts(call: Call) -> dict[str, Any]:
     summary: List alerts, newest first by default, with a total count.
     description: >
       Filters combine with AND. Pass next_cursor back as cursor for the next page. Each
-      alert carries its transaction's amount, currency, channel, merchant_category and
-      location (null once retention purged the transaction), its disposition and
+      alert carries its transaction's amount, currency, channel, merchant_category,
+      location and branch (null once retention purged the transaction), its disposition and
       fraud_type once closed, and age_seconds (since the alert was raised, as of the
       response's as_of, epoch seconds: a cached response keeps the age it was read with).
     parameters:
@@ -80,6 +86,7 @@ def list_alerts(call: Call) -> dict[str, Any]:
       - {name: account_id, in: query, schema: {type: string}}
       - {name: terminal_id, in: query, schema: {type: string}}
       - {name: assignee, in: query, schema: {type: string}}
+      - {name: branch, in: query, schema: {type: string}, description: "only this branch's alerts (at a regional hub)"}
       - {$ref: '#/components/parameters/since'}
       - {$ref: '#/components/parameters/until'}
       - {name: sort, in: query, schema: {type: string, enum: [created_at, -created_at, risk, -risk, ts, -ts]}}

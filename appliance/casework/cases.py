@@ -33,9 +33,11 @@ ALERT_COLUMNS = ("alert_id", "transaction_id", "created_at", "ts", "account_id",
                  "version", "updated_at", "updated_by", "disposed_at", "disposed_by",
                  "disposition", "fraud_type")
 """An alert as the API, the queue and the case file read it (a case is its alert's row)."""
-QUEUE_TX_COLUMNS = ("amount", "currency", "channel", "merchant_category", "location")
+QUEUE_TX_COLUMNS = ("amount", "currency", "channel", "merchant_category", "location",
+                    "branch")
 """What an analyst reads of the transaction in a queue row (NULL once retention purged it):
-the node's amount and currency, the channel, and where (merchant category, location)."""
+the node's amount and currency, the channel, where (merchant category, location), and the
+branch (at a regional hub, the queue holds every branch's alerts: docs/hub.md)."""
 ALERT_SELECT = (f"SELECT {', '.join('a.' + c for c in ALERT_COLUMNS)}, "
                 f"{', '.join('t.' + c for c in QUEUE_TX_COLUMNS)} FROM alerts a "
                 "LEFT JOIN transactions t ON t.transaction_id = a.transaction_id")

@@ -28,6 +28,9 @@ SORTS = {
     "event_time": "a.ts DESC, a.alert_id DESC",
 }
 UNASSIGNED = "(unassigned)"
+BRANCH_FILTER = ("a.transaction_id IN (SELECT transaction_id FROM transactions "
+                 "WHERE branch = ?)")
+"""An alert of one branch: its transaction's (the queue's and the API's filter)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class QueueQuery:
     """A username, or :data:`UNASSIGNED`."""
     search: str | None = None
     """An exact transaction, account or terminal id."""
+    branch: str | None = None
+    """Only this branch's alerts (at a regional hub)."""
     sort: str = "newest"
     page: int = 0
     page_size: int = 25
@@ -82,6 +87,9 @@ def _where(q: QueueQuery) -> tuple[str, list[Any]]:
     elif q.assignee:
         where.append("a.assignee = ?")
         args.append(q.assignee)
+    if q.branch:
+        where.append(BRANCH_FILTER)
+        args.append(q.branch)
     if q.search and q.search.strip():
         term = q.search.strip()
         where.append("(a.transaction_id = ? OR a.account_id = ? OR a.terminal_id = ?)")
