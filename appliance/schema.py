@@ -493,6 +493,23 @@ def m017_case_flows(db: Database) -> None:
         """
     )
 
+
+@migrations()
+def m018_branch_links(db: Database) -> None:
+    """At a regional hub: each branch's link as the hub last saw it (casework/branch_links.py)."""
+    db.executescript(
+        """
+        CREATE TABLE branch_links (
+            branch TEXT PRIMARY KEY,
+            connected INTEGER NOT NULL,      -- 1: its leaf link is up
+            since REAL NOT NULL,             -- when it last came up or went down
+            lag INTEGER,                     -- cases it has that the hub has not (link up)
+            last_heard REAL,                 -- the last message or heartbeat from it
+            checked_at REAL NOT NULL
+        );
+        """
+    )
+
 def migrate(db: Database) -> None:
     """Bring ``db`` up to the current schema (idempotent)."""
     migrations.apply(db)

@@ -245,6 +245,9 @@ class Settings:
     hub_branches: tuple[str, ...] = ()
     """At the hub (``branchguard hub run``): the branches it serves, as ``branchguard hub
     config`` named them (each branch's name is its ``branch`` and its JetStream domain)."""
+    hub_monitor_url: str | None = None
+    """At the hub: its nats-server's monitoring address (``http://127.0.0.1:8222``), where
+    ``branchguard hub run`` reads which branches' leaf links are up (``/leafz``)."""
 
     # --- analyst console (issue 5)
     console_enabled: bool = True

@@ -5,52 +5,23 @@ in its own JetStream domain, what the hub sources from them, and a hub outage ca
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import sys
 import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
+from appliance.bench.hub import HubServer as Hub, leafs
 from appliance.operations.cluster import free_port
 from appliance.operations.hub import (HubPlan, branch_permissions, ensure_hub_stream,
                                       ensure_uplink, write_hub_config)
-from appliance.operations.node import EmbeddedNats, nats_server_binary, server_config
+from appliance.operations.node import EmbeddedNats, server_config
 from appliance.settings import load
 
 BRANCHES = ("br1", "br2")
-
-
-class Hub:
-    """The hub's nats-server, from the written hub.conf, started and stopped by its PID."""
-
-    def __init__(self, conf: Path, log: Path) -> None:
-        self.conf, self.log = conf, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen([str(nats_server_binary()), "-c", str(self.conf)],
-                                            stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
-def leafs(port: int) -> list[str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/leafz", timeout=1) as r:
-            return [leaf["name"] for leaf in json.load(r).get("leafs") or []]
-    except OSError:
-        return []
 
 
 def wait(condition: object, timeout: float) -> float:

@@ -1,61 +1,45 @@
-"""Branches and a regional hub, end to end (issue 20): two branches, each the embedded
+"""Branches and a regional hub, end to end (issue 20): three branches, each the embedded
 single node (``branchguard run``) whose nats-server is a leaf node of the hub, and the hub's
-analyst side (``branchguard hub run``), on real nats-servers, each a real process.
+analyst side (``branchguard hub run``), on real nats-servers, each a real process; the third
+branch dials the hub through a link that is cut for 60 s.
 
-Every alert of both branches reaches the hub's database once, under its branch, through a
-hub outage; a case closed at the hub becomes a label at the branch that scored it (and not
-at the other); a deny entry added at the hub is applied by both branches' scorers.
+Every alert of every branch reaches the hub's database once, under its branch, through the
+cut and through a hub outage, and the hub shows the cut branch's link down meanwhile; a case
+closed at the hub becomes a label at the branch that scored it (and nowhere else); a deny
+entry added at the hub is applied by every branch's scorer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import nats
 import pytest
 
 from appliance.bench.partition_scorers import ScorerChild, read_only, wait_until
 from appliance.bench.throughput import bench_transactions
+from appliance.bench.hub import BRANCH_ENV, HubServer, leafs, node_url, publish
+from appliance.bench.link_cut import LinkProxy
+from appliance.casework.branch_links import links
 from appliance.casework.cases import Change, change_case
 from appliance.casework.queue import QueueQuery, alert_page
-from appliance.feed.terminal import to_message
+from appliance.learning.promotion import on_node, promote
+from appliance.scoring.registry import Registry
 from appliance.operations.cluster import free_port
 from appliance.operations.hub import HubPlan, write_hub_config
 from appliance.scoring.lists import add_entry
 from appliance.settings import load
 
 from .test_case_flows import query, write
-from .test_hub import Hub, leafs
 
-BRANCHES = ("br1", "br2")
+BRANCHES = ("br1", "br2", "br3")
+CUT = "br3"
+"""The branch whose link to the hub is cut."""
+CUT_SECONDS = 60.0
 START = datetime(2027, 1, 4, tzinfo=timezone.utc)
-
-
-def publish(url: str, branch: str, seed: int, start: int, count: int) -> list[str]:
-    txs = bench_transactions(seed, start + count, START)[start:]
-    messages = [to_message(tx, branch) for tx in txs]
-
-    async def main() -> None:
-        nc = await nats.connect(url)
-        try:
-            js = nc.jetstream()
-            for m in messages:
-                await js.publish(m.subject, m.data, headers={"Nats-Msg-Id": m.msg_id})
-        finally:
-            await nc.close()
-
-    asyncio.run(main())
-    return [tx.transaction_id for tx in txs]
-
-
-def node_url(child: ScorerChild) -> str | None:
-    return next((e["nats_url"] for e in child.events() if e.get("event") == "node.ready"),
-                None)
 
 
 @pytest.mark.timeout(400)
@@ -65,12 +49,13 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
                    branches=BRANCHES, public_host="127.0.0.1")
     out = tmp_path / "hub"
     write_hub_config(load(None, env={}), out, plan)
-    hub = Hub(out / "hub.conf", tmp_path / "hub-server.log")
+    link = LinkProxy(plan.leaf_port)  # the cut branch's WAN link
+    link.restore()
+    config = out / "branches" / f"{CUT}.toml"
+    config.write_text(config.read_text().replace(f":{plan.leaf_port}\"", f":{link.port}\""))
+    hub = HubServer(out / "hub.conf", tmp_path / "hub-server.log")
     hub.start()
-    common = {"BRANCHGUARD_EVENT_TIME_CHECK": "false", "BRANCHGUARD_ALERT_BUDGET": "false",
-              "BRANCHGUARD_REPLICATE": "false", "BRANCHGUARD_RUN_API": "false",
-              "BRANCHGUARD_NATS_PORT": "0", "BRANCHGUARD_LISTS_REFRESH_SECONDS": "0.5",
-              "BRANCHGUARD_LOG_LEVEL": "INFO"}
+    common = {**BRANCH_ENV, "BRANCHGUARD_LISTS_REFRESH_SECONDS": "0.5"}
     branches = {b: ScorerChild.start(b, {**common, "BRANCHGUARD_CONFIG": str(
         out / "branches" / f"{b}.toml"), "BRANCHGUARD_DATA_DIR": str(tmp_path / b)},
         tmp_path, command=("run",)) for b in BRANCHES}
@@ -99,10 +84,36 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
                                                        for b in BRANCHES), 90), (
             analyst.log.read_text()[-3000:])
 
-        # The hub stops for a while; both branches keep scoring; nothing is lost or doubled.
+        with read_only(hub_db) as conn:
+            assert wait_until(lambda: [lk["state"] for lk in links(conn)] ==
+                              ["connected"] * len(BRANCHES), 10), links(conn)
+
+        # The cut branch's link is down for 60 s; it keeps scoring, and so do the others.
+        link.cut()
+        cut_at = time.time()
+        for i, b in enumerate(BRANCHES):
+            publish(urls[b], b, 11 + i, 300, 100)
+        with read_only(hub_db) as conn:
+            assert wait_until(lambda: {lk["branch"]: lk["state"] for lk in links(conn)}
+                              == {"br1": "connected", "br2": "connected", CUT: "down"}, 15)
+            down = next(lk for lk in links(conn) if lk["branch"] == CUT)
+        assert cut_at - 1 <= down["since"] <= cut_at + 10  # when it went
+        assert wait_until(lambda: query(tmp_path / CUT / "branchguard.db",
+                                        "SELECT count(*) FROM transactions") == [(400,)], 30)
+        pending = branch_alerts(CUT) - {t for t, _ in hub_alerts()}
+        assert pending  # scored at the branch, not at the hub yet
+        time.sleep(max(0.0, cut_at + CUT_SECONDS - time.time()))
+        link.restore()
+        assert wait_until(lambda: {t for t, b in hub_alerts() if b == CUT}
+                          == branch_alerts(CUT), 60)
+        with read_only(hub_db) as conn:
+            assert wait_until(lambda: next(lk for lk in links(conn) if lk["branch"] == CUT)
+                              ["state"] == "connected", 15)
+
+        # The hub stops for a while; the branches keep scoring; nothing is lost or doubled.
         hub.stop()
         for i, b in enumerate(BRANCHES):
-            publish(urls[b], b, 11 + i, 300, 200)  # their own servers: no hub needed
+            publish(urls[b], b, 11 + i, 400, 100)  # their own servers: no hub needed
         time.sleep(3)
         hub.start()
         assert wait_until(lambda: len(hub_alerts()) == sum(len(branch_alerts(b))
@@ -134,12 +145,30 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
                                         "SELECT label, source FROM labels WHERE "
                                         "transaction_id = ?", tid) == [(0, "analyst:hub/carol")],
                           30), branches["br2"].log.read_text()[-3000:]
-        assert query(tmp_path / "br1" / "branchguard.db", "SELECT count(*) FROM labels") == [(0,)]
+        for b in ("br1", CUT):
+            assert query(tmp_path / b / "branchguard.db", "SELECT count(*) FROM labels") == [(0,)]
 
-        # A deny entry added at the hub is applied by both branches' scorers.
-        used = [{tx.terminal_id for tx in bench_transactions(11 + i, 700, START)[500:]}
+        # A model promoted at the hub is promoted at every branch, its file checked there.
+        hub_settings = load(out / "hub.toml", env={}, data_dir=hub_dir)
+        shipped = Registry.of(hub_settings)
+        card = {**shipped.card("if-v1"), "version": "if-v1-hub", "stage": "candidate"}
+        shipped.register(shipped.locate("if-v1") / "if-v1.onnx", card)
+        on_node(hub_settings, lambda conn, reg: promote(conn, reg, "if-v1-hub", "erin",
+                                                        "the region's model"))
+        for b in BRANCHES:
+            here = load(None, env={}, data_dir=tmp_path / b)
+            assert wait_until(lambda here=here: Registry.of(here).production() == "if-v1-hub",
+                              30), branches[b].log.read_text()[-3000:]
+        [(actor, reason)] = query(tmp_path / "br1" / "branchguard.db",
+                                  "SELECT actor, json_extract(after, '$.reason') FROM "
+                                  "audit_log WHERE action = 'model.promote'")
+        assert actor == "hub/erin" and reason == "promoted at hub: the region's model"
+        time.sleep(3)  # each scorer looks at its registry every 2 s
+
+        # A deny entry added at the hub is applied by every branch's scorer.
+        used = [{tx.terminal_id for tx in bench_transactions(11 + i, 900, START)[700:]}
                 for i in range(len(BRANCHES))]
-        terminal = min(set.intersection(*used))  # a terminal both branches' customers use
+        terminal = min(set.intersection(*used))  # a terminal every branch's customers use
         write(hub_db, lambda conn: add_entry(conn, "deny", "terminal", terminal,
                                              "skimmer found", "dave", None))
         for b in BRANCHES:
@@ -149,9 +178,9 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
         time.sleep(1.5)
         later: dict[str, list[str]] = {}
         for i, b in enumerate(BRANCHES):
-            txs = bench_transactions(11 + i, 700, START)[500:]
+            txs = bench_transactions(11 + i, 900, START)[700:]
             later[b] = [tx.transaction_id for tx in txs if tx.terminal_id == terminal]
-            publish(urls[b], b, 11 + i, 500, 200)
+            publish(urls[b], b, 11 + i, 700, 200)
         for b in BRANCHES:
             assert later[b], b  # the terminal is used at each branch
 
@@ -162,8 +191,12 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
                 return len(rows) == len(later[b]) and all(
                     d == "decline" and "deny_list" in json.loads(r) for d, r in rows)
             assert wait_until(declined, 60), b
+            assert query(tmp_path / b / "branchguard.db", "SELECT DISTINCT model_version FROM "
+                         f"transactions WHERE transaction_id IN "
+                         f"({', '.join('?' * len(later[b]))})", *later[b]) == [("if-v1-hub",)]
     finally:
         analyst.stop()
         for child in branches.values():
             child.stop()
         hub.stop()
+        link.close()

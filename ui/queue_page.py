@@ -23,6 +23,7 @@ from nicegui.events import KeyEventArguments
 
 from appliance.casework.cases import STATUSES
 from appliance.casework.numbers import age_text, amount_text, number_text, percent_text
+from appliance.casework.branch_links import link_text, links
 from appliance.casework.queue import REASONS, SORTS, UNASSIGNED, QueueQuery, alert_page, marker
 from appliance.casework.users import User
 from appliance.verdict import SEVERITIES
@@ -96,6 +97,9 @@ class QueueView:
             assignee=self.user.username if self.mine else self.query.assignee)
 
     def build(self) -> None:
+        self.links: ui.row | None = None
+        if self.console.settings.hub_branches:  # at a regional hub: each branch's link
+            self.links = ui.row().classes("gap-2").props("data-testid=branch-links")
         with ui.row().classes("w-full items-end gap-2"):
             ui.select(list(STATUSES), multiple=True, value=list(self.query.statuses),
                       label="status", on_change=lambda e: self.set(statuses=tuple(e.value))
@@ -148,6 +152,7 @@ class QueueView:
         self.closer = CloseDialog()
         ui.keyboard(on_key=self.key)
         self.refresh()
+        self.show_links()
         ui.timer(self.console.settings.console_poll_seconds, self.poll)
 
     def set(self, **changes: Any) -> None:
@@ -172,6 +177,19 @@ class QueueView:
         if marker(self.console.reader()) != self.seen or \
                 time.time() - self.read_at >= AGE_REFRESH_SECONDS:
             self.refresh()
+        self.show_links()
+
+    def show_links(self) -> None:
+        """Each branch's link (connected, lagging by N, down since T), read anew."""
+        if self.links is None:
+            return
+        self.links.clear()
+        now = time.time()
+        with self.links:
+            for link in links(self.console.reader(), now):
+                colour = {"connected": "green", "lagging": "orange"}.get(link["state"], "red")
+                ui.badge(link_text(link, now), color=colour).props(
+                    f"data-testid=link-{link['branch']} data-state={link['state']}")
 
     def refresh(self) -> None:
         conn = self.console.reader()

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp
 from .. import logs
 from ..store import open_db
 from ..settings import Settings
-from . import alerts, audit, deadletters, health, keys, lists, stats
+from . import alerts, audit, branches, deadletters, health, keys, lists, stats
 from ..casework.dispositions import CODES, FRAUD_TYPES
 from .body_limit import BodyLimit
 from .head_limit import HeadLimitedProtocol
@@ -35,7 +35,7 @@ from .errors import error_response, json_response
 
 log = logs.get("appliance.api")
 RESOURCES = (alerts.routes, stats.routes, lists.routes, audit.routes, keys.routes,
-             deadletters.routes, health.routes)
+             deadletters.routes, health.routes, branches.routes)
 OPENAPI_PATH = "/api/v1/openapi.json"
 
 BASE_SCHEMA: dict[str, Any] = {

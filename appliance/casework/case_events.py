@@ -11,11 +11,12 @@ regional hub:
   terminals, and its explanation (made from the stored features, as everywhere) read the
   same at the analyst place as where it was scored. :func:`apply_raised` stores it: rows
   and alert each once, keyed by transaction id, so applying an event again changes nothing.
-- **worked**, back from where cases are worked: each disposition that makes a label, and
-  each list entry added or removed, as a :class:`Worked` event read from the audit trail,
-  where every such change already is. :func:`apply_worked` makes the same change where the
-  transactions are scored: the label (audited there when it corrects one), the list entry
-  (audited there, its ``origin`` recording where it came from).
+- **worked**, back from where cases are worked: each disposition that makes a label, each
+  list entry added or removed, and each model promotion, as a :class:`Worked` event read
+  from the audit trail, where every such change already is. :func:`apply_worked` makes the
+  same change where the transactions are scored: the label (audited there when it corrects
+  one), the list entry (audited there, its ``origin`` recording where it came from); a
+  model, which goes to the registry, is the flows' (operations/case_flows.py).
 
 Changes applied from elsewhere are made under the actor ``<origin>/<actor>``; what this
 database sends as worked is only what its own people did (actors without a ``/``), so a
@@ -41,7 +42,7 @@ before it (its baseline; its timeline is the most recent of them)."""
 ALERT_COLUMNS = ("transaction_id", "created_at", "ts", "account_id", "terminal_id",
                  "severity", "risk", "reasons", "updated_at")
 """What an alert is when it is raised (its case's state starts as NEW where it lands)."""
-WORKED_ACTIONS = ("case.change", "list.add", "list.remove")
+WORKED_ACTIONS = ("case.change", "list.add", "list.remove", "model.promote")
 
 
 class Raised(msgspec.Struct, frozen=True):
@@ -61,7 +62,7 @@ class Worked(msgspec.Struct, frozen=True):
     origin: str
     seq: int
     """The change's audit sequence at ``origin`` (its id there)."""
-    kind: Literal["label", "list.add", "list.remove"]
+    kind: Literal["label", "list.add", "list.remove", "model"]
     actor: str
     at: float
     branch: str | None = None
@@ -71,6 +72,12 @@ class Worked(msgspec.Struct, frozen=True):
     typology: str | None = None
     entry: dict[str, Any] | None = None
     """For a list change: the entry as the audit trail has it at ``origin``."""
+    version: str | None = None
+    """For a model promotion: the version put in production, its card and its ONNX file
+    (filled in by the sender from its registry: operations/case_flows.py)."""
+    reason: str | None = None
+    card: dict[str, Any] | None = None
+    onnx: bytes | None = None
 
 
 encode = msgspec.msgpack.Encoder().encode
@@ -154,6 +161,10 @@ def worked_since(conn: sqlite3.Connection, after: int, origin: str, limit: int =
             event = _label_of(conn, seq, at, actor, subject, before, new, origin)
             if event is not None:
                 out.append(event)
+        elif action == "model.promote":
+            out.append(Worked(origin=origin, seq=seq, kind="model", actor=actor, at=at,
+                              version=subject.removeprefix("model:"),
+                              reason=new.get("reason")))
         else:
             out.append(Worked(origin=origin, seq=seq, kind=action, actor=actor, at=at,
                               entry=new if action == "list.add"
@@ -184,6 +195,8 @@ def apply_worked(conn: sqlite3.Connection, event: Worked) -> str:
     Idempotent: a label already so is unchanged, an entry already added or removed is left.
     Returns what was done (for the log)."""
     actor = f"{event.origin}/{event.actor}"
+    if event.kind == "model":
+        return "not here"  # a model goes to the registry: operations/case_flows.py
     if event.kind == "label":
         if event.transaction_id is None or event.label is None:
             return "incomplete"

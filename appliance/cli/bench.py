@@ -246,6 +246,40 @@ def bench_children(rate: float, only: str, timeout: float, as_json: bool) -> Non
                if as_json else format_drill(report))
 
 
+@bench.command("hub")
+@click.option("--rate", type=float, default=5.0, show_default=True,
+              help="Offered tx/s at each branch (the demo's own rate is 0.25).")
+@click.option("--seconds", type=float, default=30.0, show_default=True,
+              help="Length of the steady phase (latency branch -> hub).")
+@click.option("--cut-seconds", type=float, default=60.0, show_default=True,
+              help="How long the last branch's link to the hub is cut.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the processes' logs and databases go (default: a new temp dir).")
+@json_option
+@friendly_errors
+def bench_hub(rate: float, seconds: float, cut_seconds: float, work_dir: Path | None,
+              json_to: str | None) -> None:
+    """Measure three branches and a regional hub on loopback (each branch `branchguard
+    run` as a leaf node, the hub's nats-server and `branchguard hub run`): the latency of
+    each alert from branch to hub (p50/p99) at --rate; then the last branch's link cut for
+    --cut-seconds while every branch goes on: the alerts pending when it returns, how long
+    the link and the hub took to catch up; and every alert at the hub once. Exits 1 when
+    the exactly-once check fails.
+
+    \b
+    Example:
+      branchguard bench hub --rate 5 --seconds 30 --cut-seconds 60
+    """
+    from ..bench.hub import format_hub_report, run_hub_bench
+
+    logs.configure("WARNING")
+    report = run_hub_bench(rate=rate, seconds=seconds, cut_seconds=cut_seconds,
+                           work_dir=work_dir)
+    emit(report, json_to, format_hub_report)
+    if not report.get("exactly_once", {}).get("ok"):
+        sys.exit(1)
+
+
 @bench.command("cluster")
 @click.option("--scorers", default="1,2,3", show_default=True,
               help="Scorer counts for the steady phase, comma-separated: each on a fresh "

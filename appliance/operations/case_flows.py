@@ -32,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -44,17 +46,20 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import NotFoundError
 
 from .. import logs
+from ..casework.branch_links import record as record_links
 from ..casework.case_events import (Raised, Worked, apply_raised, apply_worked, cursor,
                                     decode_raised, decode_worked, encode, raised_since,
                                     set_cursor, worked_since)
 from ..nats_auth import client_options
 from ..scoring.ingest import connect
 from ..scoring.streams import during_election
-from ..errors import SettingsError
+from ..errors import ModelError, SettingsError
+from ..learning.promotion import promote
+from ..scoring.registry import Registry
 from ..settings import Settings
 from .gather import exclusive, open_node
-from .hub import (HUB_DOMAIN, branch_source, ensure_downlink, ensure_hub_stream,
-                  ensure_uplink)
+from .hub import (HUB_DOMAIN, LINK_SECONDS, branch_source, ensure_downlink,
+                  ensure_hub_stream, ensure_uplink, link_readings)
 from .partition_state import store_id
 
 log = logs.get("appliance.case_flows")
@@ -65,6 +70,11 @@ DUPLICATE_WINDOW_SECONDS = 3600.0
 """A case sent twice within this is stored once in the stream (and, later, still applied
 once: applying is idempotent)."""
 POLL_SECONDS = 0.5
+MAX_MODEL_BYTES = 900_000
+"""A model sent down is one message: under the hub's 1 MB ``max_payload``."""
+SEND_POLL_SECONDS = 0.1
+"""How often a sender looks for new alerts or casework when it found none: two small
+indexed reads, and the most it adds to an alert's way to where it is worked."""
 ACK_WAIT_SECONDS = 5.0
 _T = TypeVar("_T")
 
@@ -82,7 +92,9 @@ def cases_subject(branch: str) -> str:
 
 
 def casework_subject(event: Worked) -> str:
-    return f"casework.{event.branch}.label" if event.kind == "label" else "casework.all.list"
+    if event.kind == "label":
+        return f"casework.{event.branch}.label"
+    return "casework.all.model" if event.kind == "model" else "casework.all.list"
 
 
 def stream_config(name: str, settings: Settings) -> StreamConfig:
@@ -122,9 +134,10 @@ async def _in_db(work: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connect
     return await asyncio.get_running_loop().run_in_executor(None, run)
 
 
-async def _every(stop: asyncio.Event, step: Callable[[], Awaitable[int]], what: str) -> None:
-    """Run ``step`` until ``stop``; wait ``POLL_SECONDS`` after a step that did nothing, and
-    after a failure (logged; the next step tries again)."""
+async def _every(stop: asyncio.Event, step: Callable[[], Awaitable[int]], what: str,
+                 pause: float = POLL_SECONDS) -> None:
+    """Run ``step`` until ``stop``; wait ``pause`` after a step that did nothing, and after
+    a failure (logged; the next step tries again)."""
     while not stop.is_set():
         try:
             done = await step()
@@ -133,7 +146,7 @@ async def _every(stop: asyncio.Event, step: Callable[[], Awaitable[int]], what: 
             done = 0
         if not done:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+                await asyncio.wait_for(stop.wait(), pause)
 
 
 # --- senders ----------------------------------------------------------------------------
@@ -156,12 +169,16 @@ async def send_raised(js: JetStreamContext, conn: sqlite3.Connection, origin: st
     return len(events)
 
 
-async def send_worked(js: JetStreamContext, conn: sqlite3.Connection, origin: str) -> int:
-    """Send the labels and list changes after this database's ``worked`` cursor down to
-    ``CASEWORK``; returns how many audit entries were read."""
+async def send_worked(js: JetStreamContext, conn: sqlite3.Connection, origin: str,
+                      registry: Registry) -> int:
+    """Send the labels, list changes and model promotions after this database's ``worked``
+    cursor down to ``CASEWORK`` (a model with its card and ONNX file from ``registry``);
+    returns how many audit entries were read."""
     after = await _in_db(lambda c: cursor(c, "worked"), conn, write=False)
     last, events = await _in_db(lambda c: worked_since(c, after, origin), conn, write=False)
     for event in events:
+        if event.kind == "model":
+            event = with_model_files(event, registry)
         await during_election(lambda: js.publish(
             casework_subject(event), encode(event), stream=CASEWORK,
             headers={"Nats-Msg-Id": f"worked:{origin}:{event.seq}"}), "publish")
@@ -170,6 +187,42 @@ async def send_worked(js: JetStreamContext, conn: sqlite3.Connection, origin: st
     if last > after:
         await _in_db(lambda c: set_cursor(c, "worked", last), conn, write=True)
     return last - after
+
+
+def with_model_files(event: Worked, registry: Registry) -> Worked:
+    """A promotion with its model's card and ONNX file, as the registry holds them (the
+    card's sha256 is checked again where it lands)."""
+    version = str(event.version)
+    onnx = (registry.locate(version) / f"{version}.onnx").read_bytes()
+    if len(onnx) > MAX_MODEL_BYTES:
+        raise ModelError("a model too large to send down", field="version", value=version,
+                         hint=f"{len(onnx)} bytes; the hub's max_payload is 1 MB")
+    card = {**registry.card(version), "stage": "candidate"}
+    return msgspec.structs.replace(event, card=card, onnx=onnx)
+
+
+def adopt_model(conn: sqlite3.Connection, registry: Registry, event: Worked) -> str:
+    """Register the promoted model here (its ONNX file checked against its card's sha256)
+    unless it is already, and promote it, audited as ``<origin>/<actor>``."""
+    version = str(event.version)
+    if registry.production() == version:
+        return "unchanged"
+    if event.card is None or event.onnx is None:
+        return "incomplete"
+    try:
+        if version not in registry.versions():
+            registry.root.mkdir(parents=True, exist_ok=True)
+            incoming = registry.root / f".{version}.incoming"
+            incoming.write_bytes(event.onnx)
+            try:
+                registry.register(incoming, event.card)
+            finally:
+                incoming.unlink(missing_ok=True)
+        promote(conn, registry, version, f"{event.origin}/{event.actor}",
+                f"promoted at {event.origin}: {event.reason or 'no reason given'}")
+    except ModelError as exc:  # a file that is not its card's: never in production here
+        return f"refused: {exc}"
+    return "promoted"
 
 
 # --- followers --------------------------------------------------------------------------
@@ -233,12 +286,14 @@ def _apply_case(outbox: bool) -> Callable[[sqlite3.Connection, Msg], Applied | N
     return apply
 
 
-def _apply_casework(origin: str) -> Callable[[sqlite3.Connection, Msg], Applied | None]:
+def _apply_casework(origin: str, registry: Registry
+                    ) -> Callable[[sqlite3.Connection, Msg], Applied | None]:
     def apply(conn: sqlite3.Connection, msg: Msg) -> Applied | None:
         event: Worked = decode_worked(msg.data)
         if event.origin == origin:
             return None  # made here
-        done = apply_worked(conn, event)
+        done = (adopt_model(conn, registry, event) if event.kind == "model"
+                else apply_worked(conn, event))
         return lambda: log.info("casework.applied", txn_id=event.transaction_id,
                                 kind=event.kind, origin=event.origin, seq=event.seq,
                                 result=done)
@@ -274,10 +329,12 @@ async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> 
     sender, receiver = open_node(settings.db_path), open_node(settings.db_path)
     follower = Follower(js, CASEWORK, f"casework-{store_id(settings.data_dir)}",
                         [f"casework.{settings.branch}.>", "casework.all.>"], receiver,
-                        _apply_casework(origin), settings.stream_replicas)
+                        _apply_casework(origin, Registry.of(settings)),
+                        settings.stream_replicas)
     log.info("case_flows.started", txn_id=None, side="scoring", origin=origin)
     try:
-        await asyncio.gather(_every(stop, lambda: send_raised(js, sender, origin), "case.send"),
+        await asyncio.gather(_every(stop, lambda: send_raised(js, sender, origin), "case.send",
+                                    pause=SEND_POLL_SECONDS),
                              _every(stop, follower.step, "casework.follow"))
     finally:
         sender.close()
@@ -293,13 +350,15 @@ async def analyst_side(nc: Client, settings: Settings, stop: asyncio.Event,
     for name in (stream, CASEWORK):
         await ensure_stream(js, name, settings)
     sender, receiver = open_node(settings.db_path), open_node(settings.db_path)
+    registry = Registry.of(settings)
     follower = Follower(js, stream, f"cases-{store_id(settings.data_dir)}", [], receiver,
                         _apply_case(outbox=True), settings.stream_replicas)
     log.info("case_flows.started", txn_id=None, side="analyst", origin=origin, stream=stream)
     try:
         await asyncio.gather(
             _every(stop, follower.step, "case.follow"),
-            _every(stop, lambda: send_worked(js, sender, origin), "casework.send"))
+            _every(stop, lambda: send_worked(js, sender, origin, registry), "casework.send",
+                   pause=SEND_POLL_SECONDS))
     finally:
         sender.close()
         receiver.close()
@@ -313,6 +372,28 @@ async def hub_streams(js: JetStreamContext, settings: Settings) -> None:
     await ensure_stream(js, CASEWORK, settings)
     for branch in settings.hub_branches:
         await ensure_downlink(js, branch, CASEWORK)
+
+
+async def watch_links(nc: Client, settings: Settings, stop: asyncio.Event) -> None:
+    """At the hub: every ``LINK_SECONDS``, each branch's link into the hub's database
+    (casework/branch_links.py), logging each link that comes up or goes down."""
+    conn = open_node(settings.db_path)
+    seen: dict[str, bool] = {}
+
+    async def look() -> int:
+        readings = await link_readings(nc, settings, CASES)
+        await _in_db(lambda c: record_links(c, readings, time.time()), conn, write=True)
+        for r in readings:
+            if seen.get(r.branch) != r.connected:
+                (log.info if r.connected else log.warning)(
+                    "branch.link_up" if r.connected else "branch.link_down", txn_id=None,
+                    branch=r.branch, lag=r.lag)
+                seen[r.branch] = r.connected
+        return 0  # then wait: a look every LINK_SECONDS
+    try:
+        await _every(stop, look, "branch.links", pause=LINK_SECONDS)
+    finally:
+        conn.close()
 
 
 async def run_analyst(settings: Settings) -> int:
@@ -335,7 +416,10 @@ async def run_analyst(settings: Settings) -> int:
     try:
         if settings.hub_branches:
             await hub_streams(nc.jetstream(timeout=5.0), settings)
+            watching = asyncio.create_task(watch_links(nc, settings, stop))
         await analyst_side(nc, settings, stop)
+        if settings.hub_branches:
+            await watching
     except Exception:
         log.error("case_flows.failed", exc_info=True, txn_id=None)
         return 1

@@ -33,19 +33,24 @@ durable one is asked again within 5 s and then as soon as the branch's consumer 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import time
+import urllib.request
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (AckPolicy, ConsumerConfig, ExternalStream, StorageType, StreamConfig,
                          StreamConsumerSource, StreamSource, SubjectTransform)
 from nats.js.errors import NotFoundError
 
+from ..casework.branch_links import LinkReading
 from ..errors import SettingsError
 from ..settings import Settings
 from .cluster import write_if_changed
@@ -176,9 +181,13 @@ def branch_settings(plan: HubPlan, branch: str, password: str, tls: bool) -> str
 def hub_settings(plan: HubPlan, password: str) -> str:
     """The settings of the hub's own processes."""
     url = f"nats://{HUB_USER}:{quote(password, safe='')}@{plan.public_host}:{plan.client_port}"
+    wildcard = plan.host in ("0.0.0.0", "::", "")  # noqa: S104 - reached on loopback then
+    local = "127.0.0.1" if wildcard else plan.host
+    monitor = f"http://{local}:{plan.monitor_port}"
     return ("# The hub's own processes (branchguard hub config). A secret.\n"
             f"nats_url = {json.dumps(url)}\n"
-            f"hub_branches = {json.dumps(list(plan.branches))}\n")
+            f"hub_branches = {json.dumps(list(plan.branches))}\n"
+            f"hub_monitor_url = {json.dumps(monitor)}\n")
 
 
 def write_hub_config(settings: Settings, out_dir: Path, plan: HubPlan) -> HubConfig:
@@ -278,3 +287,43 @@ async def ensure_hub_stream(js: JetStreamContext, name: str, stream: str,
         await js.add_stream(config)
         return
     await js.update_stream(config)
+
+
+LINK_SECONDS = 2.0
+"""How often the hub's analyst side looks at every branch's link."""
+
+
+def _leafs(monitor_url: str) -> set[str]:
+    """The names (domains) of the branches whose leaf link is up, from ``/leafz``."""
+    if not monitor_url.startswith(("http://", "https://")):
+        raise SettingsError("the hub's monitoring address is an http(s) URL",
+                            field="hub_monitor_url", value=monitor_url)
+    url = f"{monitor_url.rstrip('/')}/leafz?acc={ACCOUNT}"
+    with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - http(s), checked
+        return {str(leaf.get("name")) for leaf in json.load(r).get("leafs") or []}
+
+
+async def link_readings(nc: Client, settings: Settings, stream: str) -> list[LinkReading]:
+    """One look at every branch's link: up or not (``/leafz``), and, per branch, how many
+    messages of ``stream``'s source from it the hub has not stored yet and when it last
+    heard from it (the raw ``STREAM.INFO``: nats-py's source info drops which branch a
+    source is)."""
+    loop = asyncio.get_running_loop()
+    up = (await loop.run_in_executor(None, _leafs, settings.hub_monitor_url)
+          if settings.hub_monitor_url else set())
+    reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2.0)
+    now = time.time()
+    sources: dict[str, dict[str, Any]] = {}
+    for source in json.loads(reply.data).get("sources") or []:
+        api = str((source.get("external") or {}).get("api", ""))
+        sources[api.removeprefix("$JS.").removesuffix(".API")] = source
+    readings = []
+    for branch in settings.hub_branches:
+        source = sources.get(branch, {})
+        active = source.get("active", -1)
+        readings.append(LinkReading(
+            branch=branch, connected=branch in up,
+            lag=int(source.get("lag", 0)) if branch in up else None,
+            last_heard=now - active / 1e9 if isinstance(active, int) and active >= 0
+            else None))
+    return readings
