@@ -19,17 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bench.partition_scorers import ScorerChild, read_only, wait_until
+from appliance.bench.partition_scorers import read_only, wait_until
 from appliance.bench.throughput import bench_transactions
-from appliance.bench.hub import BRANCH_ENV, HubServer, leafs, node_url, publish
-from appliance.bench.link_cut import LinkProxy
+from appliance.bench.hub import HubSite, publish
 from appliance.casework.branch_links import links
 from appliance.casework.cases import Change, change_case
 from appliance.casework.queue import QueueQuery, alert_page
 from appliance.learning.promotion import on_node, promote
 from appliance.scoring.registry import Registry
-from appliance.operations.cluster import free_port
-from appliance.operations.hub import HubPlan, write_hub_config
 from appliance.scoring.lists import add_entry
 from appliance.settings import load
 
@@ -44,45 +41,17 @@ START = datetime(2027, 1, 4, tzinfo=timezone.utc)
 
 @pytest.mark.timeout(400)
 def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path) -> None:
-    plan = HubPlan(host="127.0.0.1", client_port=free_port(), leaf_port=free_port(),
-                   monitor_port=free_port(), store_dir=tmp_path / "hub-store",
-                   branches=BRANCHES, public_host="127.0.0.1")
-    out = tmp_path / "hub"
-    write_hub_config(load(None, env={}), out, plan)
-    link = LinkProxy(plan.leaf_port)  # the cut branch's WAN link
-    link.restore()
-    config = out / "branches" / f"{CUT}.toml"
-    config.write_text(config.read_text().replace(f":{plan.leaf_port}\"", f":{link.port}\""))
-    hub = HubServer(out / "hub.conf", tmp_path / "hub-server.log")
-    hub.start()
-    common = {**BRANCH_ENV, "BRANCHGUARD_LISTS_REFRESH_SECONDS": "0.5"}
-    branches = {b: ScorerChild.start(b, {**common, "BRANCHGUARD_CONFIG": str(
-        out / "branches" / f"{b}.toml"), "BRANCHGUARD_DATA_DIR": str(tmp_path / b)},
-        tmp_path, command=("run",)) for b in BRANCHES}
-    hub_dir = tmp_path / "hub-node"
-    hub_db = hub_dir / "branchguard.db"
-    analyst = ScorerChild.start("hub-run", {**common, "BRANCHGUARD_CONFIG": str(
-        out / "hub.toml"), "BRANCHGUARD_DATA_DIR": str(hub_dir)}, tmp_path,
-        command=("hub", "run"))
+    site = HubSite(tmp_path, BRANCHES, {"BRANCHGUARD_LISTS_REFRESH_SECONDS": "0.5"})
+    hub_db, link, hub = site.hub_db, site.link, site.server
+    branch_alerts = site.branch_alerts
+    hub_alerts = site.hub_alerts
     try:
-        assert wait_until(lambda: all(node_url(c) for c in branches.values()), 60)
-        assert wait_until(lambda: sorted(leafs(plan.monitor_port)) == list(BRANCHES), 30)
-        urls = {b: str(node_url(c)) for b, c in branches.items()}
+        assert site.wait_ready(60)
+        urls = site.urls
         for i, b in enumerate(BRANCHES):
             publish(urls[b], b, 11 + i, 0, 300)
-
-        def branch_alerts(b: str) -> set[str]:
-            return {r[0] for r in query(tmp_path / b / "branchguard.db",
-                                        "SELECT transaction_id FROM alerts")}
-
-        def hub_alerts() -> list[tuple[str, str]]:
-            return query(hub_db, "SELECT a.transaction_id, t.branch FROM alerts a "
-                         "JOIN transactions t USING (transaction_id)")
-
         assert wait_until(lambda: sum(len(branch_alerts(b)) for b in BRANCHES) > 0
-                          and len(hub_alerts()) == sum(len(branch_alerts(b))
-                                                       for b in BRANCHES), 90), (
-            analyst.log.read_text()[-3000:])
+                          and site.all_at_hub(), 90), site.analyst.log.read_text()[-3000:]
 
         with read_only(hub_db) as conn:
             assert wait_until(lambda: [lk["state"] for lk in links(conn)] ==
@@ -100,12 +69,12 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
         assert cut_at - 1 <= down["since"] <= cut_at + 10  # when it went
         assert wait_until(lambda: query(tmp_path / CUT / "branchguard.db",
                                         "SELECT count(*) FROM transactions") == [(400,)], 30)
-        pending = branch_alerts(CUT) - {t for t, _ in hub_alerts()}
+        pending = set(branch_alerts(CUT)) - {t for t, _ in hub_alerts()}
         assert pending  # scored at the branch, not at the hub yet
         time.sleep(max(0.0, cut_at + CUT_SECONDS - time.time()))
         link.restore()
         assert wait_until(lambda: {t for t, b in hub_alerts() if b == CUT}
-                          == branch_alerts(CUT), 60)
+                          == set(branch_alerts(CUT)), 60)
         with read_only(hub_db) as conn:
             assert wait_until(lambda: next(lk for lk in links(conn) if lk["branch"] == CUT)
                               ["state"] == "connected", 15)
@@ -116,19 +85,18 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
             publish(urls[b], b, 11 + i, 400, 100)  # their own servers: no hub needed
         time.sleep(3)
         hub.start()
-        assert wait_until(lambda: len(hub_alerts()) == sum(len(branch_alerts(b))
-                                                           for b in BRANCHES), 90)
+        assert wait_until(site.all_at_hub, 90)
         time.sleep(1.5)
         stored = hub_alerts()
         assert len(stored) == len({t for t, _ in stored})  # each once
         for b in BRANCHES:
-            assert {t for t, branch in stored if branch == b} == branch_alerts(b)
+            assert {t for t, branch in stored if branch == b} == set(branch_alerts(b))
         assert query(hub_db, "SELECT count(*) FROM alert_outbox") == [(len(stored),)]
         with read_only(hub_db) as conn:  # the queue's branch filter and column
             for b in BRANCHES:
                 page = alert_page(conn, QueueQuery(statuses=(), branch=b, page_size=10_000))
                 assert page.total == len(branch_alerts(b))
-                assert {a["transaction_id"] for a in page.alerts} == branch_alerts(b)
+                assert {a["transaction_id"] for a in page.alerts} == set(branch_alerts(b))
                 assert {a["branch"] for a in page.alerts} == {b}
 
         # A case closed at the hub becomes a label at its branch, and only there.
@@ -144,12 +112,12 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
         assert wait_until(lambda: query(tmp_path / "br2" / "branchguard.db",
                                         "SELECT label, source FROM labels WHERE "
                                         "transaction_id = ?", tid) == [(0, "analyst:hub/carol")],
-                          30), branches["br2"].log.read_text()[-3000:]
+                          30), site.nodes["br2"].log.read_text()[-3000:]
         for b in ("br1", CUT):
             assert query(tmp_path / b / "branchguard.db", "SELECT count(*) FROM labels") == [(0,)]
 
         # A model promoted at the hub is promoted at every branch, its file checked there.
-        hub_settings = load(out / "hub.toml", env={}, data_dir=hub_dir)
+        hub_settings = site.hub_settings()
         shipped = Registry.of(hub_settings)
         card = {**shipped.card("if-v1"), "version": "if-v1-hub", "stage": "candidate"}
         shipped.register(shipped.locate("if-v1") / "if-v1.onnx", card)
@@ -158,7 +126,7 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
         for b in BRANCHES:
             here = load(None, env={}, data_dir=tmp_path / b)
             assert wait_until(lambda here=here: Registry.of(here).production() == "if-v1-hub",
-                              30), branches[b].log.read_text()[-3000:]
+                              30), site.nodes[b].log.read_text()[-3000:]
         [(actor, reason)] = query(tmp_path / "br1" / "branchguard.db",
                                   "SELECT actor, json_extract(after, '$.reason') FROM "
                                   "audit_log WHERE action = 'model.promote'")
@@ -195,8 +163,4 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
                          f"transactions WHERE transaction_id IN "
                          f"({', '.join('?' * len(later[b]))})", *later[b]) == [("if-v1-hub",)]
     finally:
-        analyst.stop()
-        for child in branches.values():
-            child.stop()
-        hub.stop()
-        link.close()
+        site.stop()

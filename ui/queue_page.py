@@ -98,6 +98,7 @@ class QueueView:
 
     def build(self) -> None:
         self.links: ui.row | None = None
+        self.link_texts: list[str] = []
         if self.console.settings.hub_branches:  # at a regional hub: each branch's link
             self.links = ui.row().classes("gap-2").props("data-testid=branch-links")
         with ui.row().classes("w-full items-end gap-2"):
@@ -183,12 +184,16 @@ class QueueView:
         """Each branch's link (connected, lagging by N, down since T), read anew."""
         if self.links is None:
             return
-        self.links.clear()
         now = time.time()
+        shown = [(link, link_text(link, now)) for link in links(self.console.reader(), now)]
+        if [text for _, text in shown] == self.link_texts:
+            return  # nothing new to draw
+        self.link_texts = [text for _, text in shown]
+        self.links.clear()
         with self.links:
-            for link in links(self.console.reader(), now):
+            for link, text in shown:
                 colour = {"connected": "green", "lagging": "orange"}.get(link["state"], "red")
-                ui.badge(link_text(link, now), color=colour).props(
+                ui.badge(text, color=colour).props(
                     f"data-testid=link-{link['branch']} data-state={link['state']}")
 
     def refresh(self) -> None:

@@ -36,7 +36,7 @@ from ..feed.terminal import to_message
 from ..operations.cluster import free_port
 from ..operations.hub import HubPlan, write_hub_config
 from ..operations.node import nats_server_binary
-from ..settings import load
+from ..settings import Settings, load
 from .link_cut import LinkProxy
 from .partition_scorers import ScorerChild, read_only, wait_until
 from .throughput import bench_transactions
@@ -128,92 +128,131 @@ def _publish_all(urls: dict[str, str], seeds: dict[str, int], start: int, count:
         t.join()
 
 
+class HubSite:
+    """A hub and its branches on loopback, every one a real process: the hub's nats-server
+    (``hub config``'s files), each branch the embedded node (``branchguard run``) as a leaf
+    node, and the hub's analyst side (``branchguard hub run``); the last branch dials
+    through a link that can be cut. :meth:`stop` stops every one by its PID."""
+
+    def __init__(self, root: Path, branches: tuple[str, ...],
+                 env: dict[str, str] | None = None) -> None:
+        self.root, self.branches, self.cut = root, branches, branches[-1]
+        env = {**BRANCH_ENV, **(env or {})}
+        self.plan = HubPlan(host="127.0.0.1", client_port=free_port(),
+                            leaf_port=free_port(), monitor_port=free_port(),
+                            store_dir=root / "hub-store", branches=branches,
+                            public_host="127.0.0.1")
+        self.out = root / "hub"
+        write_hub_config(load(None, env={}), self.out, self.plan)
+        self.link = LinkProxy(self.plan.leaf_port)
+        self.link.restore()
+        config = self.out / "branches" / f"{self.cut}.toml"
+        config.write_text(config.read_text().replace(f":{self.plan.leaf_port}\"",
+                                                     f":{self.link.port}\""))
+        self.server = HubServer(self.out / "hub.conf", root / "hub-server.log")
+        self.server.start()
+        self.nodes = {b: ScorerChild.start(b, {**env, "BRANCHGUARD_CONFIG": str(
+            self.out / "branches" / f"{b}.toml"), "BRANCHGUARD_DATA_DIR": str(root / b)},
+            root, command=("run",)) for b in branches}
+        self.hub_dir = root / "hub-node"
+        self.analyst = ScorerChild.start("hub-run", {**env, "BRANCHGUARD_CONFIG": str(
+            self.out / "hub.toml"), "BRANCHGUARD_DATA_DIR": str(self.hub_dir)}, root,
+            command=("hub", "run"))
+        self.urls: dict[str, str] = {}
+
+    @property
+    def hub_db(self) -> Path:
+        return self.hub_dir / "branchguard.db"
+
+    def branch_db(self, branch: str) -> Path:
+        return self.root / branch / "branchguard.db"
+
+    def hub_settings(self) -> Settings:
+        """The settings of the hub's own processes (``hub.toml``, the hub's data dir)."""
+        return load(self.out / "hub.toml", env={}, data_dir=self.hub_dir)
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Every branch's node up and its leaf link connected."""
+        if not wait_until(lambda: all(node_url(c) for c in self.nodes.values()), timeout):
+            return False
+        self.urls = {b: str(node_url(c)) for b, c in self.nodes.items()}
+        return wait_until(lambda: sorted(leafs(self.plan.monitor_port))
+                          == sorted(self.branches), 30)
+
+    def branch_alerts(self, branch: str) -> dict[str, float]:
+        """A branch's alerts: transaction id and when it was raised."""
+        return {str(t): float(c) for t, c in _query(
+            self.branch_db(branch), "SELECT transaction_id, created_at FROM alerts")}
+
+    def hub_alerts(self) -> list[tuple[str, str]]:
+        """The hub's alerts: transaction id and branch, as many rows as there are."""
+        return [(str(t), str(b)) for t, b in _query(
+            self.hub_db, "SELECT a.transaction_id, t.branch FROM alerts a "
+                         "JOIN transactions t USING (transaction_id)")]
+
+    def all_at_hub(self) -> bool:
+        return len(self.hub_alerts()) == sum(len(self.branch_alerts(b))
+                                             for b in self.branches)
+
+    def stop(self) -> None:
+        self.analyst.stop()
+        for node in self.nodes.values():
+            node.stop()
+        self.server.stop()
+        self.link.close()
+
+
 def run_hub_bench(rate: float = 5.0, seconds: float = 30.0, cut_seconds: float = 60.0,
                   work_dir: Path | None = None) -> dict[str, Any]:
     """Run the three phases (see module doc); the report as a dict."""
     root = Path(work_dir or tempfile.mkdtemp(prefix="bg-bench-hub-"))
+    root.mkdir(parents=True, exist_ok=True)
     branches = ("br1", "br2", "br3")
-    cut = branches[-1]
     seeds = {b: 31 + i for i, b in enumerate(branches)}
-    plan = HubPlan(host="127.0.0.1", client_port=free_port(), leaf_port=free_port(),
-                   monitor_port=free_port(), store_dir=root / "hub-store", branches=branches,
-                   public_host="127.0.0.1")
-    out = root / "hub"
-    write_hub_config(load(None, env={}), out, plan)
-    link = LinkProxy(plan.leaf_port)
-    link.restore()
-    config = out / "branches" / f"{cut}.toml"
-    config.write_text(config.read_text().replace(f":{plan.leaf_port}\"", f":{link.port}\""))
-    hub = HubServer(out / "hub.conf", root / "hub-server.log")
-    hub.start()
-    children = {b: ScorerChild.start(b, {**BRANCH_ENV, "BRANCHGUARD_CONFIG": str(
-        out / "branches" / f"{b}.toml"), "BRANCHGUARD_DATA_DIR": str(root / b)}, root,
-        command=("run",)) for b in branches}
-    hub_db = root / "hub-node" / "branchguard.db"
-    analyst = ScorerChild.start("hub-run", {**BRANCH_ENV, "BRANCHGUARD_CONFIG": str(
-        out / "hub.toml"), "BRANCHGUARD_DATA_DIR": str(root / "hub-node")}, root,
-        command=("hub", "run"))
-
-    def branch_alerts(b: str) -> dict[str, float]:
-        return dict(_query(root / b / "branchguard.db",
-                           "SELECT transaction_id, created_at FROM alerts"))
-
-    def hub_alerts() -> list[tuple[str, str]]:
-        return [(str(t), str(b)) for t, b in _query(
-            hub_db, "SELECT a.transaction_id, t.branch FROM alerts a "
-                    "JOIN transactions t USING (transaction_id)")]
-
-    def all_at_hub() -> bool:
-        return len(hub_alerts()) == sum(len(branch_alerts(b)) for b in branches)
-
+    site = HubSite(root, branches)
+    cut = site.cut
     report: dict[str, Any] = {"branches": len(branches), "rate_per_branch": rate,
                               "seconds": seconds, "cut_seconds": cut_seconds,
                               "work_dir": str(root)}
     try:
-        if not wait_until(lambda: all(node_url(c) for c in children.values()), 120) or \
-                not wait_until(lambda: sorted(leafs(plan.monitor_port)) == list(branches), 30):
+        if not site.wait_ready():
             raise RuntimeError(f"the branches did not come up: see {root}")
-        urls = {b: str(node_url(c)) for b, c in children.items()}
         steady = int(rate * seconds)
-        _publish_all(urls, seeds, 0, steady, rate)
-        wait_until(all_at_hub, 60)
-        stored = {e["txn_id"]: _log_time(e) for e in analyst.events()
+        _publish_all(site.urls, seeds, 0, steady, rate)
+        wait_until(site.all_at_hub, 60)
+        stored = {e["txn_id"]: _log_time(e) for e in site.analyst.events()
                   if e.get("event") == "case.stored"}
         latencies = sorted((stored[t] - created) * 1000 for b in branches
-                           for t, created in branch_alerts(b).items() if t in stored)
+                           for t, created in site.branch_alerts(b).items() if t in stored)
         report["steady"] = {"transactions": steady * len(branches),
                             "alerts": len(latencies), **_percentiles(latencies)}
 
-        link.cut()
+        site.link.cut()
         cut_at = time.monotonic()
-        _publish_all(urls, seeds, steady, int(rate * cut_seconds), rate)
+        _publish_all(site.urls, seeds, steady, int(rate * cut_seconds), rate)
         time.sleep(max(0.0, cut_at + cut_seconds - time.monotonic()))
-        at_hub = {t for t, b in hub_alerts() if b == cut}
-        pending = set(branch_alerts(cut)) - at_hub
-        link.restore()
+        at_hub = {t for t, b in site.hub_alerts() if b == cut}
+        pending = set(site.branch_alerts(cut)) - at_hub
+        site.link.restore()
         restored = time.monotonic()
-        wait_until(lambda: cut in leafs(plan.monitor_port), 30)
+        wait_until(lambda: cut in leafs(site.plan.monitor_port), 30)
         link_back = time.monotonic() - restored
-        caught = wait_until(lambda: set(branch_alerts(cut)) <= {t for t, b in hub_alerts()
-                                                                if b == cut}, 60)
+        caught = wait_until(lambda: set(site.branch_alerts(cut)) <= {
+            t for t, b in site.hub_alerts() if b == cut}, 60)
         report["cut"] = {"branch": cut, "pending_alerts": len(pending),
                          "link_back_seconds": round(link_back, 2),
                          "caught_up_seconds": round(time.monotonic() - restored, 2)
                          if caught else None}
-        wait_until(all_at_hub, 60)
-        stored_all = hub_alerts()
-        expected = {(t, b) for b in branches for t in branch_alerts(b)}
+        wait_until(site.all_at_hub, 60)
+        stored_all = site.hub_alerts()
+        expected = {(t, b) for b in branches for t in site.branch_alerts(b)}
         report["exactly_once"] = {
             "alerts_at_branches": len(expected), "alerts_at_hub": len(stored_all),
             "missing": len(expected - set(stored_all)),
             "duplicated": len(stored_all) - len(set(stored_all)),
             "ok": set(stored_all) == expected and len(stored_all) == len(set(stored_all))}
     finally:
-        analyst.stop()
-        for child in children.values():
-            child.stop()
-        hub.stop()
-        link.close()
+        site.stop()
     return report
 
 
