@@ -496,7 +496,8 @@ def m017_case_flows(db: Database) -> None:
 
 @migrations()
 def m018_branch_links(db: Database) -> None:
-    """At a regional hub: each branch's link as the hub last saw it (casework/branch_links.py)."""
+    """At a regional hub: each branch's link as the hub last saw it (casework/branch_links.py),
+    and each branch's statistics per minute."""
     db.executescript(
         """
         CREATE TABLE branch_links (
@@ -506,6 +507,21 @@ def m018_branch_links(db: Database) -> None:
             lag INTEGER,                     -- cases it has that the hub has not (link up)
             last_heard REAL,                 -- the last message or heartbeat from it
             checked_at REAL NOT NULL
+        );
+        -- Each branch's statistics per minute (of when the branch stored its transactions),
+        -- as each branch sends them (casework/case_events.py, MinuteStats).
+        CREATE TABLE branch_minutes (
+            branch TEXT NOT NULL,
+            minute INTEGER NOT NULL,         -- epoch seconds // 60
+            transactions INTEGER NOT NULL,
+            declined INTEGER NOT NULL,
+            alerts INTEGER NOT NULL,
+            critical INTEGER NOT NULL,
+            high INTEGER NOT NULL,
+            warning INTEGER NOT NULL,
+            dead_letters INTEGER NOT NULL,
+            model_version TEXT,              -- of the minute's last transaction
+            PRIMARY KEY (branch, minute)
         );
         """
     )

@@ -36,6 +36,14 @@ def test_since_is_when_a_link_came_up_or_went_down(node_db: tuple[Settings, Stor
         assert seen["br2"] == {**seen["br2"], "state": "connected", "since": 1006.0}
         assert seen["br1"]["state"] == "connected" and seen["br1"]["since"] == 1000.0
         assert {lk["state"] for lk in links(conn, now=1006.0 + 31)} == {"unknown"}
+        with conn:  # minutes the branches sent: the last hour's, summed
+            for minute, tx in ((16, 100), (30, 50), (80, 7)):  # 16: over an hour ago
+                conn.execute("INSERT INTO branch_minutes VALUES ('br1', ?, ?, 1, 2, 0, 2, 0, 0, "
+                             "'m')", [minute, tx])
+        [br1] = [lk for lk in links(conn, now=60 * 80.5) if lk["branch"] == "br1"]
+        assert br1["last_hour"] == {"transactions": 57, "declined": 2, "alerts": 4,
+                                    "critical": 0, "high": 4}
+        assert link_text(br1, 60 * 80.5).endswith("· last hour 57 tx, 4 alerts")
     finally:
         conn.close()
 

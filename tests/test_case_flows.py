@@ -24,7 +24,8 @@ from appliance.bench.partition_scorers import (PARTITIONS, ScorerChild, checkpoi
                                                scorer_env, tx_subjects, wait_until)
 from appliance.bench.throughput import bench_transactions
 from appliance.casework.casefile import case_file
-from appliance.casework.case_events import Raised, apply_raised
+from appliance.casework.case_events import (MINUTE_GRACE_SECONDS, Raised, apply_raised,
+                                             minutes_since)
 from appliance.casework.cases import Change, change_case
 from appliance.scoring.lists import add_entry, remove_entry
 from appliance.store import open_db
@@ -111,6 +112,43 @@ def test_a_case_applied_twice_is_stored_once(tmp_path: Path) -> None:
     assert query(db, "SELECT count(*) FROM alert_outbox") == [(1,)]
     assert query(db, "SELECT transaction_id FROM transactions ORDER BY rowid") == [
         ("t1",), ("t2",), ("t3",)]  # oldest first, as they were scored
+
+
+def test_minute_statistics_count_what_each_minute_stored(tmp_path: Path) -> None:
+    db = tmp_path / "branch.db"
+    open_db(db).close()
+    columns = ("transaction_id", "stream_seq", "branch", "account_id", "terminal_id", "amount",
+               "amount_milli", "currency", "ts", "utc_offset", "channel", "features",
+               "features_version", "model_risk", "risk", "severity", "decision", "reasons",
+               "details", "model_version", "rules_version", "stored_at")
+    stored = [6000.0 + 7.3 * i for i in range(100)]  # minutes 100 to 112, in stored order
+
+    def fill(conn: sqlite3.Connection) -> None:
+        for i, at in enumerate(stored):
+            decision = "decline" if i % 9 == 0 else "approve"
+            conn.execute(f"INSERT INTO transactions ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})",
+                         [f"t{i}", i, "br1", "a", "t", 1.0, 1000, "EUR", at, 0, "POS", "[]",
+                          "v1", 0.1, 0.1, "HIGH" if i % 4 == 0 else "INFO", decision, "[]",
+                          "[]", f"m{i // 50}", "r", at])
+            if i % 4 == 0:
+                conn.execute("INSERT INTO alerts (transaction_id, created_at, ts, account_id, "
+                             "terminal_id, severity, risk, reasons, updated_at) VALUES "
+                             "(?, ?, ?, 'a', 't', 'HIGH', 0.9, '[]', ?)", [f"t{i}", at, at, at])
+        conn.execute("INSERT INTO dead_letters (stream_seq, subject, reason, size, "
+                     "received_at) VALUES (1000, 'tx.x', 'malformed', 3, 6200.0)")
+    write(db, fill)
+    with sqlite3.connect(db) as conn:
+        minutes = minutes_since(conn, 101, now=6000.0 + 7.3 * 99 + MINUTE_GRACE_SECONDS,
+                                origin="br1", branch="br1")
+    assert [m.minute for m in minutes] == list(range(102, 112))  # after 101, and over
+    for m in minutes:
+        mine = [i for i, at in enumerate(stored) if int(at // 60) == m.minute]
+        assert m.transactions == len(mine)
+        assert m.declined == sum(i % 9 == 0 for i in mine)
+        assert m.alerts == m.high == sum(i % 4 == 0 for i in mine)
+        assert m.model_version == max(f"m{i // 50}" for i in mine)
+        assert m.dead_letters == (1 if m.minute == 103 else 0)
 
 
 @pytest.mark.timeout(400)

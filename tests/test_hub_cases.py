@@ -162,5 +162,20 @@ def test_every_branchs_cases_reach_the_hub_and_casework_goes_back(tmp_path: Path
             assert query(tmp_path / b / "branchguard.db", "SELECT DISTINCT model_version FROM "
                          f"transactions WHERE transaction_id IN "
                          f"({', '.join('?' * len(later[b]))})", *later[b]) == [("if-v1-hub",)]
+
+        # Each branch's statistics per minute, at the hub: every minute the branch sent.
+        for b in BRANCHES:
+            def minutes_match(b: str = b) -> bool:
+                sent = query(site.branch_db(b), "SELECT position FROM case_flow_cursors "
+                             "WHERE flow = 'minutes'")
+                if not sent:
+                    return False
+                end = (sent[0][0] + 1) * 60.0
+                [(here,)] = query(site.branch_db(b), "SELECT count(*) FROM transactions "
+                                  "WHERE stored_at < ?", end)
+                [(there,)] = query(hub_db, "SELECT coalesce(sum(transactions), 0) FROM "
+                                   "branch_minutes WHERE branch = ? AND minute * 60 < ?", b, end)
+                return bool(here) and here == there
+            assert wait_until(minutes_match, 90), b
     finally:
         site.stop()

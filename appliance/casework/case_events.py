@@ -42,6 +42,7 @@ before it (its baseline; its timeline is the most recent of them)."""
 ALERT_COLUMNS = ("transaction_id", "created_at", "ts", "account_id", "terminal_id",
                  "severity", "risk", "reasons", "updated_at")
 """What an alert is when it is raised (its case's state starts as NEW where it lands)."""
+MINUTE_GRACE_SECONDS = 10.0
 WORKED_ACTIONS = ("case.change", "list.add", "list.remove", "model.promote")
 
 
@@ -80,7 +81,26 @@ class Worked(msgspec.Struct, frozen=True):
     onnx: bytes | None = None
 
 
+class MinuteStats(msgspec.Struct, frozen=True):
+    """A branch's statistics for one minute of when it stored its transactions, sent up
+    once the minute is over (a branch's rows are stored in order, so it is complete)."""
+
+    origin: str
+    branch: str
+    minute: int
+    """Epoch seconds // 60."""
+    transactions: int = 0
+    declined: int = 0
+    alerts: int = 0
+    critical: int = 0
+    high: int = 0
+    warning: int = 0
+    dead_letters: int = 0
+    model_version: str | None = None
+
+
 encode = msgspec.msgpack.Encoder().encode
+decode_stats = msgspec.msgpack.Decoder(MinuteStats).decode
 decode_raised = msgspec.msgpack.Decoder(Raised).decode
 decode_worked = msgspec.msgpack.Decoder(Worked).decode
 
@@ -142,6 +162,71 @@ def apply_raised(conn: sqlite3.Connection, event: Raised, outbox: bool) -> bool:
         conn.execute("INSERT INTO alert_outbox (alert_id) SELECT alert_id FROM alerts "
                      "WHERE transaction_id = ?", [alert["transaction_id"]])
     return inserted
+
+
+def minutes_since(conn: sqlite3.Connection, after: int, now: float, origin: str,
+                  branch: str) -> list[MinuteStats]:
+    """The statistics of every minute after minute ``after`` that was over
+    ``MINUTE_GRACE_SECONDS`` before ``now`` (its last batches committed), one
+    per minute with any transaction, alert or dead letter, oldest first. Rows are found by
+    their stored time through rowid ranges (the tables are in the order they were stored),
+    so a minute costs what it holds, not the table's size."""
+    start, end = (after + 1) * 60.0, (int(now - MINUTE_GRACE_SECONDS) // 60) * 60.0
+    if end <= start:
+        return []
+    first = _first_rowid(conn, "transactions", "stored_at", start)
+    minutes: dict[int, dict[str, Any]] = {}
+    for minute, count, declined, model in conn.execute(
+            "SELECT CAST(stored_at / 60 AS INTEGER) AS m, count(*), "
+            "sum(decision = 'decline'), max(model_version) FROM transactions "
+            "WHERE rowid >= ? AND stored_at >= ? AND stored_at < ? GROUP BY m",
+            [first, start, end]):
+        minutes.setdefault(minute, {}).update(transactions=count, declined=declined or 0,
+                                              model_version=model)
+    first = _first_rowid(conn, "alerts", "created_at", start)
+    for minute, severity, count in conn.execute(
+            "SELECT CAST(created_at / 60 AS INTEGER) AS m, severity, count(*) FROM alerts "
+            "WHERE rowid >= ? AND created_at >= ? AND created_at < ? GROUP BY m, severity",
+            [first, start, end]):
+        row = minutes.setdefault(minute, {})
+        row["alerts"] = row.get("alerts", 0) + count
+        if severity in ("CRITICAL", "HIGH", "WARNING"):
+            row[severity.lower()] = count
+    for minute, count in conn.execute(
+            "SELECT CAST(received_at / 60 AS INTEGER) AS m, count(*) FROM dead_letters "
+            "WHERE received_at >= ? AND received_at < ? GROUP BY m", [start, end]):
+        minutes.setdefault(minute, {})["dead_letters"] = count
+    return [MinuteStats(origin=origin, branch=branch, minute=m, **minutes[m])
+            for m in sorted(minutes)]
+
+
+def _first_rowid(conn: sqlite3.Connection, table: str, column: str, at: float) -> int:
+    """The first rowid of ``table`` whose ``column`` (non-decreasing in rowid order) is at
+    or after ``at``, by binary search on the rowid (the table has no index on it)."""
+    low, high = conn.execute(
+        f"SELECT min(rowid), max(rowid) FROM {table}").fetchone()  # noqa: S608 - constant
+    if low is None:
+        return 0
+    while low < high:
+        mid = (low + high) // 2
+        row = conn.execute(f"SELECT {column} FROM {table} WHERE rowid >= ? "  # noqa: S608
+                           "ORDER BY rowid LIMIT 1", [mid]).fetchone()
+        if row is None or row[0] >= at:
+            high = mid
+        else:
+            low = mid + 1
+    return int(low)
+
+
+def apply_stats(conn: sqlite3.Connection, stats: MinuteStats) -> None:
+    """Store a branch's minute inside the caller's transaction (again: the same row)."""
+    conn.execute(
+        "INSERT OR REPLACE INTO branch_minutes (branch, minute, transactions, declined, "
+        "alerts, critical, high, warning, dead_letters, model_version) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [stats.branch, stats.minute, stats.transactions, stats.declined, stats.alerts,
+         stats.critical, stats.high, stats.warning, stats.dead_letters,
+         stats.model_version])
 
 
 def worked_since(conn: sqlite3.Connection, after: int, origin: str, limit: int = 500

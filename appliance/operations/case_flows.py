@@ -47,9 +47,10 @@ from nats.js.errors import NotFoundError
 
 from .. import logs
 from ..casework.branch_links import record as record_links
-from ..casework.case_events import (Raised, Worked, apply_raised, apply_worked, cursor,
-                                    decode_raised, decode_worked, encode, raised_since,
-                                    set_cursor, worked_since)
+from ..casework.case_events import (Raised, Worked, apply_raised, apply_stats, apply_worked,
+                                    cursor, decode_raised, decode_stats, decode_worked,
+                                    MINUTE_GRACE_SECONDS, encode, minutes_since, raised_since, set_cursor,
+                                    worked_since)
 from ..nats_auth import client_options
 from ..scoring.ingest import connect
 from ..scoring.streams import during_election
@@ -73,6 +74,8 @@ POLL_SECONDS = 0.5
 MAX_MODEL_BYTES = 900_000
 """A model sent down is one message: under the hub's 1 MB ``max_payload``."""
 SEND_POLL_SECONDS = 0.1
+MINUTES_SECONDS = 5.0
+"""How often a branch looks for minutes that are over, to send their statistics."""
 """How often a sender looks for new alerts or casework when it found none: two small
 indexed reads, and the most it adds to an alert's way to where it is worked."""
 ACK_WAIT_SECONDS = 5.0
@@ -225,6 +228,27 @@ def adopt_model(conn: sqlite3.Connection, registry: Registry, event: Worked) -> 
     return "promoted"
 
 
+async def send_minutes(js: JetStreamContext, conn: sqlite3.Connection, origin: str,
+                       branch: str) -> int:
+    """Send the statistics of every minute that is over since the ``minutes`` cursor up to
+    ``CASES`` (``cases.<branch>.stats``); returns how many were sent."""
+    after = await _in_db(lambda c: cursor(c, "minutes"), conn, write=False)
+    now = time.time()
+    if not after:  # a branch's first: from the minute it starts sending
+        after = int(now) // 60 - 1
+        await _in_db(lambda c: set_cursor(c, "minutes", after), conn, write=True)
+    minutes = await _in_db(lambda c: minutes_since(c, after, now, origin, branch), conn,
+                           write=False)
+    for stats in minutes:
+        await during_election(lambda: js.publish(
+            f"{cases_subject(branch)}.stats", encode(stats), stream=CASES,
+            headers={"Nats-Msg-Id": f"stats:{branch}:{stats.minute}"}), "publish")
+    last = int(now - MINUTE_GRACE_SECONDS) // 60 - 1  # every minute over, empty or not
+    if last > after:
+        await _in_db(lambda c: set_cursor(c, "minutes", last), conn, write=True)
+    return 0  # then wait: once every MINUTES_SECONDS
+
+
 # --- followers --------------------------------------------------------------------------
 
 Applied = Callable[[], None]
@@ -278,6 +302,9 @@ class Follower:
 
 def _apply_case(outbox: bool) -> Callable[[sqlite3.Connection, Msg], Applied | None]:
     def apply(conn: sqlite3.Connection, msg: Msg) -> Applied | None:
+        if msg.subject.endswith(".stats"):  # a branch's minute
+            apply_stats(conn, decode_stats(msg.data))
+            return None
         event: Raised = decode_raised(msg.data)
         if not apply_raised(conn, event, outbox):
             return None
@@ -332,10 +359,14 @@ async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> 
                         _apply_casework(origin, Registry.of(settings)),
                         settings.stream_replicas)
     log.info("case_flows.started", txn_id=None, side="scoring", origin=origin)
+    flows = [_every(stop, lambda: send_raised(js, sender, origin), "case.send",
+                    pause=SEND_POLL_SECONDS),
+             _every(stop, follower.step, "casework.follow")]
+    if settings.hub_url:  # a branch of a hub: its minutes too
+        flows.append(_every(stop, lambda: send_minutes(js, sender, origin, settings.branch),
+                            "stats.send", pause=MINUTES_SECONDS))
     try:
-        await asyncio.gather(_every(stop, lambda: send_raised(js, sender, origin), "case.send",
-                                    pause=SEND_POLL_SECONDS),
-                             _every(stop, follower.step, "casework.follow"))
+        await asyncio.gather(*flows)
     finally:
         sender.close()
         receiver.close()
