@@ -9,6 +9,7 @@ added there is applied by both machines' scorers, and its removal too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from appliance.bench.partition_scorers import (PARTITIONS, ScorerChild, checkpoints,
@@ -27,6 +29,8 @@ from appliance.casework.casefile import case_file
 from appliance.casework.case_events import (MINUTE_GRACE_SECONDS, Raised, apply_raised,
                                              minutes_since)
 from appliance.casework.cases import Change, change_case
+from appliance.operations.case_flows import ACK_WAIT_SECONDS, CASES, Follower, ensure_stream
+from appliance.settings import load
 from appliance.scoring.lists import add_entry, remove_entry
 from appliance.store import open_db
 from appliance.transaction import partition
@@ -149,6 +153,43 @@ def test_minute_statistics_count_what_each_minute_stored(tmp_path: Path) -> None
         assert m.alerts == m.high == sum(i % 4 == 0 for i in mine)
         assert m.model_version == max(f"m{i // 50}" for i in mine)
         assert m.dead_letters == (1 if m.minute == 103 else 0)
+
+
+@pytest.mark.timeout(60)
+def test_what_a_follower_took_and_died_with_is_delivered_again(tmp_path: Path,
+                                                               nats_url: str) -> None:
+    # Two followers on one durable (the analyst host killed and started again): what the
+    # first was given and never stored comes to the second, however much the second acks.
+    db = tmp_path / "seen.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE seen (body TEXT PRIMARY KEY)")
+
+    def remember(conn: sqlite3.Connection, msg: Any) -> None:
+        conn.execute("INSERT OR IGNORE INTO seen VALUES (?)", [msg.data.decode()])
+
+    async def main() -> set[str]:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        await ensure_stream(js, CASES, load(None, env={}, data_dir=tmp_path))
+        for i in range(10):
+            await js.publish("cases.br1", f"m{i}".encode(), stream=CASES)
+        conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        dying = Follower(js, CASES, "analyst", [], conn, remember, 1)
+        taken = await (await dying._subscription()).fetch(4, timeout=5)  # and never acked
+        assert len(taken) == 4
+        for i in range(10, 15):
+            await js.publish("cases.br1", f"m{i}".encode(), stream=CASES)
+        follower = Follower(js, CASES, "analyst", [], conn, remember, 1)
+        deadline = time.monotonic() + ACK_WAIT_SECONDS * 4
+        while time.monotonic() < deadline and conn.execute(
+                "SELECT count(*) FROM seen").fetchone()[0] < 15:
+            await follower.step()
+        seen = {r[0] for r in conn.execute("SELECT body FROM seen")}
+        conn.close()
+        await nc.close()
+        return seen
+
+    assert asyncio.run(main()) == {f"m{i}" for i in range(15)}
 
 
 @pytest.mark.timeout(400)

@@ -257,7 +257,7 @@ Applied = Callable[[], None]
 
 class Follower:
     """A durable pull consumer on a flow's stream, applying what it delivers to the node
-    database in one transaction per batch, acked (policy ``all``) after the commit. What
+    database in one transaction per batch, each message acked after the commit. What
     a follower that died had not acked is delivered again after ``ACK_WAIT_SECONDS`` to the
     next one: applying is idempotent, so a short wait costs nothing."""
 
@@ -271,7 +271,7 @@ class Follower:
 
     async def _subscription(self) -> JetStreamContext.PullSubscription:
         if self.sub is None:
-            config = ConsumerConfig(durable_name=self.durable, ack_policy=AckPolicy.ALL,
+            config = ConsumerConfig(durable_name=self.durable, ack_policy=AckPolicy.EXPLICIT,
                                     deliver_policy=DeliverPolicy.ALL,
                                     ack_wait=ACK_WAIT_SECONDS, num_replicas=self.replicas,
                                     filter_subjects=self.filters or None)
@@ -296,7 +296,8 @@ class Follower:
             return [done for msg in msgs if (done := self.apply(conn, msg)) is not None]
         for done in await _in_db(apply_all, self.conn, write=True):
             done()
-        await msgs[-1].ack()
+        for msg in msgs:  # each its own: an ack of all would take along what another
+            await msg.ack()  # follower (one that died) was given and never stored
         return len(msgs)
 
 
