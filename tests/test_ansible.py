@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,46 @@ def test_the_role_deploys_one_server_of_a_jetstream_cluster(tmp_path: Path,
     units = {p.name for p in (root / "etc" / "systemd" / "system").iterdir()}
     assert "branchguard-nats-cluster@.service" in units
     assert "branchguard-cluster-scorer.service" in units  # what a partitioned host runs
+
+
+def test_the_role_deploys_a_regional_hub_and_a_branch_of_it(tmp_path: Path,
+                                                             wheel_dir: Path) -> None:
+    command = tmp_path / "branchguard"  # this tree's command: the role's venv has no deps here
+    command.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m appliance \"$@\"\n")
+    command.chmod(0o755)
+    hub_root = tmp_path / "hub-root"
+    hub = {**_throwaway(hub_root, wheel_dir), "branchguard_command": str(command),
+           "branchguard_role": "hub", "branchguard_hub_branches": ["br1", "br2"],
+           "branchguard_hub_public_host": "hub.region.example"}
+    first = _recap(_converge(tmp_path, hub_root, hub))
+    assert first["failed"] == 0 and first["changed"] > 0, first
+    second = _recap(_converge(tmp_path, hub_root, hub))
+    assert second["changed"] == 0 and second["failed"] == 0, second  # passwords kept
+    etc = hub_root / "etc" / "branchguard"
+    written = etc / "hub"
+    assert {p.name for p in written.iterdir()} >= {"hub.conf", "hub.toml", "hub-secrets.toml",
+                                                   "branches"}
+    for name in ("hub.conf", "hub.toml"):
+        assert (written / name).stat().st_mode & 0o077 == 0o040, name  # the group reads it
+    assert 'store_dir: "/var/lib/branchguard/hub"' in (written / "hub.conf").read_text()
+    env = dict(line.split("=", 1) for line in (etc / "branchguard.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["BRANCHGUARD_CONFIG"] == "/etc/branchguard/hub/hub.toml"  # the hub's processes
+    hub_settings = load(written / "hub.toml", env={})
+    assert hub_settings.hub_branches == ("br1", "br2")
+    assert hub_settings.hub_monitor_url == "http://127.0.0.1:8222"
+    for unit in ("branchguard-hub.service", "branchguard-hub-nats.service"):
+        assert (hub_root / "etc" / "systemd" / "system" / unit).exists()
+
+    br1 = tomllib.loads((written / "branches" / "br1.toml").read_text())
+    branch_root = tmp_path / "branch-root"
+    branch = {**_throwaway(branch_root, wheel_dir), "branchguard_branch": "br1",
+              "branchguard_hub_url": br1["hub_url"]}
+    assert _recap(_converge(tmp_path, branch_root, branch))["failed"] == 0
+    etc = branch_root / "etc" / "branchguard"
+    env = dict(line.split("=", 1) for line in (etc / "branchguard.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    settings = load(etc / "branchguard.toml", env=env)
+    assert (settings.branch, settings.jetstream_domain) == ("br1", "br1")
+    assert settings.hub_url == br1["hub_url"] and "hub.region.example:7422" in br1["hub_url"]
+    assert br1["hub_url"] not in (etc / "branchguard.toml").read_text()  # a secret: env only

@@ -41,7 +41,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_every_unit_verifies_without_a_warning(staged: Path) -> None:
     units = sorted(p.name for p in staged.iterdir())
-    assert len([u for u in units if u.endswith(".service")]) == 11
+    assert len([u for u in units if u.endswith(".service")]) == 13
     result = subprocess.run([tool("systemd-analyze"), "verify", "--man=no", *units],
                             cwd=staged, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
@@ -101,7 +101,7 @@ def test_each_oneshot_has_its_timer() -> None:
 
 def test_every_long_running_service_is_restarted_whatever_ended_it_and_never_given_up() -> None:
     long_running = [u for u in _services() if dict(_settings_of(u)).get("Type") != "oneshot"]
-    assert len(long_running) == 8
+    assert len(long_running) == 10
     for unit in long_running:
         pairs = dict(_settings_of(unit))
         assert pairs.get("Restart") == "always", unit.name  # a kill -9 or a clean exit alike
