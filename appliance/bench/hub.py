@@ -5,7 +5,8 @@ leaf node of the hub, and the hub's nats-server with its analyst side (``branchg
 run``), every one a real process. The last branch dials the hub through a link that can be
 cut (:class:`.link_cut.LinkProxy`).
 
-1. **Steady.** Each branch gets simulated transactions at ``rate`` tx/s for ``seconds``;
+1. **Steady.** After a warm-up (``WARMUP`` transactions per branch, until the hub has
+   their alerts), each branch gets simulated transactions at ``rate`` tx/s for ``seconds``;
    each alert's latency from branch to hub is the time from its ``created_at`` at the branch
    to the hub's ``case.stored`` log line for it.
 2. **Cut.** The last branch's link is cut for ``cut_seconds`` while every branch goes on at
@@ -42,6 +43,8 @@ from .partition_scorers import ScorerChild, read_only, wait_until
 from .throughput import bench_transactions
 
 START = datetime(2027, 1, 4, tzinfo=timezone.utc)
+WARMUP = 20
+"""Transactions per branch before the timed phases."""
 BRANCH_ENV = {"BRANCHGUARD_EVENT_TIME_CHECK": "false", "BRANCHGUARD_ALERT_BUDGET": "false",
               "BRANCHGUARD_REPLICATE": "false", "BRANCHGUARD_RUN_API": "false",
               "BRANCHGUARD_NATS_PORT": "0", "BRANCHGUARD_LOG_LEVEL": "INFO"}
@@ -217,19 +220,26 @@ def run_hub_bench(rate: float = 5.0, seconds: float = 30.0, cut_seconds: float =
     try:
         if not site.wait_ready():
             raise RuntimeError(f"the branches did not come up: see {root}")
+        # Warm-up, not timed: the hub's sources of the branches' new streams start.
+        _publish_all(site.urls, seeds, 0, WARMUP, 0.0)
+        if not wait_until(lambda: all(site.branch_alerts(b) for b in branches)
+                          and site.all_at_hub(), 60):
+            raise RuntimeError(f"the hub did not get the warm-up's alerts: see {root}")
+        warm = {t for b in branches for t in site.branch_alerts(b)}
         steady = int(rate * seconds)
-        _publish_all(site.urls, seeds, 0, steady, rate)
+        _publish_all(site.urls, seeds, WARMUP, steady, rate)
         wait_until(site.all_at_hub, 60)
         stored = {e["txn_id"]: _log_time(e) for e in site.analyst.events()
                   if e.get("event") == "case.stored"}
         latencies = sorted((stored[t] - created) * 1000 for b in branches
-                           for t, created in site.branch_alerts(b).items() if t in stored)
+                           for t, created in site.branch_alerts(b).items()
+                           if t in stored and t not in warm)
         report["steady"] = {"transactions": steady * len(branches),
                             "alerts": len(latencies), **_percentiles(latencies)}
 
         site.link.cut()
         cut_at = time.monotonic()
-        _publish_all(site.urls, seeds, steady, int(rate * cut_seconds), rate)
+        _publish_all(site.urls, seeds, WARMUP + steady, int(rate * cut_seconds), rate)
         time.sleep(max(0.0, cut_at + cut_seconds - time.monotonic()))
         at_hub = {t for t, b in site.hub_alerts() if b == cut}
         pending = set(site.branch_alerts(cut)) - at_hub

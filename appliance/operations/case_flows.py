@@ -129,10 +129,11 @@ async def _in_db(work: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connect
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             result = work(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # (a failed COMMIT leaves it open)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
     return await asyncio.get_running_loop().run_in_executor(None, run)
 
@@ -363,14 +364,15 @@ async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> 
     flows = [_every(stop, lambda: send_raised(js, sender, origin), "case.send",
                     pause=SEND_POLL_SECONDS),
              _every(stop, follower.step, "casework.follow")]
+    counter = open_node(settings.db_path)  # each sender its own: one transaction at a time
     if settings.hub_url:  # a branch of a hub: its minutes too
-        flows.append(_every(stop, lambda: send_minutes(js, sender, origin, settings.branch),
+        flows.append(_every(stop, lambda: send_minutes(js, counter, origin, settings.branch),
                             "stats.send", pause=MINUTES_SECONDS))
     try:
         await asyncio.gather(*flows)
     finally:
-        sender.close()
-        receiver.close()
+        for conn in (sender, receiver, counter):
+            conn.close()
 
 
 async def analyst_side(nc: Client, settings: Settings, stop: asyncio.Event,
