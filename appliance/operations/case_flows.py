@@ -79,6 +79,11 @@ MINUTES_SECONDS = 5.0
 """How often a sender looks for new alerts or casework when it found none: two small
 indexed reads, and the most it adds to an alert's way to where it is worked."""
 ACK_WAIT_SECONDS = 5.0
+BATCH = 100
+"""Events a follower applies in one transaction, at most."""
+MORE_SECONDS = 0.02
+"""How long a follower waits for more once it has one: short, since a batch's fetch waits
+out its whole timeout unless the batch fills."""
 _T = TypeVar("_T")
 
 
@@ -285,13 +290,15 @@ class Follower:
 
     async def step(self) -> int:
         sub = await self._subscription()
-        try:
-            msgs = await sub.fetch(100, timeout=POLL_SECONDS)
+        try:  # the first as soon as there is one (nats-py's fetch of a batch waits for the
+            msgs = await sub.fetch(1, timeout=POLL_SECONDS)  # whole batch till its timeout)
         except (NatsTimeout, asyncio.TimeoutError):
             return 0
         except Exception:
             self.sub = None  # bind again (the consumer may be gone with its stream)
             raise
+        with contextlib.suppress(NatsTimeout, asyncio.TimeoutError):  # and what else is there
+            msgs += await sub.fetch(BATCH - 1, timeout=MORE_SECONDS)
 
         def apply_all(conn: sqlite3.Connection) -> list[Applied]:
             return [done for msg in msgs if (done := self.apply(conn, msg)) is not None]
