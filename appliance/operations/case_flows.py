@@ -145,17 +145,19 @@ async def _in_db(work: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connect
 
 async def _every(stop: asyncio.Event, step: Callable[[], Awaitable[int]], what: str,
                  pause: float = POLL_SECONDS) -> None:
-    """Run ``step`` until ``stop``; wait ``pause`` after a step that did nothing, and after
-    a failure (logged; the next step tries again)."""
+    """Run ``step`` until ``stop``; wait ``pause`` after a step that did nothing (0 for a
+    follower, whose fetch is its wait), and ``POLL_SECONDS`` at least after a failure
+    (logged; the next step tries again)."""
     while not stop.is_set():
         try:
             done = await step()
+            wait = pause
         except Exception as exc:  # a busy database, a server away, a stream not made yet
             log.warning(f"{what}.failed", txn_id=None, error=f"{type(exc).__name__}: {exc}")
-            done = 0
-        if not done:
+            done, wait = 0, max(pause, POLL_SECONDS)
+        if not done and wait > 0:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+                await asyncio.wait_for(stop.wait(), wait)
 
 
 # --- senders ----------------------------------------------------------------------------
@@ -370,7 +372,7 @@ async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> 
     log.info("case_flows.started", txn_id=None, side="scoring", origin=origin)
     flows = [_every(stop, lambda: send_raised(js, sender, origin), "case.send",
                     pause=SEND_POLL_SECONDS),
-             _every(stop, follower.step, "casework.follow")]
+             _every(stop, follower.step, "casework.follow", pause=0)]
     counter = open_node(settings.db_path)  # each sender its own: one transaction at a time
     if settings.hub_url:  # a branch of a hub: its minutes too
         flows.append(_every(stop, lambda: send_minutes(js, counter, origin, settings.branch),
@@ -397,7 +399,7 @@ async def analyst_side(nc: Client, settings: Settings, stop: asyncio.Event,
     log.info("case_flows.started", txn_id=None, side="analyst", origin=origin, stream=stream)
     try:
         await asyncio.gather(
-            _every(stop, follower.step, "case.follow"),
+            _every(stop, follower.step, "case.follow", pause=0),
             _every(stop, lambda: send_worked(js, sender, origin, registry), "casework.send",
                    pause=SEND_POLL_SECONDS))
     finally:
