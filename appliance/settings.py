@@ -242,6 +242,11 @@ class Settings:
     ``branchguard hub config`` writes them (``nats-leaf://br2:<password>@hub.example:7422``):
     the node's nats-server connects to the hub as a leaf node, and keeps working on its own
     while the link is down. Needs ``jetstream_domain``. A secret: it holds a password."""
+    case_flows: bool = True
+    """Whether a partitioned scorer (``branchguard cluster scorer``) sends its machine's cases
+    up to the site's analyst host and applies the casework that comes back
+    (operations/case_flows.py). Turn it off only on a site where nobody works cases across
+    machines (``branchguard bench cluster`` does, to measure the scorers alone)."""
     hub_branches: tuple[str, ...] = ()
     """At the hub (``branchguard hub run``): the branches it serves, as ``branchguard hub
     config`` named them (each branch's name is its ``branch`` and its JetStream domain)."""

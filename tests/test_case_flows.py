@@ -197,7 +197,7 @@ def test_every_machines_cases_reach_the_analyst_host_and_casework_comes_back(
         tmp_path: Path, nats_url: str) -> None:
     def env(data_dir: Path) -> dict[str, str]:
         return {**scorer_env(nats_url, data_dir), "BRANCHGUARD_STREAM_REPLICAS": "1",
-                "BRANCHGUARD_LISTS_REFRESH_SECONDS": "0.5"}
+                "BRANCHGUARD_LISTS_REFRESH_SECONDS": "0.5", "BRANCHGUARD_CASE_FLOWS": "true"}
 
     first, second, analyst_dir = (tmp_path / "machine-a", tmp_path / "machine-b",
                                   tmp_path / "analyst")

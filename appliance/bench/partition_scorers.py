@@ -42,12 +42,14 @@ PARTITIONS = 6
 def scorer_env(cluster_url: str, data_dir: Path) -> dict[str, str]:
     """The settings (environment variables) every partitioned scorer of a run shares: the
     cluster, one data directory, :data:`PARTITIONS` partitions of R3 streams, simulated
-    history (the event-time window off), no alert budget, no Litestream, no API."""
+    history (the event-time window off), no alert budget, no Litestream, no API, and no case
+    flows to an analyst host (the simulated stream alerts on almost every transaction, so
+    they would measure the flows, not the scorers: tests/test_case_flows.py turns them on)."""
     return {"BRANCHGUARD_NATS_URL": cluster_url, "BRANCHGUARD_DATA_DIR": str(data_dir),
             "BRANCHGUARD_PARTITIONS": str(PARTITIONS), "BRANCHGUARD_STREAM_REPLICAS": "3",
             "BRANCHGUARD_EVENT_TIME_CHECK": "false", "BRANCHGUARD_ALERT_BUDGET": "false",
             "BRANCHGUARD_REPLICATE": "false", "BRANCHGUARD_RUN_API": "false",
-            "BRANCHGUARD_LOG_LEVEL": "INFO"}
+            "BRANCHGUARD_CASE_FLOWS": "false", "BRANCHGUARD_LOG_LEVEL": "INFO"}
 
 
 def log_time(event: dict[str, Any]) -> float:

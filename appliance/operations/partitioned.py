@@ -443,11 +443,13 @@ async def run_scorer(settings: Settings) -> int:
         stage = asyncio.create_task(stand_by_for_terminal_stage(nc, settings, stop,
                                                                 stage_reconnected))
         gathering = asyncio.create_task(gather_forever(settings, stop))
-        flows = asyncio.create_task(scoring_side(nc, settings, stop))
+        flows = (asyncio.create_task(scoring_side(nc, settings, stop))
+                 if settings.case_flows else None)
         await scorers.run(stop)
         await stage
         await gathering  # its last round copies what the handoffs committed
-        await flows
+        if flows is not None:
+            await flows
         c = scorers.counters
         log.info("scorer.stopped", txn_id=None, scored=c.transactions, alerts=c.alerts,
                  dead_letters=c.dead_letters, duplicates=c.duplicates, adopted=c.adopted)
