@@ -25,7 +25,7 @@ from appliance.bench.partition_scorers import (PARTITIONS, ScorerChild, checkpoi
                                                last_per_partition, partition_db, read_only,
                                                scorer_env, tx_subjects, wait_until)
 from appliance.bench.throughput import bench_transactions
-from appliance.casework.casefile import case_file
+from appliance.casework.casefile import case_file, explainer_for
 from appliance.casework.case_events import (MINUTE_GRACE_SECONDS, Raised, apply_raised,
                                              minutes_since)
 from appliance.casework.cases import Change, change_case
@@ -247,9 +247,13 @@ def test_every_machines_cases_reach_the_analyst_host_and_casework_comes_back(
                             if query(partition_db(d, p), "SELECT 1 FROM alerts WHERE "
                                      "transaction_id = ?", tid))) as conn:
             here = case_file(conn, conn.execute("SELECT alert_id FROM alerts WHERE "
-                                                "transaction_id = ?", [tid]).fetchone()[0])
+                                                "transaction_id = ?", [tid]).fetchone()[0],
+                             explainer_for(load(None, env={}, data_dir=first)))
         assert here is not None
         assert case["features"] == here["features"]  # the same baseline, row for row
+        assert case["explanation"] == here["explanation"] is not None  # made where scored
+        assert query(analyst_db, "SELECT count(*) FROM alert_explanations") == [
+            (len(scored),)]  # each case's, as it came
         ts = case["transaction"]["ts"]  # (the machine may since have more of the account)
         mine = [r for r in case["timeline"] if r["ts"] <= ts]
         theirs = [r for r in here["timeline"] if r["ts"] <= ts]

@@ -7,8 +7,8 @@ regional hub:
 - **raised**, from where transactions are scored to where cases are worked: each new alert
   as a :class:`Raised` event, carrying what its case page is made from: the alert's row and
   the account's transactions up to and including the alerted one (``CONTEXT_ROWS`` of them,
-  every column: features, verdicts, branch), so the case file, its baseline, timeline and
-  terminals, and its explanation (made from the stored features, as everywhere) read the
+  every column: features, verdicts, branch) and its explanation, made where it was scored,
+  so the case file, its baseline, timeline and terminals, and its explanation read the
   same at the analyst place as where it was scored. :func:`apply_raised` stores it: rows
   and alert each once, keyed by transaction id, so applying an event again changes nothing.
 - **worked**, back from where cases are worked: each disposition that makes a label, each
@@ -25,6 +25,7 @@ change never travels back to where it came from.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Any, Literal
@@ -55,6 +56,9 @@ class Raised(msgspec.Struct, frozen=True):
     columns: list[str]
     """The transactions columns of ``rows``, as the sender's schema has them."""
     rows: list[list[Any]]
+    explanation: dict[str, Any] | None = None
+    """The alert's explanation, made where it was scored (with the model that scored it,
+    which the place the case goes to may not have); stored there with the alert."""
 
 
 class Worked(msgspec.Struct, frozen=True):
@@ -158,6 +162,11 @@ def apply_raised(conn: sqlite3.Connection, event: Raised, outbox: bool) -> bool:
         f"INSERT OR IGNORE INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608 - constant
         f"VALUES ({', '.join('?' * len(ALERT_COLUMNS))})",
         [alert[c] for c in ALERT_COLUMNS]).rowcount == 1
+    if event.explanation is not None:
+        conn.execute("INSERT OR IGNORE INTO alert_explanations (transaction_id, explanation, "
+                     "created_at) VALUES (?, ?, ?)",
+                     [alert["transaction_id"], json.dumps(event.explanation),
+                      alert["created_at"]])
     if inserted and outbox:
         conn.execute("INSERT INTO alert_outbox (alert_id) SELECT alert_id FROM alerts "
                      "WHERE transaction_id = ?", [alert["transaction_id"]])

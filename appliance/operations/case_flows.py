@@ -56,6 +56,7 @@ from ..scoring.ingest import connect
 from ..scoring.streams import during_election
 from ..errors import ModelError, SettingsError
 from ..learning.promotion import promote
+from ..scoring.explain import Explainer
 from ..scoring.registry import Registry
 from ..settings import Settings
 from .gather import exclusive, open_node
@@ -162,11 +163,17 @@ async def _every(stop: asyncio.Event, step: Callable[[], Awaitable[int]], what: 
 
 # --- senders ----------------------------------------------------------------------------
 
-async def send_raised(js: JetStreamContext, conn: sqlite3.Connection, origin: str) -> int:
-    """Send the alerts after this database's ``raised`` cursor up to ``CASES``; returns how
-    many were sent."""
+async def send_raised(js: JetStreamContext, conn: sqlite3.Connection, origin: str,
+                      explainer: Explainer) -> int:
+    """Send the alerts after this database's ``raised`` cursor up to ``CASES``, each with
+    its explanation made here by ``explainer``; returns how many were sent."""
     after = await _in_db(lambda c: cursor(c, "raised"), conn, write=False)
-    events = await _in_db(lambda c: raised_since(c, after, origin), conn, write=False)
+
+    def read(c: sqlite3.Connection) -> list[tuple[int, Raised]]:
+        return [(alert_id, msgspec.structs.replace(
+                    event, explanation=explainer.of(c, event.alert["transaction_id"])))
+                for alert_id, event in raised_since(c, after, origin)]
+    events = await _in_db(read, conn, write=False)
     for alert_id, event in events:
         await during_election(lambda: js.publish(
             cases_subject(event.branch), encode(event), stream=CASES,
@@ -370,7 +377,8 @@ async def _scoring_side(nc: Client, settings: Settings, stop: asyncio.Event) -> 
                         _apply_casework(origin, Registry.of(settings)),
                         settings.stream_replicas)
     log.info("case_flows.started", txn_id=None, side="scoring", origin=origin)
-    flows = [_every(stop, lambda: send_raised(js, sender, origin), "case.send",
+    explainer = Explainer(Registry.of(settings))
+    flows = [_every(stop, lambda: send_raised(js, sender, origin, explainer), "case.send",
                     pause=SEND_POLL_SECONDS),
              _every(stop, follower.step, "casework.follow", pause=0)]
     counter = open_node(settings.db_path)  # each sender its own: one transaction at a time
