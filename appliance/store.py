@@ -11,10 +11,11 @@ Writes are idempotent by ``transaction_id``: a batch never stores a transaction 
 from __future__ import annotations
 
 import fcntl
+from contextlib import contextmanager
 import sqlite3
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,17 @@ def require_db(db_path: Path) -> None:
                          hint="pass the --data-dir the node runs with")
 
 
+@contextmanager
+def setting_up(path: Path) -> Iterator[None]:
+    """Hold the set-up lock of the SQLite file at ``path`` (``<path>.migrating``): one
+    process sets up and migrates it at a time. Processes starting side by side open a new
+    file together; two migrations would collide, and switching a new file to WAL takes a
+    lock no busy_timeout waits for."""
+    with open(path.with_name(path.name + ".migrating"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def open_db(path: Path) -> Database:
     """Open (creating if needed) and migrate the node database.
 
@@ -155,11 +167,7 @@ def open_db(path: Path) -> Database:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One process sets up and migrates at a time: partitioned scorers starting side by
-        # side open the node database together; two migrations of a new file would collide,
-        # and switching a new file to WAL takes a lock no busy_timeout waits for.
-        with open(path.with_name(path.name + ".migrating"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with setting_up(path):  # partitioned scorers open the node database together
             db = Database(sqlite3.connect(path, check_same_thread=False))
             db.execute("PRAGMA busy_timeout = 5000")
             db.enable_wal()

@@ -48,6 +48,7 @@ from ..errors import NodeError, SettingsError
 from ..lease import Lease, Leases
 from ..nats_auth import client_options
 from ..settings import Settings
+from ..store import setting_up
 from ..transaction import MILLI, Admission, Malformed, digest
 from .features import HORIZON, Windows, epoch
 from .ingest import Delivery, Outgoing, Publisher, Puller, ack_batch, connect
@@ -125,12 +126,13 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path)
-        self.db = Database(self.conn)
-        self.db.execute("PRAGMA busy_timeout = 5000")
-        self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        migrations.apply(self.db)
+        with setting_up(path):  # a reader (a test, a restart) may open it as it is made
+            self.conn = sqlite3.connect(path)
+            self.db = Database(self.conn)
+            self.db.execute("PRAGMA busy_timeout = 5000")
+            self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            migrations.apply(self.db)
 
     def checkpoint(self) -> int:
         row = self.conn.execute("SELECT tx_seq FROM checkpoint WHERE id = 1").fetchone()
