@@ -35,7 +35,7 @@ import nats
 
 from ..feed.terminal import to_message
 from ..operations.cluster import free_port
-from ..operations.hub import HubPlan, write_hub_config
+from ..operations.hub import HubPlan, leafs_up, write_hub_config
 from ..operations.node import nats_server_binary
 from ..settings import Settings, load
 from .link_cut import LinkProxy
@@ -72,11 +72,10 @@ class HubServer:
 
 
 def leafs(monitor_port: int) -> list[str]:
-    """The branches whose leaf link is up, by the hub's ``/leafz``."""
+    """The branches whose leaf link is up, by the hub's ``/leafz`` (none while it cannot
+    be read)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/leafz",
-                                    timeout=1) as r:
-            return [leaf["name"] for leaf in json.load(r).get("leafs") or []]
+        return sorted(leafs_up(f"http://127.0.0.1:{monitor_port}"))
     except OSError:
         return []
 

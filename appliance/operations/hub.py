@@ -293,7 +293,7 @@ LINK_SECONDS = 2.0
 """How often the hub's analyst side looks at every branch's link."""
 
 
-def _leafs(monitor_url: str) -> set[str]:
+def leafs_up(monitor_url: str) -> set[str]:
     """The names (domains) of the branches whose leaf link is up, from ``/leafz``."""
     if not monitor_url.startswith(("http://", "https://")):
         raise SettingsError("the hub's monitoring address is an http(s) URL",
@@ -309,7 +309,7 @@ async def link_readings(nc: Client, settings: Settings, stream: str) -> list[Lin
     heard from it (the raw ``STREAM.INFO``: nats-py's source info drops which branch a
     source is)."""
     loop = asyncio.get_running_loop()
-    up = (await loop.run_in_executor(None, _leafs, settings.hub_monitor_url)
+    up = (await loop.run_in_executor(None, leafs_up, settings.hub_monitor_url)
           if settings.hub_monitor_url else set())
     reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2.0)
     now = time.time()
