@@ -232,6 +232,29 @@ class Store:
 
     # --- writes -------------------------------------------------------------------------
 
+    def claim(self, consumer: str, lease_token: int) -> None:
+        """Write a new tenure's ``lease_token`` to the partition's checkpoint before its owner
+        reads any state. Without it the fence (:func:`_check_fence`) learns of the tenure
+        only at its first commit, so an owner stopped in the middle of its commit (SIGSTOP,
+        a frozen VM) and woken after the next owner had read the database would still commit:
+        rows the next owner's state lacks, which it then takes for re-sends (seen in the
+        partition drill). After a claim that commit is refused. Waits (``busy_timeout``) for
+        a commit in progress, which then lands before the state is read; raises
+        :class:`FencedError` if a later tenure has already claimed the partition."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")  # the write lock first: what is read next is current
+        try:
+            _check_fence(conn, consumer, lease_token)
+            conn.execute(
+                "INSERT INTO checkpoints (consumer, stream_seq, verdict_seq, confirmed_seq, "
+                "updated_at, lease_token) VALUES (?, 0, 0, 0, ?, ?) ON CONFLICT (consumer) "
+                "DO UPDATE SET lease_token = excluded.lease_token",
+                (consumer, time.time(), lease_token))
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
     def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
                    last_seq: int, verdict_seq: int = 0, confirmed_seq: int = 0,
                    history: bool = False, lease_token: int | None = None) -> int:

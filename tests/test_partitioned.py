@@ -4,6 +4,7 @@ what one scorer stores over the same stream."""
 
 from __future__ import annotations
 
+import json
 import sys
 from array import array
 from pathlib import Path
@@ -37,6 +38,31 @@ def test_a_commit_under_an_older_tenure_is_refused_and_writes_nothing(tmp_path: 
         assert token == 9
     finally:
         store.close()
+
+
+def test_a_claim_fences_an_older_tenure_before_the_new_owner_reads_anything(
+        tmp_path: Path) -> None:
+    """An owner stopped in the middle of its commit (SIGSTOP) and woken after the next owner
+    read the database must not commit: the next owner's state would lack those rows, and it
+    would take their transactions for re-sends (Store.claim; seen once in the drill)."""
+    zombie, successor = Store.open(tmp_path / "p.db"), Store.open(tmp_path / "p.db")
+    try:
+        first, second = score_all([item.tx for item in make_transactions(2)])
+        zombie.save_batch([first], [], "scorer-p0", 1, lease_token=7)
+        successor.claim("scorer-p0", 9)  # the next tenure, before it rebuilds its state
+        assert successor.checkpoint_marks("scorer-p0").stream_seq == 1  # nothing moved
+        with pytest.raises(FencedError):
+            zombie.save_batch([second], [], "scorer-p0", 2, lease_token=7)
+        assert successor.counts()["transactions"] == 1
+        with pytest.raises(FencedError):
+            zombie.claim("scorer-p0", 7)
+        fresh = Store.open(tmp_path / "q.db")  # a partition never scored: the claim is its row
+        fresh.claim("scorer-p1", 3)
+        assert fresh.checkpoint_marks("scorer-p1").stream_seq == 0
+        fresh.close()
+    finally:
+        zombie.close()
+        successor.close()
 
 
 def test_each_partition_has_its_own_state_and_a_share_of_the_budget(tmp_path: Path) -> None:
@@ -77,8 +103,10 @@ def test_partitioned_scorers_store_what_one_scorer_stores_through_every_failure(
     c = report["comparison"]
     assert c["reference_rows"] == 30_000, c
     assert c["missing"] == 0 and c["unexpected"] == 0 and c["stored_twice"] == 0, c
-    assert c["verdicts_differ"] == 0, c
-    assert c["features_differ"] == 0, c  # every feature, the terminals' windows too
+    shown = json.dumps(c)  # pytest cuts a long dict short; the examples say what differed
+    assert c["features_differ"] == 0, shown  # every feature, the terminals' windows too
+    assert c["verdicts_differ"] == 0, shown
+    assert c["stored_unlike_published"] == 0, shown  # the row keeps the verdict of record
     assert c["dead_letters"] == c["reference_dead_letters"], c
     assert set(c["dead_letters"]) == {"bad json", "bad subject", "conflicting re-send"}, c
     assert report["ids_with_two_verdicts"] == 0, report

@@ -20,13 +20,15 @@ from typing import Any
 
 import msgspec
 import nats
+import pytest
 
+from appliance.errors import FencedError
 from appliance.scoring import pipeline
 from appliance.scoring.features import FEATURES, FeatureState, Windows
 from appliance.scoring.model import Model
 from appliance.scoring.streams import TX_STREAM, ensure_streams
 from appliance.scoring.terminal_feed import TerminalFeed
-from appliance.scoring.terminal_stage import (Ledger, TerminalStage, db_path, decode_record,
+from appliance.scoring.terminal_stage import (Ledger, Observation, TerminalStage, db_path, decode_record,
                                               partition_of)
 from appliance.settings import Settings
 from appliance.store import Store, decode_features
@@ -173,6 +175,31 @@ def test_observe_with_given_terminal_windows_is_observe() -> None:
         assert joined.observe(tx, given) == expected
     assert joined.terminals == {} and plain.terminals
     assert joined.snapshot()["accounts"] == plain.snapshot()["accounts"]
+
+
+def test_a_stopped_copy_cannot_commit_once_a_later_copy_claimed_the_ledger(
+        tmp_path: Path) -> None:
+    """A copy SIGSTOPped in its commit and woken after the next copy read the ledger must
+    not commit: the next copy would take those ids for re-sends and publish their terminals'
+    windows short for good (Ledger.claim)."""
+    path = tmp_path / "terminals.db"
+    zombie, successor = Ledger(path), Ledger(path)
+    try:
+        zombie.claim(7)
+        first = Observation("t1", b"d", "T1", 100.0, 5000, 1)
+        zombie.commit([first], 1, lease_token=7)
+        successor.claim(9)  # the next tenure, before it reads anything
+        with pytest.raises(FencedError):
+            zombie.commit([Observation("t2", b"d", "T1", 101.0, 5000, 2)], 2, lease_token=7)
+        assert successor.checkpoint() == 1
+        assert successor.digests(["t1", "t2"]) == {"t1": b"d"}  # t2 is the successor's
+        with pytest.raises(FencedError):
+            zombie.claim(7)  # nor can it claim the ledger back
+        successor.commit([Observation("t2", b"d", "T1", 101.0, 5000, 2)], 2, lease_token=9)
+        assert successor.checkpoint() == 2
+    finally:
+        zombie.close()
+        successor.close()
 
 
 def test_the_stage_records_what_a_single_scorer_computes(settings: Settings) -> None:

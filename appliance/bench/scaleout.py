@@ -241,9 +241,34 @@ def _dead(db: Path) -> Counter[str]:
         conn.close()
 
 
-def compare(reference: Path, data_dir: Path) -> dict[str, Any]:
+def published_verdicts(verdicts: list[tuple[str, bytes, dict[str, str]]]
+                       ) -> dict[str, dict[str, Any]]:
+    """The first verdict ``VERDICTS`` holds for each transaction id (the verdict of record),
+    as the columns :data:`COMPARED` name (reasons as the row stores them: JSON)."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, data, headers in verdicts:
+        tid = headers.get("Nats-Msg-Id", "")
+        if tid and tid not in out:
+            v = json.loads(data)
+            out[tid] = {k: (json.dumps(v[k], separators=(",", ":")) if k == "reasons" else v[k])
+                        for k in COMPARED}
+    return out
+
+
+def _differs(row: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    def same(k: str) -> bool:
+        if k == "reasons":  # stored as JSON text; compare the lists
+            return bool(json.loads(row[k]) == json.loads(other[k]))
+        return bool(row[k] == other[k])
+    return [(k, row[k], other[k]) for k in COMPARED if not same(k)]
+
+
+def compare(reference: Path, data_dir: Path,
+            published: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every partition's rows against the reference's: missing, stored twice, feature
-    vectors (all of them, and without the terminal windows), verdicts, dead letters."""
+    vectors (all of them, and without the terminal windows), verdicts, dead letters; and,
+    with ``published`` (:func:`published_verdicts`), every stored row against the verdict
+    of record ``VERDICTS`` holds for it."""
     ref = _rows(reference)
     seen: Counter[str] = Counter()
     ours: dict[str, dict[str, Any]] = {}
@@ -271,7 +296,13 @@ def compare(reference: Path, data_dir: Path) -> dict[str, Any]:
         if any(o[k] != r[k] for k in COMPARED):
             verdicts_differ += 1
             if len(examples) < 3:
-                examples.append(f"{tid}: {[(k, o[k], r[k]) for k in COMPARED if o[k] != r[k]]}")
+                same = "same" if o["features"] == r["features"] else "other"
+                examples.append(f"{tid} ({same} features): {_differs(o, r)}")
+    unlike_published: list[str] = []
+    for tid, o in ours.items():
+        v = (published or {}).get(tid)
+        if v is not None and _differs(o, v):
+            unlike_published.append(f"{tid}: {_differs(o, v)}")
     return {"reference_rows": len(ref), "stored": len(ours),
             "missing": len(ref.keys() - ours.keys()),
             "unexpected": len(ours.keys() - ref.keys()),
@@ -279,6 +310,8 @@ def compare(reference: Path, data_dir: Path) -> dict[str, Any]:
             "features_differ": features_differ,
             "features_differ_outside_terminal_windows": account_features_differ,
             "verdicts_differ": verdicts_differ, "verdict_examples": examples,
+            "stored_unlike_published": len(unlike_published),
+            "unlike_published_examples": unlike_published[:3],
             "dead_letters": dict(dead), "reference_dead_letters": dict(_dead(reference))}
 
 
@@ -394,7 +427,8 @@ def run_drill(root: Path, count: int = 30_000, seed: int = 19, scorers: int = 2,
         report["failover"] = _failover(events, state, watch, children)
         report["zombie"] = _zombie(children[1], events)
         report["events"] = [(round(t, 3), what, detail) for t, what, detail in events]
-        report["comparison"] = compare(asyncio.run(_reference(tx, root)), data_dir)
+        report["comparison"] = compare(asyncio.run(_reference(tx, root)), data_dir,
+                                       published_verdicts(verdicts))
     finally:
         if watch is not None:
             watch.halt.set()

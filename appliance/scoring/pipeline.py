@@ -193,6 +193,10 @@ class Scorer:
         if self.lease is None:  # a partition's process ensured them once, when it started
             await ensure_streams(self.js, self.settings)
         started = time.monotonic()
+        if self.lease is not None:  # before any state is read: see Store.claim
+            await self._fence("claim the partition")
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.store.claim, self.settings.consumer, self.lease.token)
         budget = (asyncio.get_running_loop().run_in_executor(  # beside the state: SQLite
             None, budget_from_rows, self.store.path, self.settings)  # works off the GIL
             if self.settings.alert_budget else None)

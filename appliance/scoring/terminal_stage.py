@@ -44,7 +44,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .. import logs
-from ..errors import NodeError, SettingsError
+from ..errors import FencedError, NodeError, SettingsError
 from ..lease import Lease, Leases
 from ..nats_auth import client_options
 from ..settings import Settings
@@ -109,6 +109,12 @@ def m001_initial(db: Database) -> None:
         """)
 
 
+@migrations()
+def m002_lease_token(db: Database) -> None:
+    """The stage's lease token with its checkpoint: the fence of :meth:`Ledger.commit`."""
+    db.execute("ALTER TABLE checkpoint ADD COLUMN lease_token INTEGER")
+
+
 @dataclasses.dataclass(slots=True)
 class Observation:
     """One transaction the stage observed: a row of ``observed``."""
@@ -127,7 +133,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with setting_up(path):  # a reader (a test, a restart) may open it as it is made
-            self.conn = sqlite3.connect(path)
+            self.conn = sqlite3.connect(path, check_same_thread=False)  # claim: a thread
             self.db = Database(self.conn)
             self.db.execute("PRAGMA busy_timeout = 5000")
             self.db.enable_wal()
@@ -163,9 +169,41 @@ class Ledger:
             w.settle()
         return out
 
-    def commit(self, observed: Sequence[Observation], tx_seq: int) -> None:
-        """The batch's observations and the checkpoint, all or nothing."""
+    def claim(self, lease_token: int) -> None:
+        """A new tenure's token, written before the stage reads the ledger (as
+        ``Store.claim`` does for a partition): a copy stopped in the middle of its commit
+        and woken after this one read the ledger would otherwise commit ids this copy then
+        takes for re-sends, leaving their terminals' windows short for good. Waits for a
+        commit in progress; :class:`FencedError` if a later tenure already claimed it."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._check_fence(lease_token)
+            conn.execute("INSERT INTO checkpoint (id, tx_seq, lease_token) VALUES (1, 0, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET lease_token = excluded.lease_token",
+                         [lease_token])
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+    def _check_fence(self, lease_token: int) -> None:
+        row = self.conn.execute("SELECT lease_token FROM checkpoint WHERE id = 1").fetchone()
+        if row is not None and row[0] is not None and int(row[0]) > lease_token:
+            raise FencedError("a later copy of the terminal stage has claimed its ledger",
+                              field="lease_token", value=lease_token,
+                              hint=f"the ledger is now written under token {row[0]}; this "
+                                   "copy lost its lease and must stop")
+
+    def commit(self, observed: Sequence[Observation], tx_seq: int,
+               lease_token: int | None = None) -> None:
+        """The batch's observations and the checkpoint, all or nothing; with
+        ``lease_token``, refused (:class:`FencedError`, nothing written) once a later tenure
+        has claimed the ledger."""
         with self.conn:
+            if lease_token is not None:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self._check_fence(lease_token)
             self.conn.executemany(
                 "INSERT INTO observed VALUES (?, ?, ?, ?, ?, ?)",
                 [(o.transaction_id, o.body_digest, o.terminal_id, o.ts, o.amount_milli,
@@ -217,6 +255,9 @@ class TerminalStage:
                                      "run the stage with partitions above 1")
         await ensure_streams(self.js, self.settings)
         started = time.monotonic()
+        if self.lease is not None:  # before the ledger is read: see Ledger.claim
+            await self._require_lease("claim the ledger")
+            await asyncio.to_thread(self.ledger.claim, self.lease.token)
         self.windows = self.ledger.windows()
         checkpoint = self.ledger.checkpoint()
         self._consumer_created = await reset_stage_consumer(self.js, self.settings, checkpoint)
@@ -286,7 +327,8 @@ class TerminalStage:
         if not await self.publisher.confirm(records, CONFIRM_TIMEOUT, self._stopping.is_set):
             return  # stopping with the server away: the next start computes them again
         await self._require_lease("commit")
-        self.ledger.commit(observed, batch[-1].stream_seq)
+        self.ledger.commit(observed, batch[-1].stream_seq,
+                           None if self.lease is None else self.lease.token)
         await ack_batch(self.nc, batch)
 
     async def _require_lease(self, before: str) -> None:
