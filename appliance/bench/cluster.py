@@ -101,7 +101,8 @@ def _equality(drill: dict[str, Any]) -> dict[str, Any]:
     c, z = drill["comparison"], drill["zombie"]
     out = {"count": drill["count"], "caught_up": drill["caught_up"],
            **{k: c[k] for k in ("reference_rows", "missing", "unexpected", "stored_twice",
-                                "features_differ", "verdicts_differ")},
+                                "features_differ", "verdicts_differ",
+                                "stored_unlike_published")},
            "dead_letters_equal": c["dead_letters"] == c["reference_dead_letters"],
            "ids_with_two_verdicts": drill["ids_with_two_verdicts"],
            "zombie_found_lost": z["found_lost"] == z["held_when_stopped"],
@@ -110,6 +111,7 @@ def _equality(drill: dict[str, Any]) -> dict[str, Any]:
                      and out["zombie_found_lost"]
                      and not any(out[k] for k in ("missing", "unexpected", "stored_twice",
                                                   "features_differ", "verdicts_differ",
+                                                  "stored_unlike_published",
                                                   "ids_with_two_verdicts",
                                                   "zombie_commit_failures")))
     return out
@@ -223,7 +225,8 @@ def format_cluster_report(report: dict[str, Any]) -> str:
         lines.append(f"equality with one scorer (drill, {e['count']:,} transactions): "
                      f"missing {e['missing']}, unexpected {e['unexpected']}, stored twice "
                      f"{e['stored_twice']}, features differ {e['features_differ']}, verdicts "
-                     f"differ {e['verdicts_differ']}, ids with two verdicts "
+                     f"differ {e['verdicts_differ']}, stored unlike the verdict of record "
+                     f"{e['stored_unlike_published']}, ids with two verdicts "
                      f"{e['ids_with_two_verdicts']}, dead letters equal "
                      f"{e['dead_letters_equal']}, zombie found its partitions lost "
                      f"{e['zombie_found_lost']} ({'OK' if e['ok'] else 'FAILED'})")
