@@ -202,6 +202,40 @@ def test_a_stopped_copy_cannot_commit_once_a_later_copy_claimed_the_ledger(
         successor.close()
 
 
+def test_the_feed_finds_where_to_start_by_sequence(settings: Settings) -> None:
+    """The feed starts its ordered consumer by a TERM sequence found from a stored time
+    (TerminalFeed._term_seq_from), never by time: nats-py re-creates an ordered consumer
+    after a missed heartbeat with the start time kept beside the sequence, which the server
+    refuses (10094)."""
+    settings = _partitioned(settings)
+    _create_streams(settings)
+
+    async def go() -> tuple[list[int], list[int]]:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            js = nc.jetstream()
+            seqs = []
+            for i in range(40):
+                seqs.append((await js.publish(f"term.0.{i + 1}", b"null")).seq)
+                if i % 10 == 9:
+                    await asyncio.sleep(0.05)  # stored times apart, as a live stream's
+            times = [(await js.get_msg("TERM", q)).time for q in seqs]
+            feed = TerminalFeed(js, 0)
+            found = [await feed._term_seq_from(t, seqs[0], seqs[-1]) for t in times]
+            edges = [await feed._term_seq_from(times[0] - timedelta(seconds=60), seqs[0],
+                                               seqs[-1]),
+                     await feed._term_seq_from(times[-1] + timedelta(seconds=60), seqs[0],
+                                               seqs[-1])]
+            await feed.start(0)  # checkpoint 0, TX empty: from the start of TERM
+            await feed.stop()
+            return [seqs[times.index(t)] for t in times] + [seqs[0], seqs[-1] + 1], found + edges
+        finally:
+            await nc.close()
+
+    expected, found = asyncio.run(go())
+    assert found == expected  # the first record stored at or after each time
+
+
 def test_the_stage_records_what_a_single_scorer_computes(settings: Settings) -> None:
     settings = _partitioned(settings)
     _create_streams(settings)

@@ -7,10 +7,11 @@ there; the scorer passes them to ``score_batch`` and frees them.
 
 Where to start reading: every record the scorer still needs is for a TX message after its
 checkpoint, and the stage publishes a record only after it has read that message, so after
-that message was stored. The feed therefore starts at the time TX stored the first message
-after the checkpoint (less :data:`CLOCK_MARGIN_SECONDS`, for two servers' clocks on a
-cluster), skips records at or below the checkpoint and keeps the first record of each
-sequence (a re-published one is identical).
+that message was stored. The feed therefore starts at the first ``TERM`` record stored at
+or after the time TX stored the first message after the checkpoint (less
+:data:`CLOCK_MARGIN_SECONDS`, for two servers' clocks on a cluster), found by its sequence,
+skips records at or below the checkpoint and keeps the first record of each sequence (a
+re-published one is identical).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -66,13 +67,16 @@ class TerminalFeed:
         """Read records for TX sequences after ``checkpoint`` (see the module docstring)."""
         self._floor = checkpoint
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        last_term = (await during_election(lambda: self.js.stream_info(TERM_STREAM),
-                                           "stream_info")).state.last_seq or 0
+        term = (await during_election(lambda: self.js.stream_info(TERM_STREAM),
+                                      "stream_info")).state
+        last_term = term.last_seq or 0
         first = await self._stored(checkpoint + 1)
         if first is not None and first.time is not None:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                    opt_start_time=first.time - timedelta(
-                                        seconds=CLOCK_MARGIN_SECONDS))
+            start = await self._term_seq_from(
+                first.time - timedelta(seconds=CLOCK_MARGIN_SECONDS), term.first_seq or 1,
+                last_term)
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=start)
         elif first is None and checkpoint > 0:
             # nothing after the checkpoint is in TX yet, so the stage has recorded nothing
             # the scorer needs before TERM's present end
@@ -85,11 +89,30 @@ class TerminalFeed:
                  checkpoint=checkpoint, deliver=str(config.deliver_policy),
                  start_time=str(config.opt_start_time), start_seq=config.opt_start_seq)
 
-    async def _stored(self, seq: int) -> RawStreamMsg | None:
+    async def _stored(self, seq: int, stream: str = TX_STREAM) -> RawStreamMsg | None:
         try:
-            return await during_election(lambda: self.js.get_msg(TX_STREAM, seq), "get_msg")
+            return await during_election(lambda: self.js.get_msg(stream, seq), "get_msg")
         except NotFoundError:
             return None
+
+    async def _term_seq_from(self, when: datetime, first_seq: int, last_seq: int) -> int:
+        """The first ``TERM`` sequence stored at or after ``when`` (``last_seq + 1`` if none):
+        a binary search on stored times, which grow with the sequence (about 20 reads for a
+        million records). The feed then starts by sequence, never by time: nats-py's ordered
+        consumer, re-created after a missed heartbeat (a server's death), keeps a start time
+        beside the sequence it resumes from, which the server refuses (error 10094), and the
+        feed then stalled until :data:`STALL_SECONDS` passed. A record that cannot be read
+        counts as late enough, so the search can only start earlier, which is safe: records
+        at or below the floor, and second copies, are skipped."""
+        lo, hi = max(first_seq, 1), max(last_seq + 1, 1)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            msg = await self._stored(mid, TERM_STREAM)
+            if msg is None or msg.time is None or msg.time >= when:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     async def _on_msg(self, msg: Msg) -> None:
         seq = int(msg.subject.rsplit(".", 1)[1])
