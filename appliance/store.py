@@ -159,6 +159,21 @@ def setting_up(path: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One transaction that takes the write lock first (``BEGIN IMMEDIATE``, waiting out
+    ``busy_timeout`` for a commit in progress), so what it reads next is current: a fence
+    read in it cannot be overtaken by another writer's commit. Committed at the end, rolled
+    back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
 def open_db(path: Path) -> Database:
     """Open (creating if needed) and migrate the node database.
 
@@ -241,19 +256,13 @@ class Store:
         partition drill). After a claim that commit is refused. Waits (``busy_timeout``) for
         a commit in progress, which then lands before the state is read; raises
         :class:`FencedError` if a later tenure has already claimed the partition."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")  # the write lock first: what is read next is current
-        try:
+        with write_transaction(self.db.conn) as conn:
             _check_fence(conn, consumer, lease_token)
             conn.execute(
                 "INSERT INTO checkpoints (consumer, stream_seq, verdict_seq, confirmed_seq, "
                 "updated_at, lease_token) VALUES (?, 0, 0, 0, ?, ?) ON CONFLICT (consumer) "
                 "DO UPDATE SET lease_token = excluded.lease_token",
                 (consumer, time.time(), lease_token))
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
 
     def save_batch(self, scored: Sequence[Scored], dead: Sequence[DeadLetter], consumer: str,
                    last_seq: int, verdict_seq: int = 0, confirmed_seq: int = 0,

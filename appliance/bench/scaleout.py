@@ -244,23 +244,22 @@ def _dead(db: Path) -> Counter[str]:
 def published_verdicts(verdicts: list[tuple[str, bytes, dict[str, str]]]
                        ) -> dict[str, dict[str, Any]]:
     """The first verdict ``VERDICTS`` holds for each transaction id (the verdict of record),
-    as the columns :data:`COMPARED` name (reasons as the row stores them: JSON)."""
+    as the columns :data:`COMPARED` name."""
     out: dict[str, dict[str, Any]] = {}
     for _, data, headers in verdicts:
         tid = headers.get("Nats-Msg-Id", "")
         if tid and tid not in out:
             v = json.loads(data)
-            out[tid] = {k: (json.dumps(v[k], separators=(",", ":")) if k == "reasons" else v[k])
-                        for k in COMPARED}
+            out[tid] = {k: v[k] for k in COMPARED}
     return out
 
 
 def _differs(row: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    def same(k: str) -> bool:
-        if k == "reasons":  # stored as JSON text; compare the lists
-            return bool(json.loads(row[k]) == json.loads(other[k]))
-        return bool(row[k] == other[k])
-    return [(k, row[k], other[k]) for k in COMPARED if not same(k)]
+    """The :data:`COMPARED` columns in which two verdicts differ, as (column, one, other);
+    reasons compared as lists (a row stores them as JSON text, a published verdict not)."""
+    def value(d: dict[str, Any], k: str) -> Any:
+        return json.loads(d[k]) if k == "reasons" and isinstance(d[k], str) else d[k]
+    return [(k, row[k], other[k]) for k in COMPARED if value(row, k) != value(other, k)]
 
 
 def compare(reference: Path, data_dir: Path,
@@ -293,16 +292,18 @@ def compare(reference: Path, data_dir: Path,
             b = np.frombuffer(r["features"], dtype=np.float64)
             if len(a) != len(b) or not np.array_equal(a[keep], b[keep]):
                 account_features_differ += 1
-        if any(o[k] != r[k] for k in COMPARED):
+        differ = _differs(o, r)
+        if differ:
             verdicts_differ += 1
             if len(examples) < 3:
                 same = "same" if o["features"] == r["features"] else "other"
-                examples.append(f"{tid} ({same} features): {_differs(o, r)}")
+                examples.append(f"{tid} ({same} features): {differ}")
     unlike_published: list[str] = []
     for tid, o in ours.items():
         v = (published or {}).get(tid)
-        if v is not None and _differs(o, v):
-            unlike_published.append(f"{tid}: {_differs(o, v)}")
+        differ = _differs(o, v) if v is not None else []
+        if differ:
+            unlike_published.append(f"{tid}: {differ}")
     return {"reference_rows": len(ref), "stored": len(ours),
             "missing": len(ref.keys() - ours.keys()),
             "unexpected": len(ours.keys() - ref.keys()),

@@ -48,7 +48,7 @@ from ..errors import FencedError, NodeError, SettingsError
 from ..lease import Lease, Leases
 from ..nats_auth import client_options
 from ..settings import Settings
-from ..store import setting_up
+from ..store import setting_up, write_transaction
 from ..transaction import MILLI, Admission, Malformed, digest
 from .features import HORIZON, Windows, epoch
 from .ingest import Delivery, Outgoing, Publisher, Puller, ack_batch, connect
@@ -175,17 +175,11 @@ class Ledger:
         and woken after this one read the ledger would otherwise commit ids this copy then
         takes for re-sends, leaving their terminals' windows short for good. Waits for a
         commit in progress; :class:`FencedError` if a later tenure already claimed it."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self.conn) as conn:
             self._check_fence(lease_token)
             conn.execute("INSERT INTO checkpoint (id, tx_seq, lease_token) VALUES (1, 0, ?) "
                          "ON CONFLICT (id) DO UPDATE SET lease_token = excluded.lease_token",
                          [lease_token])
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
 
     def _check_fence(self, lease_token: int) -> None:
         row = self.conn.execute("SELECT lease_token FROM checkpoint WHERE id = 1").fetchone()
@@ -200,9 +194,8 @@ class Ledger:
         """The batch's observations and the checkpoint, all or nothing; with
         ``lease_token``, refused (:class:`FencedError`, nothing written) once a later tenure
         has claimed the ledger."""
-        with self.conn:
+        with write_transaction(self.conn):
             if lease_token is not None:
-                self.conn.execute("BEGIN IMMEDIATE")
                 self._check_fence(lease_token)
             self.conn.executemany(
                 "INSERT INTO observed VALUES (?, ?, ?, ?, ?, ?)",
