@@ -275,7 +275,10 @@ class Store:
         no checkpoint, since they were never in the stream and are no one's work now.
         ``lease_token`` (a partition's owner, issue 19): the commit is refused with
         :class:`FencedError`, writing nothing, if the checkpoint was written under a later
-        tenure of the lease; else the token is stored with it. Returns alerts created."""
+        tenure of the lease; else the token is stored with it. The transaction takes the
+        write lock before anything else (``BEGIN IMMEDIATE``), so the fence is read after any
+        claim committed before it and no claim can come between that read and the writes.
+        Returns alerts created."""
         now = time.time()
         rows: list[tuple[Any, ...]] = []
         alerts = []
@@ -300,7 +303,7 @@ class Store:
                 alerts.append((tx.transaction_id, now, ts, tx.account_id, tx.terminal_id,
                                v.severity, v.risk, reasons, now))
         conn = self.db.conn
-        with self.db.atomic():
+        with write_transaction(conn):  # the write lock first: the fence read is current
             if lease_token is not None:
                 _check_fence(conn, consumer, lease_token)
             _insert_rows(conn, rows)

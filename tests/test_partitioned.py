@@ -5,6 +5,7 @@ what one scorer stores over the same stream."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from array import array
 from pathlib import Path
@@ -62,6 +63,44 @@ def test_a_claim_fences_an_older_tenure_before_the_new_owner_reads_anything(
         fresh.close()
     finally:
         zombie.close()
+        successor.close()
+
+
+def test_a_fenced_commit_holds_the_write_lock_from_its_fence_read_to_its_end(
+        tmp_path: Path) -> None:
+    """The fence is read inside the commit's transaction. Were that transaction to take the
+    write lock only at its first write, a claim committed between the fence read and that
+    write would make the write fail on a stale snapshot (a database error that stops the
+    owner, instead of the fence's clear refusal). With the lock taken first (BEGIN
+    IMMEDIATE), the claim has to wait for the commit."""
+    owner, successor = Store.open(tmp_path / "p.db"), Store.open(tmp_path / "p.db")
+    try:
+        first, second = score_all([item.tx for item in make_transactions(2)])
+        owner.save_batch([first], [], "scorer-p0", 1, lease_token=7)
+        successor.db.conn.execute("PRAGMA busy_timeout = 0")
+        read: list[str] = []
+        refused: list[str] = []
+
+        def claim_after_the_fence_read(statement: str) -> None:
+            if read and not refused:  # the statement after the fence read: the first write
+                try:
+                    successor.claim("scorer-p0", 9)
+                except sqlite3.OperationalError as exc:
+                    refused.append(str(exc))
+            if statement.startswith("SELECT lease_token FROM checkpoints"):
+                read.append(statement)
+
+        owner.db.conn.set_trace_callback(claim_after_the_fence_read)
+        owner.save_batch([second], [], "scorer-p0", 2, lease_token=7)
+        owner.db.conn.set_trace_callback(None)
+        assert refused and "locked" in refused[0]  # the claim waited for the commit...
+        assert owner.checkpoint_marks("scorer-p0").stream_seq == 2
+        successor.db.conn.execute("PRAGMA busy_timeout = 5000")
+        successor.claim("scorer-p0", 9)  # ...and, once it is in, fences the old tenure
+        with pytest.raises(FencedError):
+            owner.save_batch([], [], "scorer-p0", 3, lease_token=7)
+    finally:
+        owner.close()
         successor.close()
 
 
