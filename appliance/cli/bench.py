@@ -83,6 +83,7 @@ def bench(ctx: click.Context, count: int, rates: str, rate_seconds: float, resta
       branchguard bench replication --seconds 30
       branchguard bench children
       branchguard bench features
+      branchguard bench writer
 
     `branchguard bench api` measures the analyst API instead (see its --help).
     """
@@ -354,6 +355,37 @@ def bench_features(count: int, warm: int, rounds: int, as_json: bool) -> None:
     report = measure_features(count=count, warm=warm, rounds=rounds)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json
                else format_features(report))
+
+
+@bench.command("writer")
+@click.option("--rows", type=int, default=300_000, show_default=True,
+              help="Scored transactions stored for each group size (the database's size "
+                   "at the end).")
+@click.option("--groups", default="500,5000", show_default=True,
+              help="Rows per commit to compare, comma-separated.")
+@click.option("--rounds", type=int, default=2, show_default=True,
+              help="The group sizes alternate this many times; CPU medians are reported.")
+@click.option("--checkpoint-every", type=int, default=15_000, show_default=True,
+              help="Rows between PASSIVE checkpoints (the node checkpoints about once a "
+                   "second).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench_writer(rows: int, groups: str, rounds: int, checkpoint_every: int,
+                 as_json: bool) -> None:
+    """Measure the writer's CPU and WAL frames per row by rows per commit, on the
+    throughput benchmark's stream (no node needed): why a backlog is committed in large
+    groups (scoring/commit.py).
+
+    \b
+    Example:
+      branchguard bench writer --rows 300000 --groups 500,1000,5000 --rounds 2
+    """
+    from ..bench.writer import format_writer, measure_writer
+
+    sizes = tuple(int(g) for g in groups.split(",") if g.strip())
+    report = measure_writer(rows=rows, groups=sizes, rounds=rounds,
+                            checkpoint_every=checkpoint_every)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_writer(report))
 
 
 COMMANDS = (bench, bench_load, bench_passthrough, bench_api_load, bench_api_flood)

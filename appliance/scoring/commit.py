@@ -11,9 +11,9 @@ A group that starts with a full pull batch (``busy_rows`` or more: the stream ha
 backlog, more is on its way at once) gathers for up to ``busy_wait`` instead. The
 transactions' indexes, the account index above all, take their inserts in no order, so
 each row dirties about one index page whatever the group's size; a larger group shares
-those pages between more rows. On a database of 300,000 rows, groups of 500 rows wrote
-1.02 WAL frames a row, groups of 5,000 wrote 0.35 (``docs/benchmarks.md``), and every
-frame is copied again by the checkpoint and by Litestream. A quiet stream keeps its small
+those pages between more rows. Storing 300,000 rows, groups of 500 wrote 1.08 WAL frames
+a row and groups of 4,000 wrote 0.40 (``branchguard bench writer``, docs/benchmarks.md),
+and every frame is copied again by the checkpoint and by Litestream. A quiet stream keeps its small
 groups: only acks wait for the commit, and a long gather there would buy nothing.
 
 When Litestream takes the write lock for its checkpoint (up to half a second under load),
