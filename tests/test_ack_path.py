@@ -209,7 +209,8 @@ def test_without_replication_the_writer_keeps_the_wal_bounded(tmp_path: object) 
             conn.close()
 
         async def run() -> int:
-            writer = GroupCommit(store, "scorer", restart_wal_every=restart_every)
+            writer = GroupCommit(store, "scorer", max_wait=0.02,  # many small commits
+                                 restart_wal_every=restart_every)
             writer.start()
             largest, done = 0, []
             for at in range(0, len(txs), 50):

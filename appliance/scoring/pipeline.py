@@ -69,8 +69,12 @@ from .score import judge
 from .typologies import Typologies
 
 log = logs.get("appliance.pipeline")
-MAX_BATCHES_IN_FLIGHT = 256
-"""Batches published but not yet acked; past this the loop waits (a stalled disk or server)."""
+MAX_BATCHES_IN_FLIGHT = 2048
+"""Batches published but not yet acked; past this the loop waits (a stalled disk or server).
+At 2,000 tx/s batches are a few messages each, and the writer gathers for 100 ms before
+each commit (commit.py): a Litestream checkpoint holding the write lock for a few hundred ms
+must not reach this and hold verdicts back. The consumer's ``MAX_ACK_PENDING`` bounds the
+messages behind it in any case."""
 CONFIRM_TIMEOUT = 5.0
 """Seconds to wait for a message's JetStream ack before publishing it again."""
 _encode = msgspec.json.Encoder().encode
