@@ -18,7 +18,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from appliance.feed.simulate import Labelled, simulate
 from appliance.feed.terminal import Message, population, publish, publish_messages
+from appliance.scoring.features import FEATURES, FEATURES_VERSION
+from appliance.store import Scored
 from appliance.transaction import Transaction
+from appliance.verdict import Verdict
 
 START = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 HISTORY = {"BRANCHGUARD_EVENT_TIME_CHECK": "false"}
@@ -131,3 +134,10 @@ def publish_in_background(url: str, txs: list[Transaction], rate: float,
     thread.start()
     return thread
 
+
+def approved_rows(txs: Iterable[Transaction], first_seq: int) -> list[Scored]:
+    """``txs`` as rows ready to store, numbered from ``first_seq``, each approved with
+    placeholder features: for tests of the writer, where scoring plays no part."""
+    return [Scored(tx, "BR001", first_seq + k, (1.0,) * len(FEATURES), FEATURES_VERSION,
+                   Verdict(tx.transaction_id, 0.1, "INFO", "approve", [], [], 0.1, "m", "r"))
+            for k, tx in enumerate(txs)]

@@ -29,7 +29,7 @@ from appliance.settings import Settings
 from appliance.store import Store
 from appliance.transaction import Transaction
 
-from .support import make_transactions, query, read_stream
+from .support import approved_rows, make_transactions, query, read_stream
 
 
 @asynccontextmanager
@@ -189,9 +189,6 @@ def test_without_replication_the_writer_keeps_the_wal_bounded(tmp_path: object) 
     from pathlib import Path
 
     from appliance.scoring.commit import GroupCommit
-    from appliance.scoring.features import FEATURES, FEATURES_VERSION
-    from appliance.store import Scored
-    from appliance.verdict import Verdict
 
     txs = [i.tx for i in make_transactions(20_000, seed=5)]
 
@@ -214,11 +211,8 @@ def test_without_replication_the_writer_keeps_the_wal_bounded(tmp_path: object) 
             writer.start()
             largest, done = 0, []
             for at in range(0, len(txs), 50):
-                scored = [Scored(tx, "BR001", at + k + 1, (1.0,) * len(FEATURES),
-                                 FEATURES_VERSION, Verdict(tx.transaction_id, 0.1, "INFO",
-                                                           "approve", [], [], 0.1, "m", "r"))
-                          for k, tx in enumerate(txs[at:at + 50])]
-                done.append(writer.submit(scored, [], at + 50, 0, 0))
+                done.append(writer.submit(approved_rows(txs[at:at + 50], at + 1), [], at + 50,
+                                          0, 0))
                 await asyncio.sleep(0.001)
                 largest = max(largest, wal.stat().st_size if wal.exists() else 0)
             await asyncio.gather(*done)

@@ -7,18 +7,10 @@ import asyncio
 from pathlib import Path
 
 from appliance.scoring.commit import GroupCommit
-from appliance.scoring.features import FEATURES, FEATURES_VERSION
-from appliance.store import Scored, Store
-from appliance.transaction import Transaction
-from appliance.verdict import Verdict
+from appliance.store import Store
 
+from .support import approved_rows
 from .support import make_transactions
-
-
-def rows(txs: list[Transaction], first_seq: int) -> list[Scored]:
-    return [Scored(tx, "BR001", first_seq + k, (1.0,) * len(FEATURES), FEATURES_VERSION,
-                   Verdict(tx.transaction_id, 0.1, "INFO", "approve", [], [], 0.1, "m", "r"))
-            for k, tx in enumerate(txs)]
 
 
 def test_a_full_batch_waits_for_what_follows_it_and_a_small_one_does_not(
@@ -31,18 +23,18 @@ def test_a_full_batch_waits_for_what_follows_it_and_a_small_one_does_not(
                              busy_wait=30.0)
         writer.start()
         # a full batch (a backlog): the next batch, 0.2 s later, joins its group
-        full = writer.submit(rows(txs[:100], 1), [], 100, 0, 0)
+        full = writer.submit(approved_rows(txs[:100], 1), [], 100, 0, 0)
         await asyncio.sleep(0.2)
         assert not full.done()  # still gathering
-        follows = writer.submit(rows(txs[100:110], 101), [], 110, 0, 0)  # max_rows: done
+        follows = writer.submit(approved_rows(txs[100:110], 101), [], 110, 0, 0)  # max_rows
         await asyncio.wait_for(asyncio.gather(full, follows), 10)
         busy = writer.commits
         # a small batch (a quiet stream) is committed without waiting for more
-        small = writer.submit(rows(txs[110:120], 111), [], 120, 0, 0)
+        small = writer.submit(approved_rows(txs[110:120], 111), [], 120, 0, 0)
         await asyncio.wait_for(small, 10)  # far less than busy_wait
         quiet = writer.commits - busy
         await asyncio.sleep(0.1)
-        writer.submit(rows(txs[120:130], 121), [], 130, 0, 0)
+        writer.submit(approved_rows(txs[120:130], 121), [], 130, 0, 0)
         await writer.stop()
         return busy, quiet, writer.commits
 

@@ -41,7 +41,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -55,7 +55,7 @@ from ..feed.simulate import simulate
 from ..feed.terminal import population, publish_messages, to_message
 from ..operations.looplag import LoopLag, read_windows, worst
 from ..operations.node import EmbeddedNats
-from ..scoring.features import FEATURES_VERSION, feature_state
+from ..scoring.features import FEATURES_VERSION, FeatureState, feature_state
 from ..scoring.ingest import Delivery, Outgoing, Publisher, Puller, Ticket, ack_batch, connect
 from ..scoring.streams import ensure_streams, reset_consumer
 from ..scoring.model import Model, feature_matrix
@@ -64,6 +64,7 @@ from ..scoring.score import judge
 from ..settings import Settings, load, nats_servers
 from ..store import Scored, Store
 from ..transaction import Transaction, terminal_subject
+from ..verdict import Verdict
 from .proc import CpuMeter, cpu_seconds, peak_rss_mib
 from .report import kept_up, table, targets
 
@@ -170,27 +171,31 @@ async def generate_load(url: str, count: int, rate: float | None, seed: int,
     }
 
 
+def scored_history(settings: Settings, model: Model, state: FeatureState, rows: int,
+                   seed: int) -> Iterator[list[tuple[Transaction, tuple[float, ...], Verdict]]]:
+    """``rows`` transactions of the benchmark's simulated branch (dated from 2025-06-02),
+    each scored as the scorer scores it (features in order from ``state``, ``model``'s risk
+    for a chunk at once, the rules), in chunks of 5,000: (transaction, features, verdict)."""
+    accounts, terminals = population(EVENT_RATE)
+    stream = simulate(seed, start=datetime(2025, 6, 2, tzinfo=timezone.utc), rate=EVENT_RATE,
+                      count=rows, diurnal=False, accounts=accounts, terminals=terminals)
+    while chunk := [item.tx for item in itertools.islice(stream, 5000)]:
+        feats = [state.observe(tx) for tx in chunk]
+        risks = model.risks(feature_matrix(feats))
+        yield [(tx, f, judge(tx, f, float(r), model.version, RULES_VERSION, settings))
+               for tx, f, r in zip(chunk, feats, risks)]
+
+
 def bulk_load(settings: Settings, rows: int, seed: int = 99) -> float:
     """Store ``rows`` scored historical transactions through the scorer's own stages (no
     NATS); returns seconds taken. Used to build a large database for the restart figure."""
     started = time.monotonic()
     store = Store.open(settings.db_path)
     model = Model.load(settings.models_dir, settings.model_version)
-    state = feature_state(store.reader)
-    accounts, terminals = population(EVENT_RATE)
-    stream = simulate(seed, start=datetime(2025, 6, 2, tzinfo=timezone.utc), rate=EVENT_RATE,
-                      count=rows, diurnal=False, accounts=accounts, terminals=terminals)
     try:
-        while True:
-            chunk = [item.tx for item in itertools.islice(stream, 5000)]
-            if not chunk:
-                break
-            feats = [state.observe(tx) for tx in chunk]
-            risks = model.risks(feature_matrix(feats))
-            scored = [Scored(tx, settings.branch, 0, f, FEATURES_VERSION,
-                             judge(tx, f, float(r), model.version, RULES_VERSION, settings))
-                      for tx, f, r in zip(chunk, feats, risks)]
-            store.save_batch(scored, [], "bulk-load", 0)
+        for chunk in scored_history(settings, model, feature_state(store.reader), rows, seed):
+            store.save_batch([Scored(tx, settings.branch, 0, f, FEATURES_VERSION, v)
+                              for tx, f, v in chunk], [], "bulk-load", 0)
     finally:
         store.close()
     return time.monotonic() - started

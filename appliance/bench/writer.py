@@ -17,27 +17,21 @@ a second). The CPU is the process time inside ``save_batch`` only.
 from __future__ import annotations
 
 import gc
-import itertools
 import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError
-from ..feed.simulate import simulate
-from ..feed.terminal import population
 from ..scoring.features import FEATURES_VERSION, FeatureState
-from ..scoring.model import Model, feature_matrix
-from ..scoring.rules import RULES_VERSION
-from ..scoring.score import judge
+from ..scoring.model import Model
 from ..settings import load
 from ..store import Scored, Store
 from ..transaction import digest
-from .throughput import EVENT_RATE
+from .throughput import scored_history
 
 
 @dataclass
@@ -61,21 +55,14 @@ class WriterReport:
 
 def scored_stream(rows: int, seed: int = 5) -> list[Scored]:
     """``rows`` transactions of the throughput benchmark's stream, scored as the node scores
-    them (features in order, the shipped model, the rules), ready to store."""
+    them (:func:`.throughput.scored_history`), numbered and with their body digests, ready
+    to store."""
     settings = load(None, env={})
     model = Model.load(settings.models_dir, settings.model_version)
-    state = FeatureState()
-    accounts, terminals = population(EVENT_RATE)
-    stream = simulate(seed, start=datetime(2025, 6, 2, tzinfo=timezone.utc), rate=EVENT_RATE,
-                      count=rows, diurnal=False, accounts=accounts, terminals=terminals)
     out: list[Scored] = []
-    while chunk := [item.tx for item in itertools.islice(stream, 5000)]:
-        features = [state.observe(tx) for tx in chunk]
-        risks = model.risks(feature_matrix(features))
-        out += [Scored(tx, settings.branch, len(out) + i + 1, f, FEATURES_VERSION,
-                       judge(tx, f, float(r), model.version, RULES_VERSION, settings),
-                       digest(tx))
-                for i, (tx, f, r) in enumerate(zip(chunk, features, risks))]
+    for chunk in scored_history(settings, model, FeatureState(), rows, seed):
+        out += [Scored(tx, settings.branch, len(out) + i + 1, f, FEATURES_VERSION, v,
+                       digest(tx)) for i, (tx, f, v) in enumerate(chunk)]
     return out
 
 

@@ -153,7 +153,7 @@ class Scorer:
         self.dlq = Publisher(nc, max_in_flight=1000)
         self.writer = GroupCommit(store, settings.consumer,
                                   restart_wal_every=None if settings.replicate else 1.0,
-                                  lease=lease)
+                                  lease=lease, busy_rows=max(1, settings.batch_size // 2))
         self._stopping = asyncio.Event()
         self._pending: deque[InFlight] = deque()
         self._progress = asyncio.Event()
