@@ -369,6 +369,9 @@ def dead_smtp_url() -> str:
             "&mode=insecure")
 
 
+_STORED = "SELECT count(*) FROM transactions"
+
+
 def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str, seed: int
                   ) -> dict[str, Any]:
     """issue 6: the full-speed load again, with the alert dispatcher (its own process, as
@@ -386,8 +389,17 @@ def _alerts_phase(settings: Settings, url: str, count: int, alerts_to: str, seed
             if dispatcher.poll() is not None:
                 raise RuntimeError(f"dispatcher exited: see {log_path}")
             time.sleep(0.1)
+        stored = _scalar(settings, _STORED)
         before = cpu_seconds(dispatcher.pid)  # started, imports done, backlog routed
         result = run_load(url, count, None, seed=seed)
+        # the phase's alerts reach the outbox with their commit, which follows the verdicts
+        # by up to the writer's gathering (scoring/commit.py): the dispatcher's part of the
+        # phase ends once it has routed them
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                _scalar(settings, _STORED) < stored + int(result["verdicts"])
+                or _unrouted(settings)):
+            time.sleep(0.05)
         result["consumer"] = "+alerts"
         result["alerts_to"] = alerts_to.split("://")[0] + "://..."
         result["dispatcher_peak_rss_mib"] = peak_rss_mib(dispatcher.pid)
@@ -432,12 +444,16 @@ def alerts_comparison(phases: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rounds": rounds, "mean_difference_percent": round(mean, 1)}
 
 
-def _unrouted(settings: Settings) -> int:
+def _scalar(settings: Settings, sql: str) -> int:
     conn = sqlite3.connect(settings.db_path)
     try:
-        return int(conn.execute(UNROUTED).fetchone()[0])
+        return int(conn.execute(sql).fetchone()[0])
     finally:
         conn.close()
+
+
+def _unrouted(settings: Settings) -> int:
+    return _scalar(settings, UNROUTED)
 
 
 def run_bench(count: int, rates: list[float], rate_seconds: float, restart_rows: int,
