@@ -9,8 +9,7 @@ from pathlib import Path
 from appliance.scoring.commit import GroupCommit
 from appliance.store import Store
 
-from .support import approved_rows
-from .support import make_transactions
+from .support import approved_rows, make_transactions
 
 
 def test_a_full_batch_waits_for_what_follows_it_and_a_small_one_does_not(

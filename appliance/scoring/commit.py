@@ -9,10 +9,9 @@ Each batch's future resolves on the event loop when its group is durable.
 
 A group that starts with a full pull batch (``busy_rows`` or more, which the scorer sets to
 half its ``batch_size``: the stream has a backlog, more is on its way at once) gathers for
-up to ``busy_wait`` instead. The
-transactions' indexes, the account index above all, take their inserts in no order, so
-each row dirties about one index page whatever the group's size; a larger group shares
-those pages between more rows. Storing 300,000 rows, groups of 500 wrote 1.08 WAL frames
+up to ``busy_wait`` instead. The transactions' indexes, the account index above all, take
+their inserts in no order, so each row dirties about one index page whatever the group's
+size; a larger group shares those pages between more rows. Storing 300,000 rows, groups of 500 wrote 1.08 WAL frames
 a row and groups of 4,000 wrote 0.40 (``branchguard bench writer``, docs/benchmarks.md),
 and every frame is copied again by the checkpoint and by Litestream. Small groups cost the
 most: at 2,000 tx/s, groups of 40 rows (20 ms) wrote 2.2 frames a row and groups of 100
